@@ -1,0 +1,13 @@
+"""protokernels: fused CUDA and Triton kernels for prototype-based deep learning.
+
+Every op has three backends (cuda, triton, reference) behind one dispatch; see
+`available_backends()` and `use_backend()`.
+"""
+from ._backend import (BackendStatus, BackendUnavailableError, available_backends,
+                       current_backend, use_backend)
+from .ops.sqdist import sqdist
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "current_backend",
+           "sqdist", "use_backend"]

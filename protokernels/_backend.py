@@ -1,0 +1,223 @@
+"""Backend selection: which implementation (cuda, triton, reference) runs an op.
+
+The choice is made in the public wrappers, before the custom op is called, and is passed to the op
+as a string argument. That keeps the op itself a pure function of its arguments (torch.compile
+guards on the global setting read here, CUDA graphs replay whatever backend was captured).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import re
+import warnings
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+_CHOICES = BACKENDS + ("auto",)
+
+# `auto` on CUDA tensors: the backends to try, fastest first. Each entry must be justified by a
+# row of benchmarks/RESULTS.md (section named in the comment).
+_AUTO_ORDER = {
+    # RESULTS.md "sqdist, 2026-11-23": Triton (wgmma) beats the CUDA (mma.sync) kernel at every
+    # precision at the spec size; the CUDA kernel is the fallback when Triton is missing.
+    "sqdist": ("triton", "cuda", "reference"),
+}
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return ("available: " if self.available else "unavailable: ") + self.detail
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here (see `available_backends()`)."""
+
+
+def _extension_load_error() -> str | None:
+    """Load protokernels._C (which registers the CUDA kernels); return why it failed, or None."""
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU build; the CUDA backend needs a CUDA "
+                "build of torch >= 2.10")
+    spec = importlib.util.find_spec("protokernels._C")
+    if spec is None or spec.origin is None:
+        return ("protokernels was installed without its CUDA extension (built with "
+                "PROTOKERNELS_SKIP_CUDA=1, or without nvcc / a CUDA build of torch). Fix: on a "
+                "machine with nvcc, `pip install --no-build-isolation .` from the source tree")
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as err:
+        message = str(err)
+        missing = re.search(r"lib(cudart|cublas)\.so\.(\d+)", message)
+        if missing:
+            return (f"the extension was built for CUDA {missing.group(2)}, but this torch uses "
+                    f"CUDA {torch.version.cuda} ({message}). Fix: install the protokernels wheel "
+                    f"for cu{torch.version.cuda.split('.')[0]}, or rebuild from source")
+        if "undefined symbol" in message:
+            return (f"the extension needs a symbol this torch ({torch.__version__}) lacks; it "
+                    f"targets the stable ABI of torch >= 2.10 ({message}). Fix: upgrade torch to "
+                    ">= 2.10, or rebuild from source against this torch")
+        return f"the extension failed to load: {message}"
+    return None
+
+
+@functools.cache
+def _status() -> dict[str, BackendStatus]:
+    statuses = {"reference": BackendStatus(True, "plain PyTorch, any device")}
+    has_gpu = torch.cuda.is_available()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+
+    error = _extension_load_error()
+    if error is not None:
+        statuses["cuda"] = BackendStatus(False, error)
+    elif not has_gpu:
+        statuses["cuda"] = BackendStatus(False, "extension loaded, but no CUDA device is visible")
+    else:
+        info = torch.ops.protokernels.cuda_build_info()
+        major, minor = torch.cuda.get_device_capability()
+        archs = [int(a) for a in re.findall(r"\d+", info.split("archs=")[1])]
+        if major * 10 + minor < min(archs):
+            statuses["cuda"] = BackendStatus(
+                False, f"GPU is sm_{major}{minor}, older than every architecture the extension "
+                f"was built for ({info}). Fix: rebuild with PROTOKERNELS_CUDA_ARCH_LIST")
+        else:
+            statuses["cuda"] = BackendStatus(True, info)
+
+    try:
+        import triton
+    except ImportError as err:
+        statuses["triton"] = BackendStatus(False, f"triton does not import ({err})")
+    else:
+        if has_gpu:
+            statuses["triton"] = BackendStatus(True, f"triton {triton.__version__}")
+        elif interpret:
+            statuses["triton"] = BackendStatus(
+                True, f"triton {triton.__version__} interpreter on CPU (TRITON_INTERPRET=1)")
+        else:
+            statuses["triton"] = BackendStatus(
+                False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
+    return {name: statuses[name] for name in BACKENDS}
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Which backends can run here, and why not: {name: BackendStatus(available, detail)}."""
+    return dict(_status())
+
+
+def _check_name(name: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    return name
+
+
+_selected = _check_name(os.environ.get("PROTOKERNELS_BACKEND", "auto"))
+
+
+class _PreviousBackend(str):
+    """`use_backend`'s result: the previous backend's name, and a context manager restoring it."""
+
+    def __enter__(self) -> _PreviousBackend:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        global _selected
+        _selected = str(self)
+
+
+def use_backend(name: str) -> _PreviousBackend:
+    """Select the backend for subsequent calls ("cuda", "triton", "reference" or "auto").
+
+    Works as a context manager (`with protokernels.use_backend("triton"): ...` restores the
+    previous choice on exit) and as a plain call, which returns the previous name.
+    """
+    global _selected
+    previous = _PreviousBackend(_selected)
+    _selected = _check_name(name)
+    return previous
+
+
+def current_backend() -> str:
+    return _selected
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The concrete backend that runs `op` on tensors on `device`, by the rules of SPEC.md."""
+    requested = _selected
+    statuses = _status()
+    if requested == "auto":
+        if device.type != "cuda":
+            return "reference"
+        order = _AUTO_ORDER[op]
+        for name in order:
+            if statuses[name].available:
+                if name != order[0] and (op, name) not in _warned:
+                    _warned.add((op, name))
+                    warnings.warn(
+                        f"protokernels.{op}: the fastest backend '{order[0]}' is unavailable "
+                        f"({statuses[order[0]].detail}); using '{name}'", stacklevel=3)
+                return name
+    status = statuses[requested]
+    if not status.available:
+        raise BackendUnavailableError(f"protokernels.{op}: backend '{requested}' is unavailable: "
+                                      f"{status.detail}")
+    if requested == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(
+            f"protokernels.{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError(
+            f"protokernels.{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
+            f"CPU tensors), got tensors on {device}")
+    return requested
+
+
+@functools.cache
+def kernel(backend: str, op_file: str, function: str):
+    """The implementation of `function` (defined in the op file `op_file`) in `backend`.
+
+    Every backend names its entry points alike: `reference/<op>.py` and `triton_kernels/<op>.py`
+    define `<function>`, and `csrc/<op>.cu` registers `protokernels::<function>_cuda`.
+    """
+    if backend == "cuda":
+        return getattr(torch.ops.protokernels, function + "_cuda")
+    package = "reference" if backend == "reference" else "triton_kernels"
+    return getattr(importlib.import_module(f"protokernels.{package}.{op_file}"), function)
+
+
+_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# torch.get_float32_matmul_precision() -> precision. "highest" must stay within 1e-5 relative of
+# float64: 3xTF32 does (about 1e-6), and is faster than FFMA on tensor-core GPUs (see RESULTS.md).
+# "medium" may use bf16 per SPEC.md; tf32 is within that allowance and keeps one fewer path.
+_FROM_MATMUL_PRECISION = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+
+
+def resolve_precision(op: str, precision: str | None, dtype: torch.dtype) -> str:
+    """The float32 product precision for an op call; other dtypes always use their own ("ieee")."""
+    if precision is not None and precision not in _PRECISIONS:
+        raise ValueError(f"protokernels.{op}: precision must be one of {_PRECISIONS} or None, "
+                         f"got {precision!r}")
+    if dtype != torch.float32:
+        return "ieee"
+    if precision is None:
+        return _FROM_MATMUL_PRECISION[torch.get_float32_matmul_precision()]
+    return precision
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """Run torch matmuls (the reference backend's) at `precision`."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

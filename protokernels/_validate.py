@@ -1,0 +1,59 @@
+"""Input checks shared by the public wrappers: every message names the op, the argument and what came.
+
+Each check runs before anything is launched, so bad input raises ValueError/TypeError here and
+never reaches a kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def floating(op: str, **tensors: torch.Tensor) -> None:
+    """Each argument is a float16/bfloat16/float32/float64 tensor; all share dtype and device."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: argument '{name}' must be a floating-point tensor (float16, "
+                            f"bfloat16, float32 or float64), got {_describe(t)}")
+    (first, a), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != a.device:
+            raise ValueError(f"{op}: arguments '{first}' and '{name}' must be on the same device, "
+                             f"got '{first}' on {a.device} and '{name}' on {t.device}")
+        if t.dtype != a.dtype:
+            raise TypeError(f"{op}: arguments '{first}' and '{name}' must have the same dtype, "
+                            f"got '{first}' {a.dtype} and '{name}' {t.dtype}")
+
+
+def min_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() < rank:
+        raise ValueError(f"{op}: argument '{name}' must have at least {rank} dimensions {layout}, "
+                         f"got {_describe(t)}")
+
+
+def batched_rows(op: str, x: torch.Tensor, y: torch.Tensor):
+    """Check x (..., N, D) and y (..., M, D) and broadcast their batch dimensions like matmul.
+
+    Returns (batch_shape, x3, y3) with x3 (B, N, D) and y3 (B, M, D): views where possible (a
+    broadcast batch dimension becomes a 0 stride, not a copy).
+    """
+    min_rank(op, "x", x, 2, "(..., N, D)")
+    min_rank(op, "y", y, 2, "(..., M, D)")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"{op}: the feature size D (last dimension) of 'x' and 'y' must match, "
+                         f"got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    try:
+        batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"{op}: the batch dimensions of 'x' and 'y' must broadcast like "
+                         f"torch.matmul, got x {tuple(x.shape)} and y {tuple(y.shape)}") from None
+    x3 = x.expand(batch + x.shape[-2:]).reshape((-1,) + x.shape[-2:])
+    y3 = y.expand(batch + y.shape[-2:]).reshape((-1,) + y.shape[-2:])
+    return batch, x3, y3

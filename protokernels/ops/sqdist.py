@@ -1,0 +1,77 @@
+"""protokernels::sqdist: batched squared Euclidean distance (prototype-layers..., eq. 10-12)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _validate
+
+
+@torch.library.custom_op("protokernels::sqdist", mutates_args=())
+def _sqdist(x: Tensor, y: Tensor, precision: str, backend: str) -> Tensor:
+    """x (B, N, D), y (B, M, D) -> (B, N, M)."""
+    batch, n, d = x.shape
+    m = y.shape[1]
+    if batch * n * m == 0:
+        return x.new_empty((batch, n, m))
+    if d == 0:
+        return x.new_zeros((batch, n, m))
+    return _backend.kernel(backend, "sqdist", "sqdist")(x, y, precision)
+
+
+@_sqdist.register_fake
+def _(x, y, precision, backend):
+    return x.new_empty((x.shape[0], x.shape[1], y.shape[1]))
+
+
+@torch.library.custom_op("protokernels::sqdist_grad", mutates_args=())
+def _sqdist_grad(grad: Tensor, a: Tensor, b: Tensor, transpose: bool, precision: str,
+                 backend: str) -> Tensor:
+    """2 (rowsum(G) a - G b) with G = grad or grad^T: the gradient of sqdist w.r.t. a."""
+    if a.numel() == 0:
+        return a.new_empty(a.shape)
+    if b.shape[1] == 0:
+        return a.new_zeros(a.shape)
+    return _backend.kernel(backend, "sqdist", "sqdist_grad")(grad, a, b, transpose, precision)
+
+
+@_sqdist_grad.register_fake
+def _(grad, a, b, transpose, precision, backend):
+    return a.new_empty(a.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, ctx.precision, ctx.backend = inputs
+    ctx.save_for_backward(x, y)
+
+
+def _backward(ctx, grad):
+    # The clamp at 0 is taken as the identity: it only cuts rounding noise below 0.
+    x, y = ctx.saved_tensors
+    grad_x = grad_y = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.protokernels.sqdist_grad(grad, x, y, False, ctx.precision, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        grad_y = torch.ops.protokernels.sqdist_grad(grad, y, x, True, ctx.precision, ctx.backend)
+    return grad_x, grad_y, None, None
+
+
+_sqdist.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sqdist(x: Tensor, y: Tensor, *, precision: str | None = None) -> Tensor:
+    """Squared Euclidean distances ||x_i - y_j||^2 between the rows of x and y.
+
+    x (..., N, D) and y (..., M, D), batch dimensions broadcast like torch.matmul, give
+    (..., N, M) in the inputs' dtype: ||x||^2 - 2 x.y + ||y||^2 in one fused kernel, clamped at 0.
+    float16/bfloat16 accumulate in float32. `precision` ("ieee", "tf32x3", "tf32") sets how
+    float32 products are computed; None follows torch.get_float32_matmul_precision() ("highest":
+    within 1e-5 relative of float64, "high"/"medium": TF32).
+    Differentiable w.r.t. x and y: gx = 2 (rowsum(g) x - g y), gy = 2 (colsum(g) y - g^T x).
+    """
+    _validate.floating("sqdist", x=x, y=y)
+    batch, x3, y3 = _validate.batched_rows("sqdist", x, y)
+    backend = _backend.resolve("sqdist", x.device)
+    precision = _backend.resolve_precision("sqdist", precision, x.dtype)
+    out = torch.ops.protokernels.sqdist(x3, y3, precision, backend)
+    return out.reshape(batch + out.shape[-2:])

@@ -1,0 +1,120 @@
+"""Build protokernels: the Python package, plus the CUDA extension protokernels._C when it can.
+
+The extension is written against PyTorch's stable ABI (torch/csrc/stable, TORCH_TARGET_VERSION
+2.10) and built as an abi3 module, so one wheel per CUDA major serves every torch >= 2.10 and every
+CPython >= 3.9. Build switches come from the environment, never from the build machine's GPU:
+
+  PROTOKERNELS_SKIP_CUDA=1         build the pure-Python package (triton + reference backends)
+  PROTOKERNELS_CUDA_ARCH_LIST      e.g. "8.0;9.0+PTX" (the default), "9.0a", "80 90"
+  MAX_JOBS                         parallel nvcc jobs (ninja)
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from setuptools import setup
+
+VERSION = "0.1.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+# Oldest nvcc that knows each architecture; newer entries are dropped (with a note) on older nvcc.
+MIN_NVCC = {"80": (11, 0), "86": (11, 1), "89": (11, 8), "90": (11, 8), "90a": (12, 0),
+            "100": (12, 8), "120": (12, 8)}
+PACKAGES = {
+    "protokernels": "protokernels",
+    "protokernels.ops": "protokernels/ops",
+    "protokernels.reference": "protokernels/reference",
+    # The top-level folders of the fixed layout, installed inside the package.
+    "protokernels.triton_kernels": "triton_kernels",
+    "protokernels.benchmarks": "benchmarks",
+}
+
+
+def _nvcc_version(cuda_home: str) -> tuple[int, int]:
+    output = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                                     text=True)
+    major, minor = re.search(r"release (\d+)\.(\d+)", output).groups()
+    return int(major), int(minor)
+
+
+def _gencode_flags(arch_list: str, nvcc: tuple[int, int]) -> tuple[list[str], list[str]]:
+    """nvcc -gencode flags for PROTOKERNELS_CUDA_ARCH_LIST, and the architectures kept."""
+    flags, kept = [], []
+    for entry in re.split(r"[;,\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        arch = entry.removesuffix("+PTX").replace(".", "")
+        if arch not in MIN_NVCC:
+            raise SystemExit(f"protokernels: unknown architecture {entry!r} in "
+                             f"PROTOKERNELS_CUDA_ARCH_LIST (known: {sorted(MIN_NVCC)})")
+        if nvcc < MIN_NVCC[arch]:
+            print(f"protokernels: nvcc {nvcc[0]}.{nvcc[1]} cannot build sm_{arch}; skipping it")
+            continue
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+        kept.append(arch)
+    if not kept:
+        raise SystemExit(f"protokernels: no architecture of {arch_list!r} can be built")
+    return flags, kept
+
+
+def _extension():
+    """(ext_modules, cmdclass, local version) for the CUDA extension, or the reason to skip it."""
+    if os.environ.get("PROTOKERNELS_SKIP_CUDA") == "1":
+        return "PROTOKERNELS_SKIP_CUDA=1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return "torch is not importable at build time (build with --no-build-isolation)"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    nvcc = _nvcc_version(CUDA_HOME)
+    gencode, archs = _gencode_flags(os.environ.get("PROTOKERNELS_CUDA_ARCH_LIST", DEFAULT_ARCHS),
+                                    nvcc)
+    defines = ["-DTORCH_TARGET_VERSION=0x020a000000000000",  # stable ABI of torch 2.10
+               f"-DPROTOKERNELS_ARCHS=\"{','.join(archs)}\""]
+    extension = CUDAExtension(
+        "protokernels._C",
+        sources=sorted(f"csrc/{f}" for f in os.listdir("csrc") if f.endswith((".cu", ".cpp"))),
+        py_limited_api=True,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17", *defines],
+            # -gencode flags here also stop torch from adding arch flags of the build machine's GPU.
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *defines,
+                     *gencode],
+        },
+    )
+    print(f"protokernels: building the CUDA extension for sm_{', sm_'.join(archs)} "
+          f"(nvcc {nvcc[0]}.{nvcc[1]}, torch {torch.__version__})")
+    return [extension], {"build_ext": BuildExtension}, f"+cu{nvcc[0]}"
+
+
+built = _extension()
+if isinstance(built, str):
+    print(f"protokernels: building without the CUDA extension ({built}); "
+          "the triton and reference backends still work")
+    built = [], {}, ""
+ext_modules, cmdclass, local_version = built
+
+setup(
+    name="protokernels",
+    version=VERSION + local_version,
+    description="Fused CUDA and Triton kernels for prototype-based deep learning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    install_requires=["torch>=2.10", "triton>=3.6; platform_system == 'Linux'"],
+    extras_require={"test": ["pytest", "numpy"], "bench": ["matplotlib"]},
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["protokernels-bench = protokernels.bench:main"]},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)

@@ -1,0 +1,133 @@
+"""sqdist in Triton: one tile kernel for ||x||^2 - 2 x.y + ||y||^2, one for its gradient.
+
+The forward computes the x.y tile on tensor cores and the two norms from the same loaded tiles,
+so x and y are read once per tile and the (N, M) output is written once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_ACCUMULATOR = {torch.float64: tl.float64}
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    # input_precision only applies to float32 operands; half types and float64 have one mode.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_coordinates(pid, tiles_0, tiles_1, GROUP: tl.constexpr):
+    """Batch and 2-D tile of program `pid`, GROUP row tiles at a time so that neighbouring
+    programs share their column tiles in L2."""
+    per_batch = tiles_0 * tiles_1
+    batch = pid // per_batch
+    t = pid % per_batch
+    per_group = GROUP * tiles_1
+    first = (t // per_group) * GROUP
+    group_rows = tl.minimum(tiles_0 - first, GROUP)
+    return batch.to(tl.int64), first + (t % per_group) % group_rows, (t % per_group) // group_rows
+
+
+@triton.jit
+def _sqdist_kernel(X, Y, OUT, N, M, D, tiles_n, tiles_m,
+                   sx_b, sx_n, sx_d, sy_b, sy_m, sy_d, so_b, so_n, so_m,
+                   ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    b, tile_n, tile_m = _tile_coordinates(tl.program_id(0), tiles_n, tiles_m, GROUP)
+    rows_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    # 64-bit offsets: B*N*D, B*M*D and B*N*M may each pass 2**31.
+    x_ptrs = X + b * sx_b + rows_n.to(tl.int64)[:, None] * sx_n + cols[None, :] * sx_d
+    y_ptrs = Y + b * sy_b + rows_m.to(tl.int64)[:, None] * sy_m + cols[None, :] * sy_d
+    acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
+    x_norm = tl.zeros((BLOCK_N,), ACC)
+    y_norm = tl.zeros((BLOCK_M,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        in_d = (d0 + cols)[None, :] < D
+        x = tl.load(x_ptrs, mask=(rows_n[:, None] < N) & in_d, other=0.0)
+        y = tl.load(y_ptrs, mask=(rows_m[:, None] < M) & in_d, other=0.0)
+        acc = _dot(x, tl.trans(y), acc, PRECISION)
+        xa = x.to(ACC)
+        ya = y.to(ACC)
+        x_norm += tl.sum(xa * xa, 1)
+        y_norm += tl.sum(ya * ya, 1)
+        x_ptrs += BLOCK_D * sx_d
+        y_ptrs += BLOCK_D * sy_d
+    dist = x_norm[:, None] + y_norm[None, :] - 2.0 * acc
+    dist = tl.where(dist < 0.0, 0.0, dist)  # keeps NaN, unlike tl.maximum
+    out_ptrs = OUT + b * so_b + rows_n.to(tl.int64)[:, None] * so_n + rows_m[None, :] * so_m
+    tl.store(out_ptrs, dist.to(OUT.dtype.element_ty),
+             mask=(rows_n[:, None] < N) & (rows_m[None, :] < M))
+
+
+@triton.jit
+def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
+                        sg_b, sg_r, sg_s, sa_b, sa_r, sa_d, sb_b, sb_s, sb_d, so_b, so_r, so_d,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    b, tile_r, tile_d = _tile_coordinates(tl.program_id(0), tiles_r, tiles_d, GROUP)
+    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    inner = tl.arange(0, BLOCK_S)
+    g_ptrs = G + b * sg_b + rows.to(tl.int64)[:, None] * sg_r + inner[None, :].to(tl.int64) * sg_s
+    b_ptrs = B + b * sb_b + inner.to(tl.int64)[:, None] * sb_s + cols[None, :] * sb_d
+    acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
+    row_sum = tl.zeros((BLOCK_R,), ACC)
+    for s0 in range(0, S, BLOCK_S):
+        in_s = (s0 + inner) < S
+        g = tl.load(g_ptrs, mask=(rows[:, None] < R) & in_s[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=in_s[:, None] & (cols[None, :] < D), other=0.0)
+        acc = _dot(g.to(B.dtype.element_ty), bt, acc, PRECISION)
+        row_sum += tl.sum(g.to(ACC), 1)
+        g_ptrs += BLOCK_S * sg_s
+        b_ptrs += BLOCK_S * sb_s
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    a = tl.load(A + b * sa_b + rows.to(tl.int64)[:, None] * sa_r + cols[None, :] * sa_d,
+                mask=mask, other=0.0)
+    grad = 2.0 * (row_sum[:, None] * a.to(ACC) - acc)
+    tl.store(OUT + b * so_b + rows.to(tl.int64)[:, None] * so_r + cols[None, :] * so_d,
+             grad.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _block(extent: int, largest: int) -> int:
+    """Power-of-two block for `extent`, at least 16 (tl.dot's minimum) and at most `largest`."""
+    return max(16, min(largest, triton.next_power_of_2(extent)))
+
+
+def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
+    """x (B, N, D), y (B, M, D) -> (B, N, M)."""
+    batch, n, d = x.shape
+    m = y.shape[1]
+    out = x.new_empty((batch, n, m))
+    block_n, block_m = _block(n, 128), _block(m, 128)
+    # BLOCK_D: 32 float32 / 64 half values per row keeps each stage's tiles at 16 KB.
+    block_d = _block(d, 128 // x.element_size())
+    tiles_n, tiles_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+    _sqdist_kernel[(batch * tiles_n * tiles_m,)](
+        x, y, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(), *out.stride(),
+        ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision, BLOCK_N=block_n,
+        BLOCK_M=block_m, BLOCK_D=block_d, GROUP=8,
+        num_warps=8 if block_n * block_m >= 128 * 128 else 4, num_stages=3)
+    return out
+
+
+def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose: bool,
+                precision: str) -> torch.Tensor:
+    """2 (rowsum(G) a - G b) with G = grad (B, R, S), or grad^T if transpose."""
+    g = grad.mT if transpose else grad
+    batch, r, s = g.shape
+    d = a.shape[-1]
+    out = a.new_empty(a.shape)
+    block_r, block_s, block_d = _block(r, 64), _block(s, 64), _block(d, 128)
+    tiles_r, tiles_d = triton.cdiv(r, block_r), triton.cdiv(d, block_d)
+    _sqdist_grad_kernel[(batch * tiles_r * tiles_d,)](
+        g, a, b, out, r, s, d, tiles_r, tiles_d, *g.stride(), *a.stride(), *b.stride(),
+        *out.stride(), ACC=_ACCUMULATOR.get(a.dtype, tl.float32), PRECISION=precision,
+        BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, GROUP=8, num_warps=4, num_stages=3)
+    return out
