@@ -78,7 +78,9 @@ def _extension():
     gencode, archs = _gencode_flags(os.environ.get("PROTOKERNELS_CUDA_ARCH_LIST", DEFAULT_ARCHS),
                                     nvcc)
     defines = ["-DTORCH_TARGET_VERSION=0x020a000000000000",  # stable ABI of torch 2.10
-               f"-DPROTOKERNELS_ARCHS=\"{','.join(archs)}\""]
+               "-DUSE_CUDA",  # declares the CUDA part of the C shim (current stream)
+               # Unquoted tokens (quotes do not survive ninja), stringized in protokernels.cpp.
+               f"-DPROTOKERNELS_BUILD=cuda{nvcc[0]}_{nvcc[1]}_sm{'_sm'.join(archs)}"]
     extension = CUDAExtension(
         "protokernels._C",
         sources=sorted(f"csrc/{f}" for f in os.listdir("csrc") if f.endswith((".cu", ".cpp"))),

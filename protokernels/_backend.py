@@ -82,7 +82,7 @@ def _status() -> dict[str, BackendStatus]:
     else:
         info = torch.ops.protokernels.cuda_build_info()
         major, minor = torch.cuda.get_device_capability()
-        archs = [int(a) for a in re.findall(r"\d+", info.split("archs=")[1])]
+        archs = [int(a) for a in re.findall(r"sm(\d+)", info)]
         if major * 10 + minor < min(archs):
             statuses["cuda"] = BackendStatus(
                 False, f"GPU is sm_{major}{minor}, older than every architecture the extension "
@@ -152,10 +152,16 @@ _warned: set[tuple[str, str]] = set()
 
 def resolve(op: str, device: torch.device) -> str:
     """The concrete backend that runs `op` on tensors on `device`, by the rules of SPEC.md."""
-    requested = _selected
+    # Reading the global here lets torch.compile guard on it; the choice itself is a constant of
+    # the trace (it probes the extension and triton, which must not be traced).
+    return _resolve(op, _selected, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, requested: str, device: str) -> str:
     statuses = _status()
     if requested == "auto":
-        if device.type != "cuda":
+        if device != "cuda":
             return "reference"
         order = _AUTO_ORDER[op]
         for name in order:
@@ -164,16 +170,16 @@ def resolve(op: str, device: torch.device) -> str:
                     _warned.add((op, name))
                     warnings.warn(
                         f"protokernels.{op}: the fastest backend '{order[0]}' is unavailable "
-                        f"({statuses[order[0]].detail}); using '{name}'", stacklevel=3)
+                        f"({statuses[order[0]].detail}); using '{name}'", stacklevel=4)
                 return name
     status = statuses[requested]
     if not status.available:
         raise BackendUnavailableError(f"protokernels.{op}: backend '{requested}' is unavailable: "
                                       f"{status.detail}")
-    if requested == "cuda" and device.type != "cuda":
+    if requested == "cuda" and device != "cuda":
         raise BackendUnavailableError(
             f"protokernels.{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
-    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if requested == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailableError(
             f"protokernels.{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
             f"CPU tensors), got tensors on {device}")

@@ -5,6 +5,8 @@ never reaches a kernel.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,6 +56,7 @@ def batched_rows(op: str, x: torch.Tensor, y: torch.Tensor):
     except RuntimeError:
         raise ValueError(f"{op}: the batch dimensions of 'x' and 'y' must broadcast like "
                          f"torch.matmul, got x {tuple(x.shape)} and y {tuple(y.shape)}") from None
-    x3 = x.expand(batch + x.shape[-2:]).reshape((-1,) + x.shape[-2:])
-    y3 = y.expand(batch + y.shape[-2:]).reshape((-1,) + y.shape[-2:])
+    flat = (math.prod(batch),)
+    x3 = x.expand(batch + x.shape[-2:]).reshape(flat + x.shape[-2:])
+    y3 = y.expand(batch + y.shape[-2:]).reshape(flat + y.shape[-2:])
     return batch, x3, y3

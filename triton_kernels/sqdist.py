@@ -5,15 +5,22 @@ so x and y are read once per tile and the (N, M) output is written once.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 _ACCUMULATOR = {torch.float64: tl.float64}
+# Triton's interpreter (3.8) returns garbage from tl.dot on bfloat16 operands (float16 is right);
+# there the operands go through float32 instead, which gives the same exact products.
+_UPCAST_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    if UPCAST_BF16 and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     # input_precision only applies to float32 operands; half types and float64 have one mode.
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -36,7 +43,7 @@ def _tile_coordinates(pid, tiles_0, tiles_1, GROUP: tl.constexpr):
 @triton.jit
 def _sqdist_kernel(X, Y, OUT, N, M, D, tiles_n, tiles_m,
                    sx_b, sx_n, sx_d, sy_b, sy_m, sy_d, so_b, so_n, so_m,
-                   ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
     b, tile_n, tile_m = _tile_coordinates(tl.program_id(0), tiles_n, tiles_m, GROUP)
     rows_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,7 +59,7 @@ def _sqdist_kernel(X, Y, OUT, N, M, D, tiles_n, tiles_m,
         in_d = (d0 + cols)[None, :] < D
         x = tl.load(x_ptrs, mask=(rows_n[:, None] < N) & in_d, other=0.0)
         y = tl.load(y_ptrs, mask=(rows_m[:, None] < M) & in_d, other=0.0)
-        acc = _dot(x, tl.trans(y), acc, PRECISION)
+        acc = _dot(x, tl.trans(y), acc, PRECISION, UPCAST_BF16)
         xa = x.to(ACC)
         ya = y.to(ACC)
         x_norm += tl.sum(xa * xa, 1)
@@ -69,7 +76,7 @@ def _sqdist_kernel(X, Y, OUT, N, M, D, tiles_n, tiles_m,
 @triton.jit
 def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
                         sg_b, sg_r, sg_s, sa_b, sa_r, sa_d, sb_b, sb_s, sb_d, so_b, so_r, so_d,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
     b, tile_r, tile_d = _tile_coordinates(tl.program_id(0), tiles_r, tiles_d, GROUP)
     rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -83,7 +90,7 @@ def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
         in_s = (s0 + inner) < S
         g = tl.load(g_ptrs, mask=(rows[:, None] < R) & in_s[None, :], other=0.0)
         bt = tl.load(b_ptrs, mask=in_s[:, None] & (cols[None, :] < D), other=0.0)
-        acc = _dot(g.to(B.dtype.element_ty), bt, acc, PRECISION)
+        acc = _dot(g.to(B.dtype.element_ty), bt, acc, PRECISION, UPCAST_BF16)
         row_sum += tl.sum(g.to(ACC), 1)
         g_ptrs += BLOCK_S * sg_s
         b_ptrs += BLOCK_S * sb_s
@@ -111,7 +118,7 @@ def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
     tiles_n, tiles_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     _sqdist_kernel[(batch * tiles_n * tiles_m,)](
         x, y, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(), *out.stride(),
-        ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision, BLOCK_N=block_n,
+        ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision, UPCAST_BF16=_UPCAST_BF16, BLOCK_N=block_n,
         BLOCK_M=block_m, BLOCK_D=block_d, GROUP=8,
         num_warps=8 if block_n * block_m >= 128 * 128 else 4, num_stages=3)
     return out
@@ -129,5 +136,5 @@ def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose:
     _sqdist_grad_kernel[(batch * tiles_r * tiles_d,)](
         g, a, b, out, r, s, d, tiles_r, tiles_d, *g.stride(), *a.stride(), *b.stride(),
         *out.stride(), ACC=_ACCUMULATOR.get(a.dtype, tl.float32), PRECISION=precision,
-        BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, GROUP=8, num_warps=4, num_stages=3)
+        UPCAST_BF16=_UPCAST_BF16, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, GROUP=8, num_warps=4, num_stages=3)
     return out

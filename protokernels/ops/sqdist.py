@@ -40,6 +40,30 @@ def _(grad, a, b, transpose, precision, backend):
     return a.new_empty(a.shape)
 
 
+def _setup_grad_context(ctx, inputs, output):
+    grad, a, b, ctx.transpose, _, _ = inputs
+    ctx.save_for_backward(grad, a, b)
+
+
+def _grad_backward(ctx, upstream):
+    # Second derivatives (gradient penalties), off the hot path: plain torch matmuls of the
+    # gradient's size. With G = grad (or grad^T), out = 2 (rowsum(G) a - G b), U = upstream:
+    grad, a, b = ctx.saved_tensors
+    g = grad.mT if ctx.transpose else grad
+    d_grad = d_a = d_b = None
+    if ctx.needs_input_grad[0]:
+        d_g = 2 * ((upstream * a).sum(-1, keepdim=True) - upstream @ b.mT)
+        d_grad = d_g.mT if ctx.transpose else d_g
+    if ctx.needs_input_grad[1]:
+        d_a = 2 * g.sum(-1, keepdim=True) * upstream
+    if ctx.needs_input_grad[2]:
+        d_b = -2 * g.mT @ upstream
+    return d_grad, d_a, d_b, None, None, None
+
+
+_sqdist_grad.register_autograd(_grad_backward, setup_context=_setup_grad_context)
+
+
 def _setup_context(ctx, inputs, output):
     x, y, ctx.precision, ctx.backend = inputs
     ctx.save_for_backward(x, y)

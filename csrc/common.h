@@ -1,0 +1,85 @@
+// Shared by every op's .cu file: argument checks, current stream, dtype dispatch, precision.
+//
+// Only PyTorch's stable ABI is used (torch/csrc/stable, the C shim), so the extension built against
+// one torch >= 2.10 loads in every later one.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace protokernels {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// The Python wrappers validate every argument first (ValueError/TypeError); these checks guard
+// direct torch.ops.protokernels.*_cuda calls and name the op and argument in the message.
+#define PK_CHECK(cond, op, ...) STD_TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
+#define PK_CHECK_CUDA(op, name, t) \
+  PK_CHECK((t).is_cuda(), op, "argument '" name "' must be a CUDA tensor")
+#define PK_CHECK_DIM(op, name, t, n) \
+  PK_CHECK((t).dim() == (n), op, "argument '" name "' must be ", n, "-D, got ", (t).dim(), "-D")
+#define PK_CHECK_SAME(op, what, name_a, a, name_b, b)                                    \
+  PK_CHECK((a) == (b), op, "arguments '" name_a "' and '" name_b "' must have the same " \
+           what)
+
+// Every kernel launch is followed by this: a bad launch raises instead of failing later.
+#define PK_CHECK_LAUNCH() STD_CUDA_KERNEL_LAUNCH_CHECK()
+
+inline cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// Static dispatch over the floating dtypes: calls f(T{}) with T the element type. (Take data as
+// static_cast<T*>(t.mutable_data_ptr()): the stable ABI exports no typed accessor for half types.)
+template <typename F>
+void dispatch_floating(ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case ScalarType::Float: return f(float{});
+    case ScalarType::Double: return f(double{});
+    case ScalarType::Half: return f(__half{});
+    case ScalarType::BFloat16: return f(__nv_bfloat16{});
+    default: STD_TORCH_CHECK(false, op, ": expected a float16, bfloat16, float32 or float64 tensor");
+  }
+}
+
+// How float32 products are computed ("ieee" FFMA, "tf32x3" split TF32 products, "tf32").
+enum class Precision { kIeee, kTf32x3, kTf32 };
+
+inline Precision parse_precision(const std::string& precision, const char* op) {
+  if (precision == "ieee") return Precision::kIeee;
+  if (precision == "tf32x3") return Precision::kTf32x3;
+  if (precision == "tf32") return Precision::kTf32;
+  STD_TORCH_CHECK(false, op, ": precision must be 'ieee', 'tf32x3' or 'tf32', got '", precision,
+                  "'");
+}
+
+// Products of T accumulate in float (half types, float) or double.
+template <typename T> struct Accumulate { using type = float; };
+template <> struct Accumulate<double> { using type = double; };
+
+template <typename T>
+__device__ __forceinline__ typename Accumulate<T>::type widen(T v) {
+  return static_cast<typename Accumulate<T>::type>(v);
+}
+template <> __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T, typename A>
+__device__ __forceinline__ T narrow(A v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half narrow(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow(float v) { return __float2bfloat16_rn(v); }
+
+}  // namespace protokernels

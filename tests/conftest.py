@@ -1,0 +1,65 @@
+"""Shared fixtures: the backends that can run here, float64 comparison, poisoned outputs.
+
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before
+triton is imported), on small shapes; with one, every backend runs on CUDA tensors.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import protokernels  # noqa: E402  (after TRITON_INTERPRET)
+
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+
+# Relative-error bounds of SPEC.md ("Correctness standard") by dtype / float32 precision.
+TOLERANCE = {"ieee": 1e-5, "tf32x3": 1e-5, "tf32": 2e-3, torch.float16: 1e-2,
+             torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def tolerance(dtype, precision="ieee"):
+    return TOLERANCE[precision] if dtype == torch.float32 else TOLERANCE[dtype]
+
+
+def backend_params():
+    """(backend, device) pairs; those that cannot run here are skipped with the reason."""
+    status = protokernels.available_backends()
+    params = []
+    for name in protokernels._backend.BACKENDS:
+        reason = None if status[name].available else status[name].detail
+        params.append(pytest.param(name, id=name,
+                                   marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    with protokernels.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every new tensor starts as NaN, so an output element a kernel never wrote shows up."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[2]
+
+
+def relative_error(out, ref):
+    """||out - ref|| / ||ref|| in float64; inf if any element is not finite where ref is."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if not torch.equal(torch.isfinite(out), torch.isfinite(ref)):
+        return float("inf")
+    scale = ref.norm().item()
+    return (out - ref).norm().item() / (scale if scale > 0 else 1.0)

@@ -1,0 +1,202 @@
+"""sqdist in every backend against float64 ground truth: values, gradients, op registration, bad input."""
+import pytest
+import torch
+
+import protokernels
+from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+
+
+def truth(x, y):
+    """float64 ||x_i - y_j||^2 by explicit differences (no expansion, no cancellation)."""
+    return (x.double().unsqueeze(-2) - y.double().unsqueeze(-3)).square().sum(-1)
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float64).to(dtype)
+
+
+# (batch, N, M, D): 1, primes, non-multiples of every tile (16/32/64/128), D from 1 to 1025.
+SHAPES = [(1, 1, 1, 1), (1, 17, 13, 1), (2, 31, 37, 7), (1, 65, 129, 33), (3, 5, 130, 129),
+          (1, 129, 3, 1025)]
+DTYPES = [(torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32"),
+          (torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float64, "ieee")]
+
+
+@pytest.mark.parametrize("dtype,precision", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64(backend, shape, dtype, precision):
+    batch, n, m, d = shape
+    x, y = randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype)
+    out = protokernels.sqdist(x, y, precision=precision)
+    assert out.dtype == dtype and out.shape == (batch, n, m)
+    assert relative_error(out, truth(x, y)) <= tolerance(dtype, precision)
+    assert (out >= 0).all()
+
+
+def test_batch_dimensions_broadcast_like_matmul(backend):
+    x, y = randn(2, 1, 19, 5), randn(3, 23, 5)
+    out = protokernels.sqdist(x, y, precision="ieee")
+    assert out.shape == (2, 3, 19, 23)
+    assert relative_error(out, truth(x, y)) <= 1e-5
+    # Unbatched against batched.
+    out = protokernels.sqdist(x[0, 0], y, precision="ieee")
+    assert out.shape == (3, 19, 23)
+    assert relative_error(out, truth(x[0, 0], y)) <= 1e-5
+
+
+def test_non_contiguous_and_expanded_inputs(backend):
+    x = randn(40, 33).t()[::2]  # (17, 40) with strides (2, 33)
+    y = randn(1, 40).expand(9, 40)  # every row the same, row stride 0
+    out = protokernels.sqdist(x, y, precision="ieee")
+    assert relative_error(out, truth(x, y)) <= 1e-5
+    g = randn(9, 17).t()  # non-contiguous incoming gradient
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    truth(xr, yr).backward(g.double())
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    protokernels.sqdist(xg, yg, precision="ieee").backward(g)
+    assert relative_error(xg.grad, xr.grad) <= 1e-5
+    assert relative_error(yg.grad, yr.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("shape,expected", [((0, 3, 4), (0, 5)), ((3, 0, 4), (3, 0, 5)),
+                                            ((2, 3, 0), (2, 3, 5))], ids=str)
+def test_empty_inputs(backend, shape, expected):
+    x = randn(*shape)
+    y = randn(*shape[:-2], 5, shape[-1]) if len(shape) == 3 else randn(5, shape[-1])
+    if shape == (0, 3, 4):  # N = 0
+        x, y = randn(0, 4), randn(5, 4)
+    out = protokernels.sqdist(x, y)
+    assert out.shape == expected
+    if out.numel():  # D = 0: every distance is 0
+        assert (out == 0).all()
+    assert protokernels.sqdist(randn(3, 4), randn(0, 4)).shape == (3, 0)
+
+
+def test_nan_propagates(backend):
+    x, y = randn(5, 8), randn(7, 8)
+    x[2, 3] = float("nan")
+    out = protokernels.sqdist(x, y)
+    assert out[2].isnan().all()
+    assert not out[[0, 1, 3, 4]].isnan().any()
+
+
+def test_gradcheck_float64(backend):
+    x = randn(2, 7, 5, dtype=torch.float64).requires_grad_()
+    y = randn(1, 11, 5, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(protokernels.sqdist, (x, y))
+    assert torch.autograd.gradgradcheck(protokernels.sqdist, (x, y))
+
+
+@pytest.mark.parametrize("dtype,precision", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_gradients_match_float64(backend, dtype, precision):
+    x, y = randn(2, 37, 67, dtype=dtype), randn(2, 41, 67, dtype=dtype)
+    g = randn(2, 37, 41, dtype=dtype)
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    truth(xr, yr).backward(g.double())
+    xg, yg = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    protokernels.sqdist(xg, yg, precision=precision).backward(g)
+    assert xg.grad.dtype == dtype
+    assert relative_error(xg.grad, xr.grad) <= tolerance(dtype, precision)
+    assert relative_error(yg.grad, yr.grad) <= tolerance(dtype, precision)
+
+
+def test_only_requested_gradients(backend):
+    x, y = randn(4, 3).requires_grad_(), randn(6, 3)
+    protokernels.sqdist(x, y).sum().backward()
+    assert x.grad is not None and y.grad is None
+
+
+def test_opcheck(backend):
+    x, y, g = randn(2, 9, 6), randn(2, 11, 6), randn(2, 9, 11)
+    torch.library.opcheck(torch.ops.protokernels.sqdist.default,
+                          (x.requires_grad_(), y.requires_grad_(), "ieee", backend))
+    torch.library.opcheck(torch.ops.protokernels.sqdist_grad.default,
+                          (g, y, x, True, "ieee", backend))
+
+
+def test_compile_fullgraph(backend):
+    def model(x, y):
+        return protokernels.sqdist(x * 2, y, precision="ieee").sqrt().sum(-1)
+
+    x, y = randn(3, 21, 6), randn(3, 10, 6)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if not HAS_GPU else "inductor")
+    assert relative_error(compiled(x, y), model(x, y)) <= 1e-6
+
+
+@pytest.mark.parametrize("matmul_precision,expected", [("highest", "tf32x3"), ("high", "tf32"),
+                                                       ("medium", "tf32")])
+def test_precision_follows_matmul_precision(matmul_precision, expected):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        assert protokernels._backend.resolve_precision("sqdist", None, torch.float32) == expected
+        assert protokernels._backend.resolve_precision("sqdist", "ieee", torch.float32) == "ieee"
+        assert protokernels._backend.resolve_precision("sqdist", None, torch.float16) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_reference_stays_correct_when_tiled(monkeypatch):
+    """A tiny scratch budget forces many tiles in every dimension; results must not change."""
+    from protokernels.reference import _scratch
+    monkeypatch.setenv("PROTOKERNELS_REFERENCE_SCRATCH_MB", "0.002")  # 2 KiB
+    tile = _scratch.tile_sizes({"b": 3, "n": 50, "m": 70}, lambda b, n, m: 4 * b * (n + m) * 9)
+    assert 4 * tile["b"] * (tile["n"] + tile["m"]) * 9 <= 2048 and tile["n"] < 50 and tile["m"] < 70
+    x, y = randn(3, 50, 8).requires_grad_(), randn(3, 70, 8).requires_grad_()
+    with protokernels.use_backend("reference"):
+        out = protokernels.sqdist(x, y, precision="ieee")
+        out.backward(torch.ones_like(out))
+    assert relative_error(out, truth(x, y)) <= 1e-5
+    xr, yr = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    truth(xr, yr).sum().backward()
+    assert relative_error(x.grad, xr.grad) <= 1e-5
+    assert relative_error(y.grad, yr.grad) <= 1e-5
+
+
+BAD_INPUTS = [
+    (lambda: (randn(4, 3), randn(5, 4)), ValueError, "feature size D"),
+    (lambda: (randn(4), randn(5, 4)), ValueError, "'x' must have at least 2 dimensions"),
+    (lambda: (randn(4, 3), randn(3)), ValueError, "'y' must have at least 2 dimensions"),
+    (lambda: (torch.ones(4, 3, dtype=torch.int64), randn(5, 3)), TypeError, "'x' must be a floating"),
+    (lambda: (randn(4, 3), torch.ones(5, 3, dtype=torch.complex64)), TypeError, "'y' must be a floating"),
+    (lambda: (randn(4, 3), randn(5, 3, dtype=torch.float64)), TypeError, "same dtype"),
+    (lambda: (randn(2, 4, 3), randn(3, 5, 3)), ValueError, "must broadcast"),
+    (lambda: (randn(4, 3).tolist(), randn(5, 3)), TypeError, "'x' must be a torch.Tensor"),
+    (lambda: (randn(4, 3).to("meta"), randn(5, 3)), ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize("make,error,message", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(make, error, message):
+    x, y = make()
+    with pytest.raises(error, match=message):
+        protokernels.sqdist(x, y)
+
+
+def test_bad_precision():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        protokernels.sqdist(randn(4, 3), randn(5, 3), precision="fp8")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_cuda_graph_capture(backend):
+    x, y = randn(2, 300, 64), randn(2, 200, 64)
+    protokernels.sqdist(x, y)  # warm up (compiles the Triton kernel)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = protokernels.sqdist(x, y, precision="ieee")
+    x.copy_(randn(2, 300, 64))
+    graph.replay()
+    assert relative_error(out, truth(x, y)) <= 1e-5
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_more_than_2_to_the_31_outputs(backend):
+    if backend == "reference":
+        pytest.skip("the reference is checked on the same path by the tiling test")
+    n, m = 47_000, 46_000  # 2.16e9 outputs (4.3 GB as float16): 64-bit offsets needed
+    x, y = randn(n, 8, dtype=torch.float16), randn(m, 8, dtype=torch.float16)
+    out = protokernels.sqdist(x, y)
+    rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device=DEVICE)
+    assert relative_error(out[rows], truth(x[rows], y)) <= 1e-2
+    assert relative_error(out[:, -3:], truth(x, y[-3:])) <= 1e-2
