@@ -22,9 +22,10 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
     if UPCAST_BF16 and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     # input_precision only applies to float32 operands; half types and float64 have one mode.
+    # out_dtype: float64 products must accumulate in float64 (the default is float32).
     if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -41,36 +42,50 @@ def _tile_coordinates(pid, tiles_0, tiles_1, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _sqdist_kernel(X, Y, OUT, N, M, D, tiles_n, tiles_m,
+def _sqdist_kernel(X, Y, X_LO, Y_LO, OUT, N, M, D, tiles_n, tiles_m,
                    sx_b, sx_n, sx_d, sy_b, sy_m, sy_d, so_b, so_n, so_m,
-                   ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
+                   SPLIT: tl.constexpr, STREAM_STORES: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    """SPLIT: X, Y hold the TF32 high parts and X_LO, Y_LO the rest (3xTF32 from shared memory)."""
     b, tile_n, tile_m = _tile_coordinates(tl.program_id(0), tiles_n, tiles_m, GROUP)
     rows_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     # 64-bit offsets: B*N*D, B*M*D and B*N*M may each pass 2**31.
-    x_ptrs = X + b * sx_b + rows_n.to(tl.int64)[:, None] * sx_n + cols[None, :] * sx_d
-    y_ptrs = Y + b * sy_b + rows_m.to(tl.int64)[:, None] * sy_m + cols[None, :] * sy_d
+    x_offsets = b * sx_b + rows_n.to(tl.int64)[:, None] * sx_n + cols[None, :] * sx_d
+    y_offsets = b * sy_b + rows_m.to(tl.int64)[:, None] * sy_m + cols[None, :] * sy_d
     acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
     x_norm = tl.zeros((BLOCK_N,), ACC)
     y_norm = tl.zeros((BLOCK_M,), ACC)
     for d0 in range(0, D, BLOCK_D):
         in_d = (d0 + cols)[None, :] < D
-        x = tl.load(x_ptrs, mask=(rows_n[:, None] < N) & in_d, other=0.0)
-        y = tl.load(y_ptrs, mask=(rows_m[:, None] < M) & in_d, other=0.0)
+        x_mask = (rows_n[:, None] < N) & in_d
+        y_mask = (rows_m[:, None] < M) & in_d
+        x = tl.load(X + x_offsets, mask=x_mask, other=0.0)
+        y = tl.load(Y + y_offsets, mask=y_mask, other=0.0)
         acc = _dot(x, tl.trans(y), acc, PRECISION, UPCAST_BF16)
         xa = x.to(ACC)
         ya = y.to(ACC)
+        if SPLIT:  # hi.lo^T + lo.hi^T; lo.lo^T is below float32 rounding
+            x_lo = tl.load(X_LO + x_offsets, mask=x_mask, other=0.0)
+            y_lo = tl.load(Y_LO + y_offsets, mask=y_mask, other=0.0)
+            acc = _dot(x, tl.trans(y_lo), acc, PRECISION, UPCAST_BF16)
+            acc = _dot(x_lo, tl.trans(y), acc, PRECISION, UPCAST_BF16)
+            xa += x_lo
+            ya += y_lo
         x_norm += tl.sum(xa * xa, 1)
         y_norm += tl.sum(ya * ya, 1)
-        x_ptrs += BLOCK_D * sx_d
-        y_ptrs += BLOCK_D * sy_d
+        x_offsets += BLOCK_D * sx_d
+        y_offsets += BLOCK_D * sy_d
     dist = x_norm[:, None] + y_norm[None, :] - 2.0 * acc
     dist = tl.where(dist < 0.0, 0.0, dist)  # keeps NaN, unlike tl.maximum
     out_ptrs = OUT + b * so_b + rows_n.to(tl.int64)[:, None] * so_n + rows_m[None, :] * so_m
-    tl.store(out_ptrs, dist.to(OUT.dtype.element_ty),
-             mask=(rows_n[:, None] < N) & (rows_m[None, :] < M))
+    mask = (rows_n[:, None] < N) & (rows_m[None, :] < M)
+    if STREAM_STORES:  # the (N, M) output is not read again: keep x and y tiles in L2 instead
+        tl.store(out_ptrs, dist.to(OUT.dtype.element_ty), mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(out_ptrs, dist.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -107,34 +122,67 @@ def _block(extent: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(extent)))
 
 
-def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
-    """x (B, N, D), y (B, M, D) -> (B, N, M)."""
+def _split_tf32(t: torch.Tensor):
+    """t = hi + lo exactly, hi with TF32's 10 mantissa bits (truncated), lo the remainder."""
+    hi = (t.view(torch.int32) & -8192).view(torch.float32)
+    return hi, t - hi
+
+
+def forward_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
+    """Tile shape and launch parameters of the forward kernel (scripts/tune_triton.py sweeps them)."""
+    block_n, block_m = _block(n, 128), _block(m, 128)
+    # BLOCK_D: 32 float32 / 64 half values per row keeps each stage's tiles at 16 KB.
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=_block(d, 128 // dtype.itemsize),
+                num_warps=8 if block_n * block_m >= 128 * 128 else 4, num_stages=3,
+                STREAM_STORES=False)
+
+
+def grad_config(r: int, s: int, d: int, dtype: torch.dtype, precision: str) -> dict:
+    """Tile shape and launch parameters of the gradient kernel."""
+    return dict(BLOCK_R=_block(r, 64), BLOCK_S=_block(s, 64), BLOCK_D=_block(d, 128),
+                num_warps=4, num_stages=3, TRANSPOSE_B=False)
+
+
+def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str, config: dict | None = None
+           ) -> torch.Tensor:
+    """x (B, N, D), y (B, M, D) -> (B, N, M). `config` overrides forward_config()."""
     batch, n, d = x.shape
     m = y.shape[1]
     out = x.new_empty((batch, n, m))
-    block_n, block_m = _block(n, 128), _block(m, 128)
-    # BLOCK_D: 32 float32 / 64 half values per row keeps each stage's tiles at 16 KB.
-    block_d = _block(d, 128 // x.element_size())
-    tiles_n, tiles_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+    config = config or forward_config(n, m, d, x.dtype, precision)
+    tiles_n = triton.cdiv(n, config["BLOCK_N"])
+    tiles_m = triton.cdiv(m, config["BLOCK_M"])
+    split = precision == "tf32x3" and x.dtype == torch.float32
+    if split:
+        # Split once here rather than per tile in the kernel: Triton's own tf32x3 splits each
+        # loaded tile and writes B's low part back to shared memory (0.81 ms at the spec size).
+        (x, x_lo), (y, y_lo) = _split_tf32(x), _split_tf32(y)
+        precision = "tf32"
+    else:
+        x_lo, y_lo = x, y
     _sqdist_kernel[(batch * tiles_n * tiles_m,)](
-        x, y, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(), *out.stride(),
-        ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision, UPCAST_BF16=_UPCAST_BF16, BLOCK_N=block_n,
-        BLOCK_M=block_m, BLOCK_D=block_d, GROUP=8,
-        num_warps=8 if block_n * block_m >= 128 * 128 else 4, num_stages=3)
+        x, y, x_lo, y_lo, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(),
+        *out.stride(), ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision,
+        UPCAST_BF16=_UPCAST_BF16, SPLIT=split, GROUP=8, **config)
     return out
 
 
 def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose: bool,
-                precision: str) -> torch.Tensor:
-    """2 (rowsum(G) a - G b) with G = grad (B, R, S), or grad^T if transpose."""
+                precision: str, config: dict | None = None) -> torch.Tensor:
+    """2 (rowsum(G) a - G b) with G = grad (B, R, S), or grad^T if transpose.
+    `config` overrides grad_config()."""
     g = grad.mT if transpose else grad
     batch, r, s = g.shape
     d = a.shape[-1]
     out = a.new_empty(a.shape)
-    block_r, block_s, block_d = _block(r, 64), _block(s, 64), _block(d, 128)
-    tiles_r, tiles_d = triton.cdiv(r, block_r), triton.cdiv(d, block_d)
+    config = dict(config or grad_config(r, s, d, a.dtype, precision))
+    if config.pop("TRANSPOSE_B"):
+        # A (S, D)-sized copy with S contiguous: the product's B operand is then K-major, which
+        # float32 wgmma requires (half types can transpose in shared memory).
+        b = b.mT.contiguous().mT
+    tiles_r, tiles_d = triton.cdiv(r, config["BLOCK_R"]), triton.cdiv(d, config["BLOCK_D"])
     _sqdist_grad_kernel[(batch * tiles_r * tiles_d,)](
         g, a, b, out, r, s, d, tiles_r, tiles_d, *g.stride(), *a.stride(), *b.stride(),
         *out.stride(), ACC=_ACCUMULATOR.get(a.dtype, tl.float32), PRECISION=precision,
-        UPCAST_BF16=_UPCAST_BF16, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, GROUP=8, num_warps=4, num_stages=3)
+        UPCAST_BF16=_UPCAST_BF16, GROUP=8, **config)
     return out

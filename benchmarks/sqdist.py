@@ -1,0 +1,54 @@
+"""sqdist benchmark cases: the fused op against the formula users write by hand.
+
+Each case names its inputs, the float32 matmul precision it runs under (the naive formula and the
+fused op both follow it), and its FLOP and byte counts for the roofline.
+"""
+from __future__ import annotations
+
+import torch
+
+import protokernels
+
+OP = "sqdist"
+
+
+def naive(x, y):
+    """What users write today: ||x||^2 - 2 x y^T + ||y||^2 with three kernels and temporaries."""
+    return (x.square().sum(-1, keepdim=True) - 2 * x @ y.mT
+            + y.square().sum(-1).unsqueeze(-2)).clamp_min(0)
+
+
+def fused(x, y):
+    return protokernels.sqdist(x, y)
+
+
+def cases(quick: bool):
+    """(name, matmul precision, dtype, sizes). The spec's size first (SPEC.md, Speed)."""
+    b, n, m, d = (2, 256, 256, 64) if quick else (8, 4096, 4096, 128)
+    sizes = {"B": b, "N": n, "M": m, "D": d}
+    return [
+        ("tf32", "high", torch.float32, sizes),
+        ("highest", "highest", torch.float32, sizes),
+        ("bf16", "high", torch.bfloat16, sizes),
+    ]
+
+
+def make_inputs(sizes, dtype, device):
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(sizes["B"], sizes["N"], sizes["D"], device=device, dtype=dtype,
+                    generator=generator)
+    y = torch.randn(sizes["B"], sizes["M"], sizes["D"], device=device, dtype=dtype,
+                    generator=generator)
+    return x, y
+
+
+def work(sizes, dtype, backward: bool):
+    """(FLOPs, minimum bytes moved): x.y^T dominates the FLOPs, the (N, M) output the bytes."""
+    b, n, m, d = sizes["B"], sizes["N"], sizes["M"], sizes["D"]
+    size = torch.tensor([], dtype=dtype).element_size()
+    flops = 2 * b * n * m * d
+    moved = size * b * (n * d + m * d + n * m)
+    if backward:  # two (N, M) x (M, D) products, reading the (N, M) gradient, writing gx and gy
+        flops += 4 * b * n * m * d
+        moved += size * b * (n * m + 2 * (n * d + m * d))
+    return flops, moved

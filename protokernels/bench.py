@@ -1,0 +1,183 @@
+"""protokernels' benchmark CLI: `python -m protokernels.bench` (or `protokernels-bench`).
+
+For every case of every selected op (benchmarks/<op>.py), in one process: the naive formula in
+eager mode and under torch.compile, and each available backend of the fused op, forward and
+forward+backward. Prints each row as it finishes, then a table; writes CSV and JSON rows with the
+device, versions and date. Times are medians with p20/p80 (triton.testing.do_bench on CUDA, a
+wall-clock loop on the CPU); peak extra memory is what the call allocates beyond its inputs (CUDA);
+"roofline" is the fraction of the H100 floor (FLOPs at the precision's peak, or bytes at copy
+bandwidth, whichever is larger) that the measured time reaches.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import protokernels
+
+OPS = ("sqdist",)
+# H100 ceilings measured in SPEC.md: FFMA, TF32 (a third of it for 3xTF32), bf16 tensor cores,
+# device-to-device copy (bytes read + written).
+PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679e12}
+PEAK_BYTES = 3.0e12
+
+
+def _time_cuda(fn, grad_to_none):
+    import triton.testing
+    p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100,
+                                            grad_to_none=grad_to_none)
+    return p50, p20, p80
+
+
+def _time_cpu(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return statistics.median(times), quantiles[1], quantiles[7]
+
+
+def _peak_extra_bytes(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _precision_key(dtype, matmul_precision):
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    return protokernels._backend.resolve_precision("bench", None, dtype) if dtype == torch.float32 \
+        else "ieee"
+
+
+def _environment(device):
+    import triton
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "protokernels": protokernels.__version__,
+    }
+
+
+def run(ops, quick, backends, compile_naive, device, repeats, log=print):
+    rows = []
+    statuses = protokernels.available_backends()
+    for op in ops:
+        cases = importlib.import_module(f"protokernels.benchmarks.{op}")
+        for case, matmul_precision, dtype, sizes in cases.cases(quick):
+            torch.set_float32_matmul_precision(matmul_precision)
+            x, y = cases.make_inputs(sizes, dtype, device)
+            precision = _precision_key(dtype, matmul_precision)
+            runners = [("naive eager", "reference", cases.naive)]
+            if compile_naive:
+                runners.append(("naive compiled", "reference", torch.compile(cases.naive)))
+            for name in backends:
+                if statuses[name].available and (device.type == "cuda" or name != "cuda"):
+                    runners.append((f"protokernels {name}", name, cases.fused))
+                else:
+                    log(f"  skip {name}: {statuses[name].detail}")
+            for mode in ("fwd", "fwd+bwd"):
+                backward = mode == "fwd+bwd"
+                xs, ys = (x.detach().requires_grad_(backward), y.detach().requires_grad_(backward))
+                grad = torch.randn(sizes["B"], sizes["N"], sizes["M"], device=device,
+                                   dtype=dtype) if backward else None
+                flops, moved = cases.work(sizes, dtype, backward)
+                floor_ms = max(flops / PEAK_FLOPS[precision], moved / PEAK_BYTES) * 1e3
+                for label, backend, function in runners:
+                    def call():
+                        with protokernels.use_backend(backend):
+                            out = function(xs, ys)
+                            if backward:
+                                out.backward(grad)
+                    try:
+                        call()
+                        if device.type == "cuda":
+                            p50, p20, p80 = _time_cuda(call, [xs, ys] if backward else None)
+                        else:
+                            p50, p20, p80 = _time_cpu(call, repeats)
+                        extra = _peak_extra_bytes(call, device)
+                        error = ""
+                    except Exception as err:  # a failing runner is reported, not fatal
+                        p50 = p20 = p80 = float("nan")
+                        extra, error = None, f"{type(err).__name__}: {str(err)[:200]}"
+                    row = {"op": op, "case": case, "mode": mode, "impl": label,
+                           **{k: v for k, v in sizes.items()}, "dtype": str(dtype).split(".")[1],
+                           "precision": precision, "median_ms": p50, "p20_ms": p20,
+                           "p80_ms": p80,
+                           "extra_MB": None if extra is None else extra / 2**20,
+                           "roofline": floor_ms / p50 if p50 == p50 else float("nan"),
+                           "error": error}
+                    rows.append(row)
+                    log(_format_row(row))
+    return rows
+
+
+def _format_row(row):
+    extra = "-" if row["extra_MB"] is None else f"{row['extra_MB']:.1f}"
+    text = (f"{row['op']:<8} {row['case']:<8} {row['mode']:<8} {row['impl']:<22} "
+            f"{row['median_ms']:>9.4f} [{row['p20_ms']:.4f}, {row['p80_ms']:.4f}] ms "
+            f"{extra:>9} MB  {row['roofline']:>6.1%}")
+    return text + (f"  {row['error']}" if row["error"] else "")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="protokernels-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", action="append", choices=OPS,
+                        help="op to benchmark (repeatable; default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds, also on CPU)")
+    parser.add_argument("--backend", action="append", choices=protokernels._backend.BACKENDS,
+                        help="backends of the fused op (repeatable; default: all available)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile baseline")
+    parser.add_argument("--out", default="bench_out", help="folder for results.csv/.json")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats on the CPU")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = _environment(device)
+    print(f"protokernels-bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
+          f"CUDA {env['cuda']}, {env['date']}")
+    if device.type == "cpu":
+        print("No GPU: running on the CPU, slowly; roofline fractions refer to an H100 and mean "
+              "little here. Pass --quick for small sizes.")
+    print(f"{'op':<8} {'case':<8} {'mode':<8} {'implementation':<22} {'median':>9} [p20, p80]"
+          f"        peak extra  roofline", flush=True)
+    rows = run(args.op or OPS, args.quick, args.backend or protokernels._backend.BACKENDS,
+               not args.no_compile, device, args.repeats,
+               log=lambda line: print(line, flush=True))
+    os.makedirs(args.out, exist_ok=True)
+    rows = [{**env, **row} for row in rows]
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} rows to {args.out}/results.csv and results.json")
+    return 1 if any(row["error"] for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Sweep the Triton sqdist kernels' launch configs at the spec's size (B8 N4096 M4096 D128) on a
+GPU and print the fastest per case: the evidence behind forward_config() / grad_config().
+
+    python scripts/tune_triton.py [--budget SECONDS]
+"""
+import argparse
+import itertools
+import time
+
+import torch
+import triton.testing
+
+from protokernels.triton_kernels import sqdist as kernels
+
+FORWARD = [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, STREAM_STORES=cs)
+           for (bn, bm), bd, w, st, cs in itertools.product(
+               [(128, 128), (128, 256), (256, 128), (64, 256)], [32, 64], [4, 8], [3, 4],
+               [False, True])]
+GRAD = [dict(BLOCK_R=br, BLOCK_S=bs, BLOCK_D=bd, num_warps=w, num_stages=st, TRANSPOSE_B=tb)
+        for br, bs, bd, w, st, tb in itertools.product([64, 128], [32, 64, 128], [128], [4, 8],
+                                                       [2, 3], [False, True])]
+
+
+def sweep(name, run, configs, deadline, top=5):
+    results = []
+    for config in configs:
+        if time.time() > deadline:
+            print(f"  {name}: time budget spent after {len(results)} configs")
+            break
+        try:
+            run(config)
+            ms = triton.testing.do_bench(lambda: run(config), warmup=10, rep=40)
+        except Exception as err:  # out of shared memory / registers: not a candidate
+            print(f"  {name} {config}: {type(err).__name__}")
+            continue
+        results.append((ms, config))
+    results.sort(key=lambda r: r[0])
+    for ms, config in results[:top]:
+        print(f"{name:<24} {ms:8.4f} ms  {config}", flush=True)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=float, default=420, help="seconds for the whole sweep")
+    args = parser.parse_args()
+    deadline = time.time() + args.budget
+    b, n, m, d = 8, 4096, 4096, 128
+    for dtype, precision in [(torch.float32, "tf32"), (torch.float32, "tf32x3"),
+                             (torch.bfloat16, "ieee")]:
+        x = torch.randn(b, n, d, device="cuda", dtype=dtype)
+        y = torch.randn(b, m, d, device="cuda", dtype=dtype)
+        g = torch.randn(b, n, m, device="cuda", dtype=dtype)
+        default = kernels.forward_config(n, m, d, dtype, precision)
+        print(f"default forward {precision} {dtype}: {triton.testing.do_bench(lambda: kernels.sqdist(x, y, precision)):.4f} ms {default}")
+        share = (deadline - time.time()) / 4
+        sweep(f"forward {precision} {str(dtype)[6:]}", lambda c: kernels.sqdist(x, y, precision, c),
+              FORWARD, time.time() + share)
+        if precision == "tf32x3":
+            continue
+        for transpose, (a, bb) in [(False, (x, y)), (True, (y, x))]:
+            sweep(f"grad T={transpose} {precision} {str(dtype)[6:]}",
+                  lambda c: kernels.sqdist_grad(g, a, bb, transpose, precision, c), GRAD,
+                  time.time() + share / 2)
+
+
+if __name__ == "__main__":
+    main()
