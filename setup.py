@@ -61,10 +61,20 @@ def _gencode_flags(arch_list: str, nvcc: tuple[int, int]) -> tuple[list[str], li
     return flags, kept
 
 
+def _find_cuda_home() -> None:
+    """Point torch at a whole toolkit: its own guess (the folder above the first `nvcc` on PATH)
+    fails where that nvcc is a wrapper, e.g. /usr/local/bin/nvcc, and then -lcudart is not found."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _extension():
     """(ext_modules, cmdclass, local version) for the CUDA extension, or the reason to skip it."""
     if os.environ.get("PROTOKERNELS_SKIP_CUDA") == "1":
         return "PROTOKERNELS_SKIP_CUDA=1"
+    _find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -112,7 +122,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     install_requires=["torch>=2.10", "triton>=3.6; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest", "numpy"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "numpy"]},
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     ext_modules=ext_modules,

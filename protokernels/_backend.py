@@ -214,8 +214,15 @@ def resolve_precision(op: str, precision: str | None, dtype: torch.dtype) -> str
     if dtype != torch.float32:
         return "ieee"
     if precision is None:
-        return _FROM_MATMUL_PRECISION[torch.get_float32_matmul_precision()]
+        return _FROM_MATMUL_PRECISION[_matmul_precision()]
     return precision
+
+
+@torch.compiler.assume_constant_result
+def _matmul_precision() -> str:
+    # Dynamo cannot trace this getter; under torch.compile precision=None is therefore fixed when
+    # the graph is traced (pass precision= to pin it explicitly).
+    return torch.get_float32_matmul_precision()
 
 
 @contextlib.contextmanager

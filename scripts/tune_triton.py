@@ -14,7 +14,7 @@ from protokernels.triton_kernels import sqdist as kernels
 
 FORWARD = [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, STREAM_STORES=cs)
            for (bn, bm), bd, w, st, cs in itertools.product(
-               [(128, 128), (128, 256), (256, 128), (64, 256)], [32, 64], [4, 8], [3, 4],
+               [(128, 128), (128, 256), (256, 128), (64, 256)], [16, 32, 64], [4, 8], [2, 3, 4],
                [False, True])]
 GRAD = [dict(BLOCK_R=br, BLOCK_S=bs, BLOCK_D=bd, num_warps=w, num_stages=st, TRANSPOSE_B=tb)
         for br, bs, bd, w, st, tb in itertools.product([64, 128], [32, 64, 128], [128], [4, 8],
@@ -43,17 +43,23 @@ def sweep(name, run, configs, deadline, top=5):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=420, help="seconds for the whole sweep")
+    parser.add_argument("--case", action="append", choices=["tf32", "tf32x3", "bf16"],
+                        help="cases to sweep (repeatable; default: all)")
     args = parser.parse_args()
+    cases = args.case or ["tf32", "tf32x3", "bf16"]
     deadline = time.time() + args.budget
     b, n, m, d = 8, 4096, 4096, 128
-    for dtype, precision in [(torch.float32, "tf32"), (torch.float32, "tf32x3"),
-                             (torch.bfloat16, "ieee")]:
+    for case, dtype, precision in [("tf32", torch.float32, "tf32"),
+                                   ("tf32x3", torch.float32, "tf32x3"),
+                                   ("bf16", torch.bfloat16, "ieee")]:
+        if case not in cases:
+            continue
         x = torch.randn(b, n, d, device="cuda", dtype=dtype)
         y = torch.randn(b, m, d, device="cuda", dtype=dtype)
         g = torch.randn(b, n, m, device="cuda", dtype=dtype)
-        default = kernels.forward_config(n, m, d, dtype, precision)
+        default = kernels.forward_config(n, m, d, dtype)
         print(f"default forward {precision} {dtype}: {triton.testing.do_bench(lambda: kernels.sqdist(x, y, precision)):.4f} ms {default}")
-        share = (deadline - time.time()) / 4
+        share = (deadline - time.time()) / (1 if precision == "tf32x3" else 2)
         sweep(f"forward {precision} {str(dtype)[6:]}", lambda c: kernels.sqdist(x, y, precision, c),
               FORWARD, time.time() + share)
         if precision == "tf32x3":

@@ -128,19 +128,54 @@ def _split_tf32(t: torch.Tensor):
     return hi, t - hi
 
 
-def forward_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
-    """Tile shape and launch parameters of the forward kernel (scripts/tune_triton.py sweeps them)."""
-    block_n, block_m = _block(n, 128), _block(m, 128)
-    # BLOCK_D: 32 float32 / 64 half values per row keeps each stage's tiles at 16 KB.
-    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=_block(d, 128 // dtype.itemsize),
-                num_warps=8 if block_n * block_m >= 128 * 128 else 4, num_stages=3,
-                STREAM_STORES=False)
+# Launch configs by operand type, the fastest of scripts/tune_triton.py on the H100 at the spec's
+# size (benchmarks/RESULTS.md, "Triton config sweep"). float64 keeps small tiles: its accumulators
+# take twice the registers and DMMA is slow anyway.
+_FORWARD = {
+    # 0.317 ms tf32 (0.420 with 128x128 tiles); streaming stores: -2% on the 537 MB output.
+    torch.float32: dict(BLOCK_N=128, BLOCK_M=256, BLOCK_D=32, num_warps=8, num_stages=3,
+                        STREAM_STORES=True),
+    # 0.207 ms bf16 (0.260 with BLOCK_D 64).
+    torch.float16: dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=32, num_warps=8, num_stages=3,
+                        STREAM_STORES=False),
+    torch.float64: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16, num_warps=4, num_stages=2,
+                        STREAM_STORES=False),
+}
+_FORWARD[torch.bfloat16] = _FORWARD[torch.float16]
+# (dtype, transpose) -> config. gx (transpose False) 0.252 ms tf32 with the K-major B copy
+# (~1 ms without); gy 0.559 ms: float32 G must be transposed in registers there.
+_GRAD = {
+    (torch.float32, False): dict(BLOCK_R=128, BLOCK_S=64, BLOCK_D=128, num_warps=4, num_stages=2,
+                                 TRANSPOSE_B=True),
+    (torch.float32, True): dict(BLOCK_R=64, BLOCK_S=64, BLOCK_D=128, num_warps=4, num_stages=2,
+                                TRANSPOSE_B=True),
+    (torch.float16, False): dict(BLOCK_R=128, BLOCK_S=64, BLOCK_D=128, num_warps=8, num_stages=3,
+                                 TRANSPOSE_B=False),
+    (torch.float16, True): dict(BLOCK_R=128, BLOCK_S=128, BLOCK_D=128, num_warps=4, num_stages=2,
+                                TRANSPOSE_B=False),
+}
+for _transpose in (False, True):
+    _GRAD[torch.bfloat16, _transpose] = _GRAD[torch.float16, _transpose]
+    _GRAD[torch.float64, _transpose] = dict(BLOCK_R=64, BLOCK_S=32, BLOCK_D=64, num_warps=4,
+                                            num_stages=2, TRANSPOSE_B=False)
 
 
-def grad_config(r: int, s: int, d: int, dtype: torch.dtype, precision: str) -> dict:
-    """Tile shape and launch parameters of the gradient kernel."""
-    return dict(BLOCK_R=_block(r, 64), BLOCK_S=_block(s, 64), BLOCK_D=_block(d, 128),
-                num_warps=4, num_stages=3, TRANSPOSE_B=False)
+def forward_config(n: int, m: int, d: int, dtype: torch.dtype) -> dict:
+    """The forward kernel's launch config, its tiles shrunk to fit small problems."""
+    config = dict(_FORWARD[dtype])
+    config["BLOCK_N"] = _block(n, config["BLOCK_N"])
+    config["BLOCK_M"] = _block(m, config["BLOCK_M"])
+    config["BLOCK_D"] = _block(d, config["BLOCK_D"])
+    return config
+
+
+def grad_config(r: int, s: int, d: int, dtype: torch.dtype, transpose: bool) -> dict:
+    """The gradient kernel's launch config, its tiles shrunk to fit small problems."""
+    config = dict(_GRAD[dtype, transpose])
+    config["BLOCK_R"] = _block(r, config["BLOCK_R"])
+    config["BLOCK_S"] = _block(s, config["BLOCK_S"])
+    config["BLOCK_D"] = _block(d, config["BLOCK_D"])
+    return config
 
 
 def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str, config: dict | None = None
@@ -149,7 +184,7 @@ def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str, config: dict | None
     batch, n, d = x.shape
     m = y.shape[1]
     out = x.new_empty((batch, n, m))
-    config = config or forward_config(n, m, d, x.dtype, precision)
+    config = config or forward_config(n, m, d, x.dtype)
     tiles_n = triton.cdiv(n, config["BLOCK_N"])
     tiles_m = triton.cdiv(m, config["BLOCK_M"])
     split = precision == "tf32x3" and x.dtype == torch.float32
@@ -175,7 +210,7 @@ def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose:
     batch, r, s = g.shape
     d = a.shape[-1]
     out = a.new_empty(a.shape)
-    config = dict(config or grad_config(r, s, d, a.dtype, precision))
+    config = dict(config or grad_config(r, s, d, a.dtype, transpose))
     if config.pop("TRANSPOSE_B"):
         # A (S, D)-sized copy with S contiguous: the product's B operand is then K-major, which
         # float32 wgmma requires (half types can transpose in shared memory).

@@ -90,7 +90,7 @@ def sqdist(x: Tensor, y: Tensor, *, precision: str | None = None) -> Tensor:
     (..., N, M) in the inputs' dtype: ||x||^2 - 2 x.y + ||y||^2 in one fused kernel, clamped at 0.
     float16/bfloat16 accumulate in float32. `precision` ("ieee", "tf32x3", "tf32") sets how
     float32 products are computed; None follows torch.get_float32_matmul_precision() ("highest":
-    within 1e-5 relative of float64, "high"/"medium": TF32).
+    within 1e-5 relative of float64, "high"/"medium": TF32), read when torch.compile traces.
     Differentiable w.r.t. x and y: gx = 2 (rowsum(g) x - g y), gy = 2 (colsum(g) y - g^T x).
     """
     _validate.floating("sqdist", x=x, y=y)
