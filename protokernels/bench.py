@@ -83,6 +83,12 @@ def _environment(device):
 def run(ops, quick, backends, compile_naive, device, repeats, log=print):
     rows = []
     statuses = protokernels.available_backends()
+    runnable = []
+    for name in backends:
+        if statuses[name].available and (device.type == "cuda" or name != "cuda"):
+            runnable.append(name)
+        else:
+            log(f"skipping backend {name}: {statuses[name].detail}")
     for op in ops:
         cases = importlib.import_module(f"protokernels.benchmarks.{op}")
         for case, matmul_precision, dtype, sizes in cases.cases(quick):
@@ -92,11 +98,7 @@ def run(ops, quick, backends, compile_naive, device, repeats, log=print):
             runners = [("naive eager", "reference", cases.naive)]
             if compile_naive:
                 runners.append(("naive compiled", "reference", torch.compile(cases.naive)))
-            for name in backends:
-                if statuses[name].available and (device.type == "cuda" or name != "cuda"):
-                    runners.append((f"protokernels {name}", name, cases.fused))
-                else:
-                    log(f"  skip {name}: {statuses[name].detail}")
+            runners += [(f"protokernels {name}", name, cases.fused) for name in runnable]
             for mode in ("fwd", "fwd+bwd"):
                 backward = mode == "fwd+bwd"
                 xs, ys = (x.detach().requires_grad_(backward), y.detach().requires_grad_(backward))
