@@ -57,7 +57,7 @@ def main():
         x = torch.randn(b, n, d, device="cuda", dtype=dtype)
         y = torch.randn(b, m, d, device="cuda", dtype=dtype)
         g = torch.randn(b, n, m, device="cuda", dtype=dtype)
-        default = kernels.forward_config(n, m, d, dtype)
+        default = kernels.forward_config(n, m, d, dtype, precision)
         print(f"default forward {precision} {dtype}: {triton.testing.do_bench(lambda: kernels.sqdist(x, y, precision)):.4f} ms {default}")
         share = (deadline - time.time()) / (1 if precision == "tf32x3" else 2)
         sweep(f"forward {precision} {str(dtype)[6:]}", lambda c: kernels.sqdist(x, y, precision, c),

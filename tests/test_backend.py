@@ -9,7 +9,7 @@ import torch
 
 import protokernels
 from protokernels import _backend
-from conftest import HAS_GPU
+from conftest import DEVICE, HAS_GPU
 
 
 def test_available_backends_reports_every_backend_with_a_reason():
@@ -120,7 +120,7 @@ def test_backend_choice_is_guarded_under_compile():
 
     compiled = torch.compile(lambda x, y: protokernels.sqdist(x, y), fullgraph=True,
                              backend="aot_eager")
-    x, y = torch.randn(5, 3), torch.randn(4, 3)
+    x, y = torch.randn(5, 3, device=DEVICE), torch.randn(4, 3, device=DEVICE)
     try:
         _backend.kernel = spy
         with protokernels.use_backend("reference"):

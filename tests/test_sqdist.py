@@ -22,6 +22,12 @@ DTYPES = [(torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "t
           (torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float64, "ieee")]
 
 
+def term_scale(x, y):
+    """||x_i||^2 + ||y_j||^2: the size of the terms the expanded formula adds before cancelling."""
+    x, y = x.double(), y.double()
+    return x.square().sum(-1).unsqueeze(-1) + y.square().sum(-1).unsqueeze(-2)
+
+
 @pytest.mark.parametrize("dtype,precision", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_float64(backend, shape, dtype, precision):
@@ -29,7 +35,14 @@ def test_matches_float64(backend, shape, dtype, precision):
     x, y = randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype)
     out = protokernels.sqdist(x, y, precision=precision)
     assert out.dtype == dtype and out.shape == (batch, n, m)
-    assert relative_error(out, truth(x, y)) <= tolerance(dtype, precision)
+    ref = truth(x, y)
+    if precision == "tf32":
+        # TF32 rounds each product to ~1e-3 of the *terms*; where they cancel (a 1-element case,
+        # seen on the H100: 0.025 - 0.021 = 0.004 came out 0.5% off) the bound is on them.
+        error = (out.double() - ref).norm() / term_scale(x, y).norm()
+        assert error <= tolerance(dtype, precision)
+    else:
+        assert relative_error(out, ref) <= tolerance(dtype, precision)
     assert (out >= 0).all()
 
 
