@@ -16,16 +16,31 @@ namespace {
 
 enum class Epilogue { kDistance, kGradient };
 
+// A batch of strided matrices: element (b, r, c) at data[b * batch + r * row + c * col].
+template <typename T>
+struct Matrix {
+  T* data;
+  int64_t batch, row, col;
+};
+
+// Dimensions row_dim and col_dim of a 3-D tensor (dimension 0 is the batch), read in place.
+template <typename T>
+Matrix<const T> input(const Tensor& t, int row_dim, int col_dim) {
+  return {static_cast<const T*>(t.const_data_ptr()), t.stride(0), t.stride(row_dim),
+          t.stride(col_dim)};
+}
+
+template <typename T>
+Matrix<T> output(const Tensor& t) {
+  return {static_cast<T*>(t.mutable_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
 template <typename T>
 struct GemmArgs {
-  const T* a;  // (batch, rows, depth)
-  int64_t a_batch, a_row, a_k;
-  const T* b;  // (batch, cols, depth)
-  int64_t b_batch, b_row, b_k;
-  const T* e;  // gradient epilogue operand (batch, rows, cols)
-  int64_t e_batch, e_row, e_col;
-  T* out;  // (batch, rows, cols)
-  int64_t o_batch, o_row, o_col;
+  Matrix<const T> a;  // (batch, rows, depth)
+  Matrix<const T> b;  // (batch, cols, depth)
+  Matrix<const T> e;  // gradient epilogue operand (batch, rows, cols)
+  Matrix<T> out;      // (batch, rows, cols)
   int64_t rows, cols, depth, tiles_r, tiles_c;
 };
 
@@ -205,18 +220,18 @@ __global__ void __launch_bounds__(Tile::kThreads) sqdist_tile_kernel(const GemmA
   const int64_t batch = pid / (args.tiles_r * args.tiles_c);
   const int64_t tile = pid % (args.tiles_r * args.tiles_c);
   const int64_t row0 = tile % args.tiles_r * Tile::kRows, col0 = tile / args.tiles_r * Tile::kCols;
-  const T* a = args.a + batch * args.a_batch;
-  const T* b = args.b + batch * args.b_batch;
+  const T* a = args.a.data + batch * args.a.batch;
+  const T* b = args.b.data + batch * args.b.batch;
 
   typename ProductFor<T, Tile, P>::type product;
   // Threads [0, kRows) keep their A row's statistic (|a|^2 or rowsum), the next kCols B's |b|^2.
   Acc stat = 0;
   const int t = threadIdx.x;
   for (int64_t k0 = 0; k0 < args.depth; k0 += Tile::kDepth) {
-    load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.a, a, args.a_row,
-                                                         args.a_k, args.rows, args.depth, row0, k0);
-    load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.b, b, args.b_row,
-                                                         args.b_k, args.cols, args.depth, col0, k0);
+    load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.a, a, args.a.row,
+                                                         args.a.col, args.rows, args.depth, row0, k0);
+    load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.b, b, args.b.row,
+                                                         args.b.col, args.cols, args.depth, col0, k0);
     __syncthreads();
     if (t < Tile::kRows) {
 #pragma unroll
@@ -249,10 +264,10 @@ __global__ void __launch_bounds__(Tile::kThreads) sqdist_tile_kernel(const GemmA
       value = smem.row_stat[r] + smem.col_stat[c] - Acc(2) * smem.tiles.c[r][c];
       value = value < Acc(0) ? Acc(0) : value;  // keeps NaN
     } else {
-      const Acc e = widen(args.e[batch * args.e_batch + gr * args.e_row + gc * args.e_col]);
+      const Acc e = widen(args.e.data[batch * args.e.batch + gr * args.e.row + gc * args.e.col]);
       value = Acc(2) * (smem.row_stat[r] * e - smem.tiles.c[r][c]);
     }
-    args.out[batch * args.o_batch + gr * args.o_row + gc * args.o_col] = narrow<T>(value);
+    args.out.data[batch * args.out.batch + gr * args.out.row + gc * args.out.col] = narrow<T>(value);
   }
 }
 
@@ -261,8 +276,10 @@ void launch_tiles(GemmArgs<T> args, int64_t batch, cudaStream_t stream) {
   args.tiles_r = (args.rows + Tile::kRows - 1) / Tile::kRows;
   args.tiles_c = (args.cols + Tile::kCols - 1) / Tile::kCols;
   const int64_t programs = batch * args.tiles_r * args.tiles_c;
-  PK_CHECK(programs < (int64_t{1} << 31), "sqdist", "too many tiles (", programs, ") for one launch");
-  sqdist_tile_kernel<T, Tile, P, E><<<static_cast<unsigned>(programs), Tile::kThreads, 0, stream>>>(args);
+  PK_CHECK(programs < (int64_t{1} << 31), "sqdist", "too many tiles (", programs,
+           ") for one launch");
+  sqdist_tile_kernel<T, Tile, P, E>
+      <<<static_cast<unsigned>(programs), Tile::kThreads, 0, stream>>>(args);
   PK_CHECK_LAUNCH();
 }
 
@@ -301,14 +318,8 @@ Tensor sqdist_cuda(Tensor x, Tensor y, std::string precision) {
   if (out.numel() == 0) return out;
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    GemmArgs<T> args{};
-    args.a = static_cast<const T*>(x.const_data_ptr());
-    args.a_batch = x.stride(0), args.a_row = x.stride(1), args.a_k = x.stride(2);
-    args.b = static_cast<const T*>(y.const_data_ptr());
-    args.b_batch = y.stride(0), args.b_row = y.stride(1), args.b_k = y.stride(2);
-    args.out = static_cast<T*>(out.mutable_data_ptr());
-    args.o_batch = out.stride(0), args.o_row = out.stride(1), args.o_col = out.stride(2);
-    args.rows = x.size(1), args.cols = y.size(1), args.depth = x.size(2);
+    GemmArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), {}, output<T>(out),
+                     x.size(1), y.size(1), x.size(2)};
     launch<Epilogue::kDistance>(args, x.size(0), p, current_stream(x));
   });
   return out;
@@ -335,17 +346,9 @@ Tensor sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, bool transpose, std::st
   if (out.numel() == 0) return out;
   dispatch_floating(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    GemmArgs<T> args{};
     // A = G (R x S); B = b^T (D x S): element (d, s) is b[s, d]; the epilogue reads a (R x D).
-    args.a = static_cast<const T*>(grad.const_data_ptr());
-    args.a_batch = grad.stride(0), args.a_row = grad.stride(rows_dim), args.a_k = grad.stride(inner_dim);
-    args.b = static_cast<const T*>(b.const_data_ptr());
-    args.b_batch = b.stride(0), args.b_row = b.stride(2), args.b_k = b.stride(1);
-    args.e = static_cast<const T*>(a.const_data_ptr());
-    args.e_batch = a.stride(0), args.e_row = a.stride(1), args.e_col = a.stride(2);
-    args.out = static_cast<T*>(out.mutable_data_ptr());
-    args.o_batch = out.stride(0), args.o_row = out.stride(1), args.o_col = out.stride(2);
-    args.rows = a.size(1), args.cols = a.size(2), args.depth = b.size(1);
+    GemmArgs<T> args{input<T>(grad, rows_dim, inner_dim), input<T>(b, 2, 1), input<T>(a, 1, 2),
+                     output<T>(out), a.size(1), a.size(2), b.size(1)};
     launch<Epilogue::kGradient>(args, a.size(0), p, current_stream(a));
   });
   return out;
