@@ -61,11 +61,11 @@ def _peak_extra_bytes(fn, device):
     return torch.cuda.max_memory_allocated() - base
 
 
-def _precision_key(dtype, matmul_precision):
+def _roofline_precision(dtype):
+    """The PEAK_FLOPS entry the fused op runs at, under the matmul precision set for the case."""
     if dtype in (torch.float16, torch.bfloat16):
         return "half"
-    return protokernels._backend.resolve_precision("bench", None, dtype) if dtype == torch.float32 \
-        else "ieee"
+    return protokernels._backend.resolve_precision("bench", None, dtype)
 
 
 def _environment(device):
@@ -94,7 +94,7 @@ def run(ops, quick, backends, compile_naive, device, repeats, log=print):
         for case, matmul_precision, dtype, sizes in cases.cases(quick):
             torch.set_float32_matmul_precision(matmul_precision)
             x, y = cases.make_inputs(sizes, dtype, device)
-            precision = _precision_key(dtype, matmul_precision)
+            precision = _roofline_precision(dtype)
             runners = [("naive eager", "reference", cases.naive)]
             if compile_naive:
                 runners.append(("naive compiled", "reference", torch.compile(cases.naive)))

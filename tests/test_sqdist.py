@@ -71,18 +71,19 @@ def test_non_contiguous_and_expanded_inputs(backend):
     assert relative_error(yg.grad, yr.grad) <= 1e-5
 
 
-@pytest.mark.parametrize("shape,expected", [((0, 3, 4), (0, 5)), ((3, 0, 4), (3, 0, 5)),
-                                            ((2, 3, 0), (2, 3, 5))], ids=str)
-def test_empty_inputs(backend, shape, expected):
-    x = randn(*shape)
-    y = randn(*shape[:-2], 5, shape[-1]) if len(shape) == 3 else randn(5, shape[-1])
-    if shape == (0, 3, 4):  # N = 0
-        x, y = randn(0, 4), randn(5, 4)
+@pytest.mark.parametrize("x_shape,y_shape,expected", [
+    ((0, 4), (5, 4), (0, 5)),            # N = 0
+    ((3, 4), (0, 4), (3, 0)),            # M = 0
+    ((0, 3, 4), (0, 5, 4), (0, 3, 5)),   # empty batch
+    ((2, 3, 0), (2, 5, 0), (2, 3, 5)),   # D = 0: every distance is 0
+], ids=str)
+def test_empty_inputs(backend, x_shape, y_shape, expected):
+    x, y = randn(*x_shape).requires_grad_(), randn(*y_shape).requires_grad_()
     out = protokernels.sqdist(x, y)
-    assert out.shape == expected
-    if out.numel():  # D = 0: every distance is 0
-        assert (out == 0).all()
-    assert protokernels.sqdist(randn(3, 4), randn(0, 4)).shape == (3, 0)
+    assert out.shape == expected and (out == 0).all()
+    out.sum().backward()
+    assert x.grad.shape == x.shape and (x.grad == 0).all()
+    assert y.grad.shape == y.shape and (y.grad == 0).all()
 
 
 def test_nan_propagates(backend):
@@ -213,3 +214,19 @@ def test_more_than_2_to_the_31_outputs(backend):
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device=DEVICE)
     assert relative_error(out[rows], truth(x[rows], y)) <= 1e-2
     assert relative_error(out[:, -3:], truth(x, y[-3:])) <= 1e-2
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_transposed_input_with_strides_past_2_to_the_31(backend):
+    if backend == "reference":
+        pytest.skip("torch indexing is 64-bit throughout")
+    n = 17_000_000  # x's feature stride is n: column 127 sits 2.16e9 elements in (4.4 GB)
+    x = randn(128, n, dtype=torch.float16).t()
+    y = randn(16, 128, dtype=torch.float16)
+    out = protokernels.sqdist(x, y)
+    rows = torch.tensor([0, 1, n // 2, n - 1], device=DEVICE)
+    assert relative_error(out[rows], truth(x[rows], y)) <= 1e-2
+    g = randn(n, 16, dtype=torch.float16)
+    grad_y = torch.ops.protokernels.sqdist_grad(g[None], y[None], x[None], True, "ieee", backend)
+    ref_y = 2 * (g.double().sum(0)[:, None] * y.double() - g.double().T @ x.double())
+    assert relative_error(grad_y[0], ref_y) <= 1e-2

@@ -52,9 +52,10 @@ def _sqdist_kernel(X, Y, X_LO, Y_LO, OUT, N, M, D, tiles_n, tiles_m,
     rows_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    # 64-bit offsets: B*N*D, B*M*D and B*N*M may each pass 2**31.
-    x_offsets = b * sx_b + rows_n.to(tl.int64)[:, None] * sx_n + cols[None, :] * sx_d
-    y_offsets = b * sy_b + rows_m.to(tl.int64)[:, None] * sy_m + cols[None, :] * sy_d
+    # 64-bit offsets: B*N*D, B*M*D and B*N*M may each pass 2**31, and so may column * stride of
+    # a transposed input.
+    x_offsets = b * sx_b + rows_n.to(tl.int64)[:, None] * sx_n + cols.to(tl.int64)[None, :] * sx_d
+    y_offsets = b * sy_b + rows_m.to(tl.int64)[:, None] * sy_m + cols.to(tl.int64)[None, :] * sy_d
     acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
     x_norm = tl.zeros((BLOCK_N,), ACC)
     y_norm = tl.zeros((BLOCK_M,), ACC)
@@ -80,7 +81,8 @@ def _sqdist_kernel(X, Y, X_LO, Y_LO, OUT, N, M, D, tiles_n, tiles_m,
         y_offsets += BLOCK_D * sy_d
     dist = x_norm[:, None] + y_norm[None, :] - 2.0 * acc
     dist = tl.where(dist < 0.0, 0.0, dist)  # keeps NaN, unlike tl.maximum
-    out_ptrs = OUT + b * so_b + rows_n.to(tl.int64)[:, None] * so_n + rows_m[None, :] * so_m
+    out_ptrs = (OUT + b * so_b + rows_n.to(tl.int64)[:, None] * so_n
+                + rows_m.to(tl.int64)[None, :] * so_m)
     mask = (rows_n[:, None] < N) & (rows_m[None, :] < M)
     if STREAM_STORES:  # the (N, M) output is not read again: keep x and y tiles in L2 instead
         tl.store(out_ptrs, dist.to(OUT.dtype.element_ty), mask=mask, cache_modifier=".cs")
@@ -100,8 +102,9 @@ def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
     rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
     inner = tl.arange(0, BLOCK_S)
-    g_ptrs = G + b * sg_b + rows.to(tl.int64)[:, None] * sg_r + inner[None, :].to(tl.int64) * sg_s
-    b_ptrs = B + b * sb_b + inner.to(tl.int64)[:, None] * sb_s + cols[None, :] * sb_d
+    rows64, cols64, inner64 = rows.to(tl.int64), cols.to(tl.int64), inner.to(tl.int64)
+    g_ptrs = G + b * sg_b + rows64[:, None] * sg_r + inner64[None, :] * sg_s
+    b_ptrs = B + b * sb_b + inner64[:, None] * sb_s + cols64[None, :] * sb_d
     acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
     row_sum = tl.zeros((BLOCK_R,), ACC)
     for s0 in range(0, S, BLOCK_S):
@@ -113,10 +116,10 @@ def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
         g_ptrs += BLOCK_S * sg_s
         b_ptrs += BLOCK_S * sb_s
     mask = (rows[:, None] < R) & (cols[None, :] < D)
-    a = tl.load(A + b * sa_b + rows.to(tl.int64)[:, None] * sa_r + cols[None, :] * sa_d,
-                mask=mask, other=0.0)
+    a = tl.load(A + b * sa_b + rows64[:, None] * sa_r + cols64[None, :] * sa_d, mask=mask,
+                other=0.0)
     grad = 2.0 * (row_sum[:, None] * a.to(ACC) - acc)
-    tl.store(OUT + b * so_b + rows.to(tl.int64)[:, None] * so_r + cols[None, :] * so_d,
+    tl.store(OUT + b * so_b + rows64[:, None] * so_r + cols64[None, :] * so_d,
              grad.to(OUT.dtype.element_ty), mask=mask)
 
 

@@ -21,7 +21,7 @@ def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
     m = y.shape[1]
     out = x.new_empty((batch, n, m))
     acc = _accumulate_dtype(x.dtype)
-    size = torch.tensor([], dtype=acc).element_size()
+    size = acc.itemsize
     # Per tile: x and y rows upcast, their norms, the product and the distance tile.
     tile = tile_sizes({"b": batch, "n": n, "m": m},
                       lambda b, n, m: size * b * ((n + m) * (d + 1) + 2 * n * m))
@@ -49,7 +49,7 @@ def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose:
     d = a.shape[-1]
     out = a.new_empty(a.shape)
     acc = _accumulate_dtype(a.dtype)
-    size = torch.tensor([], dtype=acc).element_size()
+    size = acc.itemsize
     tile = tile_sizes({"b": batch, "r": r, "s": s},
                       lambda b, r, s: size * b * (2 * r * (d + 1) + s * (d + r)))
     with matmul_precision(precision):
