@@ -128,10 +128,20 @@ def _block(extent: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(extent)))
 
 
+def _per_distinct_element(function, t: torch.Tensor):
+    """Apply an elementwise `function` (tensor -> tensors) once per distinct element of t: a
+    broadcast (stride-0) dimension stays broadcast instead of being materialized, which for x (N, D)
+    against y (B, M, D) would cost B copies of x."""
+    distinct = t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+    return tuple(part.expand(t.shape) for part in function(distinct))
+
+
 def _split_tf32(t: torch.Tensor):
     """t = hi + lo exactly, hi with TF32's 10 mantissa bits (truncated), lo the remainder."""
-    hi = (t.view(torch.int32) & -8192).view(torch.float32)
-    return hi, t - hi
+    def split(u):
+        hi = (u.view(torch.int32) & -8192).view(torch.float32)
+        return hi, u - hi
+    return _per_distinct_element(split, t)
 
 
 # Launch configs by operand type, the fastest of scripts/tune_triton.py on the H100 at the spec's
@@ -225,7 +235,7 @@ def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose:
     if config.pop("TRANSPOSE_B"):
         # A (S, D)-sized copy with S contiguous: the product's B operand is then K-major, which
         # float32 wgmma requires (half types can transpose in shared memory).
-        b = b.mT.contiguous().mT
+        (b,) = _per_distinct_element(lambda u: (u.mT.contiguous().mT,), b)
     tiles_r, tiles_d = triton.cdiv(r, config["BLOCK_R"]), triton.cdiv(d, config["BLOCK_D"])
     _sqdist_grad_kernel[(batch * tiles_r * tiles_d,)](
         g, a, b, out, r, s, d, tiles_r, tiles_d, *g.stride(), *a.stride(), *b.stride(),
