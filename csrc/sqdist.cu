@@ -7,33 +7,14 @@
 //   gradient: A = G (grad or grad^T), B = b^T, K = S;  out = 2 (rowsum(G)_r e_rc - P), e = a
 // Products: WMMA tensor cores for half types and float32 "tf32"/"tf32x3" (3 TF32 products of the
 // split hi + lo operands, ~1e-6 relative), FFMA for float32 "ieee" and float64.
-#include <mma.h>
-
-#include "common.h"
+#include "tile_product.cuh"
 
 namespace protokernels {
 namespace {
 
+using namespace tile;
+
 enum class Epilogue { kDistance, kGradient };
-
-// A batch of strided matrices: element (b, r, c) at data[b * batch + r * row + c * col].
-template <typename T>
-struct Matrix {
-  T* data;
-  int64_t batch, row, col;
-};
-
-// Dimensions row_dim and col_dim of a 3-D tensor (dimension 0 is the batch), read in place.
-template <typename T>
-Matrix<const T> input(const Tensor& t, int row_dim, int col_dim) {
-  return {static_cast<const T*>(t.const_data_ptr()), t.stride(0), t.stride(row_dim),
-          t.stride(col_dim)};
-}
-
-template <typename T>
-Matrix<T> output(const Tensor& t) {
-  return {static_cast<T*>(t.mutable_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
-}
 
 template <typename T>
 struct GemmArgs {
@@ -42,170 +23,6 @@ struct GemmArgs {
   Matrix<const T> e;  // gradient epilogue operand (batch, rows, cols)
   Matrix<T> out;      // (batch, rows, cols)
   int64_t rows, cols, depth, tiles_r, tiles_c;
-};
-
-// Tile shapes. Shared-memory tiles are stored k-major ([depth][rows]) so that the per-row
-// statistic reads consecutive rows across a warp (no bank conflicts) and WMMA loads them as
-// col-major A / row-major B^T; rows are padded by 16 bytes, the WMMA ldm alignment.
-struct FmaTile {
-  static constexpr int kRows = 64, kCols = 64, kDepth = 16, kThreads = 256;
-};
-struct MmaTile {
-  static constexpr int kRows = 128, kCols = 64, kDepth = 32, kThreads = 256;
-  static constexpr int kWarpRows = 32, kWarpCols = 32;  // 8 warps as 4 x 2
-};
-
-template <typename T, typename Tile>
-struct Smem {
-  using Acc = typename Accumulate<T>::type;
-  static constexpr int kPad = 16 / sizeof(T);
-  static constexpr int kLdA = Tile::kRows + kPad, kLdB = Tile::kCols + kPad;
-  static constexpr int kLdC = Tile::kCols + 16 / sizeof(Acc);
-  struct Operands {
-    T a[Tile::kDepth][kLdA];
-    T b[Tile::kDepth][kLdB];
-  };
-  // The operand tiles are dead once the product is in registers: the result tile reuses them.
-  union alignas(32) Tiles {
-    Operands operands;
-    Acc c[Tile::kRows][kLdC];
-  };
-  Tiles tiles;
-  Acc row_stat[Tile::kRows];
-  Acc col_stat[Tile::kCols];
-};
-
-// Copies the (ROWS x kDepth) tile at (row0, k0) of an operand into k-major shared memory,
-// zero-filling outside the matrix. Threads walk the operand's contiguous dimension for coalescing.
-template <int ROWS, int DEPTH, int THREADS, typename T, int LD>
-__device__ __forceinline__ void load_tile(T (*dst)[LD], const T* src, int64_t row_stride,
-                                          int64_t k_stride, int64_t rows, int64_t depth,
-                                          int64_t row0, int64_t k0) {
-  const bool k_contiguous = k_stride == 1;
-  for (int i = threadIdx.x; i < ROWS * DEPTH; i += THREADS) {
-    const int r = k_contiguous ? i / DEPTH : i % ROWS;
-    const int k = k_contiguous ? i % DEPTH : i / ROWS;
-    const int64_t gr = row0 + r, gk = k0 + k;
-    dst[k][r] = (gr < rows && gk < depth) ? src[gr * row_stride + gk * k_stride] : narrow<T>(0.0f);
-  }
-}
-
-// P += A B^T on FFMA: each thread owns a 4 x 4 block of the tile, strided by 16 so that a warp
-// reads 16 consecutive shared-memory words of B and broadcasts A.
-template <typename T, typename Acc, int LD_A, int LD_B>
-struct FmaProduct {
-  Acc acc[4][4] = {};
-  __device__ __forceinline__ void step(const T (*a)[LD_A], const T (*b)[LD_B]) {
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-#pragma unroll
-    for (int k = 0; k < FmaTile::kDepth; ++k) {
-      Acc av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        av[i] = widen(a[k][ty + 16 * i]);
-        bv[i] = widen(b[k][tx + 16 * i]);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-    }
-  }
-  template <int LD_C>
-  __device__ __forceinline__ void store(Acc (*c)[LD_C]) const {
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) c[ty + 16 * i][tx + 16 * j] = acc[i][j];
-  }
-};
-
-namespace wmma = nvcuda::wmma;
-
-// WMMA operand element type and k-step per input type.
-template <typename T> struct MmaKind;
-template <> struct MmaKind<float> { using Element = wmma::precision::tf32; static constexpr int kK = 8; };
-template <> struct MmaKind<__half> { using Element = __half; static constexpr int kK = 16; };
-template <> struct MmaKind<__nv_bfloat16> { using Element = __nv_bfloat16; static constexpr int kK = 16; };
-
-template <typename T, Precision P, int LD_A, int LD_B>
-struct MmaProduct {
-  static constexpr int kK = MmaKind<T>::kK;
-  using Element = typename MmaKind<T>::Element;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kK, Element, wmma::col_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kK, Element, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, kK, float>;
-  static constexpr int kFragRows = MmaTile::kWarpRows / 16, kFragCols = MmaTile::kWarpCols / 16;
-  FragC acc[kFragRows][kFragCols];
-
-  __device__ MmaProduct() {
-#pragma unroll
-    for (int i = 0; i < kFragRows; ++i)
-#pragma unroll
-      for (int j = 0; j < kFragCols; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  }
-  __device__ static int warp_row() { return (threadIdx.x / 32) / 2 * MmaTile::kWarpRows; }
-  __device__ static int warp_col() { return (threadIdx.x / 32) % 2 * MmaTile::kWarpCols; }
-
-  // float -> (hi, lo) TF32 parts; lo is dropped for plain "tf32".
-  template <typename Frag>
-  __device__ static void split(Frag& hi, Frag& lo) {
-#pragma unroll
-    for (int i = 0; i < hi.num_elements; ++i) {
-      const float v = hi.x[i];
-      hi.x[i] = wmma::__float_to_tf32(v);
-      if constexpr (P == Precision::kTf32x3) lo.x[i] = wmma::__float_to_tf32(v - hi.x[i]);
-    }
-  }
-
-  __device__ __forceinline__ void step(const T (*a)[LD_A], const T (*b)[LD_B]) {
-#pragma unroll
-    for (int k = 0; k < MmaTile::kDepth; k += kK) {
-      FragA fa[kFragRows], fa_lo[kFragRows];
-      FragB fb[kFragCols], fb_lo[kFragCols];
-#pragma unroll
-      for (int i = 0; i < kFragRows; ++i) {
-        wmma::load_matrix_sync(fa[i], &a[k][warp_row() + 16 * i], LD_A);
-        if constexpr (std::is_same_v<T, float>) split(fa[i], fa_lo[i]);
-      }
-#pragma unroll
-      for (int j = 0; j < kFragCols; ++j) {
-        wmma::load_matrix_sync(fb[j], &b[k][warp_col() + 16 * j], LD_B);
-        if constexpr (std::is_same_v<T, float>) split(fb[j], fb_lo[j]);
-      }
-#pragma unroll
-      for (int i = 0; i < kFragRows; ++i)
-#pragma unroll
-        for (int j = 0; j < kFragCols; ++j) {
-          if constexpr (P == Precision::kTf32x3) {  // small terms first
-            wmma::mma_sync(acc[i][j], fa_lo[i], fb[j], acc[i][j]);
-            wmma::mma_sync(acc[i][j], fa[i], fb_lo[j], acc[i][j]);
-          }
-          wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-        }
-    }
-  }
-  template <int LD_C>
-  __device__ __forceinline__ void store(float (*c)[LD_C]) const {
-#pragma unroll
-    for (int i = 0; i < kFragRows; ++i)
-#pragma unroll
-      for (int j = 0; j < kFragCols; ++j)
-        wmma::store_matrix_sync(&c[warp_row() + 16 * i][warp_col() + 16 * j], acc[i][j], LD_C,
-                                wmma::mem_row_major);
-  }
-};
-
-template <typename T, typename Tile, Precision P>
-struct ProductFor {
-  using S = Smem<T, Tile>;
-  using type = FmaProduct<T, typename S::Acc, S::kLdA, S::kLdB>;
-};
-template <typename T, Precision P>
-struct ProductFor<T, MmaTile, P> {
-  using S = Smem<T, MmaTile>;
-  using type = MmaProduct<T, P, S::kLdA, S::kLdB>;
 };
 
 template <typename T, typename Tile, Precision P, Epilogue E>

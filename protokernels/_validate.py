@@ -60,3 +60,49 @@ def batched_rows(op: str, x: torch.Tensor, y: torch.Tensor):
     x3 = x.expand(batch + x.shape[-2:]).reshape(flat + x.shape[-2:])
     y3 = y.expand(batch + y.shape[-2:]).reshape(flat + y.shape[-2:])
     return batch, x3, y3
+
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def integer_rows(op: str, name: str, t, like: torch.Tensor, batch: torch.Size, rows: int,
+                 layout: str) -> torch.Tensor:
+    """An integer tensor of shape (..., rows) on `like`'s device, broadcast to batch + (rows,) and
+    returned as int64 (B, rows): per-row indices or labels."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{op}: argument '{name}' must be an integer tensor {layout}, got "
+                        f"{_describe(t)}")
+    if t.device != like.device:
+        raise ValueError(f"{op}: argument '{name}' must be on the same device as 'x' "
+                         f"({like.device}), got {t.device}")
+    if t.dim() < 1 or t.shape[-1] != rows:
+        raise ValueError(f"{op}: argument '{name}' must have shape {layout} with last dimension "
+                         f"{rows}, got {_describe(t)}")
+    try:
+        expanded = t.expand(batch + (rows,))
+    except RuntimeError:
+        raise ValueError(f"{op}: the batch dimensions of '{name}' must broadcast to "
+                         f"{tuple(batch)}, got {_describe(t)}") from None
+    return expanded.reshape(math.prod(batch), rows).to(torch.int64).contiguous()
+
+
+def _can_read_values() -> bool:
+    """Whether checking tensor values (a device sync) is allowed: not while torch.compile traces
+    and not while a CUDA graph captures."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def index_range(op: str, name: str, t: torch.Tensor, size: int, what: str) -> None:
+    """Every value of t lies in [0, size). Skipped under torch.compile and CUDA graph capture,
+    where reading values is impossible; the kernels ignore out-of-range values there."""
+    if t.numel() == 0 or not _can_read_values():
+        return
+    low, high = torch.aminmax(t)
+    low, high = int(low), int(high)
+    if low < 0 or high >= size:
+        raise ValueError(f"{op}: argument '{name}' must hold {what} in [0, {size}), got values "
+                         f"from {low} to {high}")

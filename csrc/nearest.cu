@@ -1,0 +1,469 @@
+// Nearest-prototype search in CUDA (nearest, nearest_k, exclude, by label, both ways) and the
+// gradient scatter into the winners. The (N, M) distance matrix is never written.
+//
+// A block owns a tile of x's rows and walks all of y's column tiles: the distance tile is the
+// sqdist tile product (tile_product.cuh) plus the two norms, and one thread per row folds it into
+// that row's running best. Bests are packed int64 keys (rank bits << 32 | index), so that one
+// integer comparison orders by distance, then index (ties go to the smaller index); a NaN
+// distance ranks first (torch.argmin's NaN propagation). A second kernel decodes the keys and
+// recomputes the winners' distances exactly as sum((x - y)^2).
+#include <algorithm>
+#include <cfloat>
+#include <optional>
+#include <tuple>
+
+#include "tile_product.cuh"
+
+namespace protokernels {
+namespace {
+
+using namespace tile;
+
+constexpr long long kNoKey = 0x7FFFFFFFFFFFFFFFLL;  // no allowed candidate: index -1, dist inf
+constexpr int kMaxK = 64;
+
+// Distance (clamped at 0) -> float32 rank: NaN -> -1 (first), inf -> FLT_MAX (a real infinite
+// distance still beats a forbidden candidate).
+template <typename Acc>
+__device__ __forceinline__ float rank_of(Acc dist) {
+  const float d = static_cast<float>(dist <= Acc(0) ? Acc(0) : dist);  // -0.0 -> 0, NaN kept
+  return d != d ? -1.0f : fminf(d, FLT_MAX);
+}
+
+__device__ __forceinline__ long long pack(float rank, int64_t index) {
+  const int bits = rank < 0.0f ? -1 : __float_as_int(rank);
+  return (static_cast<long long>(bits) << 32) | index;
+}
+
+struct Search {
+  const int64_t* exclude;   // (B, N) or null
+  const int64_t* x_labels;  // (B, N) or null: then keys hold (same label, other label)
+  const int64_t* y_labels;  // (B, M)
+  long long* keys;          // (B, N, slots): slots = k (unordered top k) or 2 (labels)
+  long long* col_keys;      // (B, M) or null: best row per column, atomically min-ed
+  int k;
+};
+
+template <typename T>
+struct SearchArgs {
+  Matrix<const T> x, y;
+  int64_t rows, cols, depth, tiles_r;
+  Search search;
+};
+
+// The running best of one row: k = 1 (and labels) in registers, top k in the row's key slots.
+struct RowBest {
+  long long best = kNoKey, other = kNoKey;
+  long long* slots = nullptr;
+  long long worst = kNoKey;
+  int worst_slot = 0;
+
+  __device__ void init_top_k(long long* row_slots, int k) {
+    slots = row_slots;
+    for (int s = 0; s < k; ++s) slots[s] = kNoKey;
+  }
+  // Replace the set's worst key; find the new worst. The first tiles fill the set, later ones
+  // rarely beat its worst, so the rescan is rare.
+  __device__ void insert(long long key, int k) {
+    if (key >= worst) return;
+    slots[worst_slot] = key;
+    worst = slots[0];
+    worst_slot = 0;
+    for (int s = 1; s < k; ++s)
+      if (slots[s] > worst) worst = slots[s], worst_slot = s;
+  }
+};
+
+template <typename T, typename Tile, Precision P>
+__global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs<T> args) {
+  using S = Smem<T, Tile>;
+  using Acc = typename S::Acc;
+  __shared__ S smem;
+
+  const int64_t batch = blockIdx.x / args.tiles_r;
+  const int64_t row0 = blockIdx.x % args.tiles_r * Tile::kRows;
+  const T* x = args.x.data + batch * args.x.batch;
+  const T* y = args.y.data + batch * args.y.batch;
+  const Search& s = args.search;
+  const int t = threadIdx.x;
+  const int64_t my_row = row0 + t;  // for threads [0, kRows)
+  const bool row_thread = t < Tile::kRows && my_row < args.rows;
+  const int64_t row_index = batch * args.rows + my_row;
+  const int64_t excluded = row_thread && s.exclude ? s.exclude[row_index] : -1;
+  const int64_t label = row_thread && s.x_labels ? s.x_labels[row_index] : 0;
+  RowBest best;
+  if (row_thread && !s.x_labels && s.k > 1) best.init_top_k(s.keys + row_index * s.k, s.k);
+
+  for (int64_t col0 = 0; col0 < args.cols; col0 += Tile::kCols) {
+    typename ProductFor<T, Tile, P>::type product;
+    // Threads [0, kRows) sum their x row's |x|^2, the next kCols their y column's |y|^2.
+    Acc stat = 0;
+    for (int64_t k0 = 0; k0 < args.depth; k0 += Tile::kDepth) {
+      load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(
+          smem.tiles.operands.a, x, args.x.row, args.x.col, args.rows, args.depth, row0, k0);
+      load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(
+          smem.tiles.operands.b, y, args.y.row, args.y.col, args.cols, args.depth, col0, k0);
+      __syncthreads();
+      if (t < Tile::kRows) {
+#pragma unroll
+        for (int k = 0; k < Tile::kDepth; ++k) {
+          const Acc v = widen(smem.tiles.operands.a[k][t]);
+          stat += v * v;
+        }
+      } else if (t < Tile::kRows + Tile::kCols) {
+#pragma unroll
+        for (int k = 0; k < Tile::kDepth; ++k) {
+          const Acc v = widen(smem.tiles.operands.b[k][t - Tile::kRows]);
+          stat += v * v;
+        }
+      }
+      product.step(smem.tiles.operands.a, smem.tiles.operands.b);
+      __syncthreads();
+    }
+    if (t < Tile::kRows) smem.row_stat[t] = stat;
+    else if (t < Tile::kRows + Tile::kCols) smem.col_stat[t - Tile::kRows] = stat;
+    product.store(smem.tiles.c);
+    __syncthreads();
+
+    const int tile_cols = static_cast<int>(args.cols - col0 < Tile::kCols ? args.cols - col0 : Tile::kCols);
+    if (row_thread) {
+      for (int c = 0; c < tile_cols; ++c) {
+        const int64_t col = col0 + c;
+        if (col == excluded) continue;
+        const float rank = rank_of(smem.row_stat[t] + smem.col_stat[c] - Acc(2) * smem.tiles.c[t][c]);
+        const long long key = pack(rank, col);
+        if (s.x_labels) {
+          if (s.y_labels[batch * args.cols + col] == label) best.best = min(best.best, key);
+          else best.other = min(best.other, key);
+        } else if (s.k == 1) {
+          best.best = min(best.best, key);
+        } else {
+          best.insert(key, s.k);
+        }
+      }
+    } else if (s.col_keys && t >= Tile::kRows && t - Tile::kRows < tile_cols) {
+      const int c = t - Tile::kRows;
+      const int tile_rows = static_cast<int>(args.rows - row0 < Tile::kRows ? args.rows - row0 : Tile::kRows);
+      long long col_best = kNoKey;
+      for (int r = 0; r < tile_rows; ++r) {
+        const float rank = rank_of(smem.row_stat[r] + smem.col_stat[c] - Acc(2) * smem.tiles.c[r][c]);
+        col_best = min(col_best, pack(rank, row0 + r));
+      }
+      atomicMin(s.col_keys + batch * args.cols + col0 + c, col_best);
+    }
+    __syncthreads();  // the next tile's loads overwrite the result tile
+  }
+  if (row_thread && (s.x_labels || s.k == 1)) {
+    const int slots = s.x_labels ? 2 : 1;
+    s.keys[row_index * slots] = best.best;
+    if (s.x_labels) s.keys[row_index * 2 + 1] = best.other;
+  }
+}
+
+__global__ void fill_kernel(long long* data, int64_t n, long long value) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    data[i] = value;
+}
+
+// One warp per (row, slot) pair: idx = the key's index (-1 for none), dist = sum((a_r - b_idx)^2)
+// exactly in the accumulate type (inf for none). Lanes stride over D for coalesced reads.
+template <typename T>
+__global__ void pair_distance_kernel(const long long* keys, Matrix<const T> a, Matrix<const T> b,
+                                     typename Accumulate<T>::type* dist, int64_t* idx,
+                                     int64_t pairs, int64_t rows, int64_t slots, int64_t depth) {
+  using Acc = typename Accumulate<T>::type;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t p = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; p < pairs; p += warps) {
+    const long long key = keys[p];
+    const int64_t batch = p / (rows * slots), r = p / slots % rows;
+    if (key == kNoKey) {
+      if (lane == 0) dist[p] = Acc(INFINITY), idx[p] = -1;
+      continue;
+    }
+    const int64_t j = key & 0xFFFFFFFFLL;
+    const T* ar = a.data + batch * a.batch + r * a.row;
+    const T* bj = b.data + batch * b.batch + j * b.row;
+    Acc sum = 0;
+    for (int64_t d = lane; d < depth; d += 32) {
+      const Acc diff = widen(ar[d * a.col]) - widen(bj[d * b.col]);
+      sum += diff * diff;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFF, sum, offset);
+    if (lane == 0) dist[p] = sum, idx[p] = j;
+  }
+}
+
+// Top-k slots in ascending order of (exact distance rank, index), one thread per row: insertion
+// sort of at most kMaxK pairs.
+template <typename Acc>
+__global__ void sort_slots_kernel(Acc* dist, int64_t* idx, int64_t rows, int slots) {
+  for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < rows;
+       r += int64_t{gridDim.x} * blockDim.x) {
+    Acc* d = dist + r * slots;
+    int64_t* i = idx + r * slots;
+    auto before = [](Acc da, int64_t ia, Acc db, int64_t ib) {
+      // Ranks: NaN first, no candidate (index -1) last; then distance, then index.
+      const float ra = ia < 0 ? INFINITY : rank_of(da), rb = ib < 0 ? INFINITY : rank_of(db);
+      return ra < rb || (ra == rb && static_cast<uint64_t>(ia) < static_cast<uint64_t>(ib));
+    };
+    for (int s = 1; s < slots; ++s) {
+      const Acc dv = d[s];
+      const int64_t iv = i[s];
+      int j = s - 1;
+      for (; j >= 0 && before(dv, iv, d[j], i[j]); --j) d[j + 1] = d[j], i[j + 1] = i[j];
+      d[j + 1] = dv, i[j + 1] = iv;
+    }
+  }
+}
+
+// ga[b, r] = 2 sum_s g (a_r - b_idx); the negated pair terms are atomically added into gb_acc
+// (B, T, D) contiguous. One block per (batch, row) at a time, threads over D.
+template <typename T>
+__global__ void gather_grad_kernel(const typename Accumulate<T>::type* grad, const int64_t* idx,
+                                   Matrix<const T> a, Matrix<const T> b, Matrix<T> ga,
+                                   typename Accumulate<T>::type* gb_acc, int64_t batches,
+                                   int64_t rows, int64_t slots, int64_t depth, int64_t b_rows) {
+  using Acc = typename Accumulate<T>::type;
+  for (int64_t p = blockIdx.x; p < batches * rows; p += gridDim.x) {
+    const int64_t batch = p / rows, r = p % rows;
+    for (int64_t d = threadIdx.x; d < depth; d += blockDim.x) {
+      const Acc av = widen(a.data[batch * a.batch + r * a.row + d * a.col]);
+      Acc total = 0;
+      for (int64_t s = 0; s < slots; ++s) {
+        const int64_t j = idx[p * slots + s];
+        if (j < 0) continue;
+        const Acc bv = widen(b.data[batch * b.batch + j * b.row + d * b.col]);
+        const Acc term = Acc(2) * grad[p * slots + s] * (av - bv);
+        total += term;
+        atomicAdd(gb_acc + (batch * b_rows + j) * depth + d, -term);
+      }
+      ga.data[batch * ga.batch + r * ga.row + d * ga.col] = narrow<T>(total);
+    }
+  }
+}
+
+// gb = gb_acc in T (half types); float and double use gb_acc as the result directly.
+template <typename T>
+__global__ void narrow_kernel(const typename Accumulate<T>::type* in, T* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = narrow<T>(in[i]);
+}
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65536;  // grid-stride loops cover the rest
+
+unsigned blocks_for(int64_t work, int per_block = kThreads) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxBlocks, (work + per_block - 1) / per_block)));
+}
+
+template <typename T, typename Tile, Precision P>
+void launch_search(const SearchArgs<T>& args, int64_t batch, cudaStream_t stream) {
+  SearchArgs<T> a = args;
+  a.tiles_r = (a.rows + Tile::kRows - 1) / Tile::kRows;
+  const int64_t blocks = batch * a.tiles_r;
+  PK_CHECK(blocks < (int64_t{1} << 31), "nearest", "too many row tiles (", blocks, ")");
+  search_kernel<T, Tile, P><<<static_cast<unsigned>(blocks), Tile::kThreads, 0, stream>>>(a);
+  PK_CHECK_LAUNCH();
+}
+
+// FFMA for float64 and float32 "ieee"; tensor cores otherwise (as sqdist).
+template <typename T>
+void search(const SearchArgs<T>& args, int64_t batch, Precision precision, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, double>) {
+    launch_search<T, FmaTile, Precision::kIeee>(args, batch, stream);
+  } else if constexpr (std::is_same_v<T, float>) {
+    switch (precision) {
+      case Precision::kIeee: return launch_search<T, FmaTile, Precision::kIeee>(args, batch, stream);
+      case Precision::kTf32x3: return launch_search<T, MmaTile, Precision::kTf32x3>(args, batch, stream);
+      case Precision::kTf32: return launch_search<T, MmaTile, Precision::kTf32>(args, batch, stream);
+    }
+  } else {
+    launch_search<T, MmaTile, Precision::kIeee>(args, batch, stream);
+  }
+}
+
+ScalarType dist_dtype(const Tensor& t) {
+  return t.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+void check_rows(const char* op, const Tensor& x, const Tensor& y) {
+  PK_CHECK_CUDA(op, "x", x);
+  PK_CHECK_CUDA(op, "y", y);
+  PK_CHECK_DIM(op, "x", x, 3);
+  PK_CHECK_DIM(op, "y", y, 3);
+  PK_CHECK_SAME(op, "device", "x", x.device(), "y", y.device());
+  PK_CHECK_SAME(op, "dtype", "x", x.scalar_type(), "y", y.scalar_type());
+  PK_CHECK_SAME(op, "batch size", "x", x.size(0), "y", y.size(0));
+  PK_CHECK_SAME(op, "feature size D", "x", x.size(2), "y", y.size(2));
+  PK_CHECK(y.size(1) < (int64_t{1} << 31) && x.size(1) < (int64_t{1} << 31), op,
+           "the packed keys hold 31-bit indices: N and M must be below 2**31");
+}
+
+void check_index(const char* op, const char* name, const Tensor& t, const Tensor& x, int64_t rows) {
+  PK_CHECK(t.is_cuda() && t.scalar_type() == ScalarType::Long && t.dim() == 2 &&
+               t.size(0) == x.size(0) && t.size(1) == rows && t.is_contiguous(),
+           op, "argument '", name, "' must be a contiguous int64 CUDA tensor of shape (B, ", rows,
+           ")");
+}
+
+// Keys (B, R, slots) -> (dist, idx) with exact distances between a's rows and b's chosen rows;
+// `ranked` slots (top k) sorted by them.
+std::tuple<Tensor, Tensor> finish(const Tensor& keys, const Tensor& a, const Tensor& b,
+                                  bool ranked, cudaStream_t stream) {
+  const int64_t batch = keys.size(0), rows = keys.size(1), slots = keys.size(2);
+  Tensor dist = torch::stable::new_empty(keys, {batch, rows, slots}, dist_dtype(a));
+  Tensor idx = torch::stable::new_empty(keys, {batch, rows, slots}, ScalarType::Long);
+  const int64_t pairs = batch * rows * slots;
+  if (pairs == 0) return {dist, idx};
+  dispatch_floating(a.scalar_type(), "nearest", [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename Accumulate<T>::type;
+    auto* d = static_cast<Acc*>(dist.mutable_data_ptr());
+    auto* i = static_cast<int64_t*>(idx.mutable_data_ptr());
+    pair_distance_kernel<T><<<blocks_for(pairs, kThreads / 32), kThreads, 0, stream>>>(
+        static_cast<const long long*>(keys.const_data_ptr()), input<T>(a, 1, 2), input<T>(b, 1, 2),
+        d, i, pairs, rows, slots, a.size(2));
+    PK_CHECK_LAUNCH();
+    if (ranked) {
+      sort_slots_kernel<Acc><<<blocks_for(batch * rows), kThreads, 0, stream>>>(
+          d, i, batch * rows, static_cast<int>(slots));
+      PK_CHECK_LAUNCH();
+    }
+  });
+  return {dist, idx};
+}
+
+// Runs the search on x's rows against y's and returns its keys (B, N, slots); col_keys, if given,
+// receives the best row per column.
+Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search search, int64_t slots,
+                   const std::string& precision, cudaStream_t stream) {
+  const Precision p = parse_precision(precision, op);
+  Tensor keys = torch::stable::new_empty(x, {x.size(0), x.size(1), slots}, ScalarType::Long);
+  if (keys.numel() == 0) return keys;
+  search.keys = static_cast<long long*>(keys.mutable_data_ptr());
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    SearchArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), x.size(1), y.size(1), x.size(2), 0,
+                       search};
+    ::protokernels::search<T>(args, x.size(0), p, stream);
+  });
+  return keys;
+}
+
+}  // namespace
+
+// x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k) ascending.
+std::tuple<Tensor, Tensor> nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude,
+                                        int64_t k, std::string precision) {
+  const char* op = "nearest_cuda";
+  check_rows(op, x, y);
+  PK_CHECK(k >= 1 && k <= kMaxK && k <= y.size(1), op, "k must be in [1, min(M, ", kMaxK,
+           ")], got ", k);
+  if (exclude) check_index(op, "exclude", *exclude, x, x.size(1));
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const cudaStream_t stream = current_stream(x);
+  Search search{exclude ? static_cast<const int64_t*>(exclude->const_data_ptr()) : nullptr,
+                nullptr, nullptr, nullptr, nullptr, static_cast<int>(k)};
+  Tensor keys = search_keys(op, x, y, search, k, precision, stream);
+  return finish(keys, x, y, k > 1, stream);
+}
+
+// -> dist, idx (B, N, 2): slot 0 the nearest y of x's label, slot 1 of any other label.
+std::tuple<Tensor, Tensor> nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y,
+                                                 Tensor y_labels, std::string precision) {
+  const char* op = "nearest_by_label_cuda";
+  check_rows(op, x, y);
+  check_index(op, "x_labels", x_labels, x, x.size(1));
+  check_index(op, "y_labels", y_labels, x, y.size(1));
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const cudaStream_t stream = current_stream(x);
+  Search search{nullptr, static_cast<const int64_t*>(x_labels.const_data_ptr()),
+                static_cast<const int64_t*>(y_labels.const_data_ptr()), nullptr, nullptr, 1};
+  Tensor keys = search_keys(op, x, y, search, 2, precision, stream);
+  return finish(keys, x, y, false, stream);
+}
+
+// -> row_dist, row_idx (B, N): nearest y per x; col_dist, col_idx (B, M): nearest x per y.
+std::tuple<Tensor, Tensor, Tensor, Tensor> nearest_both_cuda(Tensor x, Tensor y,
+                                                             std::string precision) {
+  const char* op = "nearest_both_cuda";
+  check_rows(op, x, y);
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const cudaStream_t stream = current_stream(x);
+  Tensor col_keys = torch::stable::new_empty(x, {y.size(0), y.size(1), 1}, ScalarType::Long);
+  if (col_keys.numel() > 0) {
+    fill_kernel<<<blocks_for(col_keys.numel()), kThreads, 0, stream>>>(
+        static_cast<long long*>(col_keys.mutable_data_ptr()), col_keys.numel(), kNoKey);
+    PK_CHECK_LAUNCH();
+  }
+  Search search{nullptr, nullptr, nullptr, nullptr,
+                static_cast<long long*>(col_keys.mutable_data_ptr()), 1};
+  Tensor keys = search_keys(op, x, y, search, 1, precision, stream);
+  auto [row_dist, row_idx] = finish(keys, x, y, false, stream);
+  auto [col_dist, col_idx] = finish(col_keys, y, x, false, stream);
+  auto flat = [](const Tensor& t) { return torch::stable::squeeze(t, 2); };
+  return {flat(row_dist), flat(row_idx), flat(col_dist), flat(col_idx)};
+}
+
+// Gradient of dist (B, R, S) = ||a_r - b_idx[r,s]||^2 w.r.t. a (B, R, D) and b (B, T, D).
+std::tuple<Tensor, Tensor> gather_sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, Tensor idx) {
+  const char* op = "gather_sqdist_grad_cuda";
+  check_rows(op, a, b);
+  PK_CHECK(idx.is_cuda() && idx.scalar_type() == ScalarType::Long && idx.dim() == 3 &&
+               idx.size(0) == a.size(0) && idx.size(1) == a.size(1) && idx.is_contiguous(),
+           op, "argument 'idx' must be a contiguous int64 CUDA tensor of shape (B, R, S)");
+  PK_CHECK(grad.is_cuda() && grad.scalar_type() == dist_dtype(a) && grad.is_contiguous() &&
+               grad.dim() == 3 && grad.size(2) == idx.size(2) && grad.size(1) == idx.size(1) &&
+               grad.size(0) == idx.size(0),
+           op, "argument 'grad' must be a contiguous CUDA tensor shaped like 'idx', of the "
+           "distances' dtype");
+  torch::stable::accelerator::DeviceGuard guard(a.get_device_index());
+  const cudaStream_t stream = current_stream(a);
+  const int64_t batch = a.size(0), rows = a.size(1), depth = a.size(2), b_rows = b.size(1);
+  Tensor ga = torch::stable::new_empty(a, {batch, rows, depth});
+  Tensor gb_acc = torch::stable::new_zeros(a, {batch, b_rows, depth}, dist_dtype(a));
+  if (a.numel() == 0 || b.numel() == 0) {
+    if (ga.numel() > 0) torch::stable::zero_(ga);
+    return {ga, a.scalar_type() == dist_dtype(a) ? gb_acc
+                                                 : torch::stable::new_zeros(b, {batch, b_rows, depth})};
+  }
+  Tensor gb = gb_acc;
+  dispatch_floating(a.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename Accumulate<T>::type;
+    auto* acc = static_cast<Acc*>(gb_acc.mutable_data_ptr());
+    gather_grad_kernel<T><<<blocks_for(batch * rows, 1), 128, 0, stream>>>(
+        static_cast<const Acc*>(grad.const_data_ptr()),
+        static_cast<const int64_t*>(idx.const_data_ptr()), input<T>(a, 1, 2), input<T>(b, 1, 2),
+        output<T>(ga), acc, batch, rows, idx.size(2), depth, b_rows);
+    PK_CHECK_LAUNCH();
+    if constexpr (!std::is_same_v<T, Acc>) {
+      gb = torch::stable::new_empty(b, {batch, b_rows, depth});
+      narrow_kernel<T><<<blocks_for(gb.numel()), kThreads, 0, stream>>>(
+          acc, static_cast<T*>(gb.mutable_data_ptr()), gb.numel());
+      PK_CHECK_LAUNCH();
+    }
+  });
+  return {ga, gb};
+}
+
+}  // namespace protokernels
+
+STABLE_TORCH_LIBRARY_FRAGMENT(protokernels, m) {
+  m.def("nearest_cuda(Tensor x, Tensor y, Tensor? exclude, int k, str precision) "
+        "-> (Tensor, Tensor)");
+  m.def("nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y, Tensor y_labels, "
+        "str precision) -> (Tensor, Tensor)");
+  m.def("nearest_both_cuda(Tensor x, Tensor y, str precision) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gather_sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, Tensor idx) -> (Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(protokernels, CUDA, m) {
+  m.impl("nearest_cuda", TORCH_BOX(&protokernels::nearest_cuda));
+  m.impl("nearest_by_label_cuda", TORCH_BOX(&protokernels::nearest_by_label_cuda));
+  m.impl("nearest_both_cuda", TORCH_BOX(&protokernels::nearest_both_cuda));
+  m.impl("gather_sqdist_grad_cuda", TORCH_BOX(&protokernels::gather_sqdist_grad_cuda));
+}

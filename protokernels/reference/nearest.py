@@ -1,0 +1,175 @@
+"""Nearest-prototype search in plain PyTorch, tile by tile: never more than the scratch budget.
+
+Every search walks (batch, N) tiles and, inside them, M tiles of the distance matrix (the
+expanded formula at the requested precision, as reference.sqdist), keeping the running best per
+row. The chosen pairs' distances are then recomputed exactly as sum((x - y)^2), so the returned
+distance does not carry the expanded formula's cancellation error.
+
+Ranking rules, shared by every backend: smaller distance first, ties to the smaller index; a NaN
+distance ranks before everything (torch.argmin's NaN propagation: a NaN row of x returns NaN);
+a candidate that may not win (excluded, wrong label) never does, and a row without any allowed
+candidate gets index -1 and distance inf.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import matmul_precision
+from ._scratch import ranges, tile_sizes
+from .sqdist import _accumulate_dtype
+
+
+def _ranking(dist: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Distances as sort keys: NaN -> -inf (ranks first), inf -> the largest finite value (so that
+    a real infinite distance still beats a forbidden candidate), forbidden -> inf."""
+    rank = torch.where(dist.isnan(), -torch.inf, dist.clamp_max(torch.finfo(dist.dtype).max))
+    return rank if allowed is None else rank.masked_fill(~allowed, torch.inf)
+
+
+def _merge_best(best_rank, best_idx, rank, offset):
+    """Keep the smaller of the running best (B, R, 1) and the tile's best; ties keep the running
+    best, whose indices are smaller. Forbidden winners (rank inf) leave index -1."""
+    tile_rank, tile_idx = rank.min(-1, keepdim=True)  # first occurrence on ties
+    better = tile_rank < best_rank
+    best_idx = torch.where(better & (tile_rank < torch.inf), tile_idx + offset, best_idx)
+    return torch.minimum(best_rank, tile_rank), best_idx
+
+
+def _merge_top_k(best_rank, best_idx, rank, offset, k):
+    """Keep the k smallest of the running best (B, R, k), in order, and the tile. The running best
+    comes first and holds smaller indices, so a stable sort breaks ties by index."""
+    idx = torch.arange(offset, offset + rank.shape[-1], device=rank.device).expand(rank.shape)
+    rank = torch.cat([best_rank, rank], -1)
+    idx = torch.cat([best_idx, idx], -1)
+    rank, order = rank.sort(dim=-1, stable=True)
+    idx = idx.gather(-1, order[..., :k]).masked_fill(rank[..., :k] == torch.inf, -1)
+    return rank[..., :k], idx
+
+
+def _distance_tiles(x, y, precision, tile_extra_bytes=0):
+    """Yield (b0, b1, n0, n1, x_norm, per_m) where per_m() yields (m0, m1, dist) for the tiles of
+    the (B, N, M) distance matrix, computed in the accumulate dtype at `precision`."""
+    batch, n, d = x.shape
+    m = y.shape[1]
+    acc = _accumulate_dtype(x.dtype)
+    size = acc.itemsize
+    # Per tile: x and y rows upcast, their norms, the distance tile and about four more
+    # tile-sized temporaries of the ranking (keys, masks, sort).
+    tile = tile_sizes({"b": batch, "n": n, "m": m},
+                      lambda b, n, m: size * b * ((n + m) * (d + 1) + 6 * n * m))
+    for b0, b1 in ranges(batch, tile["b"]):
+        for n0, n1 in ranges(n, tile["n"]):
+            xs = x[b0:b1, n0:n1].to(acc)
+            x_norm = xs.square().sum(-1, keepdim=True)
+
+            def per_m(xs=xs, x_norm=x_norm, b0=b0, b1=b1):
+                for m0, m1 in ranges(m, tile["m"]):
+                    ys = y[b0:b1, m0:m1].to(acc)
+                    y_norm = ys.square().sum(-1).unsqueeze(-2)
+                    with matmul_precision(precision):
+                        dist = torch.baddbmm(y_norm, xs, ys.mT, alpha=-2)
+                    yield m0, m1, dist.add_(x_norm).clamp_min_(0)
+
+            yield b0, b1, n0, n1, per_m
+
+
+def _search(x, y, slots, allowed_in, precision):
+    """Indices (B, N, slots) of the best allowed columns per row (slots = k, in order), where
+    allowed_in(b0, b1, n0, n1, m0, m1) gives the (b, n, m) mask of the tile (or None)."""
+    batch, n, _ = x.shape
+    idx = torch.full((batch, n, slots), -1, dtype=torch.int64, device=x.device)
+    acc = _accumulate_dtype(x.dtype)
+    for b0, b1, n0, n1, per_m in _distance_tiles(x, y, precision):
+        best_rank = torch.full((b1 - b0, n1 - n0, slots), torch.inf, dtype=acc, device=x.device)
+        best_idx = idx[b0:b1, n0:n1].clone()
+        for m0, m1, dist in per_m():
+            rank = _ranking(dist, allowed_in(b0, b1, n0, n1, m0, m1))
+            if slots == 1:
+                best_rank, best_idx = _merge_best(best_rank, best_idx, rank, m0)
+            else:
+                best_rank, best_idx = _merge_top_k(best_rank, best_idx, rank, m0, slots)
+        idx[b0:b1, n0:n1] = best_idx
+    return idx
+
+
+def pair_distances(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sum((a_r - b_idx[r, s])^2) for idx (B, R, S), exactly (no expansion): (B, R, S) in float32
+    (float64 for float64 input); inf where idx is -1."""
+    batch, r, slots = idx.shape
+    d = a.shape[-1]
+    acc = _accumulate_dtype(a.dtype)
+    out = torch.empty(idx.shape, dtype=acc, device=a.device)
+    tile = tile_sizes({"b": batch, "r": r}, lambda b, r: acc.itemsize * b * r * (slots + 2) * d)
+    for b0, b1 in ranges(batch, tile["b"]):
+        for r0, r1 in ranges(r, tile["r"]):
+            i = idx[b0:b1, r0:r1]
+            rows = b[b0:b1].gather(1, i.clamp_min(0).flatten(1)[..., None].expand(-1, -1, d))
+            diff = a[b0:b1, r0:r1, None].to(acc) - rows.view(i.shape + (d,)).to(acc)
+            out[b0:b1, r0:r1] = diff.square().sum(-1).masked_fill(i < 0, torch.inf)
+    return out
+
+
+def _finish(x, y, idx, ranked=False):
+    """(dist, idx) for searched indices, distances exact; ranked (top-k) slots reordered by them."""
+    dist = pair_distances(x, y, idx)
+    if ranked:  # the search ranked by the expanded formula; re-sort by exact values
+        rank, order = _ranking(dist, idx >= 0).sort(dim=-1, stable=True)
+        dist, idx = dist.gather(-1, order), idx.gather(-1, order)
+    return dist, idx
+
+
+def nearest(x: torch.Tensor, y: torch.Tensor, exclude: torch.Tensor | None, k: int,
+            precision: str):
+    """x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k), ascending."""
+    def allowed(b0, b1, n0, n1, m0, m1):
+        if exclude is None:
+            return None
+        columns = torch.arange(m0, m1, device=x.device)
+        return exclude[b0:b1, n0:n1, None] != columns
+    return _finish(x, y, _search(x, y, k, allowed, precision), ranked=k > 1)
+
+
+def nearest_by_label(x: torch.Tensor, x_labels: torch.Tensor, y: torch.Tensor,
+                     y_labels: torch.Tensor, precision: str):
+    """Nearest y of the same label and of another label: dist, idx (B, N, 2), slot 0 the same."""
+    def labelled(same):
+        def allowed(b0, b1, n0, n1, m0, m1):
+            equal = x_labels[b0:b1, n0:n1, None] == y_labels[b0:b1, None, m0:m1]
+            return equal if same else ~equal
+        return allowed
+    # Two searches of the same tiles: simple, and the reference is about correctness.
+    idx = torch.cat([_search(x, y, 1, labelled(True), precision),
+                     _search(x, y, 1, labelled(False), precision)], -1)
+    return _finish(x, y, idx)
+
+
+def nearest_both(x: torch.Tensor, y: torch.Tensor, precision: str):
+    """Nearest y per x row and nearest x per y row: (row_dist, row_idx) (B, N), (col_dist,
+    col_idx) (B, M). The column search is the row search with x and y swapped."""
+    no_mask = lambda *_: None  # noqa: E731
+    row_dist, row_idx = _finish(x, y, _search(x, y, 1, no_mask, precision))
+    col_dist, col_idx = _finish(y, x, _search(y, x, 1, no_mask, precision))
+    return row_dist[..., 0], row_idx[..., 0], col_dist[..., 0], col_idx[..., 0]
+
+
+def gather_sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor):
+    """Gradient of dist[r, s] = ||a_r - b_idx[r, s]||^2 for grad (B, R, S): (ga, gb) with
+    ga_r = 2 sum_s g (a_r - b_idx) and gb_j = -2 sum over pairs with idx = j of g (a_r - b_j).
+    Pairs with idx -1 contribute nothing."""
+    batch, r, slots = idx.shape
+    d = a.shape[-1]
+    acc = _accumulate_dtype(a.dtype)
+    ga = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    gb = torch.zeros(b.shape, dtype=acc, device=a.device)
+    tile = tile_sizes({"b": batch, "r": r}, lambda b, r: acc.itemsize * b * r * (2 * slots + 2) * d)
+    for b0, b1 in ranges(batch, tile["b"]):
+        for r0, r1 in ranges(r, tile["r"]):
+            i = idx[b0:b1, r0:r1]
+            valid = i >= 0
+            flat = i.clamp_min(0).flatten(1)[..., None].expand(-1, -1, d)
+            rows = b[b0:b1].gather(1, flat).view(i.shape + (d,)).to(acc)
+            g = grad[b0:b1, r0:r1].to(acc).masked_fill(~valid, 0)[..., None]
+            pair = 2 * g * (a[b0:b1, r0:r1, None].to(acc) - rows)  # (b, r, S, D)
+            ga[b0:b1, r0:r1] = pair.sum(2)
+            gb[b0:b1].scatter_add_(1, flat, -pair.flatten(1, 2))
+    return ga, gb.to(b.dtype)
