@@ -1,7 +1,9 @@
 """sqdist benchmark cases: the fused op against the formula users write by hand.
 
-Each case names its inputs, the float32 matmul precision it runs under (the naive formula and the
-fused op both follow it), and its FLOP and byte counts for the roofline.
+The interface every benchmarks/<op>.py follows (protokernels.bench runs it): OP; cases(quick) ->
+[(name, float32 matmul precision, dtype, sizes)]; make_inputs(sizes, dtype, device) -> tensors;
+naive(sizes, *inputs) and fused(sizes, *inputs), whose first output is the differentiated one;
+BASELINES, more eager implementations by label; work(sizes, dtype, backward) -> (FLOPs, bytes).
 """
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ import protokernels
 OP = "sqdist"
 
 
-def naive(x, y):
+def naive(sizes, x, y):
     """What users write today: ||x||^2 - 2 x y^T + ||y||^2 with three kernels and temporaries."""
     return (x.square().sum(-1, keepdim=True) - 2 * x @ y.mT
             + y.square().sum(-1).unsqueeze(-2)).clamp_min(0)
 
 
-def fused(x, y):
+def fused(sizes, x, y):
     return protokernels.sqdist(x, y)
+
+
+BASELINES = {}
 
 
 def cases(quick: bool):

@@ -25,7 +25,7 @@ import torch
 
 import protokernels
 
-OPS = ("sqdist",)
+OPS = ("sqdist", "nearest")
 # H100 ceilings measured in SPEC.md: FFMA, TF32 (a third of it for 3xTF32), bf16 tensor cores,
 # device-to-device copy (bytes read + written).
 PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679e12}
@@ -80,8 +80,11 @@ def _environment(device):
     }
 
 
-def run(ops, quick, backends, compile_naive, device, repeats, log=print):
-    rows = []
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _runnable_backends(backends, device, log):
     statuses = protokernels.available_backends()
     runnable = []
     for name in backends:
@@ -89,50 +92,127 @@ def run(ops, quick, backends, compile_naive, device, repeats, log=print):
             runnable.append(name)
         else:
             log(f"skipping backend {name}: {statuses[name].detail}")
+    return runnable
+
+
+def _measure(function, backend, sizes, inputs, backward, device, repeats):
+    """(p50, p20, p80, extra bytes, error) of function(sizes, *inputs) [+ backward of its first
+    output] under `backend`."""
+    leaves = [t.detach().requires_grad_(backward) if t.is_floating_point() else t for t in inputs]
+
+    def forward():
+        with protokernels.use_backend(backend):
+            return function(sizes, *leaves)
+
+    try:
+        grad = torch.randn_like(_first(forward())) if backward else None
+
+        def call():
+            out = forward()
+            if backward:
+                _first(out).backward(grad)
+
+        call()
+        if device.type == "cuda":
+            p50, p20, p80 = _time_cuda(call, [t for t in leaves if t.requires_grad] or None)
+        else:
+            p50, p20, p80 = _time_cpu(call, repeats)
+        return p50, p20, p80, _peak_extra_bytes(call, device), ""
+    except Exception as err:  # a failing runner is reported, not fatal
+        nan = float("nan")
+        return nan, nan, nan, None, f"{type(err).__name__}: {str(err)[:200]}"
+
+
+def _run_case(cases, op, case, matmul_precision, dtype, sizes, runners, modes, device, repeats,
+              log):
+    torch.set_float32_matmul_precision(matmul_precision)
+    inputs = cases.make_inputs(sizes, dtype, device)
+    precision = _roofline_precision(dtype)
+    rows = []
+    for mode in modes:
+        backward = mode == "fwd+bwd"
+        flops, moved = cases.work(sizes, dtype, backward)
+        floor_ms = max(flops / PEAK_FLOPS[precision], moved / PEAK_BYTES) * 1e3
+        for label, backend, function in runners:
+            p50, p20, p80, extra, error = _measure(function, backend, sizes, inputs, backward,
+                                                   device, repeats)
+            row = {"op": op, "case": case, "mode": mode, "impl": label, **sizes,
+                   "dtype": str(dtype).split(".")[1], "precision": precision, "median_ms": p50,
+                   "p20_ms": p20, "p80_ms": p80,
+                   "extra_MB": None if extra is None else extra / 2**20,
+                   "roofline": floor_ms / p50 if p50 == p50 else float("nan"), "error": error}
+            rows.append(row)
+            log(_format_row(row))
+    return rows
+
+
+def _runners(cases, runnable, compile_naive, with_baselines=True):
+    runners = [("naive eager", "reference", cases.naive)]
+    if compile_naive:
+        runners.append(("naive compiled", "reference", torch.compile(cases.naive)))
+    if with_baselines:
+        runners += [(label, "reference", fn) for label, fn in cases.BASELINES.items()]
+    return runners + [(f"protokernels {name}", name, cases.fused) for name in runnable]
+
+
+def run(ops, quick, backends, compile_naive, device, repeats, log=print):
+    """The spec-size cases of each op: every runner, forward and forward+backward."""
+    runnable = _runnable_backends(backends, device, log)
+    rows = []
     for op in ops:
         cases = importlib.import_module(f"protokernels.benchmarks.{op}")
+        runners = _runners(cases, runnable, compile_naive)
         for case, matmul_precision, dtype, sizes in cases.cases(quick):
-            torch.set_float32_matmul_precision(matmul_precision)
-            x, y = cases.make_inputs(sizes, dtype, device)
-            precision = _roofline_precision(dtype)
-            runners = [("naive eager", "reference", cases.naive)]
-            if compile_naive:
-                runners.append(("naive compiled", "reference", torch.compile(cases.naive)))
-            runners += [(f"protokernels {name}", name, cases.fused) for name in runnable]
-            for mode in ("fwd", "fwd+bwd"):
-                backward = mode == "fwd+bwd"
-                xs, ys = (x.detach().requires_grad_(backward), y.detach().requires_grad_(backward))
-                grad = torch.randn(sizes["B"], sizes["N"], sizes["M"], device=device,
-                                   dtype=dtype) if backward else None
-                flops, moved = cases.work(sizes, dtype, backward)
-                floor_ms = max(flops / PEAK_FLOPS[precision], moved / PEAK_BYTES) * 1e3
-                for label, backend, function in runners:
-                    def call():
-                        with protokernels.use_backend(backend):
-                            out = function(xs, ys)
-                            if backward:
-                                out.backward(grad)
-                    try:
-                        call()
-                        if device.type == "cuda":
-                            p50, p20, p80 = _time_cuda(call, [xs, ys] if backward else None)
-                        else:
-                            p50, p20, p80 = _time_cpu(call, repeats)
-                        extra = _peak_extra_bytes(call, device)
-                        error = ""
-                    except Exception as err:  # a failing runner is reported, not fatal
-                        p50 = p20 = p80 = float("nan")
-                        extra, error = None, f"{type(err).__name__}: {str(err)[:200]}"
-                    row = {"op": op, "case": case, "mode": mode, "impl": label,
-                           **{k: v for k, v in sizes.items()}, "dtype": str(dtype).split(".")[1],
-                           "precision": precision, "median_ms": p50, "p20_ms": p20,
-                           "p80_ms": p80,
-                           "extra_MB": None if extra is None else extra / 2**20,
-                           "roofline": floor_ms / p50 if p50 == p50 else float("nan"),
-                           "error": error}
-                    rows.append(row)
-                    log(_format_row(row))
+            rows += _run_case(cases, op, case, matmul_precision, dtype, sizes, runners,
+                              ("fwd", "fwd+bwd"), device, repeats, log)
     return rows
+
+
+def sweep(ops, quick, backends, compile_naive, device, repeats, out_dir, log=print):
+    """Each op's sweep_cases (forward only): rows, and a PNG per op of time against the swept
+    size, so that users see where the fused op wins and where it does not."""
+    runnable = _runnable_backends(backends, device, log)
+    rows = []
+    for op in ops:
+        cases = importlib.import_module(f"protokernels.benchmarks.{op}")
+        if not hasattr(cases, "sweep_cases"):
+            continue
+        runners = _runners(cases, runnable, compile_naive, with_baselines=False)
+        panels = []
+        for panel, variable, panel_cases in cases.sweep_cases(quick):
+            panel_rows = []
+            for case, matmul_precision, dtype, sizes in panel_cases:
+                panel_rows += _run_case(cases, op, case, matmul_precision, dtype, sizes, runners,
+                                        ("fwd",), device, repeats, log)
+            panels.append((panel, variable, panel_rows))
+            rows += [{**row, "sweep": panel} for row in panel_rows]
+        _plot(op, panels, os.path.join(out_dir, f"sweep_{op}.png"), log)
+    return rows
+
+
+def _plot(op, panels, path, log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"matplotlib is not installed: no plot for {op} (the rows are in the CSV)")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (panel, variable, rows) in zip(axes[0], panels):
+        for impl in dict.fromkeys(row["impl"] for row in rows):
+            points = [(row[variable], row["median_ms"]) for row in rows if row["impl"] == impl]
+            ax.plot(*zip(*points), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(variable)
+        ax.set_ylabel("median ms")
+        ax.set_title(f"{op}: {panel}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
 
 
 def _format_row(row):
@@ -155,6 +235,8 @@ def main(argv=None):
                         help="skip the torch.compile baseline")
     parser.add_argument("--out", default="bench_out", help="folder for results.csv/.json")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats on the CPU")
+    parser.add_argument("--sweep", action="store_true",
+                        help="run the ops' size sweeps instead and plot them (sweep_<op>.png)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,18 +248,21 @@ def main(argv=None):
               "little here. Pass --quick for small sizes.")
     print(f"{'op':<8} {'case':<8} {'mode':<8} {'implementation':<22} {'median':>9} [p20, p80]"
           f"        peak extra  roofline", flush=True)
-    rows = run(args.op or OPS, args.quick, args.backend or protokernels._backend.BACKENDS,
-               not args.no_compile, device, args.repeats,
-               log=lambda line: print(line, flush=True))
     os.makedirs(args.out, exist_ok=True)
+    common = (args.op or OPS, args.quick, args.backend or protokernels._backend.BACKENDS,
+              not args.no_compile, device, args.repeats)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    rows = sweep(*common, args.out, log=log) if args.sweep else run(*common, log=log)
     rows = [{**env, **row} for row in rows]
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    name = "sweep" if args.sweep else "results"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with open(os.path.join(args.out, f"{name}.csv"), "w", newline="") as f:
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {len(rows)} rows to {args.out}/results.csv and results.json")
+    print(f"wrote {len(rows)} rows to {args.out}/{name}.csv and {name}.json")
     return 1 if any(row["error"] for row in rows) else 0
 
 

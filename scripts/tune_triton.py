@@ -1,7 +1,8 @@
-"""Sweep the Triton sqdist kernels' launch configs at the spec's size (B8 N4096 M4096 D128) on a
-GPU and print the fastest per case: the evidence behind forward_config() / grad_config().
+"""Sweep the Triton kernels' launch configs at the spec's sizes on a GPU and print the fastest per
+case: the evidence behind sqdist's forward_config() / grad_config() (B8 N4096 M4096 D128) and
+nearest's search_config() (N65536 M8192 D256).
 
-    python scripts/tune_triton.py [--budget SECONDS]
+    python scripts/tune_triton.py [--op sqdist|nearest] [--budget SECONDS] [--case ...]
 """
 import argparse
 import itertools
@@ -10,6 +11,7 @@ import time
 import torch
 import triton.testing
 
+from protokernels.triton_kernels import nearest as search_kernels
 from protokernels.triton_kernels import sqdist as kernels
 
 FORWARD = [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, STREAM_STORES=cs)
@@ -40,14 +42,40 @@ def sweep(name, run, configs, deadline, top=5):
     return results
 
 
+def search_configs(depths):
+    return [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, FLAT=flat)
+            for flat, (bn, bm), bd, w, st in itertools.product(
+                [True, False], [(128, 128), (128, 256), (256, 128), (64, 256)], depths, [4, 8],
+                [3, 4])]
+
+
+def tune_nearest(cases, deadline):
+    n, m, d = 65536, 8192, 256
+    todo = [(c, dt, p, depths) for c, dt, p, depths in [
+        ("tf32", torch.float32, "tf32", [32, 64]), ("tf32x3", torch.float32, "tf32x3", [16, 32]),
+        ("bf16", torch.bfloat16, "ieee", [32, 64, 128])] if c in cases]
+    for i, (case, dtype, precision, depths) in enumerate(todo):
+        x = torch.randn(n, d, device="cuda", dtype=dtype)[None]
+        y = torch.randn(m, d, device="cuda", dtype=dtype)[None]
+        default = search_kernels.search_config(n, m, d, dtype, precision)
+        ms = triton.testing.do_bench(lambda: search_kernels._search(x, y, precision))
+        print(f"default search {case}: {ms:.4f} ms {default}", flush=True)
+        share = (deadline - time.time()) / (len(todo) - i)
+        sweep(f"search {case}", lambda c: search_kernels._search(x, y, precision, config=c),
+              search_configs(depths), time.time() + share)
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--op", choices=["sqdist", "nearest"], default="sqdist")
     parser.add_argument("--budget", type=float, default=420, help="seconds for the whole sweep")
     parser.add_argument("--case", action="append", choices=["tf32", "tf32x3", "bf16"],
                         help="cases to sweep (repeatable; default: all)")
     args = parser.parse_args()
     cases = args.case or ["tf32", "tf32x3", "bf16"]
     deadline = time.time() + args.budget
+    if args.op == "nearest":
+        return tune_nearest(cases, deadline)
     b, n, m, d = 8, 4096, 4096, 128
     for case, dtype, precision in [("tf32", torch.float32, "tf32"),
                                    ("tf32x3", torch.float32, "tf32x3"),

@@ -16,35 +16,95 @@ import triton.language as tl
 
 from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _block, _dot, _split_tf32
 
-_NO_KEY = 2**63 - 1  # "no allowed candidate": decodes to index -1, distance inf
-_FLOAT32_MAX = 3.4028234663852886e38
+NO_KEY = 2**63 - 1  # "no allowed candidate": decodes to index -1, distance inf
+# Kernels may only read globals that are constexpr.
+_NO_KEY = tl.constexpr(NO_KEY)
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _ranks(dist, allowed):
-    """Distances (clamped at 0) as float32 ranks: NaN -> -1 (ranks first, like torch.argmin's
-    NaN propagation), inf -> the largest float (a real infinity still beats a forbidden
-    candidate), forbidden -> inf."""
-    dist = dist.to(tl.float32)
-    rank = tl.where(dist != dist, -1.0, tl.minimum(dist, _FLOAT32_MAX))
-    return tl.where(allowed, rank, float("inf"))
-
-
-@triton.jit
-def _pack(rank, index):
-    """Sortable int64 key of (rank, index): rank bits (NaN's -1 sign-extends below every
-    distance) above the index; no candidate (inf) -> the largest key."""
-    bits = tl.where(rank < 0, -1, rank.to(tl.int32, bitcast=True))
+def _key(score, index):
+    """Sortable int64 key of (score, index): the float32 score's bits made monotone as a signed
+    integer, above the index. Scores are finite or -inf (NaN, which ranks first); +inf means "no
+    allowed candidate" and gives the largest key."""
+    bits = score.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     key = (bits.to(tl.int64) << 32) | index.to(tl.int64)
-    return tl.where(rank == float("inf"), _NO_KEY, key)
+    return tl.where(score == float("inf"), _NO_KEY, key)
 
 
 @triton.jit
-def _best_per_row(rank, cols):
-    """The smallest rank per row of a tile and its smallest column."""
-    low = tl.min(rank, 1)
-    first = tl.min(tl.where(rank == low[:, None], cols[None, :], 2147483647), 1)
-    return low, first
+def _nan_first(score):
+    return tl.where(score != score, float("-inf"), score)
+
+
+@triton.jit
+def _row_best(score, col0):
+    """Key of the smallest score per row of a tile, ties to the smallest column."""
+    low, first = tl.min(score, 1, return_indices=True, return_indices_tie_break_left=True)
+    return _key(low, col0 + first)
+
+
+@triton.jit
+def _fold_tile(acc, b, row0, cols, col0, x_norm, excluded, x_label, best, best_other, top,
+               Y_NORM, Y_LABELS, COL_KEYS, M, K: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+               HAS_LABELS: tl.constexpr, COLUMNS: tl.constexpr):
+    """Fold a tile of x.y^T into the running bests. Rows are ranked by ||y||^2 - 2 x.y (||x||^2 is
+    the same for the whole row), columns by ||x||^2 - 2 x.y: one FMA per element before the
+    reductions. Out-of-range columns (rows) carry an infinite norm, so they never win."""
+    col_ok = cols < M
+    y_norm = tl.load(Y_NORM + b * M + cols, mask=col_ok, other=float("inf"))
+    acc = acc.to(tl.float32)
+    score = _nan_first(y_norm[None, :] - 2.0 * acc)
+    if HAS_EXCLUDE:
+        score = tl.where(cols[None, :] == excluded[:, None], float("inf"), score)
+    if COLUMNS:  # nearest row per column, merged across programs
+        col_score = _nan_first(x_norm[:, None] - 2.0 * acc)
+        low, first = tl.min(col_score, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.atomic_min(COL_KEYS + b * M + cols, _key(low, row0 + first), mask=col_ok)
+    if HAS_LABELS:
+        y_label = tl.load(Y_LABELS + b * M + cols, mask=col_ok, other=0)
+        same = x_label[:, None] == y_label[None, :]
+        best = tl.minimum(best, _row_best(tl.where(same, score, float("inf")), col0))
+        best_other = tl.minimum(best_other, _row_best(tl.where(same, float("inf"), score), col0))
+    elif K == 1:
+        best = tl.minimum(best, _row_best(score, col0))
+    else:
+        # Move the tile's candidates into the set one per row per round, the best first, while
+        # any row still has one better than its set's worst. After the first tiles few
+        # candidates qualify, so this runs far fewer than K rounds.
+        slots = tl.arange(0, top.shape[1])
+        worst = tl.max(top, 1)
+        low, first = tl.min(score, 1, return_indices=True, return_indices_tie_break_left=True)
+        candidate = _key(low, col0 + first)
+        while tl.max((candidate < worst).to(tl.int32), 0) > 0:
+            replace = (slots[None, :] == tl.argmax(top, 1)[:, None]) & (candidate < worst)[:, None]
+            top = tl.where(replace, candidate[:, None], top)
+            score = tl.where(cols[None, :] == (col0 + first)[:, None], float("inf"), score)
+            worst = tl.max(top, 1)
+            low, first = tl.min(score, 1, return_indices=True, return_indices_tie_break_left=True)
+            candidate = _key(low, col0 + first)
+    return best, best_other, top
+
+
+@triton.jit
+def _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols, ds, sx_n, sx_d, sy_m,
+              sy_d, M, D, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
+              SPLIT: tl.constexpr):
+    """acc += x[rows, ds] . y[cols, ds]^T (3xTF32 from the pre-split parts with SPLIT)."""
+    x_offsets = x_base + rows64[:, None] * sx_n + ds.to(tl.int64)[None, :] * sx_d
+    y_offsets = y_base + cols.to(tl.int64)[:, None] * sy_m + ds.to(tl.int64)[None, :] * sy_d
+    x_mask = row_ok[:, None] & (ds[None, :] < D)
+    y_mask = (cols[:, None] < M) & (ds[None, :] < D)
+    x = tl.load(X + x_offsets, mask=x_mask, other=0.0)
+    y = tl.load(Y + y_offsets, mask=y_mask, other=0.0)
+    acc = _dot(x, tl.trans(y), acc, PRECISION, UPCAST_BF16)
+    if SPLIT:  # hi.lo^T + lo.hi^T; lo.lo^T is below float32 rounding
+        y_lo = tl.load(Y_LO + y_offsets, mask=y_mask, other=0.0)
+        acc = _dot(x, tl.trans(y_lo), acc, PRECISION, UPCAST_BF16)
+        x_lo = tl.load(X_LO + x_offsets, mask=x_mask, other=0.0)
+        acc = _dot(x_lo, tl.trans(y), acc, PRECISION, UPCAST_BF16)
+    return acc
 
 
 @triton.jit
@@ -54,10 +114,11 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, EXCLUDE, X_LABELS, Y_LABELS
                    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
                    SPLIT: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                    HAS_EXCLUDE: tl.constexpr, HAS_LABELS: tl.constexpr, COLUMNS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   FLAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """KEYS (B, N, splits, SLOTS): per split, the best K keys (SLOTS = K), or the best key of x's
     label and of other labels (SLOTS = 2). COLUMNS: also the best row per column, atomically
-    min-ed into COL_KEYS (B, M)."""
+    min-ed into COL_KEYS (B, M). Norms are precomputed, clamped to the float32 range."""
     pid = tl.program_id(0)
     split = pid % splits
     tile_n = (pid // splits) % tiles_n
@@ -65,11 +126,9 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, EXCLUDE, X_LABELS, Y_LABELS
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    x_norm = tl.load(X_NORM + b * N + rows64, mask=row_ok, other=0.0)
-    if HAS_EXCLUDE:
-        excluded = tl.load(EXCLUDE + b * N + rows64, mask=row_ok, other=-1)
-    if HAS_LABELS:
-        x_label = tl.load(X_LABELS + b * N + rows64, mask=row_ok, other=0)
+    x_norm = tl.load(X_NORM + b * N + rows64, mask=row_ok, other=float("inf"))
+    excluded = tl.load(EXCLUDE + b * N + rows64, mask=row_ok & HAS_EXCLUDE, other=-1)
+    x_label = tl.load(X_LABELS + b * N + rows64, mask=row_ok & HAS_LABELS, other=0)
     best = tl.full((BLOCK_N,), _NO_KEY, tl.int64)
     best_other = tl.full((BLOCK_N,), _NO_KEY, tl.int64)
     slots = tl.arange(0, K_PAD)
@@ -81,64 +140,35 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, EXCLUDE, X_LABELS, Y_LABELS
     tiles = tl.minimum(tiles_per_split, tl.cdiv(M, BLOCK_M) - first_tile)
     steps = tl.maximum(tl.cdiv(D, BLOCK_D), 1)  # D = 0 still needs one step (all distances 0)
     depth = tl.arange(0, BLOCK_D)
+    x_base = b * sx_b
+    y_base = b * sy_b
     acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
-    # One flat loop over (column tile, depth step), so that loads are pipelined across column
-    # tiles too; the distance tile is folded in at each tile's last step.
-    for it in range(0, tiles * steps):
-        cols = (first_tile + it // steps) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ds = (it % steps) * BLOCK_D + depth
-        x_offsets = b * sx_b + rows64[:, None] * sx_n + ds.to(tl.int64)[None, :] * sx_d
-        y_offsets = b * sy_b + cols.to(tl.int64)[:, None] * sy_m + ds.to(tl.int64)[None, :] * sy_d
-        x_mask = row_ok[:, None] & (ds[None, :] < D)
-        y_mask = (cols[:, None] < M) & (ds[None, :] < D)
-        x = tl.load(X + x_offsets, mask=x_mask, other=0.0)
-        y = tl.load(Y + y_offsets, mask=y_mask, other=0.0)
-        acc = _dot(x, tl.trans(y), acc, PRECISION, UPCAST_BF16)
-        if SPLIT:  # 3xTF32: hi.lo^T + lo.hi^T; lo.lo^T is below float32 rounding
-            y_lo = tl.load(Y_LO + y_offsets, mask=y_mask, other=0.0)
-            acc = _dot(x, tl.trans(y_lo), acc, PRECISION, UPCAST_BF16)
-            x_lo = tl.load(X_LO + x_offsets, mask=x_mask, other=0.0)
-            acc = _dot(x_lo, tl.trans(y), acc, PRECISION, UPCAST_BF16)
-        if it % steps == steps - 1:
-            col_ok = cols < M
-            y_norm = tl.load(Y_NORM + b * M + cols, mask=col_ok, other=0.0)
-            dist = x_norm[:, None] + y_norm[None, :] - 2.0 * acc
-            dist = tl.where(dist <= 0.0, 0.0, dist)  # clamp; -0.0 -> 0.0, NaN kept
-            allowed = col_ok[None, :] & row_ok[:, None]
-            if HAS_EXCLUDE:
-                allowed = allowed & (cols[None, :] != excluded[:, None])
-            if COLUMNS:  # nearest row per column, merged across programs
-                col_rank = _ranks(dist, allowed)
-                low = tl.min(col_rank, 0)
-                first = tl.min(tl.where(col_rank == low[None, :], rows[:, None], 2147483647), 0)
-                tl.atomic_min(COL_KEYS + b * M + cols, _pack(low, first), mask=col_ok)
-            if HAS_LABELS:
-                y_label = tl.load(Y_LABELS + b * M + cols, mask=col_ok, other=0)
-                same = x_label[:, None] == y_label[None, :]
-                low, first = _best_per_row(_ranks(dist, allowed & same), cols)
-                best = tl.minimum(best, _pack(low, first))
-                low, first = _best_per_row(_ranks(dist, allowed & ~same), cols)
-                best_other = tl.minimum(best_other, _pack(low, first))
-            elif K == 1:
-                low, first = _best_per_row(_ranks(dist, allowed), cols)
-                best = tl.minimum(best, _pack(low, first))
-            else:
-                # Move the tile's candidates into the set one per row per round, the best first,
-                # while any row still has one better than its set's worst. After the first
-                # tiles few candidates qualify, so this runs far fewer than K rounds.
-                rank = _ranks(dist, allowed)
-                worst = tl.max(top, 1)
-                low, first = _best_per_row(rank, cols)
-                candidate = _pack(low, first)
-                while tl.max((candidate < worst).to(tl.int32), 0) > 0:
-                    replace = (slots[None, :] == tl.argmax(top, 1)[:, None]) & \
-                        (candidate < worst)[:, None]
-                    top = tl.where(replace, candidate[:, None], top)
-                    rank = tl.where(cols[None, :] == first[:, None], float("inf"), rank)
-                    worst = tl.max(top, 1)
-                    low, first = _best_per_row(rank, cols)
-                    candidate = _pack(low, first)
+    if FLAT:
+        # One loop over (column tile, depth step): loads are pipelined across column tiles too.
+        for it in range(0, tiles * steps):
+            col0 = (first_tile + it // steps) * BLOCK_M
+            cols = col0 + tl.arange(0, BLOCK_M)
+            acc = _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols,
+                            (it % steps) * BLOCK_D + depth, sx_n, sx_d, sy_m, sy_d, M, D,
+                            PRECISION, UPCAST_BF16, SPLIT)
+            if it % steps == steps - 1:
+                best, best_other, top = _fold_tile(
+                    acc, b, tile_n * BLOCK_N, cols, col0, x_norm, excluded, x_label, best,
+                    best_other, top, Y_NORM, Y_LABELS, COL_KEYS, M, K, HAS_EXCLUDE, HAS_LABELS,
+                    COLUMNS)
+                acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
+    else:
+        for t in range(0, tiles):
+            col0 = (first_tile + t) * BLOCK_M
+            cols = col0 + tl.arange(0, BLOCK_M)
             acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
+            for step in range(0, steps):
+                acc = _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols,
+                                step * BLOCK_D + depth, sx_n, sx_d, sy_m, sy_d, M, D,
+                                PRECISION, UPCAST_BF16, SPLIT)
+            best, best_other, top = _fold_tile(
+                acc, b, tile_n * BLOCK_N, cols, col0, x_norm, excluded, x_label, best, best_other,
+                top, Y_NORM, Y_LABELS, COL_KEYS, M, K, HAS_EXCLUDE, HAS_LABELS, COLUMNS)
 
     out = KEYS + ((b * N + rows64) * splits + split) * (2 if HAS_LABELS else K)
     if HAS_LABELS:
@@ -209,10 +239,10 @@ def _gather_grad_kernel(GRAD, A, B, IDX, GA, GB, R, S, D, T, sa_b, sa_r, sa_d, s
 # problems. The running-best epilogue adds a (BLOCK_N, BLOCK_M) float32 tile of ranks to the
 # accumulator, so the tiles are smaller than sqdist's.
 _SEARCH = {
-    torch.float32: dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=32, num_warps=8, num_stages=3),
-    "tf32x3": dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=16, num_warps=8, num_stages=3),
-    torch.float16: dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    torch.float64: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16, num_warps=4, num_stages=2),
+    torch.float32: dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=32, num_warps=8, num_stages=3, FLAT=True),
+    "tf32x3": dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=16, num_warps=8, num_stages=3, FLAT=True),
+    torch.float16: dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=64, num_warps=8, num_stages=3, FLAT=True),
+    torch.float64: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16, num_warps=4, num_stages=2, FLAT=True),
 }
 _SEARCH[torch.bfloat16] = _SEARCH[torch.float16]
 # Programs wanted per launch: a few per SM of the largest GPU (132 SMs on the H100), so that a
@@ -229,9 +259,12 @@ def search_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) ->
     return config
 
 
-def _squared_norms(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """||t_r||^2 (B, R), contiguous, in the accumulate type."""
-    return torch.linalg.vector_norm(t, dim=-1, dtype=acc).square_()
+def _squared_norms(t: torch.Tensor) -> torch.Tensor:
+    """||t_r||^2 (B, R) in float32, contiguous, at most the largest float32 (an overflowing row
+    still ranks, behind every finite one)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(t, dim=-1, dtype=acc).square_()
+    return norm.clamp_max_(torch.finfo(torch.float32).max).to(torch.float32)
 
 
 def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, columns=False,
@@ -244,8 +277,7 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
         raise ValueError("nearest: the packed keys hold 31-bit indices; M (and N for "
                          f"nearest_both) must be below 2**31, got N {n}, M {m}")
     acc = _ACCUMULATOR.get(x.dtype, tl.float32)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x_norm, y_norm = _squared_norms(x, acc_dtype), _squared_norms(y, acc_dtype)
+    x_norm, y_norm = _squared_norms(x), _squared_norms(y)
     config = config or search_config(n, m, d, x.dtype, precision)
     tiles_n = triton.cdiv(n, config["BLOCK_N"])
     tiles_m = triton.cdiv(m, config["BLOCK_M"])
@@ -254,7 +286,7 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
     splits = triton.cdiv(tiles_m, tiles_per_split)
     slots = 2 if x_labels is not None else k
     keys = torch.empty((batch, n, splits, slots), dtype=torch.int64, device=x.device)
-    col_keys = (torch.full((batch, m), _NO_KEY, dtype=torch.int64, device=x.device) if columns
+    col_keys = (torch.full((batch, m), NO_KEY, dtype=torch.int64, device=x.device) if columns
                 else keys)
     split = precision == "tf32x3" and x.dtype == torch.float32
     if split:
