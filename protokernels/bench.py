@@ -6,7 +6,8 @@ forward+backward. Prints each row as it finishes, then a table; writes CSV and J
 device, versions and date. Times are medians with p20/p80 (triton.testing.do_bench on CUDA, a
 wall-clock loop on the CPU); peak extra memory is what the call allocates beyond its inputs (CUDA);
 "roofline" is the fraction of the H100 floor (FLOPs at the precision's peak, or bytes at copy
-bandwidth, whichever is larger) that the measured time reaches.
+bandwidth, whichever is larger) that the measured time reaches. `--sweep` runs each op's
+sweep_cases (forward only) instead and plots time against the swept size.
 """
 from __future__ import annotations
 

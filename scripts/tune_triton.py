@@ -43,10 +43,9 @@ def sweep(name, run, configs, deadline, top=5):
 
 
 def search_configs(depths):
-    return [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, FLAT=flat)
-            for flat, (bn, bm), bd, w, st in itertools.product(
-                [True, False], [(128, 128), (128, 256), (256, 128), (64, 256)], depths, [4, 8],
-                [3, 4])]
+    return [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
+            for (bn, bm), bd, w, st in itertools.product(
+                [(128, 128), (128, 256), (256, 128), (64, 256)], depths, [4, 8], [3, 4])]
 
 
 def tune_nearest(cases, deadline):

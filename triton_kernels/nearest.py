@@ -39,6 +39,13 @@ def _nan_first(score):
 
 
 @triton.jit
+def _non_finite(norm, ok):
+    """Whether any valid row has a NaN or infinite norm (norms are clamped to the float32 range,
+    so infinity shows as its largest value)."""
+    return tl.max((((norm != norm) | (norm >= _FLOAT32_MAX)) & ok).to(tl.int32), 0) != 0
+
+
+@triton.jit
 def _row_best(score, col0):
     """Key of the smallest score per row of a tile, ties to the smallest column."""
     low, first = tl.min(score, 1, return_indices=True, return_indices_tie_break_left=True)
@@ -46,7 +53,7 @@ def _row_best(score, col0):
 
 
 @triton.jit
-def _fold_tile(acc, b, row0, cols, col0, x_norm, excluded, x_label, best, best_other, top,
+def _fold_tile(acc, b, row0, cols, col0, x_norm, non_finite, excluded, x_label, best, best_other, top,
                Y_NORM, Y_LABELS, COL_KEYS, M, K: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
                HAS_LABELS: tl.constexpr, COLUMNS: tl.constexpr):
     """Fold a tile of x.y^T into the running bests. Rows are ranked by ||y||^2 - 2 x.y (||x||^2 is
@@ -55,11 +62,18 @@ def _fold_tile(acc, b, row0, cols, col0, x_norm, excluded, x_label, best, best_o
     col_ok = cols < M
     y_norm = tl.load(Y_NORM + b * M + cols, mask=col_ok, other=float("inf"))
     acc = acc.to(tl.float32)
-    score = _nan_first(y_norm[None, :] - 2.0 * acc)
+    score = y_norm[None, :] - 2.0 * acc
+    # NaN ranks first. Only a NaN or infinite input row can make a score NaN, so the mapping runs
+    # only for tiles flagged by the norms (per element it cost 7% at tf32; a per-tile reduction
+    # over the norms in the kernel cost 17%).
+    if non_finite:
+        score = _nan_first(score)
     if HAS_EXCLUDE:
         score = tl.where(cols[None, :] == excluded[:, None], float("inf"), score)
     if COLUMNS:  # nearest row per column, merged across programs
-        col_score = _nan_first(x_norm[:, None] - 2.0 * acc)
+        col_score = x_norm[:, None] - 2.0 * acc
+        if non_finite:
+            col_score = _nan_first(col_score)
         low, first = tl.min(col_score, 0, return_indices=True, return_indices_tie_break_left=True)
         tl.atomic_min(COL_KEYS + b * M + cols, _key(low, row0 + first), mask=col_ok)
     if HAS_LABELS:
@@ -108,17 +122,18 @@ def _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols, ds, s
 
 
 @triton.jit
-def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, EXCLUDE, X_LABELS, Y_LABELS, KEYS, COL_KEYS,
+def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, TILE_FLAGS, EXCLUDE, X_LABELS, Y_LABELS, KEYS,
+                   COL_KEYS,
                    N, M, D, tiles_n, tiles_per_split, splits,
                    sx_b, sx_n, sx_d, sy_b, sy_m, sy_d,
                    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
                    SPLIT: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                    HAS_EXCLUDE: tl.constexpr, HAS_LABELS: tl.constexpr, COLUMNS: tl.constexpr,
-                   FLAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """KEYS (B, N, splits, SLOTS): per split, the best K keys (SLOTS = K), or the best key of x's
     label and of other labels (SLOTS = 2). COLUMNS: also the best row per column, atomically
-    min-ed into COL_KEYS (B, M). Norms are precomputed, clamped to the float32 range."""
+    min-ed into COL_KEYS (B, M). Norms are precomputed, clamped to the float32 range;
+    TILE_FLAGS (B, column tiles) marks the tiles holding a non-finite y row."""
     pid = tl.program_id(0)
     split = pid % splits
     tile_n = (pid // splits) % tiles_n
@@ -127,6 +142,7 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, EXCLUDE, X_LABELS, Y_LABELS
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     x_norm = tl.load(X_NORM + b * N + rows64, mask=row_ok, other=float("inf"))
+    rows_non_finite = _non_finite(x_norm, row_ok)
     excluded = tl.load(EXCLUDE + b * N + rows64, mask=row_ok & HAS_EXCLUDE, other=-1)
     x_label = tl.load(X_LABELS + b * N + rows64, mask=row_ok & HAS_LABELS, other=0)
     best = tl.full((BLOCK_N,), _NO_KEY, tl.int64)
@@ -143,32 +159,21 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, EXCLUDE, X_LABELS, Y_LABELS
     x_base = b * sx_b
     y_base = b * sy_b
     acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
-    if FLAT:
-        # One loop over (column tile, depth step): loads are pipelined across column tiles too.
-        for it in range(0, tiles * steps):
-            col0 = (first_tile + it // steps) * BLOCK_M
-            cols = col0 + tl.arange(0, BLOCK_M)
-            acc = _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols,
-                            (it % steps) * BLOCK_D + depth, sx_n, sx_d, sy_m, sy_d, M, D,
-                            PRECISION, UPCAST_BF16, SPLIT)
-            if it % steps == steps - 1:
-                best, best_other, top = _fold_tile(
-                    acc, b, tile_n * BLOCK_N, cols, col0, x_norm, excluded, x_label, best,
-                    best_other, top, Y_NORM, Y_LABELS, COL_KEYS, M, K, HAS_EXCLUDE, HAS_LABELS,
-                    COLUMNS)
-                acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
-    else:
-        for t in range(0, tiles):
-            col0 = (first_tile + t) * BLOCK_M
-            cols = col0 + tl.arange(0, BLOCK_M)
-            acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
-            for step in range(0, steps):
-                acc = _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols,
-                                step * BLOCK_D + depth, sx_n, sx_d, sy_m, sy_d, M, D,
-                                PRECISION, UPCAST_BF16, SPLIT)
+    # One loop over (column tile, depth step) rather than nested loops: the tile's loads are
+    # pipelined across column tiles too (same speed as nested on the H100, 1.28 vs 1.30 ms tf32).
+    for it in range(0, tiles * steps):
+        col0 = (first_tile + it // steps) * BLOCK_M
+        cols = col0 + tl.arange(0, BLOCK_M)
+        acc = _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols,
+                        (it % steps) * BLOCK_D + depth, sx_n, sx_d, sy_m, sy_d, M, D, PRECISION,
+                        UPCAST_BF16, SPLIT)
+        if it % steps == steps - 1:
+            tile_flag = tl.load(TILE_FLAGS + b * tl.cdiv(M, BLOCK_M) + col0 // BLOCK_M)
             best, best_other, top = _fold_tile(
-                acc, b, tile_n * BLOCK_N, cols, col0, x_norm, excluded, x_label, best, best_other,
+                acc, b, tile_n * BLOCK_N, cols, col0, x_norm, rows_non_finite | (tile_flag != 0),
+                excluded, x_label, best, best_other,
                 top, Y_NORM, Y_LABELS, COL_KEYS, M, K, HAS_EXCLUDE, HAS_LABELS, COLUMNS)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
 
     out = KEYS + ((b * N + rows64) * splits + split) * (2 if HAS_LABELS else K)
     if HAS_LABELS:
@@ -235,14 +240,16 @@ def _gather_grad_kernel(GRAD, A, B, IDX, GA, GB, R, S, D, T, sa_b, sa_r, sa_d, s
              mask=mask)
 
 
-# Launch configs by operand type (benchmarks/RESULTS.md, "nearest"); tiles shrink to fit small
-# problems. The running-best epilogue adds a (BLOCK_N, BLOCK_M) float32 tile of ranks to the
-# accumulator, so the tiles are smaller than sqdist's.
+# Launch configs by operand type: the fastest of scripts/tune_triton.py --op nearest on the H100
+# at the spec's size (benchmarks/RESULTS.md, "nearest"); tiles shrink to fit small problems.
 _SEARCH = {
-    torch.float32: dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=32, num_warps=8, num_stages=3, FLAT=True),
-    "tf32x3": dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=16, num_warps=8, num_stages=3, FLAT=True),
-    torch.float16: dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=64, num_warps=8, num_stages=3, FLAT=True),
-    torch.float64: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16, num_warps=4, num_stages=2, FLAT=True),
+    # search 1.28 ms tf32 (1.66 with 128x128 tiles, 1.30 with 256x128).
+    torch.float32: dict(BLOCK_N=128, BLOCK_M=256, BLOCK_D=32, num_warps=8, num_stages=4),
+    # 3xTF32 loads four tiles per step: half the depth keeps the stages in shared memory.
+    "tf32x3": dict(BLOCK_N=128, BLOCK_M=256, BLOCK_D=16, num_warps=8, num_stages=4),
+    # search 0.826 ms bf16 (1.04 with 128x128 tiles; 0.96 with BLOCK_D 32, 3 stages).
+    torch.float16: dict(BLOCK_N=128, BLOCK_M=256, BLOCK_D=64, num_warps=8, num_stages=4),
+    torch.float64: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=16, num_warps=4, num_stages=2),
 }
 _SEARCH[torch.bfloat16] = _SEARCH[torch.float16]
 # Programs wanted per launch: a few per SM of the largest GPU (132 SMs on the H100), so that a
@@ -281,6 +288,9 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
     config = config or search_config(n, m, d, x.dtype, precision)
     tiles_n = triton.cdiv(n, config["BLOCK_N"])
     tiles_m = triton.cdiv(m, config["BLOCK_M"])
+    non_finite = y_norm.isnan() | (y_norm >= torch.finfo(torch.float32).max)
+    tile_flags = torch.nn.functional.pad(non_finite, (0, tiles_m * config["BLOCK_M"] - m))
+    tile_flags = tile_flags.view(batch, tiles_m, config["BLOCK_M"]).any(-1).to(torch.int8)
     splits = max(1, min(tiles_m, _TARGET_PROGRAMS // (batch * tiles_n)))
     tiles_per_split = triton.cdiv(tiles_m, splits)
     splits = triton.cdiv(tiles_m, tiles_per_split)
@@ -295,7 +305,7 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
     else:
         x_lo, y_lo = x, y
     _search_kernel[(batch * tiles_n * splits,)](
-        x, y, x_lo, y_lo, x_norm, y_norm,
+        x, y, x_lo, y_lo, x_norm, y_norm, tile_flags,
         exclude if exclude is not None else keys,
         x_labels if x_labels is not None else keys, y_labels if y_labels is not None else keys,
         keys, col_keys, n, m, d, tiles_n, tiles_per_split, splits, *x.stride(), *y.stride(),
