@@ -36,6 +36,18 @@ using torch::stable::Tensor;
 // Every kernel launch is followed by this: a bad launch raises instead of failing later.
 #define PK_CHECK_LAUNCH() STD_CUDA_KERNEL_LAUNCH_CHECK()
 
+// x (B, N, D) and y (B, M, D): CUDA tensors of one device, dtype, batch and feature size.
+inline void check_batched_rows(const char* op, const Tensor& x, const Tensor& y) {
+  PK_CHECK_CUDA(op, "x", x);
+  PK_CHECK_CUDA(op, "y", y);
+  PK_CHECK_DIM(op, "x", x, 3);
+  PK_CHECK_DIM(op, "y", y, 3);
+  PK_CHECK_SAME(op, "device", "x", x.device(), "y", y.device());
+  PK_CHECK_SAME(op, "dtype", "x", x.scalar_type(), "y", y.scalar_type());
+  PK_CHECK_SAME(op, "batch size", "x", x.size(0), "y", y.size(0));
+  PK_CHECK_SAME(op, "feature size D", "x", x.size(2), "y", y.size(2));
+}
+
 inline cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));

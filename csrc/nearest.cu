@@ -95,36 +95,8 @@ __global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs
   if (row_thread && !s.x_labels && s.k > 1) best.init_top_k(s.keys + row_index * s.k, s.k);
 
   for (int64_t col0 = 0; col0 < args.cols; col0 += Tile::kCols) {
-    typename ProductFor<T, Tile, P>::type product;
-    // Threads [0, kRows) sum their x row's |x|^2, the next kCols their y column's |y|^2.
-    Acc stat = 0;
-    for (int64_t k0 = 0; k0 < args.depth; k0 += Tile::kDepth) {
-      load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(
-          smem.tiles.operands.a, x, args.x.row, args.x.col, args.rows, args.depth, row0, k0);
-      load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(
-          smem.tiles.operands.b, y, args.y.row, args.y.col, args.cols, args.depth, col0, k0);
-      __syncthreads();
-      if (t < Tile::kRows) {
-#pragma unroll
-        for (int k = 0; k < Tile::kDepth; ++k) {
-          const Acc v = widen(smem.tiles.operands.a[k][t]);
-          stat += v * v;
-        }
-      } else if (t < Tile::kRows + Tile::kCols) {
-#pragma unroll
-        for (int k = 0; k < Tile::kDepth; ++k) {
-          const Acc v = widen(smem.tiles.operands.b[k][t - Tile::kRows]);
-          stat += v * v;
-        }
-      }
-      product.step(smem.tiles.operands.a, smem.tiles.operands.b);
-      __syncthreads();
-    }
-    if (t < Tile::kRows) smem.row_stat[t] = stat;
-    else if (t < Tile::kRows + Tile::kCols) smem.col_stat[t - Tile::kRows] = stat;
-    product.store(smem.tiles.c);
-    __syncthreads();
-
+    tile_product<T, Tile, P, RowStat::kSquares, true>(smem, x, args.x, y, args.y, args.rows,
+                                                      args.cols, args.depth, row0, col0);
     const int tile_cols = static_cast<int>(args.cols - col0 < Tile::kCols ? args.cols - col0 : Tile::kCols);
     if (row_thread) {
       for (int c = 0; c < tile_cols; ++c) {
@@ -269,20 +241,11 @@ void launch_search(const SearchArgs<T>& args, int64_t batch, cudaStream_t stream
   PK_CHECK_LAUNCH();
 }
 
-// FFMA for float64 and float32 "ieee"; tensor cores otherwise (as sqdist).
 template <typename T>
 void search(const SearchArgs<T>& args, int64_t batch, Precision precision, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, double>) {
-    launch_search<T, FmaTile, Precision::kIeee>(args, batch, stream);
-  } else if constexpr (std::is_same_v<T, float>) {
-    switch (precision) {
-      case Precision::kIeee: return launch_search<T, FmaTile, Precision::kIeee>(args, batch, stream);
-      case Precision::kTf32x3: return launch_search<T, MmaTile, Precision::kTf32x3>(args, batch, stream);
-      case Precision::kTf32: return launch_search<T, MmaTile, Precision::kTf32>(args, batch, stream);
-    }
-  } else {
-    launch_search<T, MmaTile, Precision::kIeee>(args, batch, stream);
-  }
+  dispatch_tile<T>(precision, [&](auto tile, auto product) {
+    launch_search<T, decltype(tile), decltype(product)::value>(args, batch, stream);
+  });
 }
 
 ScalarType dist_dtype(const Tensor& t) {
@@ -290,14 +253,7 @@ ScalarType dist_dtype(const Tensor& t) {
 }
 
 void check_rows(const char* op, const Tensor& x, const Tensor& y) {
-  PK_CHECK_CUDA(op, "x", x);
-  PK_CHECK_CUDA(op, "y", y);
-  PK_CHECK_DIM(op, "x", x, 3);
-  PK_CHECK_DIM(op, "y", y, 3);
-  PK_CHECK_SAME(op, "device", "x", x.device(), "y", y.device());
-  PK_CHECK_SAME(op, "dtype", "x", x.scalar_type(), "y", y.scalar_type());
-  PK_CHECK_SAME(op, "batch size", "x", x.size(0), "y", y.size(0));
-  PK_CHECK_SAME(op, "feature size D", "x", x.size(2), "y", y.size(2));
+  check_batched_rows(op, x, y);
   PK_CHECK(y.size(1) < (int64_t{1} << 31) && x.size(1) < (int64_t{1} << 31), op,
            "the packed keys hold 31-bit indices: N and M must be below 2**31");
 }

@@ -40,36 +40,11 @@ __global__ void __launch_bounds__(Tile::kThreads) sqdist_tile_kernel(const GemmA
   const T* a = args.a.data + batch * args.a.batch;
   const T* b = args.b.data + batch * args.b.batch;
 
-  typename ProductFor<T, Tile, P>::type product;
-  // Threads [0, kRows) keep their A row's statistic (|a|^2 or rowsum), the next kCols B's |b|^2.
-  Acc stat = 0;
+  tile_product<T, Tile, P,
+               E == Epilogue::kDistance ? RowStat::kSquares : RowStat::kSum,
+               E == Epilogue::kDistance>(smem, a, args.a, b, args.b, args.rows, args.cols,
+                                         args.depth, row0, col0);
   const int t = threadIdx.x;
-  for (int64_t k0 = 0; k0 < args.depth; k0 += Tile::kDepth) {
-    load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.a, a, args.a.row,
-                                                         args.a.col, args.rows, args.depth, row0, k0);
-    load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.b, b, args.b.row,
-                                                         args.b.col, args.cols, args.depth, col0, k0);
-    __syncthreads();
-    if (t < Tile::kRows) {
-#pragma unroll
-      for (int k = 0; k < Tile::kDepth; ++k) {
-        const Acc v = widen(smem.tiles.operands.a[k][t]);
-        stat += E == Epilogue::kDistance ? v * v : v;
-      }
-    } else if (E == Epilogue::kDistance && t < Tile::kRows + Tile::kCols) {
-#pragma unroll
-      for (int k = 0; k < Tile::kDepth; ++k) {
-        const Acc v = widen(smem.tiles.operands.b[k][t - Tile::kRows]);
-        stat += v * v;
-      }
-    }
-    product.step(smem.tiles.operands.a, smem.tiles.operands.b);
-    __syncthreads();
-  }
-  if (t < Tile::kRows) smem.row_stat[t] = stat;
-  else if (t < Tile::kRows + Tile::kCols) smem.col_stat[t - Tile::kRows] = stat;
-  product.store(smem.tiles.c);
-  __syncthreads();
 
   // Epilogue, row by row so that a warp writes consecutive outputs.
   for (int i = t; i < Tile::kRows * Tile::kCols; i += Tile::kThreads) {
@@ -100,20 +75,11 @@ void launch_tiles(GemmArgs<T> args, int64_t batch, cudaStream_t stream) {
   PK_CHECK_LAUNCH();
 }
 
-// FFMA for float64 and float32 "ieee"; tensor cores otherwise.
 template <Epilogue E, typename T>
 void launch(const GemmArgs<T>& args, int64_t batch, Precision precision, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, double>) {
-    launch_tiles<T, FmaTile, Precision::kIeee, E>(args, batch, stream);
-  } else if constexpr (std::is_same_v<T, float>) {
-    switch (precision) {
-      case Precision::kIeee: return launch_tiles<T, FmaTile, Precision::kIeee, E>(args, batch, stream);
-      case Precision::kTf32x3: return launch_tiles<T, MmaTile, Precision::kTf32x3, E>(args, batch, stream);
-      case Precision::kTf32: return launch_tiles<T, MmaTile, Precision::kTf32, E>(args, batch, stream);
-    }
-  } else {
-    launch_tiles<T, MmaTile, Precision::kIeee, E>(args, batch, stream);
-  }
+  dispatch_tile<T>(precision, [&](auto tile, auto product) {
+    launch_tiles<T, decltype(tile), decltype(product)::value, E>(args, batch, stream);
+  });
 }
 
 }  // namespace
@@ -121,14 +87,7 @@ void launch(const GemmArgs<T>& args, int64_t batch, Precision precision, cudaStr
 // x (B, N, D), y (B, M, D) -> (B, N, M).
 Tensor sqdist_cuda(Tensor x, Tensor y, std::string precision) {
   const char* op = "sqdist_cuda";
-  PK_CHECK_CUDA(op, "x", x);
-  PK_CHECK_CUDA(op, "y", y);
-  PK_CHECK_DIM(op, "x", x, 3);
-  PK_CHECK_DIM(op, "y", y, 3);
-  PK_CHECK_SAME(op, "device", "x", x.device(), "y", y.device());
-  PK_CHECK_SAME(op, "dtype", "x", x.scalar_type(), "y", y.scalar_type());
-  PK_CHECK_SAME(op, "batch size", "x", x.size(0), "y", y.size(0));
-  PK_CHECK_SAME(op, "feature size D", "x", x.size(2), "y", y.size(2));
+  check_batched_rows(op, x, y);
   const Precision p = parse_precision(precision, op);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor out = torch::stable::new_empty(x, {x.size(0), x.size(1), y.size(1)});

@@ -197,5 +197,70 @@ struct ProductFor<T, MmaTile, P> {
   using type = MmaProduct<T, P, S::kLdA, S::kLdB>;
 };
 
+// What the threads of a tile keep about the A rows they load: |a|^2 (distances) or sum(a)
+// (gradients' rowsum). B's columns always get |b|^2 when wanted.
+enum class RowStat { kSquares, kSum };
+
+// smem.tiles.c = the (kRows x kCols) tile of A B^T at (row0, col0) of one batch, over the full
+// depth; smem.row_stat = the A rows' statistic and, with COL_SQUARES, smem.col_stat = |b|^2, both
+// from the tiles already in shared memory (no second pass over the inputs). Ends synchronized.
+template <typename T, typename Tile, Precision P, RowStat ROW_STAT, bool COL_SQUARES>
+__device__ __forceinline__ void tile_product(Smem<T, Tile>& smem, const T* a, const Matrix<const T>& am,
+                                             const T* b, const Matrix<const T>& bm, int64_t rows,
+                                             int64_t cols, int64_t depth, int64_t row0,
+                                             int64_t col0) {
+  using Acc = typename Smem<T, Tile>::Acc;
+  typename ProductFor<T, Tile, P>::type product;
+  // Threads [0, kRows) keep their A row's statistic, the next kCols their B column's.
+  Acc stat = 0;
+  const int t = threadIdx.x;
+  for (int64_t k0 = 0; k0 < depth; k0 += Tile::kDepth) {
+    load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.a, a, am.row, am.col,
+                                                         rows, depth, row0, k0);
+    load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.b, b, bm.row, bm.col,
+                                                         cols, depth, col0, k0);
+    __syncthreads();
+    if (t < Tile::kRows) {
+#pragma unroll
+      for (int k = 0; k < Tile::kDepth; ++k) {
+        const Acc v = widen(smem.tiles.operands.a[k][t]);
+        stat += ROW_STAT == RowStat::kSquares ? v * v : v;
+      }
+    } else if (COL_SQUARES && t < Tile::kRows + Tile::kCols) {
+#pragma unroll
+      for (int k = 0; k < Tile::kDepth; ++k) {
+        const Acc v = widen(smem.tiles.operands.b[k][t - Tile::kRows]);
+        stat += v * v;
+      }
+    }
+    product.step(smem.tiles.operands.a, smem.tiles.operands.b);
+    __syncthreads();
+  }
+  if (t < Tile::kRows) smem.row_stat[t] = stat;
+  else if (t < Tile::kRows + Tile::kCols) smem.col_stat[t - Tile::kRows] = stat;
+  product.store(smem.tiles.c);
+  __syncthreads();
+}
+
+// Calls f(Tile{}, std::integral_constant<Precision, P>{}) with the tile and product for T at
+// `precision`: FFMA tiles for float64 and float32 "ieee", tensor-core tiles otherwise.
+template <typename T, typename F>
+void dispatch_tile(Precision precision, F&& f) {
+  using Ieee = std::integral_constant<Precision, Precision::kIeee>;
+  if constexpr (std::is_same_v<T, double>) {
+    f(FmaTile{}, Ieee{});
+  } else if constexpr (std::is_same_v<T, float>) {
+    switch (precision) {
+      case Precision::kIeee: return f(FmaTile{}, Ieee{});
+      case Precision::kTf32x3:
+        return f(MmaTile{}, std::integral_constant<Precision, Precision::kTf32x3>{});
+      case Precision::kTf32:
+        return f(MmaTile{}, std::integral_constant<Precision, Precision::kTf32>{});
+    }
+  } else {
+    f(MmaTile{}, Ieee{});
+  }
+}
+
 }  // namespace tile
 }  // namespace protokernels

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _block, _dot, _split_tf32
+from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _block, _dot, fitted_config, split_operands
 
 NO_KEY = 2**63 - 1  # "no allowed candidate": decodes to index -1, distance inf
 # Kernels may only read globals that are constexpr.
@@ -258,12 +258,8 @@ _TARGET_PROGRAMS = 4 * 132
 
 
 def search_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
-    split = dtype == torch.float32 and precision == "tf32x3"
-    config = dict(_SEARCH["tf32x3" if split else dtype])
-    config["BLOCK_N"] = _block(n, config["BLOCK_N"])
-    config["BLOCK_M"] = _block(m, config["BLOCK_M"])
-    config["BLOCK_D"] = _block(d, config["BLOCK_D"])
-    return config
+    """The search kernel's launch config."""
+    return fitted_config(_SEARCH, n, m, d, dtype, precision)
 
 
 def _squared_norms(t: torch.Tensor) -> torch.Tensor:
@@ -298,12 +294,7 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
     keys = torch.empty((batch, n, splits, slots), dtype=torch.int64, device=x.device)
     col_keys = (torch.full((batch, m), NO_KEY, dtype=torch.int64, device=x.device) if columns
                 else keys)
-    split = precision == "tf32x3" and x.dtype == torch.float32
-    if split:
-        (x, x_lo), (y, y_lo) = _split_tf32(x), _split_tf32(y)
-        precision = "tf32"
-    else:
-        x_lo, y_lo = x, y
+    split, precision, (x, x_lo), (y, y_lo) = split_operands(x, y, precision)
     _search_kernel[(batch * tiles_n * splits,)](
         x, y, x_lo, y_lo, x_norm, y_norm, tile_flags,
         exclude if exclude is not None else keys,

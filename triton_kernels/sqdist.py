@@ -144,6 +144,16 @@ def _split_tf32(t: torch.Tensor):
     return _per_distinct_element(split, t)
 
 
+def split_operands(x: torch.Tensor, y: torch.Tensor, precision: str):
+    """(split, kernel precision, (x, x_lo), (y, y_lo)): for float32 "tf32x3" the operands are
+    split once here into TF32 hi/lo parts and the kernel runs three "tf32" products; otherwise
+    x_lo, y_lo are unused stand-ins. Splitting per tile in the kernel (Triton's own tf32x3) writes
+    B's low part back to shared memory: 0.81 ms against 0.58 for sqdist at the spec size."""
+    if precision == "tf32x3" and x.dtype == torch.float32:
+        return True, "tf32", _split_tf32(x), _split_tf32(y)
+    return False, precision, (x, x), (y, y)
+
+
 # Launch configs by operand type, the fastest of scripts/tune_triton.py on the H100 at the spec's
 # size (benchmarks/RESULTS.md, "Triton config sweep"). float64 keeps small tiles: its accumulators
 # take twice the registers and DMMA is slow anyway.
@@ -180,14 +190,21 @@ for _transpose in (False, True):
                                             num_stages=2, TRANSPOSE_B=False)
 
 
-def forward_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
-    """The forward kernel's launch config, its tiles shrunk to fit small problems."""
+def fitted_config(table: dict, n: int, m: int, d: int, dtype: torch.dtype, precision: str
+                  ) -> dict:
+    """table's launch config for dtype (its "tf32x3" entry for split float32), with the
+    BLOCK_N x BLOCK_M x BLOCK_D tile shrunk to fit small problems."""
     split = dtype == torch.float32 and precision == "tf32x3"
-    config = dict(_FORWARD["tf32x3" if split else dtype])
+    config = dict(table["tf32x3" if split else dtype])
     config["BLOCK_N"] = _block(n, config["BLOCK_N"])
     config["BLOCK_M"] = _block(m, config["BLOCK_M"])
     config["BLOCK_D"] = _block(d, config["BLOCK_D"])
     return config
+
+
+def forward_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
+    """The forward kernel's launch config."""
+    return fitted_config(_FORWARD, n, m, d, dtype, precision)
 
 
 def grad_config(r: int, s: int, d: int, dtype: torch.dtype, transpose: bool) -> dict:
@@ -208,14 +225,7 @@ def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str, config: dict | None
     config = config or forward_config(n, m, d, x.dtype, precision)
     tiles_n = triton.cdiv(n, config["BLOCK_N"])
     tiles_m = triton.cdiv(m, config["BLOCK_M"])
-    split = precision == "tf32x3" and x.dtype == torch.float32
-    if split:
-        # Split once here rather than per tile in the kernel: Triton's own tf32x3 splits each
-        # loaded tile and writes B's low part back to shared memory (0.81 ms at the spec size).
-        (x, x_lo), (y, y_lo) = _split_tf32(x), _split_tf32(y)
-        precision = "tf32"
-    else:
-        x_lo, y_lo = x, y
+    split, precision, (x, x_lo), (y, y_lo) = split_operands(x, y, precision)
     _sqdist_kernel[(batch * tiles_n * tiles_m,)](
         x, y, x_lo, y_lo, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(),
         *out.stride(), ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision,
