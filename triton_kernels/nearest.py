@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _block, _dot, fitted_config, split_operands
+from .sqdist import (_ACCUMULATOR, _UPCAST_BF16, _block, _dot, cdiv, fitted_config, next_power_of_2,
+                     split_operands)
 
 NO_KEY = 2**63 - 1  # "no allowed candidate": decodes to index -1, distance inf
 # Kernels may only read globals that are constexpr.
@@ -282,14 +283,14 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
     acc = _ACCUMULATOR.get(x.dtype, tl.float32)
     x_norm, y_norm = _squared_norms(x), _squared_norms(y)
     config = config or search_config(n, m, d, x.dtype, precision)
-    tiles_n = triton.cdiv(n, config["BLOCK_N"])
-    tiles_m = triton.cdiv(m, config["BLOCK_M"])
+    tiles_n = cdiv(n, config["BLOCK_N"])
+    tiles_m = cdiv(m, config["BLOCK_M"])
     non_finite = y_norm.isnan() | (y_norm >= torch.finfo(torch.float32).max)
     tile_flags = torch.nn.functional.pad(non_finite, (0, tiles_m * config["BLOCK_M"] - m))
     tile_flags = tile_flags.view(batch, tiles_m, config["BLOCK_M"]).any(-1).to(torch.int8)
     splits = max(1, min(tiles_m, _TARGET_PROGRAMS // (batch * tiles_n)))
-    tiles_per_split = triton.cdiv(tiles_m, splits)
-    splits = triton.cdiv(tiles_m, tiles_per_split)
+    tiles_per_split = cdiv(tiles_m, splits)
+    splits = cdiv(tiles_m, tiles_per_split)
     slots = 2 if x_labels is not None else k
     keys = torch.empty((batch, n, splits, slots), dtype=torch.int64, device=x.device)
     col_keys = (torch.full((batch, m), NO_KEY, dtype=torch.int64, device=x.device) if columns
@@ -301,7 +302,7 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
         x_labels if x_labels is not None else keys, y_labels if y_labels is not None else keys,
         keys, col_keys, n, m, d, tiles_n, tiles_per_split, splits, *x.stride(), *y.stride(),
         ACC=acc, PRECISION=precision, UPCAST_BF16=_UPCAST_BF16, SPLIT=split, K=k,
-        K_PAD=triton.next_power_of_2(k), HAS_EXCLUDE=exclude is not None,
+        K_PAD=next_power_of_2(k), HAS_EXCLUDE=exclude is not None,
         HAS_LABELS=x_labels is not None, COLUMNS=columns, **config)
     if splits == 1:
         keys = keys[:, :, 0]
@@ -321,7 +322,7 @@ def _finish(keys, a, b, ranked=False):
     idx = torch.empty(keys.shape, dtype=torch.int64, device=a.device)
     pairs = keys.numel()
     block_p, block_d = 64, _block(a.shape[-1], 64)
-    _pair_distance_kernel[(triton.cdiv(pairs, block_p),)](
+    _pair_distance_kernel[(cdiv(pairs, block_p),)](
         keys.contiguous(), a, b, dist, idx, pairs, r, slots, a.shape[-1], *a.stride(),
         *b.stride(), ACC=_ACCUMULATOR.get(a.dtype, tl.float32), BLOCK_P=block_p, BLOCK_D=block_d)
     if ranked:
@@ -364,7 +365,7 @@ def gather_sqdist_grad(grad, a, b, idx):
     ga = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     gb = torch.zeros(b.shape, dtype=acc_dtype, device=a.device)
     block_r, block_d = 32, _block(d, 128)
-    grid = (triton.cdiv(r, block_r), batch, triton.cdiv(d, block_d))
+    grid = (cdiv(r, block_r), batch, cdiv(d, block_d))
     _gather_grad_kernel[grid](grad.contiguous(), a, b, idx.contiguous(), ga, gb, r, slots, d, t,
                               *a.stride(), *b.stride(), ACC=_ACCUMULATOR.get(a.dtype, tl.float32),
                               BLOCK_R=block_r, BLOCK_D=block_d)

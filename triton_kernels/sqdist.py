@@ -123,9 +123,19 @@ def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
              grad.to(OUT.dtype.element_ty), mask=mask)
 
 
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions whose host calls cost ~5.5 us each (measured), ten of them per nearest call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def _block(extent: int, largest: int) -> int:
     """Power-of-two block for `extent`, at least 16 (tl.dot's minimum) and at most `largest`."""
-    return max(16, min(largest, triton.next_power_of_2(extent)))
+    return max(16, min(largest, next_power_of_2(extent)))
 
 
 def _per_distinct_element(function, t: torch.Tensor):
@@ -223,8 +233,8 @@ def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str, config: dict | None
     m = y.shape[1]
     out = x.new_empty((batch, n, m))
     config = config or forward_config(n, m, d, x.dtype, precision)
-    tiles_n = triton.cdiv(n, config["BLOCK_N"])
-    tiles_m = triton.cdiv(m, config["BLOCK_M"])
+    tiles_n = cdiv(n, config["BLOCK_N"])
+    tiles_m = cdiv(m, config["BLOCK_M"])
     split, precision, (x, x_lo), (y, y_lo) = split_operands(x, y, precision)
     _sqdist_kernel[(batch * tiles_n * tiles_m,)](
         x, y, x_lo, y_lo, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(),
@@ -246,7 +256,7 @@ def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose:
         # A (S, D)-sized copy with S contiguous: the product's B operand is then K-major, which
         # float32 wgmma requires (half types can transpose in shared memory).
         (b,) = _per_distinct_element(lambda u: (u.mT.contiguous().mT,), b)
-    tiles_r, tiles_d = triton.cdiv(r, config["BLOCK_R"]), triton.cdiv(d, config["BLOCK_D"])
+    tiles_r, tiles_d = cdiv(r, config["BLOCK_R"]), cdiv(d, config["BLOCK_D"])
     _sqdist_grad_kernel[(batch * tiles_r * tiles_d,)](
         g, a, b, out, r, s, d, tiles_r, tiles_d, *g.stride(), *a.stride(), *b.stride(),
         *out.stride(), ACC=_ACCUMULATOR.get(a.dtype, tl.float32), PRECISION=precision,
