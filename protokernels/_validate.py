@@ -104,8 +104,7 @@ def index_range(op: str, name: str, t: torch.Tensor, size: int, what: str) -> No
     where reading values is impossible; the kernels ignore out-of-range values there."""
     if t.numel() == 0 or not _can_read_values():
         return
-    low, high = torch.aminmax(t)
-    low, high = int(low), int(high)
+    low, high = torch.stack(torch.aminmax(t)).tolist()  # one device sync, not two
     if low < 0 or high >= size:
         raise ValueError(f"{op}: argument '{name}' must hold {what} in [0, {size}), got values "
                          f"from {low} to {high}")

@@ -92,6 +92,15 @@ def _search(x, y, slots, allowed_in, precision):
     return idx
 
 
+def _pair_differences(a, b, i, acc):
+    """a_r - b_idx[r, s] (b, r, S, D) in `acc` for tiles a (b, r, D), b (b, T, D), i (b, r, S),
+    and the gather index into b's rows (index -1 reads row 0; callers mask those pairs)."""
+    d = a.shape[-1]
+    flat = i.clamp_min(0).flatten(1)[..., None].expand(-1, -1, d)
+    rows = b.gather(1, flat).view(i.shape + (d,)).to(acc)
+    return a[:, :, None].to(acc) - rows, flat
+
+
 def pair_distances(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """sum((a_r - b_idx[r, s])^2) for idx (B, R, S), exactly (no expansion): (B, R, S) in float32
     (float64 for float64 input); inf where idx is -1."""
@@ -103,8 +112,7 @@ def pair_distances(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch
     for b0, b1 in ranges(batch, tile["b"]):
         for r0, r1 in ranges(r, tile["r"]):
             i = idx[b0:b1, r0:r1]
-            rows = b[b0:b1].gather(1, i.clamp_min(0).flatten(1)[..., None].expand(-1, -1, d))
-            diff = a[b0:b1, r0:r1, None].to(acc) - rows.view(i.shape + (d,)).to(acc)
+            diff, _ = _pair_differences(a[b0:b1, r0:r1], b[b0:b1], i, acc)
             out[b0:b1, r0:r1] = diff.square().sum(-1).masked_fill(i < 0, torch.inf)
     return out
 
@@ -165,11 +173,9 @@ def gather_sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx
     for b0, b1 in ranges(batch, tile["b"]):
         for r0, r1 in ranges(r, tile["r"]):
             i = idx[b0:b1, r0:r1]
-            valid = i >= 0
-            flat = i.clamp_min(0).flatten(1)[..., None].expand(-1, -1, d)
-            rows = b[b0:b1].gather(1, flat).view(i.shape + (d,)).to(acc)
-            g = grad[b0:b1, r0:r1].to(acc).masked_fill(~valid, 0)[..., None]
-            pair = 2 * g * (a[b0:b1, r0:r1, None].to(acc) - rows)  # (b, r, S, D)
+            diff, flat = _pair_differences(a[b0:b1, r0:r1], b[b0:b1], i, acc)
+            g = grad[b0:b1, r0:r1].to(acc).masked_fill(i < 0, 0)[..., None]
+            pair = 2 * g * diff  # (b, r, S, D)
             ga[b0:b1, r0:r1] = pair.sum(2)
             gb[b0:b1].scatter_add_(1, flat, -pair.flatten(1, 2))
     return ga, gb.to(b.dtype)
