@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs
 
   const int64_t batch = blockIdx.x / args.tiles_r;
   const int64_t row0 = blockIdx.x % args.tiles_r * Tile::kRows;
-  const T* x = args.x.data + batch * args.x.batch;
-  const T* y = args.y.data + batch * args.y.batch;
+  const StridedOperand<T> x = operand(args.x, batch, args.rows);
+  const StridedOperand<T> y = operand(args.y, batch, args.cols);
   const Search& s = args.search;
   const int t = threadIdx.x;
   const int64_t my_row = row0 + t;  // for threads [0, kRows)
@@ -95,8 +95,7 @@ __global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs
   if (row_thread && !s.x_labels && s.k > 1) best.init_top_k(s.keys + row_index * s.k, s.k);
 
   for (int64_t col0 = 0; col0 < args.cols; col0 += Tile::kCols) {
-    tile_product<T, Tile, P, RowStat::kSquares, true>(smem, x, args.x, y, args.y, args.rows,
-                                                      args.cols, args.depth, row0, col0);
+    tile_product<T, Tile, P, RowStat::kSquares, true>(smem, x, y, args.depth, row0, col0);
     const int tile_cols = static_cast<int>(args.cols - col0 < Tile::kCols ? args.cols - col0 : Tile::kCols);
     if (row_thread) {
       for (int c = 0; c < tile_cols; ++c) {

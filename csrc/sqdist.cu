@@ -37,13 +37,9 @@ __global__ void __launch_bounds__(Tile::kThreads) sqdist_tile_kernel(const GemmA
   const int64_t batch = pid / (args.tiles_r * args.tiles_c);
   const int64_t tile = pid % (args.tiles_r * args.tiles_c);
   const int64_t row0 = tile % args.tiles_r * Tile::kRows, col0 = tile / args.tiles_r * Tile::kCols;
-  const T* a = args.a.data + batch * args.a.batch;
-  const T* b = args.b.data + batch * args.b.batch;
-
-  tile_product<T, Tile, P,
-               E == Epilogue::kDistance ? RowStat::kSquares : RowStat::kSum,
-               E == Epilogue::kDistance>(smem, a, args.a, b, args.b, args.rows, args.cols,
-                                         args.depth, row0, col0);
+  tile_product<T, Tile, P, E == Epilogue::kDistance ? RowStat::kSquares : RowStat::kSum,
+               E == Epilogue::kDistance>(smem, operand(args.a, batch, args.rows),
+                                         operand(args.b, batch, args.cols), args.depth, row0, col0);
   const int t = threadIdx.x;
 
   // Epilogue, row by row so that a warp writes consecutive outputs.

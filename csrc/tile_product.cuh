@@ -64,18 +64,36 @@ struct Smem {
   Acc col_stat[Tile::kCols];
 };
 
+// An operand of the tile product: a (rows x depth) matrix read element by element. Besides
+// strided matrices (this one), the implicit-GEMM convolutions define operands that gather, e.g.
+// the im2col matrix of an image (kp_conv.cu). Every operand has: `rows`; `k_contiguous()`,
+// whether consecutive k are adjacent in memory (the loader then walks k fastest, for coalescing);
+// and `at(r, k)`, called for r < rows and k < depth only.
+template <typename T>
+struct StridedOperand {
+  const T* data;
+  int64_t row, col, rows;
+  __device__ bool k_contiguous() const { return col == 1; }
+  __device__ T at(int64_t r, int64_t k) const { return data[r * row + k * col]; }
+};
+
+// Batch `batch` of a strided matrix with `rows` rows, as an operand.
+template <typename T>
+__device__ StridedOperand<T> operand(const Matrix<const T>& m, int64_t batch, int64_t rows) {
+  return {m.data + batch * m.batch, m.row, m.col, rows};
+}
+
 // Copies the (ROWS x kDepth) tile at (row0, k0) of an operand into k-major shared memory,
-// zero-filling outside the matrix. Threads walk the operand's contiguous dimension for coalescing.
-template <int ROWS, int DEPTH, int THREADS, typename T, int LD>
-__device__ __forceinline__ void load_tile(T (*dst)[LD], const T* src, int64_t row_stride,
-                                          int64_t k_stride, int64_t rows, int64_t depth,
+// zero-filling outside the matrix.
+template <int ROWS, int DEPTH, int THREADS, typename T, int LD, typename Operand>
+__device__ __forceinline__ void load_tile(T (*dst)[LD], const Operand& src, int64_t depth,
                                           int64_t row0, int64_t k0) {
-  const bool k_contiguous = k_stride == 1;
+  const bool k_contiguous = src.k_contiguous();
   for (int i = threadIdx.x; i < ROWS * DEPTH; i += THREADS) {
     const int r = k_contiguous ? i / DEPTH : i % ROWS;
     const int k = k_contiguous ? i % DEPTH : i / ROWS;
     const int64_t gr = row0 + r, gk = k0 + k;
-    dst[k][r] = (gr < rows && gk < depth) ? src[gr * row_stride + gk * k_stride] : narrow<T>(0.0f);
+    dst[k][r] = (gr < src.rows && gk < depth) ? src.at(gr, gk) : narrow<T>(0.0f);
   }
 }
 
@@ -201,13 +219,12 @@ struct ProductFor<T, MmaTile, P> {
 // (gradients' rowsum). B's columns always get |b|^2 when wanted.
 enum class RowStat { kSquares, kSum };
 
-// smem.tiles.c = the (kRows x kCols) tile of A B^T at (row0, col0) of one batch, over the full
-// depth; smem.row_stat = the A rows' statistic and, with COL_SQUARES, smem.col_stat = |b|^2, both
+// smem.tiles.c = the (kRows x kCols) tile of A B^T at (row0, col0), over the full depth; smem.row_stat = the A rows' statistic and, with COL_SQUARES, smem.col_stat = |b|^2, both
 // from the tiles already in shared memory (no second pass over the inputs). Ends synchronized.
-template <typename T, typename Tile, Precision P, RowStat ROW_STAT, bool COL_SQUARES>
-__device__ __forceinline__ void tile_product(Smem<T, Tile>& smem, const T* a, const Matrix<const T>& am,
-                                             const T* b, const Matrix<const T>& bm, int64_t rows,
-                                             int64_t cols, int64_t depth, int64_t row0,
+template <typename T, typename Tile, Precision P, RowStat ROW_STAT, bool COL_SQUARES,
+          typename OperandA, typename OperandB>
+__device__ __forceinline__ void tile_product(Smem<T, Tile>& smem, const OperandA& a,
+                                             const OperandB& b, int64_t depth, int64_t row0,
                                              int64_t col0) {
   using Acc = typename Smem<T, Tile>::Acc;
   typename ProductFor<T, Tile, P>::type product;
@@ -215,10 +232,8 @@ __device__ __forceinline__ void tile_product(Smem<T, Tile>& smem, const T* a, co
   Acc stat = 0;
   const int t = threadIdx.x;
   for (int64_t k0 = 0; k0 < depth; k0 += Tile::kDepth) {
-    load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.a, a, am.row, am.col,
-                                                         rows, depth, row0, k0);
-    load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.b, b, bm.row, bm.col,
-                                                         cols, depth, col0, k0);
+    load_tile<Tile::kRows, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.a, a, depth, row0, k0);
+    load_tile<Tile::kCols, Tile::kDepth, Tile::kThreads>(smem.tiles.operands.b, b, depth, col0, k0);
     __syncthreads();
     if (t < Tile::kRows) {
 #pragma unroll

@@ -5,10 +5,12 @@ Every op has three backends (cuda, triton, reference) behind one dispatch; see
 """
 from ._backend import (BackendStatus, BackendUnavailableError, available_backends,
                        current_backend, use_backend)
+from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
 from .ops.sqdist import sqdist
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "current_backend",
+           "kp_conv1d", "kp_conv2d",
            "nearest", "nearest_both", "nearest_by_label", "nearest_k", "sqdist", "use_backend"]

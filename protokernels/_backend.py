@@ -30,6 +30,8 @@ _AUTO_ORDER = {
     # (tf32 1.27 vs 13.2 ms); the CUDA kernel (one thread per row folds each tile) is the fallback.
     **dict.fromkeys(("nearest", "nearest_k", "nearest_by_label", "nearest_both"),
                     ("triton", "cuda", "reference")),
+    # RESULTS.md "kp_conv2d, 2026-11-23, H100": to be measured.
+    **dict.fromkeys(("kp_conv2d", "kp_conv1d"), ("triton", "cuda", "reference")),
 }
 
 
@@ -233,10 +235,16 @@ def _matmul_precision() -> str:
 
 @contextlib.contextmanager
 def matmul_precision(precision: str):
-    """Run torch matmuls (the reference backend's) at `precision`."""
-    previous = torch.get_float32_matmul_precision()
+    """Run torch matmuls and cuDNN convolutions (the reference backend's) at `precision`.
+
+    cuDNN convolutions have their own TF32 switch (on by default), which
+    set_float32_matmul_precision does not touch.
+    """
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]

@@ -108,3 +108,46 @@ def index_range(op: str, name: str, t: torch.Tensor, size: int, what: str) -> No
     if low < 0 or high >= size:
         raise ValueError(f"{op}: argument '{name}' must hold {what} in [0, {size}), got values "
                          f"from {low} to {high}")
+
+
+def _conv_tuple(op: str, name: str, value, spatial: int, minimum: int) -> tuple[int, ...]:
+    """An int or a sequence of `spatial` ints, each >= minimum, as a tuple (F.conv2d's arguments)."""
+    values = (value,) * spatial if isinstance(value, int) else value
+    if (isinstance(value, bool) or not isinstance(values, (tuple, list))
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+        raise TypeError(f"{op}: argument '{name}' must be an int or a tuple of {spatial} ints, "
+                        f"got {value!r}")
+    if len(values) != spatial:
+        raise ValueError(f"{op}: argument '{name}' must be an int or a tuple of {spatial} ints, "
+                         f"got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{op}: argument '{name}' must be >= {minimum}, got {value!r}")
+    return tuple(values)
+
+
+def conv_windows(op: str, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation,
+                 spatial: int, layout: str):
+    """Check a convolution's input x (B, C, *size) or unbatched (C, *size), prototypes
+    w (P, C, *kernel) and geometry; return (stride, padding, dilation) as tuples."""
+    if x.dim() not in (spatial + 1, spatial + 2):
+        raise ValueError(f"{op}: argument 'x' must be {spatial + 2}-D {layout} (or "
+                         f"{spatial + 1}-D without the batch dimension), got {_describe(x)}")
+    if w.dim() != spatial + 2:
+        raise ValueError(f"{op}: argument 'w' must be {spatial + 2}-D (P, C, *kernel_size), got "
+                         f"{_describe(w)}")
+    channels, size = x.shape[-spatial - 1], tuple(x.shape[-spatial:])
+    if w.shape[1] != channels:
+        raise ValueError(f"{op}: 'w' must have as many channels (dimension 1) as 'x' "
+                         f"({channels}), got w {tuple(w.shape)} and x {tuple(x.shape)}")
+    kernel = tuple(w.shape[2:])
+    if min(kernel) < 1:
+        raise ValueError(f"{op}: the kernel size of 'w' must be positive, got w {tuple(w.shape)}")
+    stride = _conv_tuple(op, "stride", stride, spatial, 1)
+    padding = _conv_tuple(op, "padding", padding, spatial, 0)
+    dilation = _conv_tuple(op, "dilation", dilation, spatial, 1)
+    for extent, k, pad, dil in zip(size, kernel, padding, dilation):
+        if dil * (k - 1) + 1 > extent + 2 * pad:
+            raise ValueError(
+                f"{op}: the kernel of 'w' {kernel} (dilation {dilation}) is larger than the padded "
+                f"input: x {tuple(x.shape)} with padding {padding}")
+    return stride, padding, dilation

@@ -26,7 +26,7 @@ import torch
 
 import protokernels
 
-OPS = ("sqdist", "nearest")
+OPS = ("sqdist", "nearest", "kp_conv")
 # H100 ceilings measured in SPEC.md: FFMA, TF32 (a third of it for 3xTF32), bf16 tensor cores,
 # device-to-device copy (bytes read + written).
 PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679e12}
@@ -127,6 +127,8 @@ def _measure(function, backend, sizes, inputs, backward, device, repeats):
 def _run_case(cases, op, case, matmul_precision, dtype, sizes, runners, modes, device, repeats,
               log):
     torch.set_float32_matmul_precision(matmul_precision)
+    # cuDNN convolutions (the naive kp_conv) have their own TF32 switch; keep it in step.
+    torch.backends.cudnn.allow_tf32 = matmul_precision != "highest"
     inputs = cases.make_inputs(sizes, dtype, device)
     precision = _roofline_precision(dtype)
     rows = []

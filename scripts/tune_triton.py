@@ -1,8 +1,9 @@
 """Sweep the Triton kernels' launch configs at the spec's sizes on a GPU and print the fastest per
 case: the evidence behind sqdist's forward_config() / grad_config() (B8 N4096 M4096 D128) and
-nearest's search_config() (N65536 M8192 D256).
+nearest's search_config() (N65536 M8192 D256), and kp_conv's tables (x (32, 64, 56, 56),
+w (128, 64, 3, 3), padding 1).
 
-    python scripts/tune_triton.py [--op sqdist|nearest] [--budget SECONDS] [--case ...]
+    python scripts/tune_triton.py [--op sqdist|nearest|kp_conv] [--budget SECONDS] [--case ...]
 """
 import argparse
 import itertools
@@ -11,6 +12,7 @@ import time
 import torch
 import triton.testing
 
+from protokernels.triton_kernels import kp_conv as conv_kernels
 from protokernels.triton_kernels import nearest as search_kernels
 from protokernels.triton_kernels import sqdist as kernels
 
@@ -64,9 +66,44 @@ def tune_nearest(cases, deadline):
               search_configs(depths), time.time() + share)
 
 
+CONV_FORWARD = [dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, num_warps=w, num_stages=st)
+                for (bm, bp), bk, w, st in itertools.product(
+                    [(128, 128), (256, 128), (128, 64), (64, 128)], [16, 32, 64], [4, 8], [3, 4])]
+CONV_GRAD_INPUT = [dict(BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, num_warps=w, num_stages=st)
+                   for bm, bc, bk, w, st in itertools.product([64, 128], [64, 128], [32, 64],
+                                                              [4, 8], [2, 3])]
+CONV_GRAD_WEIGHT = [dict(BLOCK_P=bp, BLOCK_K=bk, BLOCK_M=bm, num_warps=w, num_stages=st)
+                    for bp, bk, bm, w, st in itertools.product([64, 128], [64, 128], [32, 64],
+                                                               [4, 8], [2, 3])]
+
+
+def tune_kp_conv(cases, deadline):
+    geometry = ([1, 1], [1, 1], [1, 1])
+    todo = [(c, dt, p) for c, dt, p in [("tf32", torch.float32, "tf32"),
+                                        ("tf32x3", torch.float32, "tf32x3"),
+                                        ("bf16", torch.bfloat16, "ieee")] if c in cases]
+    for i, (case, dtype, precision) in enumerate(todo):
+        x = torch.randn(32, 64, 56, 56, device="cuda", dtype=dtype)
+        w = torch.randn(128, 64, 3, 3, device="cuda", dtype=dtype)
+        out = torch.empty(32, 128, 56, 56, device="cuda", dtype=dtype)
+        gx, gw = torch.empty_like(x), torch.empty_like(w)
+        runs = [("forward", CONV_FORWARD,
+                 lambda c: conv_kernels.kp_conv2d(x, w, *geometry, precision, out, c)),
+                ("grad input", CONV_GRAD_INPUT,
+                 lambda c: conv_kernels.kp_conv2d_grad_input(out, x, w, *geometry, precision, gx, c)),
+                ("grad weight", CONV_GRAD_WEIGHT,
+                 lambda c: conv_kernels.kp_conv2d_grad_weight(out, x, w, *geometry, precision, gw,
+                                                              c))]
+        for j, (name, configs, run) in enumerate(runs):
+            print(f"default {name} {case}: {triton.testing.do_bench(lambda: run(None)):.4f} ms",
+                  flush=True)
+            share = (deadline - time.time()) / ((len(todo) - i) * len(runs) - j)
+            sweep(f"{name} {case}", run, configs, time.time() + share)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--op", choices=["sqdist", "nearest"], default="sqdist")
+    parser.add_argument("--op", choices=["sqdist", "nearest", "kp_conv"], default="sqdist")
     parser.add_argument("--budget", type=float, default=420, help="seconds for the whole sweep")
     parser.add_argument("--case", action="append", choices=["tf32", "tf32x3", "bf16"],
                         help="cases to sweep (repeatable; default: all)")
@@ -75,6 +112,8 @@ def main():
     deadline = time.time() + args.budget
     if args.op == "nearest":
         return tune_nearest(cases, deadline)
+    if args.op == "kp_conv":
+        return tune_kp_conv(cases, deadline)
     b, n, m, d = 8, 4096, 4096, 128
     for case, dtype, precision in [("tf32", torch.float32, "tf32"),
                                    ("tf32x3", torch.float32, "tf32x3"),

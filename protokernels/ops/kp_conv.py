@@ -1,0 +1,151 @@
+"""protokernels::kp_conv2d: the kernel-prototype convolution (prototype-layers..., §6.2, eq. 21).
+
+The squared distance between every sliding window of x and every kernel-prototype,
+x^2 * 1 - 2 x * w + ||w||^2, in one fused pass; kp_conv1d is kp_conv2d on a height-1 image.
+Gradients (clamp at 0 taken as the identity), with g the incoming gradient (B, P, Ho, Wo):
+  gx = 2 x convT(sum_p g, ones) - 2 convT(g, w)      (protokernels::kp_conv2d_grad_input)
+  gw = 2 w sum_{b,h,w} g - 2 corr(x, g)              (protokernels::kp_conv2d_grad_weight)
+Each backend fills an output allocated here, so that every backend and the fake agree on its
+layout: channels_last in, channels_last out, like F.conv2d.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _validate
+
+
+def _output_size(size, kernel, stride, padding, dilation) -> list[int]:
+    return [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(size, kernel, stride, padding, dilation)]
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _new_like(x: Tensor, shape) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+def _new_output(x: Tensor, w: Tensor, stride, padding, dilation) -> Tensor:
+    spatial = _output_size(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    return _new_like(x, [x.shape[0], w.shape[0], *spatial])
+
+
+@torch.library.custom_op("protokernels::kp_conv2d", mutates_args=())
+def _kp_conv2d(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+               precision: str, backend: str) -> Tensor:
+    """x (B, C, H, W), w (P, C, kh, kw) -> (B, P, Ho, Wo)."""
+    out = _new_output(x, w, stride, padding, dilation)
+    if out.numel() == 0:
+        return out
+    if x.shape[1] == 0:  # no features: every distance is 0
+        return out.zero_()
+    _backend.kernel(backend, "kp_conv", "kp_conv2d")(x, w, stride, padding, dilation, precision,
+                                                     out)
+    return out
+
+
+@_kp_conv2d.register_fake
+def _(x, w, stride, padding, dilation, precision, backend):
+    return _new_output(x, w, stride, padding, dilation)
+
+
+@torch.library.custom_op("protokernels::kp_conv2d_grad_input", mutates_args=())
+def _kp_conv2d_grad_input(grad: Tensor, x: Tensor, w: Tensor, stride: list[int],
+                          padding: list[int], dilation: list[int], precision: str,
+                          backend: str) -> Tensor:
+    out = _new_like(x, x.shape)
+    if out.numel() == 0:
+        return out
+    if grad.numel() == 0:
+        return out.zero_()
+    _backend.kernel(backend, "kp_conv", "kp_conv2d_grad_input")(
+        grad, x, w, stride, padding, dilation, precision, out)
+    return out
+
+
+@_kp_conv2d_grad_input.register_fake
+def _(grad, x, w, stride, padding, dilation, precision, backend):
+    return _new_like(x, x.shape)
+
+
+@torch.library.custom_op("protokernels::kp_conv2d_grad_weight", mutates_args=())
+def _kp_conv2d_grad_weight(grad: Tensor, x: Tensor, w: Tensor, stride: list[int],
+                           padding: list[int], dilation: list[int], precision: str,
+                           backend: str) -> Tensor:
+    out = _new_like(w, w.shape)
+    if out.numel() == 0:
+        return out
+    if grad.numel() == 0:
+        return out.zero_()
+    _backend.kernel(backend, "kp_conv", "kp_conv2d_grad_weight")(
+        grad, x, w, stride, padding, dilation, precision, out)
+    return out
+
+
+@_kp_conv2d_grad_weight.register_fake
+def _(grad, x, w, stride, padding, dilation, precision, backend):
+    return _new_like(w, w.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, *ctx.arguments = inputs
+    ctx.save_for_backward(x, w)
+
+
+def _backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.protokernels.kp_conv2d_grad_input(grad, x, w, *ctx.arguments)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.protokernels.kp_conv2d_grad_weight(grad, x, w, *ctx.arguments)
+    return grad_x, grad_w, None, None, None, None, None
+
+
+_kp_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kp_conv(op: str, spatial: int, layout: str, x, w, stride, padding, dilation, precision):
+    _validate.floating(op, x=x, w=w)
+    stride, padding, dilation = _validate.conv_windows(op, x, w, stride, padding, dilation,
+                                                       spatial, layout)
+    backend = _backend.resolve(op, x.device)
+    precision = _backend.resolve_precision(op, precision, x.dtype)
+    unbatched = x.dim() == spatial + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    if spatial == 1:  # a 1-D convolution is a 2-D one over a height-1 image
+        x, w = x.unsqueeze(2), w.unsqueeze(2)
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    out = torch.ops.protokernels.kp_conv2d(x, w, list(stride), list(padding), list(dilation),
+                                           precision, backend)
+    if spatial == 1:
+        out = out.squeeze(2)
+    return out.squeeze(0) if unbatched else out
+
+
+def kp_conv2d(x: Tensor, w: Tensor, *, stride=1, padding=0, dilation=1,
+              precision: str | None = None) -> Tensor:
+    """Kernel-prototype convolution: the squared Euclidean distance between every sliding window
+    of x and every kernel-prototype, x^2 * 1 - 2 x * w + ||w||^2 (prototype-layers..., eq. 21).
+
+    x (B, C, H, W) or (C, H, W), w (P, C, kh, kw) -> (B, P, Ho, Wo) in x's dtype, with the output
+    geometry of F.conv2d(x, w, stride=, padding=, dilation=) (each an int or a pair). Zero
+    padding: a padded position counts as 0, so it adds w^2. One fused pass (the window energy comes
+    from the tiles loaded for the product), clamped at 0; channels_last in, channels_last out.
+    float16/bfloat16 accumulate in float32; `precision` as in sqdist. Differentiable w.r.t. x and
+    w (fused backward kernels).
+    """
+    return _kp_conv("kp_conv2d", 2, "(B, C, H, W)", x, w, stride, padding, dilation, precision)
+
+
+def kp_conv1d(x: Tensor, w: Tensor, *, stride=1, padding=0, dilation=1,
+              precision: str | None = None) -> Tensor:
+    """kp_conv2d for sequences: x (B, C, L) or (C, L), w (P, C, k) -> (B, P, Lo), the geometry of
+    F.conv1d."""
+    return _kp_conv("kp_conv1d", 1, "(B, C, L)", x, w, stride, padding, dilation, precision)
