@@ -66,14 +66,16 @@ def tune_nearest(cases, deadline):
               search_configs(depths), time.time() + share)
 
 
-CONV_FORWARD = [dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, num_warps=w, num_stages=st)
-                for (bm, bp), bk, w, st in itertools.product(
-                    [(128, 128), (256, 128), (128, 64), (64, 128)], [16, 32, 64], [4, 8], [3, 4])]
-CONV_GRAD_INPUT = [dict(BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, num_warps=w, num_stages=st)
-                   for bm, bc, bk, w, st in itertools.product([64, 128], [64, 128], [32, 64],
-                                                              [4, 8], [2, 3])]
+# NHWC last: both layouts of the gathered operand get tried before the time budget runs out.
+CONV_FORWARD = [dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, num_warps=w, num_stages=st, NHWC=nhwc)
+                for (bm, bp), bk, w, st, nhwc in itertools.product(
+                    [(256, 128), (128, 128), (128, 256)], [16, 32], [8, 4], [3, 4],
+                    [True, False])]
+CONV_GRAD_INPUT = [dict(BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, num_warps=w, num_stages=st, NHWC=nhwc)
+                   for bm, bc, bk, w, st, nhwc in itertools.product(
+                       [128], [64, 128], [32, 16, 64], [4, 8], [2, 3], [True, False])]
 CONV_GRAD_WEIGHT = [dict(BLOCK_P=bp, BLOCK_K=bk, BLOCK_M=bm, num_warps=w, num_stages=st)
-                    for bp, bk, bm, w, st in itertools.product([64, 128], [64, 128], [32, 64],
+                    for bp, bk, bm, w, st in itertools.product([64, 128], [64, 128], [32, 16, 64],
                                                                [4, 8], [2, 3])]
 
 

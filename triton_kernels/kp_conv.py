@@ -221,21 +221,29 @@ def _kp_conv2d_grad_weight_kernel(G, X, PARTIAL, MASS, PIXELS, C, H, W, OH, OW, 
 # Launch configs by dtype ("tf32x3" for split float32): scripts/tune_triton.py on the H100 at the
 # spec's size (benchmarks/RESULTS.md, "kp_conv2d"). float64 keeps small tiles (registers, DMMA).
 _FORWARD = {
-    torch.float32: dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=32, num_warps=8, num_stages=3),
-    "tf32x3": dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3),
-    torch.float16: dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    torch.float64: dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=16, num_warps=4, num_stages=2),
+    torch.float32: dict(BLOCK_M=256, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3,
+                        NHWC=False),
+    "tf32x3": dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3,
+                        NHWC=False),
+    torch.float16: dict(BLOCK_M=256, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3,
+                        NHWC=False),
+    torch.float64: dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=16, num_warps=4, num_stages=2,
+                        NHWC=False),
 }
 _GRAD_INPUT = {
-    torch.float32: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=32, num_warps=4, num_stages=3),
-    "tf32x3": dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=3),
-    torch.float16: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    torch.float64: dict(BLOCK_M=64, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=2),
+    torch.float32: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=32, num_warps=4, num_stages=2,
+                        NHWC=False),
+    "tf32x3": dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=3,
+                        NHWC=False),
+    torch.float16: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=64, num_warps=4, num_stages=3,
+                        NHWC=False),
+    torch.float64: dict(BLOCK_M=64, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=2,
+                        NHWC=False),
 }
 _GRAD_WEIGHT = {
-    torch.float32: dict(BLOCK_P=128, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
+    torch.float32: dict(BLOCK_P=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
     "tf32x3": dict(BLOCK_P=128, BLOCK_K=64, BLOCK_M=16, num_warps=4, num_stages=3),
-    torch.float16: dict(BLOCK_P=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=3),
+    torch.float16: dict(BLOCK_P=64, BLOCK_K=128, BLOCK_M=32, num_warps=4, num_stages=2),
     torch.float64: dict(BLOCK_P=64, BLOCK_K=64, BLOCK_M=16, num_warps=4, num_stages=2),
 }
 for _table in (_FORWARD, _GRAD_INPUT, _GRAD_WEIGHT):
@@ -265,6 +273,14 @@ def _geometry(x, w, stride, padding, dilation, out_hw):
                 pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1])
 
 
+def _contiguous_along(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t, or a copy of it laid out with dimension `dim` contiguous (same shape and values).
+
+    The products' depth runs along that dimension: float32 wgmma needs K-major operands in
+    shared memory, and the loads vectorize."""
+    return t if t.stride(dim) == 1 else t.movedim(dim, -1).contiguous().movedim(-1, dim)
+
+
 def _strides(**tensors) -> dict[str, int]:
     """Kernel arguments s<name><dimension> for 4-D tensors given as name=(tensor, dimensions),
     e.g. x=(x, "bchw") -> sxb, sxc, sxh, sxw."""
@@ -284,6 +300,10 @@ def kp_conv2d(x, w, stride, padding, dilation, precision, out, config=None):
     taps = geometry["KH"] * geometry["KW"]
     config = config or _config(_FORWARD, x.dtype, precision, BLOCK_M=pixels,
                                BLOCK_P=geometry["P"], BLOCK_K=geometry["C"] * taps)
+    config = dict(config)
+    if config.pop("NHWC"):
+        x = _contiguous_along(x, 1)
+    w = _contiguous_along(w, 1)
     tiles_m, tiles_p = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["P"], config["BLOCK_P"])
     _kp_conv2d_kernel[(tiles_m * tiles_p,)](
         x, w, out, pixels, tiles_m=tiles_m, tiles_p=tiles_p, **geometry,
@@ -300,6 +320,10 @@ def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out, 
     taps = geometry["KH"] * geometry["KW"]
     config = config or _config(_GRAD_INPUT, x.dtype, precision, BLOCK_M=pixels,
                                BLOCK_C=geometry["C"], BLOCK_K=geometry["P"] * taps)
+    config = dict(config)
+    if config.pop("NHWC"):
+        grad = _contiguous_along(grad, 1)
+    w = _contiguous_along(w, 0)
     tiles_m, tiles_c = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["C"], config["BLOCK_C"])
     _kp_conv2d_grad_input_kernel[(tiles_m * tiles_c,)](
         grad, x, w, out, pixels, tiles_m=tiles_m, tiles_c=tiles_c, **geometry,
