@@ -23,16 +23,25 @@ from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _block, _dot, _tile_coordinates,
 
 
 @triton.jit
-def _pixel_coordinates(pixels, height, width):
+def _index(v, WIDE: tl.constexpr):
+    """v as an offset: int64 where offsets may pass 2**31 (WIDE), else int32, whose multiplies
+    are one instruction instead of several."""
+    if WIDE:
+        v = v.to(tl.int64)
+    return v
+
+
+@triton.jit
+def _pixel_coordinates(pixels, height, width, WIDE: tl.constexpr):
     """(image, row, column) of flat pixel indices over (images, height, width)."""
     per_image = height * width
     rest = pixels % per_image
-    return (pixels // per_image).to(tl.int64), rest // width, rest % width
+    return _index(pixels // per_image, WIDE), rest // width, rest % width
 
 
 @triton.jit
 def _depth_step(step, rows_h, rows_w, in_rows, CHANNELS, KH, KW, sign, dil_h, dil_w,
-                BLOCK_K: tl.constexpr, TAPS_OUTER: tl.constexpr):
+                BLOCK_K: tl.constexpr, TAPS_OUTER: tl.constexpr, WIDE_INDEX: tl.constexpr):
     """Depth step `step` over (channel, i, j): the channels (BLOCK_K,), and the rows' positions
     rows_h + sign * i * dil_h, rows_w + sign * j * dil_w with the taps (i, j): scalars and (rows,)
     positions when taps are outer, else (BLOCK_K,) taps and (rows, BLOCK_K) positions."""
@@ -53,26 +62,26 @@ def _depth_step(step, rows_h, rows_w, in_rows, CHANNELS, KH, KW, sign, dil_h, di
         pos_h = rows_h[:, None] + (sign * i * dil_h)[None, :]
         pos_w = rows_w[:, None] + (sign * j * dil_w)[None, :]
         in_depth = k < CHANNELS * KH * KW
-    return channel, i.to(tl.int64), j.to(tl.int64), pos_h, pos_w, in_depth
+    return channel, _index(i, WIDE_INDEX), _index(j, WIDE_INDEX), pos_h, pos_w, in_depth
 
 
 @triton.jit
 def _window_tile(X, image, top, left, in_rows, step, C, H, W, KH, KW, dil_h, dil_w,
-                 sxb, sxc, sxh, sxw, BLOCK_K: tl.constexpr, TAPS_OUTER: tl.constexpr):
+                 sxb, sxc, sxh, sxw, BLOCK_K: tl.constexpr, TAPS_OUTER: tl.constexpr,
+                 WIDE_INDEX: tl.constexpr):
     """The (pixels, BLOCK_K) tile of the im2col matrix at depth step `step` (zero in the padding),
     for pixels whose windows start at (top, left); also its channels and taps (i, j)."""
     channel, i, j, ih, iw, in_depth = _depth_step(step, top, left, in_rows, C, KH, KW, 1, dil_h,
-                                                  dil_w, BLOCK_K, TAPS_OUTER)
+                                                  dil_w, BLOCK_K, TAPS_OUTER, WIDE_INDEX)
     inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    position = _index(ih, WIDE_INDEX) * sxh + _index(iw, WIDE_INDEX) * sxw
+    channel_offsets = _index(channel, WIDE_INDEX) * sxc
     if TAPS_OUTER:
-        inside = inside & in_rows
-        mask = inside[:, None] & in_depth[None, :]
-        offsets = ((image * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
-                   + (channel.to(tl.int64) * sxc)[None, :])
+        mask = (inside & in_rows)[:, None] & in_depth[None, :]
+        offsets = (image * sxb + position)[:, None] + channel_offsets[None, :]
     else:
         mask = inside & in_rows[:, None] & in_depth[None, :]
-        offsets = ((image * sxb)[:, None] + (channel.to(tl.int64) * sxc)[None, :]
-                   + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)
+        offsets = (image * sxb)[:, None] + channel_offsets[None, :] + position
     return tl.load(X + offsets, mask=mask, other=0.0), channel, i, j, in_depth
 
 
@@ -84,14 +93,13 @@ def _kp_conv2d_kernel(X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, KW, tiles_m, t
                       TAPS_OUTER: tl.constexpr, WIDE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     _, tile_m, tile_p = _tile_coordinates(tl.program_id(0), tiles_m, tiles_p, GROUP)
-    if WIDE_INDEX:
-        tile_m = tile_m.to(tl.int64)
+    tile_m = _index(tile_m, WIDE_INDEX)
     pixels = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     protos = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
     in_rows, in_protos = pixels < PIXELS, protos < P
-    image, oh, ow = _pixel_coordinates(pixels, OH, OW)
+    image, oh, ow = _pixel_coordinates(pixels, OH, OW, WIDE_INDEX)
     top, left = oh * stride_h - pad_h, ow * stride_w - pad_w
-    w_protos = protos.to(tl.int64) * swp
+    w_protos = _index(protos, WIDE_INDEX) * swp
     acc = tl.zeros((BLOCK_M, BLOCK_P), ACC)
     energy = tl.zeros((BLOCK_M,), ACC)
     w_norm = tl.zeros((BLOCK_P,), ACC)
@@ -102,8 +110,8 @@ def _kp_conv2d_kernel(X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, KW, tiles_m, t
     for step in range(steps):
         x, channel, i, j, in_depth = _window_tile(X, image, top, left, in_rows, step, C, H, W, KH,
                                                   KW, dil_h, dil_w, sxb, sxc, sxh, sxw, BLOCK_K,
-                                                  TAPS_OUTER)
-        w_depth = channel.to(tl.int64) * swc + i * swh + j * sww
+                                                  TAPS_OUTER, WIDE_INDEX)
+        w_depth = _index(channel, WIDE_INDEX) * swc + i * swh + j * sww
         w = tl.load(Wt + w_depth[:, None] + w_protos[None, :],
                     mask=in_depth[:, None] & in_protos[None, :], other=0.0)
         acc = _dot(x, w, acc, PRECISION, UPCAST_BF16)
@@ -112,8 +120,8 @@ def _kp_conv2d_kernel(X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, KW, tiles_m, t
         w_norm += tl.sum(wa * wa, 0)
     dist = energy[:, None] + w_norm[None, :] - 2.0 * acc
     dist = tl.where(dist < 0.0, 0.0, dist)  # keeps NaN, unlike tl.maximum
-    rows = image * sob + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
-    tl.store(OUT + rows[:, None] + (protos.to(tl.int64) * sop)[None, :],
+    rows = image * sob + _index(oh, WIDE_INDEX) * soh + _index(ow, WIDE_INDEX) * sow
+    tl.store(OUT + rows[:, None] + (_index(protos, WIDE_INDEX) * sop)[None, :],
              dist.to(OUT.dtype.element_ty), mask=in_rows[:, None] & in_protos[None, :])
 
 
@@ -129,13 +137,12 @@ def _kp_conv2d_grad_input_kernel(G, X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, 
     """Rows are input pixels (image, ih, iw); depth (p, i, j) reads g at the output pixel whose
     window puts tap (i, j) on it: oh = (ih + pad_h - i dil_h) / stride_h when that divides."""
     _, tile_m, tile_c = _tile_coordinates(tl.program_id(0), tiles_m, tiles_c, GROUP)
-    if WIDE_INDEX:
-        tile_m = tile_m.to(tl.int64)
+    tile_m = _index(tile_m, WIDE_INDEX)
     pixels = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     channels = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_rows, in_channels = pixels < PIXELS, channels < C
-    image, ih, iw = _pixel_coordinates(pixels, H, W)
-    w_channels = channels.to(tl.int64) * swc
+    image, ih, iw = _pixel_coordinates(pixels, H, W, WIDE_INDEX)
+    w_channels = _index(channels, WIDE_INDEX) * swc
     acc = tl.zeros((BLOCK_M, BLOCK_C), ACC)
     cover = tl.zeros((BLOCK_M,), ACC)
     if TAPS_OUTER:
@@ -145,31 +152,31 @@ def _kp_conv2d_grad_input_kernel(G, X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, 
     for step in range(steps):
         proto, i, j, from_h, from_w, in_depth = _depth_step(
             step, ih + pad_h, iw + pad_w, in_rows, P, KH, KW, -1, dil_h, dil_w, BLOCK_K,
-            TAPS_OUTER)
+            TAPS_OUTER, WIDE_INDEX)
         oh, ow = from_h // stride_h, from_w // stride_w
         hit = ((from_h >= 0) & (from_w >= 0) & (oh * stride_h == from_h)
                & (ow * stride_w == from_w) & (oh < OH) & (ow < OW))
+        position = _index(oh, WIDE_INDEX) * sgh + _index(ow, WIDE_INDEX) * sgw
+        proto_offsets = _index(proto, WIDE_INDEX) * sgp
         if TAPS_OUTER:
             mask = (hit & in_rows)[:, None] & in_depth[None, :]
-            offsets = ((image * sgb + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None]
-                       + (proto.to(tl.int64) * sgp)[None, :])
+            offsets = (image * sgb + position)[:, None] + proto_offsets[None, :]
         else:
             mask = hit & in_rows[:, None] & in_depth[None, :]
-            offsets = ((image * sgb)[:, None] + (proto.to(tl.int64) * sgp)[None, :]
-                       + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)
+            offsets = (image * sgb)[:, None] + proto_offsets[None, :] + position
         g = tl.load(G + offsets, mask=mask, other=0.0)
-        w_depth = proto.to(tl.int64) * swp + i * swh + j * sww
+        w_depth = _index(proto, WIDE_INDEX) * swp + i * swh + j * sww
         w = tl.load(Wt + w_depth[:, None] + w_channels[None, :],
                     mask=in_depth[:, None] & in_channels[None, :], other=0.0)
         acc = _dot(g, w, acc, PRECISION, UPCAST_BF16)
         cover += tl.sum(g.to(ACC), 1)
     mask = in_rows[:, None] & in_channels[None, :]
-    x_rows = image * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-    x = tl.load(X + x_rows[:, None] + (channels.to(tl.int64) * sxc)[None, :], mask=mask,
+    x_rows = image * sxb + _index(ih, WIDE_INDEX) * sxh + _index(iw, WIDE_INDEX) * sxw
+    x = tl.load(X + x_rows[:, None] + (_index(channels, WIDE_INDEX) * sxc)[None, :], mask=mask,
                 other=0.0)
     grad = 2.0 * (cover[:, None] * x.to(ACC) - acc)
-    out_rows = image * sob + ih.to(tl.int64) * soh + iw.to(tl.int64) * sow
-    tl.store(OUT + out_rows[:, None] + (channels.to(tl.int64) * soc)[None, :],
+    out_rows = image * sob + _index(ih, WIDE_INDEX) * soh + _index(iw, WIDE_INDEX) * sow
+    tl.store(OUT + out_rows[:, None] + (_index(channels, WIDE_INDEX) * soc)[None, :],
              grad.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -186,64 +193,57 @@ def _kp_conv2d_grad_weight_kernel(G, X, PARTIAL, MASS, PIXELS, C, H, W, OH, OW, 
     written to PARTIAL[split] (laid out like w), and the prototypes' sum of g to MASS[split]."""
     _, tile_p, tile_k = _tile_coordinates(tl.program_id(0), tiles_p, tiles_k, GROUP)
     split = tl.program_id(1)
-    if WIDE_INDEX:
-        split = split.to(tl.int64)
+    split = _index(split, WIDE_INDEX)
     first = split * split_pixels
     last = tl.minimum(first + split_pixels, PIXELS)
     protos = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
     in_protos = protos < P
-    g_protos = protos.to(tl.int64) * sgp
+    g_protos = _index(protos, WIDE_INDEX) * sgp
     acc = tl.zeros((BLOCK_P, BLOCK_K), ACC)
     mass = tl.zeros((BLOCK_P,), ACC)
     for start in range(first, last, BLOCK_M):
         pixels = start + tl.arange(0, BLOCK_M)
         in_rows = pixels < last
-        image, oh, ow = _pixel_coordinates(pixels, OH, OW)
+        image, oh, ow = _pixel_coordinates(pixels, OH, OW, WIDE_INDEX)
         x = _window_tile(
             X, image, oh * stride_h - pad_h, ow * stride_w - pad_w, in_rows, tile_k, C, H, W, KH,
-            KW, dil_h, dil_w, sxb, sxc, sxh, sxw, BLOCK_K, TAPS_OUTER)[0]
-        g_pixels = image * sgb + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+            KW, dil_h, dil_w, sxb, sxc, sxh, sxw, BLOCK_K, TAPS_OUTER, WIDE_INDEX)[0]
+        g_pixels = image * sgb + _index(oh, WIDE_INDEX) * sgh + _index(ow, WIDE_INDEX) * sgw
         g = tl.load(G + g_protos[:, None] + g_pixels[None, :],
                     mask=in_protos[:, None] & in_rows[None, :], other=0.0)
         acc = _dot(g, x, acc, PRECISION, UPCAST_BF16)
         mass += tl.sum(g.to(ACC), 1)
     no_rows = tl.zeros((BLOCK_M,), tl.int32)
     channel, i, j, _, _, in_depth = _depth_step(tile_k, no_rows, no_rows, no_rows, C, KH, KW, 1,
-                                                dil_h, dil_w, BLOCK_K, TAPS_OUTER)
-    partial_depth = channel.to(tl.int64) * spc + i * sph + j * spw
+                                                dil_h, dil_w, BLOCK_K, TAPS_OUTER, WIDE_INDEX)
+    partial_depth = _index(channel, WIDE_INDEX) * spc + i * sph + j * spw
     PARTIAL += split.to(tl.int64) * P * C * KH * KW
-    tl.store(PARTIAL + (protos.to(tl.int64) * spp)[:, None] + partial_depth[None, :], acc,
+    tl.store(PARTIAL + (_index(protos, WIDE_INDEX) * spp)[:, None] + partial_depth[None, :], acc,
              mask=in_protos[:, None] & in_depth[None, :])
     if tile_k == 0:
         tl.store(MASS + split * P + protos, mass, mask=in_protos)
 
 
-# Launch configs by dtype ("tf32x3" for split float32): scripts/tune_triton.py on the H100 at the
-# spec's size (benchmarks/RESULTS.md, "kp_conv2d"). float64 keeps small tiles (registers, DMMA).
+# Launch configs by dtype ("tf32x3" for split float32): scripts/tune_triton.py --op kp_conv on the
+# H100 at the spec's size (benchmarks/results/2026-11-23-h100-tune-kp_conv.log). Large pixel tiles
+# win the forward (tf32 0.155 ms against 0.42 with 128 x 128 x 32); the weight gradient wants a
+# shallow pixel step (BLOCK_M 16: 0.63 ms, 0.75 with 32). float64 keeps small tiles (registers).
 _FORWARD = {
-    torch.float32: dict(BLOCK_M=256, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3,
-                        NHWC=False),
-    "tf32x3": dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3,
-                        NHWC=False),
-    torch.float16: dict(BLOCK_M=256, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3,
-                        NHWC=False),
-    torch.float64: dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=16, num_warps=4, num_stages=2,
-                        NHWC=False),
+    torch.float32: dict(BLOCK_M=256, BLOCK_P=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    "tf32x3": dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3),
+    torch.float16: dict(BLOCK_M=256, BLOCK_P=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    torch.float64: dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=16, num_warps=4, num_stages=2),
 }
 _GRAD_INPUT = {
-    torch.float32: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=32, num_warps=4, num_stages=2,
-                        NHWC=False),
-    "tf32x3": dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=3,
-                        NHWC=False),
-    torch.float16: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=64, num_warps=4, num_stages=3,
-                        NHWC=False),
-    torch.float64: dict(BLOCK_M=64, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=2,
-                        NHWC=False),
+    torch.float32: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    "tf32x3": dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=3),
+    torch.float16: dict(BLOCK_M=128, BLOCK_C=64, BLOCK_K=64, num_warps=4, num_stages=2),
+    torch.float64: dict(BLOCK_M=64, BLOCK_C=64, BLOCK_K=16, num_warps=4, num_stages=2),
 }
 _GRAD_WEIGHT = {
-    torch.float32: dict(BLOCK_P=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
+    torch.float32: dict(BLOCK_P=64, BLOCK_K=128, BLOCK_M=16, num_warps=4, num_stages=3),
     "tf32x3": dict(BLOCK_P=128, BLOCK_K=64, BLOCK_M=16, num_warps=4, num_stages=3),
-    torch.float16: dict(BLOCK_P=64, BLOCK_K=128, BLOCK_M=32, num_warps=4, num_stages=2),
+    torch.float16: dict(BLOCK_P=64, BLOCK_K=128, BLOCK_M=16, num_warps=4, num_stages=3),
     torch.float64: dict(BLOCK_P=64, BLOCK_K=64, BLOCK_M=16, num_warps=4, num_stages=2),
 }
 for _table in (_FORWARD, _GRAD_INPUT, _GRAD_WEIGHT):
@@ -288,6 +288,13 @@ def _strides(**tensors) -> dict[str, int]:
             for dim, stride in zip(dims, t.stride())}
 
 
+def _wide_index(pixels: int, *tensors: torch.Tensor) -> bool:
+    """Whether a pixel index or an element offset of any tensor may pass int32."""
+    offsets = (sum((n - 1) * abs(stride) for n, stride in zip(t.shape, t.stride()))
+               for t in tensors)
+    return max(pixels, *offsets) >= 2**31 - 1
+
+
 def _launch_constants(x, precision):
     return dict(ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision,
                 UPCAST_BF16=_UPCAST_BF16)
@@ -300,9 +307,6 @@ def kp_conv2d(x, w, stride, padding, dilation, precision, out, config=None):
     taps = geometry["KH"] * geometry["KW"]
     config = config or _config(_FORWARD, x.dtype, precision, BLOCK_M=pixels,
                                BLOCK_P=geometry["P"], BLOCK_K=geometry["C"] * taps)
-    config = dict(config)
-    if config.pop("NHWC"):
-        x = _contiguous_along(x, 1)
     w = _contiguous_along(w, 1)
     tiles_m, tiles_p = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["P"], config["BLOCK_P"])
     _kp_conv2d_kernel[(tiles_m * tiles_p,)](
@@ -310,7 +314,7 @@ def kp_conv2d(x, w, stride, padding, dilation, precision, out, config=None):
         **_strides(x=(x, "bchw"), w=(w, "pchw"), o=(out, "bphw")),
         **_launch_constants(x, precision),
         TAPS_OUTER=_taps_outer(geometry["C"], taps, config["BLOCK_K"]),
-        WIDE_INDEX=max(pixels, x.numel()) >= 2**31, GROUP=8, **config)
+        WIDE_INDEX=_wide_index(pixels, x, w, out), GROUP=8, **config)
 
 
 def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out, config=None):
@@ -320,9 +324,6 @@ def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out, 
     taps = geometry["KH"] * geometry["KW"]
     config = config or _config(_GRAD_INPUT, x.dtype, precision, BLOCK_M=pixels,
                                BLOCK_C=geometry["C"], BLOCK_K=geometry["P"] * taps)
-    config = dict(config)
-    if config.pop("NHWC"):
-        grad = _contiguous_along(grad, 1)
     w = _contiguous_along(w, 0)
     tiles_m, tiles_c = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["C"], config["BLOCK_C"])
     _kp_conv2d_grad_input_kernel[(tiles_m * tiles_c,)](
@@ -330,7 +331,7 @@ def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out, 
         **_strides(g=(grad, "bphw"), x=(x, "bchw"), w=(w, "pchw"), o=(out, "bchw")),
         **_launch_constants(x, precision),
         TAPS_OUTER=_taps_outer(geometry["P"], taps, config["BLOCK_K"]),
-        WIDE_INDEX=max(pixels, x.numel(), grad.numel()) >= 2**31, GROUP=8, **config)
+        WIDE_INDEX=_wide_index(pixels, grad, x, w, out), GROUP=8, **config)
 
 
 def kp_conv2d_grad_weight(grad, x, w, stride, padding, dilation, precision, out, config=None):
@@ -356,7 +357,7 @@ def kp_conv2d_grad_weight(grad, x, w, stride, padding, dilation, precision, out,
         split_pixels=split_pixels, **geometry,
         **_strides(g=(grad, "bphw"), x=(x, "bchw"), p=(partial[0], "pchw")),
         **_launch_constants(x, precision),
-        TAPS_OUTER=taps_outer, WIDE_INDEX=max(pixels, x.numel(), grad.numel()) >= 2**31,
+        TAPS_OUTER=taps_outer, WIDE_INDEX=_wide_index(pixels, grad, x, partial),
         GROUP=8, **config)
     mass = mass.sum(0).view(-1, 1, 1, 1)
     out.copy_((mass * w).sub_(partial.sum(0)).mul_(2))
