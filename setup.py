@@ -23,6 +23,7 @@ MIN_NVCC = {"80": (11, 0), "86": (11, 1), "89": (11, 8), "90": (11, 8), "90a": (
             "100": (12, 8), "120": (12, 8)}
 PACKAGES = {
     "protokernels": "protokernels",
+    "protokernels.nn": "protokernels/nn",
     "protokernels.ops": "protokernels/ops",
     "protokernels.reference": "protokernels/reference",
     # The top-level folders of the fixed layout, installed inside the package.
@@ -122,7 +123,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     install_requires=["torch>=2.10", "triton>=3.6; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest", "numpy"]},
+    extras_require={"test": ["pytest", "numpy"],
+                    # examples/ (scikit-learn's bundled digits) and the bench's --sweep plots
+                    "examples": ["scikit-learn", "matplotlib"]},
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     ext_modules=ext_modules,

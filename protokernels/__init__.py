@@ -8,6 +8,7 @@ from ._backend import (BackendStatus, BackendUnavailableError, available_backend
 from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
 from .ops.sqdist import sqdist
+from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" ninja numpy pytest setuptools wheel
+# scikit-learn and matplotlib: examples/ (bundled digits data, PNGs) and their tests.
+.venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" ninja numpy pytest setuptools \
+  wheel scikit-learn matplotlib
 start=$(date +%s)
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 echo "protokernels: installed in $(( $(date +%s) - start )) s"
