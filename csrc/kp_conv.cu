@@ -237,8 +237,9 @@ __global__ void kp_conv2d_grad_weight_sum_kernel(const ConvArgs<T> args, int64_t
   }
 }
 
-void check_conv(const char* op, const Tensor& x, const Tensor& w, const std::vector<int64_t>& stride,
-                const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+void check_conv(const char* op, const Tensor& x, const Tensor& w,
+                const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                const std::vector<int64_t>& dilation) {
   PK_CHECK_CUDA(op, "x", x);
   PK_CHECK_CUDA(op, "w", w);
   PK_CHECK_DIM(op, "x", x, 4);
@@ -283,98 +284,96 @@ unsigned tile_blocks(const char* op, int64_t rows, int64_t cols, int64_t& tiles_
   return static_cast<unsigned>(blocks);
 }
 
+enum class Pass { kForward, kGradInput, kGradWeight };
+
+// Checks one pass's arguments and launches it: out (the distances, gx or gw) written in place.
+// `grad` is the incoming gradient (B, P, Ho, Wo) of the backward passes (unused by the forward).
+template <Pass PASS>
+void run_pass(const char* op, const Tensor& grad, const Tensor& x, const Tensor& w,
+              const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+              const std::vector<int64_t>& dilation, const std::string& precision,
+              const Tensor& out) {
+  check_conv(op, x, w, stride, padding, dilation);
+  const ConvShape s = conv_shape(x, w, stride, padding, dilation);
+  const std::vector<int64_t> out_sizes{x.size(0), s.protos, s.out_h, s.out_w};
+  if constexpr (PASS == Pass::kForward) {
+    check_like_x(op, "out", out, x, out_sizes);
+  } else {
+    check_like_x(op, "grad", grad, x, out_sizes);
+    const Tensor& like = PASS == Pass::kGradInput ? x : w;
+    check_like_x(op, "out", out, x, {like.size(0), like.size(1), like.size(2), like.size(3)});
+  }
+  const Precision p = parse_precision(precision, op);
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  if (out.numel() == 0) return;
+  const cudaStream_t stream = current_stream(x);
+  const int64_t out_pixels = x.size(0) * s.out_h * s.out_w;
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename Accumulate<T>::type;
+    ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s};
+    if constexpr (PASS == Pass::kForward) {  // output pixels x prototypes, depth (c, i, j)
+      args.rows = out_pixels, args.cols = s.protos, args.depth = s.channels * s.taps();
+    } else if constexpr (PASS == Pass::kGradInput) {  // input pixels x channels, depth (p, i, j)
+      args.rows = x.size(0) * s.height * s.width, args.cols = s.channels;
+      args.depth = s.protos * s.taps();
+    } else {  // prototypes x (c, i, j), depth the output pixels
+      args.rows = s.protos, args.cols = s.channels * s.taps(), args.depth = out_pixels;
+    }
+    dispatch_tile<T>(p, [&](auto tile, auto product) {
+      using Tile = decltype(tile);
+      constexpr Precision P = decltype(product)::value;
+      const unsigned blocks = tile_blocks<Tile>(op, args.rows, args.cols, args.tiles_r);
+      if constexpr (PASS == Pass::kForward) {
+        kp_conv2d_kernel<T, Tile, P><<<blocks, Tile::kThreads, 0, stream>>>(args);
+      } else if constexpr (PASS == Pass::kGradInput) {
+        kp_conv2d_grad_input_kernel<T, Tile, P><<<blocks, Tile::kThreads, 0, stream>>>(args);
+      } else {
+        // Enough splits of the pixels for ~4 blocks per SM of an H100 (132 SMs): P x (c, i, j)
+        // alone is a handful of tiles.
+        const int64_t splits_wanted = std::max<int64_t>(1, 4 * 132 / blocks);
+        args.split_pixels = std::max<int64_t>(1, (args.depth + splits_wanted - 1) / splits_wanted);
+        const int64_t splits = (args.depth + args.split_pixels - 1) / args.split_pixels;
+        const ScalarType acc_type =
+            std::is_same_v<Acc, double> ? ScalarType::Double : ScalarType::Float;
+        const std::vector<int64_t> partial_sizes{splits, args.rows, args.cols};
+        const std::vector<int64_t> mass_sizes{splits, args.rows};
+        Tensor partial = torch::stable::new_empty(x, partial_sizes, acc_type);
+        Tensor mass = torch::stable::new_empty(x, mass_sizes, acc_type);
+        args.partial = static_cast<Acc*>(partial.mutable_data_ptr());
+        args.mass = static_cast<Acc*>(mass.mutable_data_ptr());
+        kp_conv2d_grad_weight_kernel<T, Tile, P>
+            <<<dim3(blocks, static_cast<unsigned>(splits)), Tile::kThreads, 0, stream>>>(args);
+        PK_CHECK_LAUNCH();
+        kp_conv2d_grad_weight_sum_kernel<T><<<256, 256, 0, stream>>>(args, splits);
+      }
+      PK_CHECK_LAUNCH();
+    });
+  });
+}
+
 }  // namespace
 
 // x (B, C, H, W), w (P, C, kh, kw) -> out (B, P, Ho, Wo), written in place.
 void kp_conv2d_cuda(Tensor x, Tensor w, std::vector<int64_t> stride, std::vector<int64_t> padding,
                     std::vector<int64_t> dilation, std::string precision, Tensor out) {
-  const char* op = "kp_conv2d_cuda";
-  check_conv(op, x, w, stride, padding, dilation);
-  const ConvShape s = conv_shape(x, w, stride, padding, dilation);
-  check_like_x(op, "out", out, x, {x.size(0), s.protos, s.out_h, s.out_w});
-  const Precision p = parse_precision(precision, op);
-  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  if (out.numel() == 0) return;
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), {}, tensor4<T>(out), s,
-                     x.size(0) * s.out_h * s.out_w, s.protos, s.channels * s.taps()};
-    dispatch_tile<T>(p, [&](auto tile, auto product) {
-      using Tile = decltype(tile);
-      const unsigned blocks = tile_blocks<Tile>(op, args.rows, args.cols, args.tiles_r);
-      kp_conv2d_kernel<T, Tile, decltype(product)::value>
-          <<<blocks, Tile::kThreads, 0, current_stream(x)>>>(args);
-      PK_CHECK_LAUNCH();
-    });
-  });
+  run_pass<Pass::kForward>("kp_conv2d_cuda", x, x, w, stride, padding, dilation, precision, out);
 }
 
 // gx = 2 x convT(sum_p g, ones) - 2 convT(g, w) into out (B, C, H, W).
 void kp_conv2d_grad_input_cuda(Tensor grad, Tensor x, Tensor w, std::vector<int64_t> stride,
                                std::vector<int64_t> padding, std::vector<int64_t> dilation,
                                std::string precision, Tensor out) {
-  const char* op = "kp_conv2d_grad_input_cuda";
-  check_conv(op, x, w, stride, padding, dilation);
-  const ConvShape s = conv_shape(x, w, stride, padding, dilation);
-  check_like_x(op, "grad", grad, x, {x.size(0), s.protos, s.out_h, s.out_w});
-  check_like_x(op, "out", out, x, {x.size(0), x.size(1), x.size(2), x.size(3)});
-  const Precision p = parse_precision(precision, op);
-  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  if (out.numel() == 0) return;
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s,
-                     x.size(0) * s.height * s.width, s.channels, s.protos * s.taps()};
-    dispatch_tile<T>(p, [&](auto tile, auto product) {
-      using Tile = decltype(tile);
-      const unsigned blocks = tile_blocks<Tile>(op, args.rows, args.cols, args.tiles_r);
-      kp_conv2d_grad_input_kernel<T, Tile, decltype(product)::value>
-          <<<blocks, Tile::kThreads, 0, current_stream(x)>>>(args);
-      PK_CHECK_LAUNCH();
-    });
-  });
+  run_pass<Pass::kGradInput>("kp_conv2d_grad_input_cuda", grad, x, w, stride, padding, dilation,
+                             precision, out);
 }
 
 // gw = 2 w sum_{b,h,w} g - 2 corr(x, g) into out (P, C, kh, kw).
 void kp_conv2d_grad_weight_cuda(Tensor grad, Tensor x, Tensor w, std::vector<int64_t> stride,
                                 std::vector<int64_t> padding, std::vector<int64_t> dilation,
                                 std::string precision, Tensor out) {
-  const char* op = "kp_conv2d_grad_weight_cuda";
-  check_conv(op, x, w, stride, padding, dilation);
-  const ConvShape s = conv_shape(x, w, stride, padding, dilation);
-  check_like_x(op, "grad", grad, x, {x.size(0), s.protos, s.out_h, s.out_w});
-  check_like_x(op, "out", out, x, {w.size(0), w.size(1), w.size(2), w.size(3)});
-  const Precision p = parse_precision(precision, op);
-  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  if (out.numel() == 0) return;
-  const cudaStream_t stream = current_stream(x);
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const ScalarType acc_type =
-        std::is_same_v<T, double> ? ScalarType::Double : ScalarType::Float;
-    ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s,
-                     s.protos, s.channels * s.taps(), x.size(0) * s.out_h * s.out_w};
-    dispatch_tile<T>(p, [&](auto tile, auto product) {
-      using Tile = decltype(tile);
-      const unsigned blocks = tile_blocks<Tile>(op, args.rows, args.cols, args.tiles_r);
-      // Enough splits of the pixels for ~4 blocks per SM of an H100 (132 SMs): P x (c, i, j)
-      // alone is a handful of tiles.
-      const int64_t splits_wanted = std::max<int64_t>(1, 4 * 132 / blocks);
-      args.split_pixels = std::max<int64_t>(1, (args.depth + splits_wanted - 1) / splits_wanted);
-      const int64_t splits = (args.depth + args.split_pixels - 1) / args.split_pixels;
-      const std::vector<int64_t> partial_sizes{splits, args.rows, args.cols};
-      const std::vector<int64_t> mass_sizes{splits, args.rows};
-      Tensor partial = torch::stable::new_empty(x, partial_sizes, acc_type);
-      Tensor mass = torch::stable::new_empty(x, mass_sizes, acc_type);
-      args.partial = static_cast<typename Accumulate<T>::type*>(partial.mutable_data_ptr());
-      args.mass = static_cast<typename Accumulate<T>::type*>(mass.mutable_data_ptr());
-      kp_conv2d_grad_weight_kernel<T, Tile, decltype(product)::value>
-          <<<dim3(blocks, static_cast<unsigned>(splits)), Tile::kThreads, 0, stream>>>(args);
-      PK_CHECK_LAUNCH();
-      kp_conv2d_grad_weight_sum_kernel<T><<<256, 256, 0, stream>>>(args, splits);
-      PK_CHECK_LAUNCH();
-    });
-  });
+  run_pass<Pass::kGradWeight>("kp_conv2d_grad_weight_cuda", grad, x, w, stride, padding,
+                              dilation, precision, out);
 }
 
 }  // namespace protokernels

@@ -59,9 +59,11 @@ def test_matches_float64(backend, shape, dtype, precision):
     out = protokernels.kp_conv2d(x, w, precision=precision, **geometry)
     ref = truth(x, w, **geometry)
     assert out.dtype == dtype and out.shape == ref.shape
-    # As for sqdist: rounding is relative to the terms added before they cancel.
+    # As for sqdist: rounding is relative to the terms added before they cancel, plus the final
+    # rounding to the output dtype, relative to the result (Triton's interpreter truncates there:
+    # 0.51941 became bfloat16 0.515625, not 0.51953125).
     bound = tolerance(dtype, precision)
-    assert (out.double() - ref).norm() / term_scale(x, w, **geometry).norm() <= bound
+    assert (out.double() - ref).norm() / (term_scale(x, w, **geometry) + ref).norm() <= bound
     if shape[1] * shape[5] * shape[6] > 1:
         assert relative_error(out, ref) <= bound
     assert (out >= 0).all()

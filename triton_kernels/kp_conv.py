@@ -66,6 +66,18 @@ def _depth_step(step, rows_h, rows_w, in_rows, CHANNELS, KH, KW, sign, dil_h, di
 
 
 @triton.jit
+def _gather(row_base, position, depth, valid, in_rows, in_depth, TAPS_OUTER: tl.constexpr):
+    """Offsets and mask of a gathered (rows, BLOCK_K) tile: row_base (rows,) + position + depth
+    (BLOCK_K,), valid where the position is; position and valid are (rows,) when taps are
+    outer, else (rows, BLOCK_K)."""
+    if TAPS_OUTER:
+        return ((row_base + position)[:, None] + depth[None, :],
+                (valid & in_rows)[:, None] & in_depth[None, :])
+    return (row_base[:, None] + depth[None, :] + position,
+            valid & in_rows[:, None] & in_depth[None, :])
+
+
+@triton.jit
 def _window_tile(X, image, top, left, in_rows, step, C, H, W, KH, KW, dil_h, dil_w,
                  sxb, sxc, sxh, sxw, BLOCK_K: tl.constexpr, TAPS_OUTER: tl.constexpr,
                  WIDE_INDEX: tl.constexpr):
@@ -75,13 +87,8 @@ def _window_tile(X, image, top, left, in_rows, step, C, H, W, KH, KW, dil_h, dil
                                                   dil_w, BLOCK_K, TAPS_OUTER, WIDE_INDEX)
     inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     position = _index(ih, WIDE_INDEX) * sxh + _index(iw, WIDE_INDEX) * sxw
-    channel_offsets = _index(channel, WIDE_INDEX) * sxc
-    if TAPS_OUTER:
-        mask = (inside & in_rows)[:, None] & in_depth[None, :]
-        offsets = (image * sxb + position)[:, None] + channel_offsets[None, :]
-    else:
-        mask = inside & in_rows[:, None] & in_depth[None, :]
-        offsets = (image * sxb)[:, None] + channel_offsets[None, :] + position
+    offsets, mask = _gather(image * sxb, position, _index(channel, WIDE_INDEX) * sxc, inside,
+                            in_rows, in_depth, TAPS_OUTER)
     return tl.load(X + offsets, mask=mask, other=0.0), channel, i, j, in_depth
 
 
@@ -156,14 +163,10 @@ def _kp_conv2d_grad_input_kernel(G, X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, 
         oh, ow = from_h // stride_h, from_w // stride_w
         hit = ((from_h >= 0) & (from_w >= 0) & (oh * stride_h == from_h)
                & (ow * stride_w == from_w) & (oh < OH) & (ow < OW))
-        position = _index(oh, WIDE_INDEX) * sgh + _index(ow, WIDE_INDEX) * sgw
-        proto_offsets = _index(proto, WIDE_INDEX) * sgp
-        if TAPS_OUTER:
-            mask = (hit & in_rows)[:, None] & in_depth[None, :]
-            offsets = (image * sgb + position)[:, None] + proto_offsets[None, :]
-        else:
-            mask = hit & in_rows[:, None] & in_depth[None, :]
-            offsets = (image * sgb)[:, None] + proto_offsets[None, :] + position
+        offsets, mask = _gather(image * sgb,
+                                _index(oh, WIDE_INDEX) * sgh + _index(ow, WIDE_INDEX) * sgw,
+                                _index(proto, WIDE_INDEX) * sgp, hit, in_rows, in_depth,
+                                TAPS_OUTER)
         g = tl.load(G + offsets, mask=mask, other=0.0)
         w_depth = _index(proto, WIDE_INDEX) * swp + i * swh + j * sww
         w = tl.load(Wt + w_depth[:, None] + w_channels[None, :],

@@ -54,42 +54,30 @@ def _(x, w, stride, padding, dilation, precision, backend):
     return _new_output(x, w, stride, padding, dilation)
 
 
-@torch.library.custom_op("protokernels::kp_conv2d_grad_input", mutates_args=())
-def _kp_conv2d_grad_input(grad: Tensor, x: Tensor, w: Tensor, stride: list[int],
-                          padding: list[int], dilation: list[int], precision: str,
-                          backend: str) -> Tensor:
-    out = _new_like(x, x.shape)
-    if out.numel() == 0:
+def _define_gradient(name: str, of_weight: bool) -> None:
+    """protokernels::<name>(grad, x, w, stride, padding, dilation, precision, backend): the
+    gradient of kp_conv2d w.r.t. x, or w if `of_weight`, laid out like that argument."""
+    def fake(grad: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int],
+             dilation: list[int], precision: str, backend: str) -> Tensor:
+        like = w if of_weight else x
+        return _new_like(like, like.shape)
+
+    def gradient(grad: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int],
+                 dilation: list[int], precision: str, backend: str) -> Tensor:
+        out = fake(grad, x, w, stride, padding, dilation, precision, backend)
+        if out.numel() == 0:
+            return out
+        if grad.numel() == 0:
+            return out.zero_()
+        _backend.kernel(backend, "kp_conv", name)(grad, x, w, stride, padding, dilation,
+                                                  precision, out)
         return out
-    if grad.numel() == 0:
-        return out.zero_()
-    _backend.kernel(backend, "kp_conv", "kp_conv2d_grad_input")(
-        grad, x, w, stride, padding, dilation, precision, out)
-    return out
+
+    torch.library.custom_op(f"protokernels::{name}", gradient, mutates_args=()).register_fake(fake)
 
 
-@_kp_conv2d_grad_input.register_fake
-def _(grad, x, w, stride, padding, dilation, precision, backend):
-    return _new_like(x, x.shape)
-
-
-@torch.library.custom_op("protokernels::kp_conv2d_grad_weight", mutates_args=())
-def _kp_conv2d_grad_weight(grad: Tensor, x: Tensor, w: Tensor, stride: list[int],
-                           padding: list[int], dilation: list[int], precision: str,
-                           backend: str) -> Tensor:
-    out = _new_like(w, w.shape)
-    if out.numel() == 0:
-        return out
-    if grad.numel() == 0:
-        return out.zero_()
-    _backend.kernel(backend, "kp_conv", "kp_conv2d_grad_weight")(
-        grad, x, w, stride, padding, dilation, precision, out)
-    return out
-
-
-@_kp_conv2d_grad_weight.register_fake
-def _(grad, x, w, stride, padding, dilation, precision, backend):
-    return _new_like(w, w.shape)
+_define_gradient("kp_conv2d_grad_input", of_weight=False)
+_define_gradient("kp_conv2d_grad_weight", of_weight=True)
 
 
 def _setup_context(ctx, inputs, output):
