@@ -70,11 +70,14 @@ def _gather(row_base, position, depth, valid, in_rows, in_depth, TAPS_OUTER: tl.
     """Offsets and mask of a gathered (rows, BLOCK_K) tile: row_base (rows,) + position + depth
     (BLOCK_K,), valid where the position is; position and valid are (rows,) when taps are
     outer, else (rows, BLOCK_K)."""
+    # One return after the branches: triton 3.6 compiles both branches' returns otherwise.
     if TAPS_OUTER:
-        return ((row_base + position)[:, None] + depth[None, :],
-                (valid & in_rows)[:, None] & in_depth[None, :])
-    return (row_base[:, None] + depth[None, :] + position,
-            valid & in_rows[:, None] & in_depth[None, :])
+        offsets = (row_base + position)[:, None] + depth[None, :]
+        mask = (valid & in_rows)[:, None] & in_depth[None, :]
+    else:
+        offsets = row_base[:, None] + depth[None, :] + position
+        mask = valid & in_rows[:, None] & in_depth[None, :]
+    return offsets, mask
 
 
 @triton.jit
