@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .nearest import _TARGET_PROGRAMS
-from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _block, _dot, _tile_coordinates, cdiv
+from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _dot, _tile_coordinates, cdiv, fitted_config
 
 
 @triton.jit
@@ -256,15 +256,6 @@ for _table in (_FORWARD, _GRAD_INPUT, _GRAD_WEIGHT):
     _table[torch.bfloat16] = _table[torch.float16]
 
 
-def _config(table: dict, dtype: torch.dtype, precision: str, **extents: int) -> dict:
-    """table's config for dtype, each block named in `extents` shrunk to fit its extent."""
-    split = dtype == torch.float32 and precision == "tf32x3"
-    config = dict(table["tf32x3" if split else dtype])
-    for block, extent in extents.items():
-        config[block] = _block(extent, config[block])
-    return config
-
-
 def _taps_outer(channels: int, taps: int, block: int) -> bool:
     """Walk the depth one tap at a time in channel blocks, unless that takes clearly more steps
     than the flattened depth (few channels: blocks mostly padding)."""
@@ -311,8 +302,8 @@ def kp_conv2d(x, w, stride, padding, dilation, precision, out, config=None):
     geometry = _geometry(x, w, stride, padding, dilation, out.shape[2:])
     pixels = x.shape[0] * out.shape[2] * out.shape[3]
     taps = geometry["KH"] * geometry["KW"]
-    config = config or _config(_FORWARD, x.dtype, precision, BLOCK_M=pixels,
-                               BLOCK_P=geometry["P"], BLOCK_K=geometry["C"] * taps)
+    config = config or fitted_config(_FORWARD, x.dtype, precision, BLOCK_M=pixels,
+                                     BLOCK_P=geometry["P"], BLOCK_K=geometry["C"] * taps)
     w = _contiguous_along(w, 1)
     tiles_m, tiles_p = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["P"], config["BLOCK_P"])
     _kp_conv2d_kernel[(tiles_m * tiles_p,)](
@@ -328,8 +319,8 @@ def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out, 
     geometry = _geometry(x, w, stride, padding, dilation, grad.shape[2:])
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     taps = geometry["KH"] * geometry["KW"]
-    config = config or _config(_GRAD_INPUT, x.dtype, precision, BLOCK_M=pixels,
-                               BLOCK_C=geometry["C"], BLOCK_K=geometry["P"] * taps)
+    config = config or fitted_config(_GRAD_INPUT, x.dtype, precision, BLOCK_M=pixels,
+                                     BLOCK_C=geometry["C"], BLOCK_K=geometry["P"] * taps)
     w = _contiguous_along(w, 0)
     tiles_m, tiles_c = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["C"], config["BLOCK_C"])
     _kp_conv2d_grad_input_kernel[(tiles_m * tiles_c,)](
@@ -346,8 +337,8 @@ def kp_conv2d_grad_weight(grad, x, w, stride, padding, dilation, precision, out,
     geometry = _geometry(x, w, stride, padding, dilation, grad.shape[2:])
     pixels = grad.shape[0] * grad.shape[2] * grad.shape[3]
     taps = geometry["KH"] * geometry["KW"]
-    config = config or _config(_GRAD_WEIGHT, x.dtype, precision, BLOCK_P=geometry["P"],
-                               BLOCK_K=geometry["C"] * taps, BLOCK_M=pixels)
+    config = config or fitted_config(_GRAD_WEIGHT, x.dtype, precision, BLOCK_P=geometry["P"],
+                                     BLOCK_K=geometry["C"] * taps, BLOCK_M=pixels)
     taps_outer = _taps_outer(geometry["C"], taps, config["BLOCK_K"])
     tiles_p = cdiv(geometry["P"], config["BLOCK_P"])
     tiles_k = (taps * cdiv(geometry["C"], config["BLOCK_K"]) if taps_outer

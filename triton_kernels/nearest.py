@@ -260,7 +260,7 @@ _TARGET_PROGRAMS = 4 * 132
 
 def search_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
     """The search kernel's launch config."""
-    return fitted_config(_SEARCH, n, m, d, dtype, precision)
+    return fitted_config(_SEARCH, dtype, precision, BLOCK_N=n, BLOCK_M=m, BLOCK_D=d)
 
 
 def _squared_norms(t: torch.Tensor) -> torch.Tensor:

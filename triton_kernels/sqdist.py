@@ -200,21 +200,19 @@ for _transpose in (False, True):
                                             num_stages=2, TRANSPOSE_B=False)
 
 
-def fitted_config(table: dict, n: int, m: int, d: int, dtype: torch.dtype, precision: str
-                  ) -> dict:
-    """table's launch config for dtype (its "tf32x3" entry for split float32), with the
-    BLOCK_N x BLOCK_M x BLOCK_D tile shrunk to fit small problems."""
+def fitted_config(table: dict, dtype: torch.dtype, precision: str, **extents: int) -> dict:
+    """table's launch config for dtype (its "tf32x3" entry for split float32), with each block
+    named in `extents` (e.g. BLOCK_N=n) shrunk to fit its extent in small problems."""
     split = dtype == torch.float32 and precision == "tf32x3"
     config = dict(table["tf32x3" if split else dtype])
-    config["BLOCK_N"] = _block(n, config["BLOCK_N"])
-    config["BLOCK_M"] = _block(m, config["BLOCK_M"])
-    config["BLOCK_D"] = _block(d, config["BLOCK_D"])
+    for block, extent in extents.items():
+        config[block] = _block(extent, config[block])
     return config
 
 
 def forward_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
     """The forward kernel's launch config."""
-    return fitted_config(_FORWARD, n, m, d, dtype, precision)
+    return fitted_config(_FORWARD, dtype, precision, BLOCK_N=n, BLOCK_M=m, BLOCK_D=d)
 
 
 def grad_config(r: int, s: int, d: int, dtype: torch.dtype, transpose: bool) -> dict:
