@@ -48,6 +48,15 @@ inline void check_batched_rows(const char* op, const Tensor& x, const Tensor& y)
   PK_CHECK_SAME(op, "feature size D", "x", x.size(2), "y", y.size(2));
 }
 
+// Grid-stride kernels: kThreads per block, at most kMaxBlocks blocks (the loops cover the rest).
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65536;
+
+inline unsigned blocks_for(int64_t work, int per_block = kThreads) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
 inline cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));

@@ -223,13 +223,6 @@ __global__ void narrow_kernel(const typename Accumulate<T>::type* in, T* out, in
     out[i] = narrow<T>(in[i]);
 }
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65536;  // grid-stride loops cover the rest
-
-unsigned blocks_for(int64_t work, int per_block = kThreads) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxBlocks, (work + per_block - 1) / per_block)));
-}
-
 template <typename T, typename Tile, Precision P>
 void launch_search(const SearchArgs<T>& args, int64_t batch, cudaStream_t stream) {
   SearchArgs<T> a = args;

@@ -5,6 +5,9 @@ Every op has three backends (cuda, triton, reference) behind one dispatch; see
 """
 from ._backend import (BackendStatus, BackendUnavailableError, available_backends,
                        current_backend, use_backend)
+from .ops.codebook_lookup import codebook_lookup
+from .ops.codebook_stats import codebook_stats
+from .ops.dw_nearest import dw_nearest
 from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
 from .ops.sqdist import sqdist
@@ -12,6 +15,6 @@ from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "current_backend",
-           "kp_conv1d", "kp_conv2d",
+__all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
+           "codebook_stats", "current_backend", "dw_nearest", "kp_conv1d", "kp_conv2d",
            "nearest", "nearest_both", "nearest_by_label", "nearest_k", "sqdist", "use_backend"]

@@ -34,6 +34,10 @@ _AUTO_ORDER = {
     # size (tf32 fwd 0.42 vs 4.32 ms, before tuning); the CUDA kernel (per-element gathers into
     # WMMA tiles) is the fallback.
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), ("triton", "cuda", "reference")),
+    # dw_nearest runs nearest's kernels (groups as the batch): the same order. codebook_lookup
+    # and codebook_stats: PLACEHOLDER
+    **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"),
+                    ("triton", "cuda", "reference")),
 }
 
 

@@ -151,3 +151,49 @@ def conv_windows(op: str, x: torch.Tensor, w: torch.Tensor, stride, padding, dil
                 f"{op}: the kernel of 'w' {kernel} (dilation {dilation}) is larger than the padded "
                 f"input: x {tuple(x.shape)} with padding {padding}")
     return stride, padding, dilation
+
+
+def codebooks(op: str, books: torch.Tensor) -> tuple[int, int, int]:
+    """Codebooks (G, K, Dg) with at least one code each: returns (G, K, Dg)."""
+    if books.dim() != 3:
+        raise ValueError(f"{op}: argument 'codebooks' must be 3-D (G groups, K codes, Dg features "
+                         f"per group), got {_describe(books)}")
+    groups, size, depth = books.shape
+    if size == 0 and groups > 0:
+        raise ValueError(f"{op}: argument 'codebooks' has no codes (K = 0), so there is no "
+                         f"nearest code; got {_describe(books)}")
+    return groups, size, depth
+
+
+def grouped_features(op: str, x: torch.Tensor, groups: int, depth: int) -> None:
+    """x (..., G*Dg): its last dimension splits into the codebooks' G groups of Dg features."""
+    min_rank(op, "x", x, 1, "(..., G*Dg)")
+    if x.shape[-1] != groups * depth:
+        raise ValueError(f"{op}: the last dimension of 'x' must be G*Dg = {groups}*{depth} = "
+                         f"{groups * depth} for codebooks of shape (G, K, Dg) = "
+                         f"({groups}, K, {depth}), got x {tuple(x.shape)}")
+
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """t (..., F) as (N, F), a view where possible (also when F or N is 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def code_indices(op: str, name: str, idx, like_name: str, like: torch.Tensor, groups: int,
+                 size: int) -> torch.Tensor:
+    """Code indices (..., G), integer, on `like`'s device, each in [0, K): returned as int64
+    (N, G), contiguous."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got "
+                        f"{type(idx).__name__}")
+    if idx.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{op}: argument '{name}' must be an integer tensor of code indices "
+                        f"(..., G), got {_describe(idx)}")
+    if idx.device != like.device:
+        raise ValueError(f"{op}: argument '{name}' must be on the same device as "
+                         f"'{like_name}' ({like.device}), got {idx.device}")
+    if idx.dim() < 1 or idx.shape[-1] != groups:
+        raise ValueError(f"{op}: argument '{name}' must have shape (..., G) with G = {groups}, "
+                         f"got {_describe(idx)}")
+    index_range(op, name, idx, size, "code indices")
+    return rows_of(idx).to(torch.int64).contiguous()

@@ -1,0 +1,271 @@
+"""VectorQuantizer: (depthwise) vector quantization with a straight-through estimator, VQ-VAE's
+losses, EMA codebooks and k-means initialization (VQ-VAE eq. 2-4 and its EMA appendix;
+depthwise-vector-quantization..., §3), on the fused ops dw_nearest, codebook_lookup and
+codebook_stats: no (N, K) distance matrix, no one-hot matrix.
+
+When torch.distributed is initialized (world size > 1), every statistic that changes the codebook
+(EMA counts and sums, k-means steps, the samples that replace dead codes) is all-reduced or
+broadcast, with shapes that do not depend on the local batch, so every rank holds the same
+codebook and a rank with an empty or differently sized batch cannot hang the others.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..ops.codebook_lookup import codebook_lookup
+from ..ops.codebook_stats import codebook_stats
+from ..ops.dw_nearest import dw_nearest
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forwards the quantized vectors and hands their gradient to the inputs unchanged (VQ-VAE's
+    straight-through estimator): the output is a view of the quantized vectors, without the
+    two temporaries of x + (q - x).detach()."""
+
+    @staticmethod
+    def forward(x: Tensor, quantized: Tensor) -> Tensor:
+        return quantized
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class VectorQuantizer(nn.Module):
+    """Vector quantization of `dim`-sized features into `groups` slices of dim / groups features,
+    each quantized with its own codebook of `codebook_size` codes (groups = 1: plain VQ).
+
+    forward(x) -> (quantized, indices, loss). x is (..., dim) (channel_last, e.g. (B, N, dim)) or
+    (B, dim, ...) (channel_last=False, e.g. (B, dim, H, W)); quantized has x's shape and dtype and
+    passes its gradient to x unchanged (straight-through); indices is (..., groups) without the
+    channel dimension, e.g. (B, H, W, groups); loss = commitment_weight * ||x - sg(q)||^2 (mean)
+    plus, without EMA, the codebook loss ||sg(x) - q||^2.
+
+    ema=True: the codebook is a buffer updated in training by exponential moving averages of the
+    per-code counts and sums (`decay`, Laplace smoothing with `eps`), from codebook_stats.
+    kmeans_init: the first training batch initializes the codebook by `kmeans_iters` k-means
+    steps (fused search and statistics). dead_code_threshold > 0: codes whose EMA count falls below
+    it are replaced by random vectors of the batch. `usage` and `perplexity` describe the last
+    training batch. `deterministic` (None: torch.are_deterministic_algorithms_enabled()) makes the
+    statistics and the codebook gradient bitwise reproducible; `precision` is the search's.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, groups: int = 1, *,
+                 commitment_weight: float = 0.25, ema: bool = True, decay: float = 0.99,
+                 eps: float = 1e-5, kmeans_init: bool = False, kmeans_iters: int = 10,
+                 dead_code_threshold: float = 0.0, channel_last: bool = True,
+                 deterministic: bool | None = None, precision: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("groups", groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"VectorQuantizer: '{name}' must be a positive int, got {value!r}")
+        if dim % groups:
+            raise ValueError(f"VectorQuantizer: 'dim' ({dim}) must be divisible by 'groups' "
+                             f"({groups})")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"VectorQuantizer: 'decay' must be in [0, 1), got {decay}")
+        if not eps > 0:
+            raise ValueError(f"VectorQuantizer: 'eps' must be positive, got {eps}")
+        if kmeans_iters < 1:
+            raise ValueError(f"VectorQuantizer: 'kmeans_iters' must be >= 1, got {kmeans_iters}")
+        self.dim, self.codebook_size, self.groups = dim, codebook_size, groups
+        self.commitment_weight, self.ema, self.decay, self.eps = commitment_weight, ema, decay, eps
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold, self.channel_last = dead_code_threshold, channel_last
+        self.deterministic, self.precision = deterministic, precision
+        factory = dict(device=device, dtype=dtype)
+        codebook = torch.empty(groups, codebook_size, dim // groups, **factory)
+        if ema:
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("ema_count", torch.ones(groups, codebook_size, device=device,
+                                                         dtype=torch.float32))
+            self.register_buffer("ema_sum", torch.empty(codebook.shape, device=device,
+                                                        dtype=torch.float32))
+        else:
+            self.codebook = nn.Parameter(codebook)
+        self.register_buffer("initialized", torch.tensor(not kmeans_init, device=device))
+        self.register_buffer("last_counts", torch.zeros(groups, codebook_size, device=device,
+                                                        dtype=torch.int64), persistent=False)
+        self._needs_init = kmeans_init  # mirrors `initialized` without a device sync per call
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Codes as nn.Linear initializes its weights (uniform, fan-in Dg), as
+        vector-quantize-pytorch does."""
+        nn.init.kaiming_uniform_(self.codebook.view(-1, self.codebook.shape[-1]), a=math.sqrt(5))
+        if self.ema:
+            self.ema_count.fill_(1.0)
+            self.ema_sum.copy_(self.codebook)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._needs_init = not bool(self.initialized)
+
+    # -- statistics shared by every rank -------------------------------------------------------
+
+    def _all_reduce(self, *tensors: Tensor) -> None:
+        if _distributed():
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def _broadcast(self, t: Tensor) -> Tensor:
+        if _distributed():
+            dist.broadcast(t, src=0)
+        return t
+
+    def _stats(self, flat: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        counts, sums = codebook_stats(flat, idx, self.codebook_size,
+                                      deterministic=self.deterministic)
+        self._all_reduce(counts, sums)
+        return counts, sums
+
+    def _samples(self, flat: Tensor) -> Tensor:
+        """codebook_size random rows of the batch per group (G, K, Dg), the same on every rank
+        (rank 0's); the current codes where the local batch is empty."""
+        grouped = flat.view(-1, self.groups, self.codebook.shape[-1])
+        if grouped.shape[0] == 0:
+            samples = self.codebook.detach().clone()
+        else:
+            pick = torch.randint(grouped.shape[0], (self.groups, self.codebook_size),
+                                 device=flat.device)
+            samples = grouped[pick, torch.arange(self.groups, device=flat.device)[:, None]]
+        return self._broadcast(samples.to(self.codebook.dtype).contiguous())
+
+    # -- training-time codebook updates --------------------------------------------------------
+
+    @torch.no_grad()
+    def _kmeans(self, flat: Tensor) -> None:
+        """k-means (Lloyd) on the batch from random batch vectors; codes left empty keep their
+        place. Sets the EMA state to the final clusters."""
+        centers = self._samples(flat)
+        counts = torch.zeros(self.codebook.shape[:2], dtype=torch.int64, device=flat.device)
+        for _ in range(self.kmeans_iters):
+            _, idx = dw_nearest(flat, centers, precision=self.precision)
+            counts, sums = self._stats(flat, idx)
+            filled = counts > 0
+            means = sums / counts.clamp_min(1)[..., None]
+            centers = torch.where(filled[..., None], means.to(centers.dtype), centers)
+        self.codebook.copy_(centers)
+        if self.ema:
+            self.ema_count.copy_(counts.clamp_min(1))
+            self.ema_sum.copy_(centers * self.ema_count[..., None])
+        self.initialized.fill_(True)
+        self._needs_init = False
+
+    @torch.no_grad()
+    def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
+        self.ema_count.lerp_(counts.to(self.ema_count.dtype), 1.0 - self.decay)
+        self.ema_sum.lerp_(sums.to(self.ema_sum.dtype), 1.0 - self.decay)
+        # Laplace smoothing: no code's count is ever 0, so no division blows up.
+        total = self.ema_count.sum(-1, keepdim=True)
+        smoothed = (self.ema_count + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.codebook.copy_(self.ema_sum / smoothed[..., None])
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: Tensor) -> None:
+        """Replace the codes whose EMA count (or, without EMA, batch count) is below the
+        threshold by random batch vectors."""
+        usage = self.ema_count if self.ema else self.last_counts
+        dead = usage < self.dead_code_threshold
+        samples = self._samples(flat)
+        self.codebook.copy_(torch.where(dead[..., None], samples, self.codebook))
+        if self.ema:
+            self.ema_count.masked_fill_(dead, 1.0)
+            self.ema_sum.copy_(torch.where(dead[..., None], samples.to(self.ema_sum.dtype),
+                                           self.ema_sum))
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _features_last(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or (not self.channel_last and x.dim() < 2):
+            raise ValueError(f"VectorQuantizer: 'x' must be (..., dim) or, with "
+                             f"channel_last=False, (B, dim, ...), got shape {tuple(x.shape)}")
+        x = x if self.channel_last else x.movedim(1, -1)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"VectorQuantizer: 'x' must have dim = {self.dim} features in "
+                             f"dimension {-1 if self.channel_last else 1}, got shape "
+                             f"{tuple(x.shape)}")
+        return x
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        features = self._features_last(x)
+        # The codebook's dtype throughout (autocast hands in half-precision activations).
+        flat = features.reshape(-1, self.dim).to(self.codebook.dtype)
+        if self.training and self._needs_init:
+            self._kmeans(flat.detach())
+        # The search sees a detached codebook: its distances carry the commitment gradient to x.
+        # In training it is a snapshot (G*K*Dg elements), which the backward needs after the
+        # updates below have changed the codebook in place.
+        codes = self.codebook.detach()
+        dist, idx = dw_nearest(flat, codes.clone() if self.training else codes,
+                               precision=self.precision)
+        quantized = codebook_lookup(idx, self.codebook, deterministic=self.deterministic)
+        loss = self.commitment_weight * dist.sum() / max(flat.numel(), 1)
+        if not self.ema:  # the codebook loss moves the chosen codes towards their vectors
+            loss = loss + nn.functional.mse_loss(quantized, flat.detach())
+        if self.training:
+            self._update(flat.detach(), idx)
+        out = _StraightThrough.apply(flat, quantized).to(x.dtype).view(features.shape)
+        indices = idx.view(features.shape[:-1] + (self.groups,))
+        return (out if self.channel_last else out.movedim(-1, 1)), indices, loss
+
+    @torch.no_grad()
+    def _update(self, flat: Tensor, idx: Tensor) -> None:
+        if self.ema:
+            counts, sums = self._stats(flat, idx)
+            self._ema_update(counts, sums)
+        else:
+            offsets = torch.arange(self.groups, device=idx.device)[:, None] * self.codebook_size
+            counts = torch.bincount((idx.t() + offsets).flatten(),
+                                    minlength=self.groups * self.codebook_size)
+            counts = counts.view(self.groups, self.codebook_size)
+            self._all_reduce(counts)
+        self.last_counts.copy_(counts)
+        if self.dead_code_threshold > 0:
+            self._restart_dead_codes(flat)
+
+    @torch.no_grad()
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """The quantized vectors of `indices` (..., groups) as forward returns them:
+        (..., dim), or (B, dim, ...) with channel_last=False."""
+        codes = codebook_lookup(indices, self.codebook)
+        return codes if self.channel_last else codes.movedim(-1, 1)
+
+    @property
+    def usage(self) -> Tensor:
+        """Fraction of codes chosen at least once in the last training batch, per group (G,)."""
+        return (self.last_counts > 0).float().mean(-1)
+
+    @property
+    def perplexity(self) -> Tensor:
+        """exp(entropy) of the code distribution of the last training batch, per group (G,):
+        1 when one code takes everything, codebook_size when all are used equally."""
+        p = self.last_counts.float() / self.last_counts.sum(-1, keepdim=True).clamp_min(1)
+        return torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1))
+
+    def extra_repr(self) -> str:
+        text = f"{self.dim}, {self.codebook_size}, groups={self.groups}"
+        text += f", commitment_weight={self.commitment_weight}, ema={self.ema}"
+        if self.ema:
+            text += f", decay={self.decay}"
+        if self.kmeans_init:
+            text += f", kmeans_init=True, kmeans_iters={self.kmeans_iters}"
+        if self.dead_code_threshold > 0:
+            text += f", dead_code_threshold={self.dead_code_threshold}"
+        if not self.channel_last:
+            text += ", channel_last=False"
+        return text

@@ -1,0 +1,67 @@
+"""protokernels::codebook_lookup: the quantized vectors of depthwise VQ (VQ-VAE eq. 2).
+
+out[n, g*Dg:(g+1)*Dg] = codebooks[g, idx[n, g]]. Lookup and codebook_stats' sums are each
+other's adjoint, so each one's backward is the other op: the gradient w.r.t. the codebooks is the
+per-code sum of the incoming gradient (a scatter-add, deterministic on request), and the gradient
+of codebook_stats' sums w.r.t. x is a lookup.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _validate
+
+
+@torch.library.custom_op("protokernels::codebook_lookup", mutates_args=())
+def _codebook_lookup(idx: Tensor, codebooks: Tensor, deterministic: bool, backend: str) -> Tensor:
+    """idx (N, G) int64, codebooks (G, K, Dg) -> (N, G*Dg). `deterministic` is the backward's."""
+    groups, _, depth = codebooks.shape
+    out = codebooks.new_empty((idx.shape[0], groups * depth))
+    if out.numel() > 0:
+        _backend.kernel(backend, "codebook_lookup", "codebook_lookup")(idx, codebooks, out)
+    return out
+
+
+@_codebook_lookup.register_fake
+def _(idx, codebooks, deterministic, backend):
+    return codebooks.new_empty((idx.shape[0], codebooks.shape[0] * codebooks.shape[2]))
+
+
+def _setup_context(ctx, inputs, output):
+    idx, codebooks, ctx.deterministic, ctx.backend = inputs
+    ctx.size, ctx.dtype = codebooks.shape[1], codebooks.dtype
+    ctx.save_for_backward(idx)
+
+
+def _backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    sums, _ = torch.ops.protokernels.codebook_stats(grad, idx, ctx.size, ctx.deterministic,
+                                                    ctx.backend)
+    return None, sums.to(ctx.dtype), None, None
+
+
+_codebook_lookup.register_autograd(_backward, setup_context=_setup_context)
+
+
+def codebook_lookup(idx: Tensor, codebooks: Tensor, *, deterministic: bool | None = None) -> Tensor:
+    """The codes chosen by idx, concatenated over groups: the quantized vectors.
+
+    idx (..., G) integer, each in [0, K); codebooks (G, K, Dg) -> (..., G*Dg) in the codebooks'
+    dtype, out[..., g*Dg:(g+1)*Dg] = codebooks[g, idx[..., g]]. Differentiable w.r.t. codebooks:
+    the backward scatter-adds the gradient into the chosen codes (codebook_stats' sums of it).
+    The scatter uses atomics unless `deterministic` (None: torch.are_deterministic_algorithms_
+    enabled()), which makes it bitwise reproducible at some cost in speed.
+    """
+    op = "codebook_lookup"
+    if not isinstance(codebooks, torch.Tensor):
+        raise TypeError(f"{op}: argument 'codebooks' must be a torch.Tensor, got "
+                        f"{type(codebooks).__name__}")
+    _validate.floating(op, codebooks=codebooks)
+    groups, size, depth = _validate.codebooks(op, codebooks)
+    flat = _validate.code_indices(op, "idx", idx, "codebooks", codebooks, groups, size)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    backend = _backend.resolve(op, codebooks.device)
+    out = torch.ops.protokernels.codebook_lookup(flat, codebooks, bool(deterministic), backend)
+    return out.view(idx.shape[:-1] + (groups * depth,))

@@ -1,0 +1,168 @@
+"""dw_nearest in every backend against float64 ground truth: each group's winner judged by its
+true distance, exact distances, gradients, registration, bad input."""
+import pytest
+import torch
+
+import protokernels
+from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+from test_nearest import DTYPES, assert_winners, dtype_ids, randn, truth
+
+
+def grouped(x, groups):
+    """x (..., G*Dg) as (..., G, 1, Dg) rows per group, the batch layout assert_winners takes."""
+    return x.unflatten(-1, (groups, -1)).unsqueeze(-2)
+
+
+def assert_groups(x, codebooks, dist, idx, dtype=torch.float32, precision="ieee"):
+    groups = codebooks.shape[0]
+    assert dist.shape == idx.shape == x.shape[:-1] + (groups,)
+    xs = grouped(x, groups).reshape(-1, groups, 1, codebooks.shape[-1]).transpose(0, 1)
+    xs = xs.reshape(groups, -1, codebooks.shape[-1])  # (G, N, Dg)
+    assert_winners(xs, codebooks, dist.reshape(-1, groups).t(), idx.reshape(-1, groups).t(),
+                   dtype=dtype, precision=precision)
+
+
+SHAPES = [(1, 1, 1, 1), (17, 3, 13, 1), (31, 2, 37, 7), (65, 4, 129, 33), (130, 1, 5, 129),
+          (3, 2, 40, 1025)]  # (N, G, K, Dg)
+
+
+@pytest.mark.parametrize("dtype,precision", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dw_nearest_matches_float64(backend, shape, dtype, precision):
+    n, groups, size, depth = shape
+    x, codebooks = randn(n, groups * depth, dtype=dtype), randn(groups, size, depth, dtype=dtype)
+    dist, idx = protokernels.dw_nearest(x, codebooks, precision=precision)
+    assert_groups(x, codebooks, dist, idx, dtype=dtype, precision=precision)
+
+
+def test_one_group_is_nearest(backend):
+    x, codebooks = randn(40, 9), randn(1, 23, 9)
+    dist, idx = protokernels.dw_nearest(x, codebooks, precision="ieee")
+    ref_dist, ref_idx = protokernels.nearest(x, codebooks[0], precision="ieee")
+    assert torch.equal(idx[:, 0], ref_idx) and torch.equal(dist[:, 0], ref_dist)
+
+
+def test_batch_dimensions_and_strided_inputs(backend):
+    x = randn(2, 3, 24, 7).transpose(-1, -2)[:, ::2]  # (2, 2, 7, 24), non-contiguous
+    codebooks = randn(4, 6, 11).transpose(1, 2)  # (4, 11, 6), non-contiguous
+    dist, idx = protokernels.dw_nearest(x, codebooks)
+    assert idx.shape == (2, 2, 7, 4)
+    assert_groups(x, codebooks, dist, idx)
+    expanded = randn(1, 24).expand(5, 24)
+    dist, idx = protokernels.dw_nearest(expanded, codebooks)
+    assert (idx == idx[:1]).all()
+    dist, idx = protokernels.dw_nearest(randn(24), codebooks)  # one vector: (G,)
+    assert idx.shape == (4,)
+
+
+def test_ties_go_to_the_smallest_index(backend):
+    codebooks = torch.randint(-4, 5, (2, 700, 8), device=DEVICE).float()
+    codebooks[1, [300, 650]] = codebooks[1, 3].clone()  # three identical codes in group 1
+    x = torch.cat([codebooks[0, 5], codebooks[1, 3]])[None].repeat(3, 1)
+    for precision in ("ieee", "tf32x3", "tf32"):
+        dist, idx = protokernels.dw_nearest(x, codebooks, precision=precision)
+        assert (idx[:, 1] == 3).all() and (dist == 0).all()
+
+
+def test_nan_slice_gives_nan_distance_in_its_group_only(backend):
+    x, codebooks = randn(6, 3 * 5), randn(3, 9, 5)
+    x[2, 7] = float("nan")  # group 1 of row 2
+    dist, idx = protokernels.dw_nearest(x, codebooks)
+    assert dist[2, 1].isnan()
+    assert dist.isnan().sum() == 1
+
+
+@pytest.mark.parametrize("x_shape,books_shape", [((0, 12), (3, 5, 4)), ((4, 0), (2, 5, 0)),
+                                                 ((4, 0), (0, 5, 7))], ids=str)
+def test_empty(backend, x_shape, books_shape):
+    x, codebooks = randn(*x_shape).requires_grad_(), randn(*books_shape).requires_grad_()
+    dist, idx = protokernels.dw_nearest(x, codebooks)
+    assert dist.shape == idx.shape == (x_shape[0], books_shape[0])
+    if books_shape[2] == 0 and books_shape[0] > 0:
+        assert (dist == 0).all() and (idx == 0).all()
+    dist.sum().backward()
+    assert (codebooks.grad == 0).all()
+
+
+def test_gradcheck_float64(backend):
+    # 6 rows against 3 codes per group: winners are shared, the scatter-add must sum them.
+    x = randn(6, 2 * 3, dtype=torch.float64).requires_grad_()
+    codebooks = randn(2, 3, 3, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, c: protokernels.dw_nearest(x, c)[0], (x, codebooks))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_ids)
+def test_gradients_match_float64(backend, dtype):
+    x, codebooks = randn(90, 3 * 21, dtype=dtype), randn(3, 13, 21, dtype=dtype)
+    g = randn(90, 3)
+    xg, cg = x.clone().requires_grad_(), codebooks.clone().requires_grad_()
+    dist, idx = protokernels.dw_nearest(xg, cg)
+    dist.backward(g)
+    xr, cr = x.double().requires_grad_(), codebooks.double().requires_grad_()
+    rows = grouped(xr, 3)[..., 0, :].transpose(0, 1)  # (G, N, Dg)
+    truth(rows, cr).gather(-1, idx.t()[..., None])[..., 0].t().backward(g.double())
+    assert relative_error(xg.grad, xr.grad) <= tolerance(dtype)
+    assert relative_error(cg.grad, cr.grad) <= tolerance(dtype)
+
+
+def test_opcheck(backend):
+    x, codebooks = randn(9, 12).requires_grad_(), randn(3, 7, 4).requires_grad_()
+    torch.library.opcheck(torch.ops.protokernels.dw_nearest.default,
+                          (x, codebooks, "ieee", backend))
+
+
+def test_compile_fullgraph(backend):
+    def model(x, codebooks):
+        dist, idx = protokernels.dw_nearest(x * 2, codebooks)
+        return dist.sum() + idx.sum()
+
+    x, codebooks = randn(21, 12), randn(3, 10, 4)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if not HAS_GPU else "inductor")
+    assert relative_error(compiled(x, codebooks), model(x, codebooks)) <= 1e-6
+
+
+BAD_INPUTS = [
+    (lambda: dict(x=randn(4, 12), codebooks=randn(3, 5, 5)), ValueError,
+     r"last dimension of 'x' must be G\*Dg = 3\*5 = 15"),
+    (lambda: dict(x=randn(4, 12), codebooks=randn(12, 5)), ValueError,
+     "'codebooks' must be 3-D"),
+    (lambda: dict(x=randn(4, 12), codebooks=randn(3, 0, 4)), ValueError, r"no codes \(K = 0\)"),
+    (lambda: dict(x=torch.ones(4, 12, dtype=torch.int64), codebooks=randn(3, 5, 4)), TypeError,
+     "'x' must be a floating"),
+    (lambda: dict(x=randn(4, 12), codebooks=randn(3, 5, 4).double()), TypeError,
+     "same dtype"),
+    (lambda: dict(x=randn(4, 12).to("meta"), codebooks=randn(3, 5, 4)), ValueError,
+     "same device"),
+    (lambda: dict(x=randn(4, 12), codebooks=randn(3, 5, 4), precision="fast"), ValueError,
+     "precision must be one of"),
+]
+
+
+@pytest.mark.parametrize("make,error,message", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(make, error, message):
+    with pytest.raises(error, match=message):
+        protokernels.dw_nearest(**make())
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_cuda_graph_capture(backend):
+    x, codebooks = randn(300, 64), randn(4, 200, 16)
+    protokernels.dw_nearest(x, codebooks)  # warm up (compiles the Triton kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dist, idx = protokernels.dw_nearest(x, codebooks, precision="ieee")
+    x.copy_(randn(300, 64))
+    graph.replay()
+    assert_groups(x, codebooks, dist, idx)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_more_than_2_to_the_31_elements(backend):
+    n, groups, depth = 4_200_000, 8, 64  # x holds 2.15e9 elements: offsets pass 2**31
+    x = torch.randn(n, groups * depth, device=DEVICE, dtype=torch.float16)
+    codebooks = randn(groups, 3, depth, dtype=torch.float16)
+    x[-1, -depth:] = codebooks[-1, 2]  # the last slice of the last row is an exact code
+    dist, idx = protokernels.dw_nearest(x, codebooks)
+    assert idx[-1, -1] == 2 and dist[-1, -1] == 0
+    rows = torch.tensor([0, 1, n // 2, n - 1], device=DEVICE)
+    assert_groups(x[rows], codebooks, dist[rows], idx[rows], dtype=torch.float16)
