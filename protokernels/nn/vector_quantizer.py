@@ -100,6 +100,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_counts", torch.zeros(groups, codebook_size, device=device,
                                                         dtype=torch.int64), persistent=False)
         self._needs_init = kmeans_init  # mirrors `initialized` without a device sync per call
+        self._needs_sync = True  # ranks may have drawn different codebooks: rank 0's wins
         self.reset_parameters()
 
     @torch.no_grad()
@@ -126,6 +127,14 @@ class VectorQuantizer(nn.Module):
         if _distributed():
             dist.broadcast(t, src=0)
         return t
+
+    @torch.no_grad()
+    def _sync_codebook(self) -> None:
+        """Every rank starts from rank 0's codebook (and EMA state)."""
+        if _distributed():
+            for t in (self.codebook, *((self.ema_count, self.ema_sum) if self.ema else ())):
+                t.copy_(self._broadcast(t.detach().clone()))
+        self._needs_sync = False
 
     def _stats(self, flat: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         counts, sums = codebook_stats(flat, idx, self.codebook_size,
@@ -205,6 +214,8 @@ class VectorQuantizer(nn.Module):
         features = self._features_last(x)
         # The codebook's dtype throughout (autocast hands in half-precision activations).
         flat = features.reshape(-1, self.dim).to(self.codebook.dtype)
+        if self.training and self._needs_sync:
+            self._sync_codebook()
         if self.training and self._needs_init:
             self._kmeans(flat.detach())
         # The search sees a detached codebook: its distances carry the commitment gradient to x.

@@ -1,0 +1,245 @@
+"""nn.VectorQuantizer: forward against the ops, straight-through gradient, losses, EMA update,
+k-means init, dead-code restart, usage/perplexity, layouts, compile, autocast, state_dict, bad
+configuration, and codebook sync across 2 gloo ranks."""
+import datetime
+import multiprocessing
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import protokernels
+from conftest import DEVICE, HAS_GPU, relative_error
+from protokernels.nn import VectorQuantizer
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def quantizer(**kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("precision", "ieee")
+    return VectorQuantizer(12, 7, groups=3, **kwargs).to(DEVICE)
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_forward_is_search_then_lookup(ema):
+    vq = quantizer(ema=ema).eval()
+    x = randn(2, 20, 12)
+    quantized, indices, loss = vq(x)
+    dist, idx = protokernels.dw_nearest(x, vq.codebook.detach(), precision="ieee")
+    assert torch.equal(indices, idx) and indices.shape == (2, 20, 3)
+    assert torch.equal(quantized, protokernels.codebook_lookup(idx, vq.codebook.detach()))
+    assert torch.equal(vq.get_codes_from_indices(indices), quantized)
+    commitment = F.mse_loss(x, quantized)
+    expected = 0.25 * commitment + (0 if ema else commitment)
+    assert relative_error(loss, expected) <= 1e-5
+
+
+def test_channel_first_images():
+    vq = quantizer(channel_last=False).eval()
+    x = randn(2, 12, 5, 6)
+    quantized, indices, _ = vq(x)
+    assert quantized.shape == x.shape and indices.shape == (2, 5, 6, 3)
+    flat, flat_indices, _ = quantizer().eval()(x.movedim(1, -1))
+    assert torch.equal(indices, flat_indices) and torch.equal(quantized, flat.movedim(-1, 1))
+    assert torch.equal(vq.get_codes_from_indices(indices), quantized)
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_straight_through_and_loss_gradients(ema):
+    vq = quantizer(ema=ema, commitment_weight=0.5)
+    x = randn(30, 12).requires_grad_()
+    quantized, _, loss = vq(x)
+    g = randn(30, 12)
+    (quantized * g).sum().backward(retain_graph=True)
+    assert torch.equal(x.grad, g)  # the decoder's gradient passes to x unchanged
+    x.grad = None
+    loss.backward()
+    xr = x.detach().clone().requires_grad_()
+    codes = quantized.detach()
+    (0.5 * F.mse_loss(xr, codes)).backward()
+    assert relative_error(x.grad, xr.grad) <= 1e-5  # commitment only
+    if not ema:  # the codebook loss reaches the chosen codes
+        assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0
+
+
+def test_ema_update_with_laplace_smoothing():
+    vq = quantizer(decay=0.9, eps=1e-3)
+    before = vq.codebook.clone()
+    x = randn(50, 12)
+    _, indices, _ = vq(x)
+    idx = protokernels.dw_nearest(x, before, precision="ieee")[1]
+    assert torch.equal(indices, idx)
+    counts, sums = protokernels.codebook_stats(x, idx, 7)
+    count = 0.9 * 1.0 + 0.1 * counts.double()
+    total = count.sum(-1, keepdim=True)
+    smoothed = (count + 1e-3) / (total + 7e-3) * total
+    expected = (0.9 * before.double() + 0.1 * sums.double()) / smoothed[..., None]
+    assert relative_error(vq.codebook, expected) <= 1e-6
+    assert torch.equal(vq.last_counts, counts)
+
+
+def test_eval_does_not_update():
+    vq = quantizer().eval()
+    before = vq.codebook.clone()
+    vq(randn(50, 12))
+    assert torch.equal(vq.codebook, before)
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_kmeans_init_on_first_training_batch(ema):
+    vq = quantizer(ema=ema, kmeans_init=True, kmeans_iters=10)
+    assert not vq.initialized
+    centers = randn(3, 7, 4) * 10  # well-separated clusters per group
+    labels = torch.randint(0, 7, (400, 3), device=DEVICE)
+    x = (centers[torch.arange(3, device=DEVICE), labels] + 0.01 * randn(400, 3, 4)).flatten(1)
+    _, _, loss = vq(x)
+    assert vq.initialized
+    # Lloyd's fixed point: each used code is the mean of its vectors (k-means from random
+    # vectors may merge two clusters, so the codes need not recover every centre).
+    _, idx = protokernels.dw_nearest(x, vq.codebook, precision="ieee")
+    counts, sums = protokernels.codebook_stats(x, idx, 7)
+    used = counts > 0
+    means = sums / counts.clamp_min(1)[..., None]
+    assert relative_error(vq.codebook[used], means[used]) <= 1e-4
+    random_loss = quantizer(ema=ema)(x)[2]
+    assert loss < 0.2 * random_loss
+    before = vq.codebook.clone()
+    vq.eval()(x)
+    assert torch.equal(vq.codebook, before)  # initialized once
+
+
+def test_dead_code_restart_from_batch_vectors():
+    vq = quantizer(dead_code_threshold=1e9)  # every code is dead
+    x = randn(40, 12)
+    vq(x)
+    slices = x.view(40, 3, 4)
+    for g in range(3):  # each code is now one of the batch's group-g slices
+        exact = torch.cdist(vq.codebook[g], slices[:, g], compute_mode="donot_use_mm_for_euclid_dist")
+        assert exact.amin(-1).max() == 0
+
+
+def test_usage_and_perplexity():
+    vq = quantizer()
+    vq(randn(1, 12).expand(30, 12))  # one vector: one code per group
+    assert torch.equal(vq.usage, torch.full((3,), 1 / 7, device=DEVICE))
+    assert torch.allclose(vq.perplexity, torch.ones(3, device=DEVICE))
+    vq(randn(500, 12))
+    assert (vq.perplexity > 3).all() and (vq.perplexity <= 7).all() and (vq.usage > 0.5).all()
+
+
+def test_state_dict_round_trip():
+    vq = quantizer(kmeans_init=True)
+    vq(randn(60, 12))
+    vq.eval()
+    other = VectorQuantizer(12, 7, groups=3, kmeans_init=True, precision="ieee").to(DEVICE)
+    other.load_state_dict(vq.state_dict())
+    x = randn(10, 12)
+    assert torch.equal(other.eval()(x)[0], vq(x)[0])
+    assert set(vq.state_dict()) == {"codebook", "ema_count", "ema_sum", "initialized"}
+    other.train()(x)  # loaded as initialized: no k-means on this batch
+    assert not other._needs_init
+
+
+def test_half_precision_input_and_autocast():
+    vq = quantizer().eval()
+    x = randn(20, 12)
+    quantized, indices, _ = vq(x.to(torch.bfloat16))
+    assert quantized.dtype == torch.bfloat16 and vq.codebook.dtype == torch.float32
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        h = torch.nn.functional.linear(x, torch.eye(12, device=DEVICE))  # bf16 under autocast
+        quantized, indices, loss = vq(h)
+    assert quantized.dtype == h.dtype and loss.dtype == torch.float32
+
+
+def test_compile():
+    vq = quantizer().eval()
+    x = randn(2, 20, 12)
+    compiled = torch.compile(vq, backend="aot_eager" if not HAS_GPU else "inductor")
+    for expected, got in zip(vq(x), compiled(x)):
+        assert torch.equal(expected, got)
+    vq.train()
+    x = randn(2, 20, 12).requires_grad_()
+    quantized, _, loss = compiled(x)
+    (quantized.sum() + loss).backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dim=12, codebook_size=7, groups=5), r"'dim' \(12\) must be divisible by 'groups' \(5\)"),
+    (dict(dim=12, codebook_size=0), "'codebook_size' must be a positive int"),
+    (dict(dim=12, codebook_size=7, decay=1.0), "'decay' must be in"),
+])
+def test_bad_configuration(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VectorQuantizer(**kwargs)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match="must have dim = 12 features in dimension 1"):
+        quantizer(channel_last=False)(randn(2, 5, 12))
+    with pytest.raises(ValueError, match="must have dim = 12 features in dimension -1"):
+        quantizer()(randn(2, 5, 11))
+
+
+# -- two gloo ranks ---------------------------------------------------------------------------
+
+def _rank_main(rank, world, port, rows, queue):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        data = torch.randn(sum(rows), 12)
+        start = sum(rows[:rank])
+        local = data[start:start + rows[rank]]  # ranks see different batch sizes (even 0)
+        torch.manual_seed(rank)  # different initial codebooks: the first step syncs them
+        synced = VectorQuantizer(12, 7, groups=3, kmeans_init=True, dead_code_threshold=0.5)
+        plain = VectorQuantizer(12, 7, groups=3)
+        for _ in range(3):
+            synced(local)
+            plain(local)
+        queue.put((rank, synced.codebook, plain.codebook, plain.last_counts))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("rows", [(40, 25), (30, 0)], ids=["uneven", "one-empty"])
+def test_two_gloo_ranks_hold_the_same_codebook(rows):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, rows, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    (synced0, plain0, counts0), (synced1, plain1, counts1) = results[0], results[1]
+    assert torch.equal(synced0, synced1) and torch.equal(plain0, plain1)
+    # Without k-means/restarts, the synced EMA equals one process on the concatenated batch.
+    torch.manual_seed(0)
+    data = torch.randn(sum(rows), 12)
+    torch.manual_seed(0)  # rank 0's initial codebook
+    VectorQuantizer(12, 7, groups=3)
+    single = VectorQuantizer(12, 7, groups=3)
+    for _ in range(3):
+        single(data)
+    assert relative_error(plain0, single.codebook) <= 1e-6
+    assert torch.equal(counts0, single.last_counts)
