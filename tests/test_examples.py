@@ -20,3 +20,12 @@ def test_digits_kpconv_learns(tmp_path):
     accuracy = load("digits_kpconv").main(["--epochs", "3", "--out", str(png)])
     assert accuracy >= 0.6  # chance is 0.1; 20 epochs reach >= 0.9
     assert png.stat().st_size > 1000
+
+
+def test_digits_vq_autoencoder_learns(tmp_path):
+    pytest.importorskip("sklearn")
+    png = tmp_path / "reconstructions.png"
+    result = load("digits_vq_autoencoder").main(["--epochs", "5", "--out", str(png)])
+    assert result["mse"] < 0.5 * result["start_mse"]  # 30 epochs reach ~0.02 from ~0.2
+    assert result["perplexity"] > 4  # codes are shared out, not collapsed to one (1.0)
+    assert png.stat().st_size > 1000
