@@ -125,7 +125,9 @@ setup(
     install_requires=["torch>=2.10", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={"test": ["pytest", "numpy"],
                     # examples/ (scikit-learn's bundled digits) and the bench's --sweep plots
-                    "examples": ["scikit-learn", "matplotlib"]},
+                    "examples": ["scikit-learn", "matplotlib"],
+                    # the anchor of benchmarks/vector_quantizer.py, run side by side
+                    "bench": ["vector-quantize-pytorch"]},
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     ext_modules=ext_modules,

@@ -2,7 +2,9 @@
 # GPU evidence in one device call: install the wheel built on the CPU machine (wheelhouse/, named
 # in the device tool's `carry`) or build from source there, run the whole test suite on CUDA (all
 # three backends), then the benchmarks. Results land in $OUT (env.txt, tests.log, bench.log,
-# results.csv/json). PYTEST_ARGS and BENCH_ARGS pass extra arguments through.
+# results.csv/json). TESTS (paths under tests/, default all), PYTEST_ARGS and BENCH_ARGS pass
+# extra arguments through; SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out. Benchmark-only extras
+# (vector-quantize-pytorch and its dependencies) install from wheelhouse/bench/*.whl if present.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -20,12 +22,23 @@ if ls "$REPO"/wheelhouse/protokernels-*.whl >/dev/null 2>&1; then
 else
   $PY -m pip install -q --no-deps --no-build-isolation "$REPO"
 fi || exit 1
+if ls "$REPO"/wheelhouse/bench/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-deps --no-index "$REPO"/wheelhouse/bench/*.whl || exit 1
+fi
 
 cd /tmp  # not the repository root: the source tree must not shadow the installed package
 $PY -c "import protokernels; [print(f'{k}: {v}') for k, v in protokernels.available_backends().items()]" 2>&1 | tee -a "$OUT/env.txt"
-$PY -m pytest -q -p no:cacheprovider -m "not slow" "$REPO/tests" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
-tests=${PIPESTATUS[0]}
-$PY -m protokernels.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
-bench=${PIPESTATUS[0]}
+tests=0
+if [ -z "${SKIP_TESTS:-}" ]; then
+  paths=()
+  for t in ${TESTS:-.}; do paths+=("$REPO/tests/$t"); done
+  $PY -m pytest -q -p no:cacheprovider -m "not slow" "${paths[@]}" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
+  tests=${PIPESTATUS[0]}
+fi
+bench=0
+if [ -z "${SKIP_BENCH:-}" ]; then
+  $PY -m protokernels.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  bench=${PIPESTATUS[0]}
+fi
 echo "gpu_check: tests exit $tests, bench exit $bench"
 exit $(( tests || bench ))
