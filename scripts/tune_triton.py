@@ -1,9 +1,10 @@
 """Sweep the Triton kernels' launch configs at the spec's sizes on a GPU and print the fastest per
 case: the evidence behind sqdist's forward_config() / grad_config() (B8 N4096 M4096 D128) and
-nearest's search_config() (N65536 M8192 D256), and kp_conv's tables (x (32, 64, 56, 56),
+nearest's search_config() (N65536 M8192 D256; dw_nearest: its grouped view, N65536 G8 K1024
+Dg64), and kp_conv's tables (x (32, 64, 56, 56),
 w (128, 64, 3, 3), padding 1).
 
-    python scripts/tune_triton.py [--op sqdist|nearest|kp_conv] [--budget SECONDS] [--case ...]
+    python scripts/tune_triton.py [--op sqdist|nearest|kp_conv|dw_nearest] [--budget SECONDS] [--case ...]
 """
 import argparse
 import itertools
@@ -66,6 +67,28 @@ def tune_nearest(cases, deadline):
               search_configs(depths), time.time() + share)
 
 
+def tune_dw_nearest(cases, deadline):
+    """nearest's search on depthwise VQ's grouped view (groups as the batch, D = Dg = 64)."""
+    n, groups, size, depth = 65536, 8, 1024, 64
+    todo = [(c, dt, p, depths) for c, dt, p, depths in [
+        ("tf32", torch.float32, "tf32", [32, 64]), ("tf32x3", torch.float32, "tf32x3", [16, 32]),
+        ("bf16", torch.bfloat16, "ieee", [32, 64])] if c in cases]
+    for i, (case, dtype, precision, depths) in enumerate(todo):
+        x = torch.randn(n, groups * depth, device="cuda", dtype=dtype)
+        x = x.unflatten(1, (groups, depth)).transpose(0, 1)
+        y = torch.randn(groups, size, depth, device="cuda", dtype=dtype)
+        default = search_kernels.search_config(n, size, depth, dtype, precision)
+        ms = triton.testing.do_bench(lambda: search_kernels._search(x, y, precision))
+        print(f"default search {case}: {ms:.4f} ms {default}", flush=True)
+        share = (deadline - time.time()) / (len(todo) - i)
+        sweep(f"dw search {case}", lambda c: search_kernels._search(x, y, precision, config=c),
+              search_configs(depths) +
+              [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
+               for bn, bm, bd, w, st in itertools.product([64, 128], [64, 128], depths, [4],
+                                                          [2, 3])],
+              time.time() + share)
+
+
 # NHWC last: both layouts of the gathered operand get tried before the time budget runs out.
 CONV_FORWARD = [dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, num_warps=w, num_stages=st, NHWC=nhwc)
                 for (bm, bp), bk, w, st, nhwc in itertools.product(
@@ -105,7 +128,8 @@ def tune_kp_conv(cases, deadline):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--op", choices=["sqdist", "nearest", "kp_conv"], default="sqdist")
+    parser.add_argument("--op", choices=["sqdist", "nearest", "kp_conv", "dw_nearest"],
+                        default="sqdist")
     parser.add_argument("--budget", type=float, default=420, help="seconds for the whole sweep")
     parser.add_argument("--case", action="append", choices=["tf32", "tf32x3", "bf16"],
                         help="cases to sweep (repeatable; default: all)")
@@ -116,6 +140,8 @@ def main():
         return tune_nearest(cases, deadline)
     if args.op == "kp_conv":
         return tune_kp_conv(cases, deadline)
+    if args.op == "dw_nearest":
+        return tune_dw_nearest(cases, deadline)
     b, n, m, d = 8, 4096, 4096, 128
     for case, dtype, precision in [("tf32", torch.float32, "tf32"),
                                    ("tf32x3", torch.float32, "tf32x3"),
