@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..ops.codebook_lookup import codebook_lookup
-from ..ops.codebook_stats import codebook_stats
+from ..ops.codebook_lookup import codebook_lookup, lookup_checked_indices
+from ..ops.codebook_stats import stats_of_checked_indices
 from ..ops.dw_nearest import dw_nearest
 
 
@@ -137,8 +137,8 @@ class VectorQuantizer(nn.Module):
         self._needs_sync = False
 
     def _stats(self, flat: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        counts, sums = codebook_stats(flat, idx, self.codebook_size,
-                                      deterministic=self.deterministic)
+        # idx comes from dw_nearest: valid by construction, no range check (a device sync).
+        counts, sums = stats_of_checked_indices(flat, idx, self.codebook_size, self.deterministic)
         self._all_reduce(counts, sums)
         return counts, sums
 
@@ -224,7 +224,7 @@ class VectorQuantizer(nn.Module):
         codes = self.codebook.detach()
         dist, idx = dw_nearest(flat, codes.clone() if self.training else codes,
                                precision=self.precision)
-        quantized = codebook_lookup(idx, self.codebook, deterministic=self.deterministic)
+        quantized = lookup_checked_indices(idx, self.codebook, self.deterministic)
         loss = self.commitment_weight * dist.sum() / max(flat.numel(), 1)
         if not self.ema:  # the codebook loss moves the chosen codes towards their vectors
             loss = loss + nn.functional.mse_loss(quantized, flat.detach())

@@ -60,8 +60,14 @@ def codebook_lookup(idx: Tensor, codebooks: Tensor, *, deterministic: bool | Non
     _validate.floating(op, codebooks=codebooks)
     groups, size, depth = _validate.codebooks(op, codebooks)
     flat = _validate.code_indices(op, "idx", idx, "codebooks", codebooks, groups, size)
+    out = lookup_checked_indices(flat, codebooks, deterministic)
+    return out.view(idx.shape[:-1] + (groups * depth,))
+
+
+def lookup_checked_indices(idx: Tensor, codebooks: Tensor, deterministic: bool | None) -> Tensor:
+    """codebook_lookup of indices known to be valid (int64 (N, G), contiguous, in range: e.g.
+    dw_nearest's), without the range check's device sync (0.25 ms per VQ step on the H100)."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = _backend.resolve(op, codebooks.device)
-    out = torch.ops.protokernels.codebook_lookup(flat, codebooks, bool(deterministic), backend)
-    return out.view(idx.shape[:-1] + (groups * depth,))
+    backend = _backend.resolve("codebook_lookup", codebooks.device)
+    return torch.ops.protokernels.codebook_lookup(idx, codebooks, bool(deterministic), backend)

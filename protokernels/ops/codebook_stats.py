@@ -86,9 +86,16 @@ def codebook_stats(x: Tensor, idx: Tensor, size: int, *,
     if idx.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"{op}: 'x' (..., G*Dg) and 'idx' (..., G) must have the same leading "
                          f"dimensions, got x {tuple(x.shape)} and idx {tuple(idx.shape)}")
+    return stats_of_checked_indices(_validate.rows_of(x), flat_idx, size, deterministic)
+
+
+def stats_of_checked_indices(x: Tensor, idx: Tensor, size: int,
+                             deterministic: bool | None) -> tuple[Tensor, Tensor]:
+    """codebook_stats of x (N, G*Dg) with indices known to be valid (int64 (N, G), contiguous,
+    in range: e.g. dw_nearest's), without the range check's device sync."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = _backend.resolve(op, x.device)
-    sums, counts = torch.ops.protokernels.codebook_stats(_validate.rows_of(x), flat_idx, size,
-                                                         bool(deterministic), backend)
+    backend = _backend.resolve("codebook_stats", x.device)
+    sums, counts = torch.ops.protokernels.codebook_stats(x, idx, size, bool(deterministic),
+                                                         backend)
     return counts, sums
