@@ -73,7 +73,11 @@ def _vector_quantize_pytorch(sizes, x):
     return quantized + loss, indices
 
 
-BASELINES = {"vector-quantize-pytorch": _vector_quantize_pytorch}
+try:  # the anchor is a benchmark-only extra: without it the case runs without that row
+    import vector_quantize_pytorch  # noqa: F401
+    BASELINES = {"vector-quantize-pytorch": _vector_quantize_pytorch}
+except ImportError:
+    BASELINES = {}
 
 
 def fused(sizes, x):
