@@ -68,21 +68,26 @@ def batched_rows(op: str, x: torch.Tensor, y: torch.Tensor):
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def integer_rows(op: str, name: str, t, like: torch.Tensor, batch: torch.Size, rows: int,
-                 layout: str) -> torch.Tensor:
-    """An integer tensor of shape (..., rows) on `like`'s device, broadcast to batch + (rows,) and
-    returned as int64 (B, rows): per-row indices or labels."""
+def _integer_last(op: str, name: str, t, like_name: str, like: torch.Tensor, last: int,
+                  layout: str, shape: str) -> None:
+    """t is an integer tensor on `like`'s device whose last dimension is `last`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in INTEGER_DTYPES:
         raise TypeError(f"{op}: argument '{name}' must be an integer tensor {layout}, got "
                         f"{_describe(t)}")
     if t.device != like.device:
-        raise ValueError(f"{op}: argument '{name}' must be on the same device as 'x' "
-                         f"({like.device}), got {t.device}")
-    if t.dim() < 1 or t.shape[-1] != rows:
-        raise ValueError(f"{op}: argument '{name}' must have shape {layout} with last dimension "
-                         f"{rows}, got {_describe(t)}")
+        raise ValueError(f"{op}: argument '{name}' must be on the same device as "
+                         f"'{like_name}' ({like.device}), got {t.device}")
+    if t.dim() < 1 or t.shape[-1] != last:
+        raise ValueError(f"{op}: argument '{name}' must have shape {shape}, got {_describe(t)}")
+
+
+def integer_rows(op: str, name: str, t, like: torch.Tensor, batch: torch.Size, rows: int,
+                 layout: str) -> torch.Tensor:
+    """An integer tensor of shape (..., rows) on `like`'s device, broadcast to batch + (rows,) and
+    returned as int64 (B, rows): per-row indices or labels."""
+    _integer_last(op, name, t, "x", like, rows, layout, f"{layout} with last dimension {rows}")
     try:
         expanded = t.expand(batch + (rows,))
     except RuntimeError:
@@ -183,17 +188,7 @@ def code_indices(op: str, name: str, idx, like_name: str, like: torch.Tensor, gr
                  size: int) -> torch.Tensor:
     """Code indices (..., G), integer, on `like`'s device, each in [0, K): returned as int64
     (N, G), contiguous."""
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got "
-                        f"{type(idx).__name__}")
-    if idx.dtype not in INTEGER_DTYPES:
-        raise TypeError(f"{op}: argument '{name}' must be an integer tensor of code indices "
-                        f"(..., G), got {_describe(idx)}")
-    if idx.device != like.device:
-        raise ValueError(f"{op}: argument '{name}' must be on the same device as "
-                         f"'{like_name}' ({like.device}), got {idx.device}")
-    if idx.dim() < 1 or idx.shape[-1] != groups:
-        raise ValueError(f"{op}: argument '{name}' must have shape (..., G) with G = {groups}, "
-                         f"got {_describe(idx)}")
+    _integer_last(op, name, idx, like_name, like, groups, "of code indices (..., G)",
+                  f"(..., G) with G = {groups}")
     index_range(op, name, idx, size, "code indices")
     return rows_of(idx).to(torch.int64).contiguous()

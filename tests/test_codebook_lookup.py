@@ -5,7 +5,7 @@ import torch
 
 import protokernels
 from conftest import DEVICE, HAS_GPU, relative_error, tolerance
-from test_nearest import dtype_ids, randn
+from test_nearest import _on_device, dtype_ids, randn
 
 
 def codes(n, groups, size):
@@ -121,8 +121,5 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("make,error,message", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input(make, error, message):
-    kwargs = make()
-    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v
-              for k, v in kwargs.items()}
     with pytest.raises(error, match=message):
-        protokernels.codebook_lookup(**kwargs)
+        protokernels.codebook_lookup(**_on_device(make()))
