@@ -97,8 +97,6 @@ std::tuple<Tensor, Tensor> codebook_stats_cuda(Tensor x, Tensor idx, int64_t siz
   if (rows == 0) return {sums, counts};
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const cudaStream_t stream = current_stream(x);
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device_index());
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accumulate<T>::type;
@@ -107,6 +105,8 @@ std::tuple<Tensor, Tensor> codebook_stats_cuda(Tensor x, Tensor idx, int64_t siz
     auto* count = static_cast<unsigned long long*>(counts.mutable_data_ptr());
     auto* sum = static_cast<Acc*>(sums.mutable_data_ptr());
     if (deterministic) {
+      int sms = 0;
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device_index());
       const int64_t blocks_per_group = std::max<int64_t>(1, std::min(size, 2 * sms / groups));
       const int64_t codes_per_block = (size + blocks_per_group - 1) / blocks_per_group;
       const int64_t blocks = groups * ((size + codes_per_block - 1) / codes_per_block);

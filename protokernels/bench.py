@@ -221,7 +221,7 @@ def _plot(op, panels, path, log):
 
 def _format_row(row):
     extra = "-" if row["extra_MB"] is None else f"{row['extra_MB']:.1f}"
-    text = (f"{row['op']:<8} {row['case']:<8} {row['mode']:<8} {row['impl']:<22} "
+    text = (f"{row['op']:<16} {row['case']:<8} {row['mode']:<8} {row['impl']:<22} "
             f"{row['median_ms']:>9.4f} [{row['p20_ms']:.4f}, {row['p80_ms']:.4f}] ms "
             f"{extra:>9} MB  {row['roofline']:>6.1%}")
     return text + (f"  {row['error']}" if row["error"] else "")
@@ -250,7 +250,7 @@ def main(argv=None):
     if device.type == "cpu":
         print("No GPU: running on the CPU, slowly; roofline fractions refer to an H100 and mean "
               "little here. Pass --quick for small sizes.")
-    print(f"{'op':<8} {'case':<8} {'mode':<8} {'implementation':<22} {'median':>9} [p20, p80]"
+    print(f"{'op':<16} {'case':<8} {'mode':<8} {'implementation':<22} {'median':>9} [p20, p80]"
           f"        peak extra  roofline", flush=True)
     os.makedirs(args.out, exist_ok=True)
     common = (args.op or OPS, args.quick, args.backend or protokernels._backend.BACKENDS,

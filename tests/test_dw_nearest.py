@@ -8,18 +8,16 @@ from conftest import DEVICE, HAS_GPU, relative_error, tolerance
 from test_nearest import DTYPES, assert_winners, dtype_ids, randn, truth
 
 
-def grouped(x, groups):
-    """x (..., G*Dg) as (..., G, 1, Dg) rows per group, the batch layout assert_winners takes."""
-    return x.unflatten(-1, (groups, -1)).unsqueeze(-2)
+def by_group(x, groups):
+    """x (..., G*Dg) as (G, N, Dg): each group's rows, the batch layout assert_winners takes."""
+    return x.reshape(-1, groups, x.shape[-1] // groups).transpose(0, 1)
 
 
 def assert_groups(x, codebooks, dist, idx, dtype=torch.float32, precision="ieee"):
     groups = codebooks.shape[0]
     assert dist.shape == idx.shape == x.shape[:-1] + (groups,)
-    xs = grouped(x, groups).reshape(-1, groups, 1, codebooks.shape[-1]).transpose(0, 1)
-    xs = xs.reshape(groups, -1, codebooks.shape[-1])  # (G, N, Dg)
-    assert_winners(xs, codebooks, dist.reshape(-1, groups).t(), idx.reshape(-1, groups).t(),
-                   dtype=dtype, precision=precision)
+    assert_winners(by_group(x, groups), codebooks, dist.reshape(-1, groups).t(),
+                   idx.reshape(-1, groups).t(), dtype=dtype, precision=precision)
 
 
 SHAPES = [(1, 1, 1, 1), (17, 3, 13, 1), (31, 2, 37, 7), (65, 4, 129, 33), (130, 1, 5, 129),
@@ -99,8 +97,7 @@ def test_gradients_match_float64(backend, dtype):
     dist, idx = protokernels.dw_nearest(xg, cg)
     dist.backward(g)
     xr, cr = x.double().requires_grad_(), codebooks.double().requires_grad_()
-    rows = grouped(xr, 3)[..., 0, :].transpose(0, 1)  # (G, N, Dg)
-    truth(rows, cr).gather(-1, idx.t()[..., None])[..., 0].t().backward(g.double())
+    truth(by_group(xr, 3), cr).gather(-1, idx.t()[..., None])[..., 0].t().backward(g.double())
     assert relative_error(xg.grad, xr.grad) <= tolerance(dtype)
     assert relative_error(cg.grad, cr.grad) <= tolerance(dtype)
 

@@ -133,7 +133,7 @@ class VectorQuantizer(nn.Module):
         """Every rank starts from rank 0's codebook (and EMA state)."""
         if _distributed():
             for t in (self.codebook, *((self.ema_count, self.ema_sum) if self.ema else ())):
-                t.copy_(self._broadcast(t.detach().clone()))
+                self._broadcast(t.detach())  # in place: detach() shares the storage
         self._needs_sync = False
 
     def _stats(self, flat: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -54,9 +54,6 @@ def codebook_lookup(idx: Tensor, codebooks: Tensor, *, deterministic: bool | Non
     enabled()), which makes it bitwise reproducible at some cost in speed.
     """
     op = "codebook_lookup"
-    if not isinstance(codebooks, torch.Tensor):
-        raise TypeError(f"{op}: argument 'codebooks' must be a torch.Tensor, got "
-                        f"{type(codebooks).__name__}")
     _validate.floating(op, codebooks=codebooks)
     groups, size, depth = _validate.codebooks(op, codebooks)
     flat = _validate.code_indices(op, "idx", idx, "codebooks", codebooks, groups, size)

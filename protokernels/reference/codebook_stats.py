@@ -41,6 +41,7 @@ def codebook_stats(x: torch.Tensor, idx: torch.Tensor, size: int, deterministic:
         for n0, n1 in ranges(n, tile["n"]):
             codes = idx[n0:n1]
             slots = torch.where((codes >= 0) & (codes < size), codes + offsets, spare).flatten()
-            sums.index_add_(0, slots, x[n0:n1].unflatten(1, (groups, depth)).flatten(0, 1).to(acc))
+            rows = x[n0:n1].unflatten(1, (groups, depth)).flatten(0, 1)  # (n * G, Dg)
+            sums.index_add_(0, slots, rows.to(acc))
             counts.index_add_(0, slots, torch.ones_like(slots))
     return sums[:spare].view(groups, size, depth), counts[:spare].view(groups, size)
