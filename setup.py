@@ -126,8 +126,9 @@ setup(
     extras_require={"test": ["pytest", "numpy"],
                     # examples/ (scikit-learn's bundled digits) and the bench's --sweep plots
                     "examples": ["scikit-learn", "matplotlib"],
-                    # the anchor of benchmarks/vector_quantizer.py, run side by side
-                    "bench": ["vector-quantize-pytorch"]},
+                    # the anchors run side by side: benchmarks/vector_quantizer.py and
+                    # benchmarks/sinkhorn_plan.py (POT with its torch backend)
+                    "bench": ["vector-quantize-pytorch", "POT"]},
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     ext_modules=ext_modules,

@@ -10,6 +10,7 @@ from .ops.codebook_stats import codebook_stats
 from .ops.dw_nearest import dw_nearest
 from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
+from .ops.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_plan
 from .ops.sqdist import sqdist
 from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 
@@ -17,4 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
            "codebook_stats", "current_backend", "dw_nearest", "kp_conv1d", "kp_conv2d",
-           "nearest", "nearest_both", "nearest_by_label", "nearest_k", "sqdist", "use_backend"]
+           "nearest", "nearest_both", "nearest_by_label", "nearest_k", "SinkhornInfo", "sinkhorn",
+           "sinkhorn_plan", "sqdist", "use_backend"]

@@ -192,3 +192,58 @@ def code_indices(op: str, name: str, idx, like_name: str, like: torch.Tensor, gr
                   f"(..., G) with G = {groups}")
     index_range(op, name, idx, size, "code indices")
     return rows_of(idx).to(torch.int64).contiguous()
+
+
+def matrix(op: str, name: str, t: torch.Tensor, layout: str) -> tuple[int, int]:
+    """t is 2-D; returns its shape."""
+    if t.dim() != 2:
+        raise ValueError(f"{op}: argument '{name}' must be 2-D {layout}, got {_describe(t)}")
+    return t.shape[0], t.shape[1]
+
+
+def positive_number(op: str, name: str, value) -> float:
+    """A real number > 0 (and finite), as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: argument '{name}' must be a number, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{op}: argument '{name}' must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def positive_int(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{op}: argument '{name}' must be >= 1, got {value}")
+    return value
+
+
+def marginal(op: str, name: str, m, like_name: str, like: torch.Tensor, size: int,
+             dim: str) -> None:
+    """m (size,) floating, on `like`'s device, with no negative entry (a value check: skipped
+    under torch.compile and CUDA graph capture)."""
+    if not isinstance(m, torch.Tensor) or m.dtype not in FLOAT_DTYPES:
+        described = _describe(m) if isinstance(m, torch.Tensor) else type(m).__name__
+        raise TypeError(f"{op}: argument '{name}' must be a floating-point tensor, got {described}")
+    if m.device != like.device:
+        raise ValueError(f"{op}: argument '{name}' must be on the same device as '{like_name}' "
+                         f"({like.device}), got {m.device}")
+    if m.shape != (size,):
+        raise ValueError(f"{op}: argument '{name}' must have shape ({size},), the size of "
+                         f"'{like_name}' dimension {dim}, got {_describe(m)}")
+    if m.numel() and _can_read_values() and bool((m < 0).any()):
+        raise ValueError(f"{op}: argument '{name}' must not have negative entries, got minimum "
+                         f"{m.min().item()}")
+
+
+def equal_totals(op: str, r: torch.Tensor | None, c: torch.Tensor | None, sizes) -> None:
+    """The marginals carry the same total mass (None: uniform, total 1), to 1e-4 relative or
+    the rounding of the coarser dtype (a sum of non-negative entries is off by at most that)."""
+    if not _can_read_values() or (r is None and c is None):
+        return
+    totals = [1.0 if m is None else m.double().sum().item() for m in (r, c)]
+    rounding = max(torch.finfo(m.dtype).eps for m in (r, c) if m is not None)
+    if abs(totals[0] - totals[1]) > max(1e-4, rounding) * max(totals):
+        raise ValueError(f"{op}: the marginals 'r' and 'c' must have the same total mass (None "
+                         f"counts as uniform with total 1), got r summing to {totals[0]} and c "
+                         f"to {totals[1]} (sizes {sizes})")

@@ -27,7 +27,7 @@ import torch
 import protokernels
 
 OPS = ("sqdist", "nearest", "kp_conv", "dw_nearest", "codebook_lookup", "codebook_stats",
-       "vector_quantizer")
+       "vector_quantizer", "sinkhorn", "sinkhorn_plan")
 # H100 ceilings measured in SPEC.md: FFMA, TF32 (a third of it for 3xTF32), bf16 tensor cores,
 # device-to-device copy (bytes read + written).
 PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679e12}
@@ -168,7 +168,7 @@ def run(ops, quick, backends, compile_naive, device, repeats, log=print):
         runners = _runners(cases, runnable, compile_naive)
         for case, matmul_precision, dtype, sizes in cases.cases(quick):
             rows += _run_case(cases, op, case, matmul_precision, dtype, sizes, runners,
-                              ("fwd", "fwd+bwd"), device, repeats, log)
+                              getattr(cases, "MODES", ("fwd", "fwd+bwd")), device, repeats, log)
     return rows
 
 

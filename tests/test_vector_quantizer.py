@@ -1,16 +1,12 @@
 """nn.VectorQuantizer: forward against the ops, straight-through gradient, losses, EMA update,
 k-means init, dead-code restart, usage/perplexity, layouts, compile, autocast, state_dict, bad
 configuration, and codebook sync across 2 gloo ranks."""
-import datetime
-import multiprocessing
-import os
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import protokernels
+from _distributed import run_ranks
 from conftest import DEVICE, HAS_GPU, relative_error
 from protokernels.nn import VectorQuantizer
 
@@ -188,49 +184,23 @@ def test_bad_input_shape():
 
 # -- two gloo ranks ---------------------------------------------------------------------------
 
-def _rank_main(rank, world, port, rows, queue):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.manual_seed(0)
-        data = torch.randn(sum(rows), 12)
-        start = sum(rows[:rank])
-        local = data[start:start + rows[rank]]  # ranks see different batch sizes (even 0)
-        torch.manual_seed(rank)  # different initial codebooks: the first step syncs them
-        synced = VectorQuantizer(12, 7, groups=3, kmeans_init=True, dead_code_threshold=0.5)
-        plain = VectorQuantizer(12, 7, groups=3)
-        for _ in range(3):
-            synced(local)
-            plain(local)
-        queue.put((rank, synced.codebook, plain.codebook, plain.last_counts))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_codebooks(rank, rows):
+    torch.manual_seed(0)
+    data = torch.randn(sum(rows), 12)
+    start = sum(rows[:rank])
+    local = data[start:start + rows[rank]]  # ranks see different batch sizes (even 0)
+    torch.manual_seed(rank)  # different initial codebooks: the first step syncs them
+    synced = VectorQuantizer(12, 7, groups=3, kmeans_init=True, dead_code_threshold=0.5)
+    plain = VectorQuantizer(12, 7, groups=3)
+    for _ in range(3):
+        synced(local)
+        plain(local)
+    return synced.codebook, plain.codebook, plain.last_counts
 
 
 @pytest.mark.parametrize("rows", [(40, 25), (30, 0)], ids=["uneven", "one-empty"])
 def test_two_gloo_ranks_hold_the_same_codebook(rows):
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, rows, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    results = run_ranks(_rank_codebooks, 2, rows)
     (synced0, plain0, counts0), (synced1, plain1, counts1) = results[0], results[1]
     assert torch.equal(synced0, synced1) and torch.equal(plain0, plain1)
     # Without k-means/restarts, the synced EMA equals one process on the concatenated batch.

@@ -1,0 +1,70 @@
+"""Time sinkhorn's sweeps alone (Triton and CUDA) and try row-sweep configs of the Triton kernel
+(BLOCK_K, rows per step, warps, programs per SM), reporting the HBM bandwidth each reaches.
+    python scripts/profile_sinkhorn.py [--quick]"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton.testing
+
+import protokernels
+from protokernels.triton_kernels import sinkhorn as kernels
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=60)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    shapes = [(4096, 3000), (4096, 4096), (65536, 16384)]
+    for b, k in shapes[:1] if args.quick else shapes:
+        scores = torch.randn(b, k, device="cuda") * 0.3
+        gbytes = scores.numel() * 4 / 1e9
+        v, v_next = torch.zeros(k, device="cuda"), torch.empty(k, device="cuda")
+        logsum = torch.empty(k, device="cuda")
+        cuda = torch.ops.protokernels
+        runs = {
+            "triton column_logsum": lambda: kernels.sinkhorn_column_logsum(
+                scores, 20.0, None, 0.0, logsum, v_next),
+            "cuda column_logsum": lambda: cuda.sinkhorn_column_logsum_cuda(
+                scores, 20.0, None, 0.0, logsum, v_next),
+            "triton row_sweep": lambda: kernels.sinkhorn_row_sweep(
+                scores, 20.0, v, None, 0.0, None, 0.0, logsum, v_next, None, None),
+            "cuda row_sweep": lambda: cuda.sinkhorn_row_sweep_cuda(
+                scores, 20.0, v, None, 0.0, None, 0.0, logsum, v_next, None, None),
+        }
+        for name, fn in runs.items():
+            ms = bench(fn)
+            print(f"B {b} K {k} {name:<22} {ms:.4f} ms  {gbytes / ms:.2f} TB/s")
+        default = kernels.sweep_config
+        block_k = default(k)[0]
+        results = []
+        for rows, warps, per_sm in itertools.product((1, 2, 4), (4, 8, 16, 32), (1, 2, 4)):
+            if rows * block_k > 32768 or block_k // (32 * warps) < 1:
+                continue
+            kernels.sweep_config = lambda k, c=(block_k, rows, warps, per_sm): c
+            try:
+                ms = bench(runs["triton row_sweep"])
+            except Exception as err:  # out of resources
+                print(f"  rows {rows} warps {warps} per_sm {per_sm}: {type(err).__name__}")
+                continue
+            finally:
+                kernels.sweep_config = default
+            results.append((ms, rows, warps, per_sm))
+        for ms, rows, warps, per_sm in sorted(results)[:6]:
+            print(f"  row_sweep rows {rows} warps {warps} per_sm {per_sm}: {ms:.4f} ms "
+                  f"{gbytes / ms:.2f} TB/s")
+        for iters in (3, 10):
+            for backend in ("triton", "cuda"):
+                with protokernels.use_backend(backend):
+                    ms = bench(lambda: protokernels.sinkhorn(scores, n_iters=iters))
+                print(f"B {b} K {k} sinkhorn {iters} iters {backend}: {ms:.4f} ms")
+
+
+if __name__ == "__main__":
+    main()

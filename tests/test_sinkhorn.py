@@ -1,0 +1,275 @@
+"""sinkhorn (SwAV codes) and sinkhorn_plan (entropic OT) against float64 log-domain references:
+awkward sizes, dtypes, strided input, extreme scores/eps where the naive exp overflows, tol and
+return_info, gradcheck (unrolled), opcheck, compile, bad input, and 2 gloo ranks."""
+import math
+
+import pytest
+import torch
+
+import protokernels
+from _distributed import run_ranks
+from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+
+SHAPES = [(1, 1), (1, 7), (7, 1), (37, 130), (211, 97), (64, 1031)]
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def swav_code(out, eps, n_iters):
+    """SwAV's distributed_sinkhorn (one process), verbatim but in float64."""
+    Q = torch.exp(out.double() / eps).t()
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(n_iters):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def log_domain(scale_s, log_r, log_c, n_iters):
+    """float64 log-domain Sinkhorn on a s: columns then rows, n_iters times; returns the plan."""
+    u = torch.zeros_like(log_r)
+    for _ in range(n_iters):
+        v = log_c - torch.logsumexp(scale_s + u[:, None], dim=0)
+        u = log_r - torch.logsumexp(scale_s + v[None, :], dim=1)
+    return torch.exp(scale_s + u[:, None] + v[None, :])
+
+
+def swav_reference(scores, eps, n_iters):
+    b, k = scores.shape
+    s = scores.double() / eps
+    return log_domain(s, torch.zeros(b, dtype=s.dtype, device=s.device),
+                      torch.full((k,), math.log(b / k), dtype=s.dtype, device=s.device), n_iters)
+
+
+def plan_reference(cost, r, c, eps, n_iters):
+    b, k = cost.shape
+    log_r = r.double().log() if r is not None else torch.full((b,), -math.log(b)).to(cost.device)
+    log_c = c.double().log() if c is not None else torch.full((k,), -math.log(k)).to(cost.device)
+    return log_domain(-cost.double() / eps, log_r.double(), log_c.double(), n_iters)
+
+
+def marginal(n, dtype=torch.float32, zero_at=None):
+    m = torch.rand(n, device=DEVICE, dtype=torch.float64) + 0.1
+    if zero_at is not None:
+        m[zero_at] = 0
+    return (m / m.sum()).to(dtype)
+
+
+def test_log_domain_reference_is_swav_code():
+    scores = torch.randn(37, 13, dtype=torch.float64)
+    assert relative_error(swav_reference(scores, 0.3, 4), swav_code(scores, 0.3, 4)) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=lambda d: str(d)[6:])
+def test_sinkhorn_matches_float64(backend, shape, dtype):
+    scores = randn(*shape, dtype=dtype)
+    codes = protokernels.sinkhorn(scores, eps=0.1, n_iters=4)
+    assert codes.dtype == dtype and codes.shape == shape
+    ref = swav_reference(scores, 0.1, 4)
+    assert relative_error(codes, ref) <= tolerance(dtype)
+    assert relative_error(codes.double().sum(1), torch.ones(shape[0])) <= tolerance(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16],
+                         ids=lambda d: str(d)[6:])
+def test_plan_matches_float64(backend, shape, dtype):
+    cost = torch.rand(*shape, device=DEVICE, dtype=dtype)
+    r, c = marginal(shape[0], dtype), marginal(shape[1], dtype)
+    plan = protokernels.sinkhorn_plan(cost, r, c, eps=0.05, n_iters=30)
+    assert plan.dtype == dtype and plan.shape == shape
+    assert relative_error(plan, plan_reference(cost, r, c, 0.05, 30)) <= tolerance(dtype)
+    assert relative_error(plan.double().sum(1), r) <= tolerance(dtype)  # the rows are exact
+
+
+def test_uniform_marginals_and_zero_mass(backend):
+    cost = torch.rand(9, 11, device=DEVICE)
+    plan = protokernels.sinkhorn_plan(cost, eps=0.1, n_iters=20)
+    assert relative_error(plan, plan_reference(cost, None, None, 0.1, 20)) <= 1e-5
+    r, c = marginal(9, zero_at=2), marginal(11, zero_at=[0, 5])
+    plan = protokernels.sinkhorn_plan(cost, r, c, eps=0.1, n_iters=20)
+    assert (plan[2] == 0).all() and (plan[:, [0, 5]] == 0).all()
+    assert relative_error(plan, plan_reference(cost, r, c, 0.1, 20)) <= 1e-5
+
+
+def test_extreme_scores_do_not_overflow(backend):
+    """eps = 1e-3 and |scores| up to 10: scores/eps reaches 1e4, where exp overflows at 88."""
+    scores = (torch.rand(53, 37, device=DEVICE) * 20 - 10).double()
+    scores[0, 0], scores[1, 1] = 10, -10
+    assert not torch.isfinite(swav_code(scores, 1e-3, 3)).all()  # the naive form breaks here
+    ref = swav_reference(scores, 1e-3, 3)
+    for dtype in (torch.float32, torch.float64):
+        codes = protokernels.sinkhorn(scores.to(dtype), eps=1e-3, n_iters=3)
+        assert torch.isfinite(codes).all()
+        # float32: a s of 1e4 carries an absolute rounding error of ~1e-3, so exp(a s) 1e-3
+        assert relative_error(codes, ref) <= (1e-3 if dtype == torch.float32 else 1e-10)
+    cost = scores.float().abs()
+    plan = protokernels.sinkhorn_plan(cost, eps=1e-3, n_iters=50)
+    assert torch.isfinite(plan).all()
+    assert relative_error(plan, plan_reference(cost, None, None, 1e-3, 50)) <= 1e-3
+
+
+def test_strided_and_expanded_input(backend):
+    scores = randn(40, 23).t()  # (23, 40), row stride 1
+    ref = swav_reference(scores, 0.2, 3)
+    assert relative_error(protokernels.sinkhorn(scores, eps=0.2, n_iters=3), ref) <= 1e-5
+    cost = randn(1, 17).expand(12, 17)
+    plan = protokernels.sinkhorn_plan(cost, eps=0.5, n_iters=5)
+    assert relative_error(plan, plan_reference(cost, None, None, 0.5, 5)) <= 1e-5
+
+
+def test_chunked_rows(backend, monkeypatch):
+    """Rows wider than a Triton program holds in registers go through the chunked path (here
+    made narrow: 64 columns at most held, chunks of 32)."""
+    if backend != "triton":
+        pytest.skip("the chunked path is Triton's")
+    kernels = pytest.importorskip("protokernels.triton_kernels.sinkhorn")
+    monkeypatch.setattr(kernels, "_RESIDENT_COLUMNS", 64)
+    monkeypatch.setattr(kernels, "_CHUNK_COLUMNS", 32)
+    scores = randn(13, 101)
+    ref = swav_reference(scores, 0.1, 3)
+    assert relative_error(protokernels.sinkhorn(scores, eps=0.1, n_iters=3), ref) <= 1e-5
+    cost, r = torch.rand(13, 101, device=DEVICE), marginal(13)
+    plan = protokernels.sinkhorn_plan(cost, r, eps=0.05, n_iters=12)
+    assert relative_error(plan, plan_reference(cost, r, None, 0.05, 12)) <= 1e-5
+
+
+def test_nan_in_nan_out(backend):
+    scores = randn(6, 5)
+    scores[2, 3] = math.nan
+    assert torch.isnan(protokernels.sinkhorn(scores)).any()
+
+
+def test_empty(backend):
+    for shape in [(0, 5), (4, 0), (0, 0)]:
+        assert protokernels.sinkhorn(randn(*shape)).shape == shape
+        cost = randn(*shape).requires_grad_()
+        plan = protokernels.sinkhorn_plan(cost, eps=0.1)
+        assert plan.shape == shape
+        plan.sum().backward()
+        assert cost.grad.shape == shape
+
+
+def test_tol_and_info(backend):
+    cost = torch.rand(30, 20, device=DEVICE)
+    plan, iterations, error = protokernels.sinkhorn_plan(cost, eps=0.1, n_iters=1000, tol=1e-6,
+                                                         return_info=True)
+    assert 10 <= iterations < 1000 and iterations % 10 == 0
+    measured = (plan.double().sum(0) - 1 / 20).abs().sum().item()
+    assert error <= 1e-6 and abs(measured - error) <= 1e-6
+    assert relative_error(plan, plan_reference(cost, None, None, 0.1, iterations)) <= 1e-5
+    _, iterations, error = protokernels.sinkhorn_plan(cost, eps=0.1, n_iters=3, return_info=True)
+    assert iterations == 3 and error > 1e-6
+
+
+def test_sinkhorn_has_no_grad_fn(backend):
+    scores = randn(8, 5).requires_grad_()
+    codes = protokernels.sinkhorn(scores)
+    assert codes.grad_fn is None and not codes.requires_grad
+
+
+@pytest.mark.parametrize("shape,n_iters,tol", [((4, 3), 5, None), ((1, 5), 2, None),
+                                                ((5, 4), 40, 1e-12)], ids=str)
+def test_plan_gradcheck(backend, shape, n_iters, tol):
+    cost = torch.rand(*shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    r = marginal(shape[0], torch.float64, zero_at=0 if shape[0] > 1 else None)
+    torch.autograd.gradcheck(
+        lambda cost: protokernels.sinkhorn_plan(cost, r, None, eps=0.3, n_iters=n_iters, tol=tol),
+        (cost,))
+
+
+def test_opcheck(backend):
+    scores = randn(9, 6)
+    torch.library.opcheck(torch.ops.protokernels.sinkhorn.default, (scores, 0.1, 3, backend))
+    cost = torch.rand(7, 5, device=DEVICE, requires_grad=True)
+    r, c = marginal(7), marginal(5)
+    for args in [(cost, r, c, 0.2, 4, None, True), (cost, None, None, 0.2, 20, 1e-3, True)]:
+        torch.library.opcheck(torch.ops.protokernels.sinkhorn_plan.default, args + (backend,))
+
+
+def test_compile_fullgraph(backend):
+    def model(scores, cost):
+        codes = protokernels.sinkhorn(scores * 2, eps=0.1)
+        return codes, protokernels.sinkhorn_plan(cost + 1, eps=0.2, n_iters=7).square().sum()
+
+    scores, cost = randn(19, 8), torch.rand(6, 9, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if not HAS_GPU else "inductor")
+    for out, ref in zip(compiled(scores, cost), model(scores, cost)):
+        assert relative_error(out, ref) <= 1e-6
+
+
+BAD_INPUTS = [
+    ("sinkhorn", lambda: dict(scores=randn(2, 3, 4)), ValueError, "'scores' must be 2-D"),
+    ("sinkhorn", lambda: dict(scores=randn(5)), ValueError, "'scores' must be 2-D"),
+    ("sinkhorn", lambda: dict(scores=torch.ones(3, 4, dtype=torch.int64)), TypeError,
+     "'scores' must be a floating"),
+    ("sinkhorn", lambda: dict(scores=randn(3, 4), eps=0.0), ValueError, "'eps' must be a finite "
+     r"number > 0, got 0.0"),
+    ("sinkhorn", lambda: dict(scores=randn(3, 4), eps=-1), ValueError, "'eps' must be"),
+    ("sinkhorn", lambda: dict(scores=randn(3, 4), eps="0.1"), TypeError, "'eps' must be a number"),
+    ("sinkhorn", lambda: dict(scores=randn(3, 4), n_iters=0), ValueError, "'n_iters' must be >= 1"),
+    ("sinkhorn", lambda: dict(scores=randn(3, 4), n_iters=2.0), TypeError, "'n_iters' must be an int"),
+    ("sinkhorn", lambda: dict(scores=randn(3, 4), process_group=object()), ValueError,
+     "torch.distributed is not initialized"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3), eps=0.1), ValueError, "'cost' must be 2-D"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4)), TypeError, "eps"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), eps=0), ValueError, "'eps' must be"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), eps=0.1, n_iters=-2), ValueError,
+     "'n_iters' must be >= 1"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), r=marginal(4), eps=0.1), ValueError,
+     r"'r' must have shape \(3,\)"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), c=marginal(4)[None], eps=0.1), ValueError,
+     r"'c' must have shape \(4,\)"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), r=torch.tensor([0.5, 0.7, -0.2]), eps=0.1),
+     ValueError, "'r' must not have negative entries"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), r=marginal(3) * 2, eps=0.1), ValueError,
+     "must have the same total mass"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), r=marginal(3), c=marginal(4) * 0.5, eps=0.1),
+     ValueError, "must have the same total mass"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), r=torch.ones(3, dtype=torch.int64), eps=0.1),
+     TypeError, "'r' must be a floating-point tensor"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), r=torch.ones(3, device="meta") / 3, eps=0.1),
+     ValueError, "'r' must be on the same device"),
+    ("sinkhorn_plan", lambda: dict(cost=randn(3, 4), eps=0.1, tol=-1.0), ValueError, "'tol'"),
+]
+
+
+@pytest.mark.parametrize("op,make,error,message", BAD_INPUTS,
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(op, make, error, message):
+    with pytest.raises(error, match=message):
+        getattr(protokernels, op)(**make())
+
+
+# -- two gloo ranks ---------------------------------------------------------------------------
+
+def _rank_codes(rank, rows, backend):
+    torch.manual_seed(0)
+    scores = torch.randn(sum(rows), 33)
+    start = sum(rows[:rank])
+    with protokernels.use_backend(backend):
+        import torch.distributed as dist
+        return protokernels.sinkhorn(scores[start:start + rows[rank]], eps=0.1, n_iters=5,
+                                     process_group=dist.group.WORLD)
+
+
+@pytest.mark.parametrize("rows", [(40, 25), (30, 0)], ids=["uneven", "one-empty"])
+@pytest.mark.parametrize("ranks_backend", ["reference", "triton"])
+def test_two_gloo_ranks_equal_one_process(rows, ranks_backend):
+    if ranks_backend == "triton" and HAS_GPU:
+        pytest.skip("gloo ranks run on CPU tensors; the GPU run uses NCCL (benchmarks/sinkhorn.py)")
+    codes = torch.cat(run_ranks(_rank_codes, 2, rows, ranks_backend))
+    torch.manual_seed(0)
+    scores = torch.randn(sum(rows), 33)
+    assert relative_error(codes, swav_reference(scores, 0.1, 5)) <= 1e-5
+    with protokernels.use_backend("reference"):
+        single = protokernels.sinkhorn(scores, eps=0.1, n_iters=5)
+    assert relative_error(codes, single) <= 1e-6

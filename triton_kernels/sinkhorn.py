@@ -1,0 +1,247 @@
+"""sinkhorn in Triton: the two sweeps of the log-domain iteration (see reference/sinkhorn.py).
+
+One HBM read of the scores per sweep. A program owns a set of rows and keeps, for every column,
+its partial column sum in registers while it streams its rows: each row is loaded once, its
+log-sum-exp taken, and its contribution exp(a s + u + v) added to the column sums while the row is
+still in registers. The programs' partial sums (programs x K floats) are then added in a fixed
+order by a small finish kernel, which also takes the log and the next column potential: results
+are the same every run (no atomics).
+
+Rows wider than _RESIDENT_COLUMNS take the chunked path: the row is read twice (log-sum-exp, then
+contributions; the second read mostly hits L1/L2) and the partial sums live in the program's own
+row of the partials, in global memory.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .sqdist import _ACCUMULATOR, cdiv, next_power_of_2
+
+# Columns a program holds in registers (row, potentials and column sums: 3 x 32 floats a thread
+# at 16 warps).
+_RESIDENT_COLUMNS = 16384
+_CHUNK_COLUMNS = 4096
+
+
+def sweep_config(k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_K, rows per step, warps, programs per SM) of the row sweep for K columns."""
+    block_k = max(16, next_power_of_2(k)) if k <= _RESIDENT_COLUMNS else _CHUNK_COLUMNS
+    return block_k, max(1, min(8, 4096 // block_k)), min(16, max(4, block_k // 512)), 2
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(scores: torch.Tensor, rows_per_step: int, per_sm: int) -> int:
+    steps = cdiv(scores.shape[0], rows_per_step)
+    if scores.device.type != "cuda":  # the interpreter: a few programs still test the partials
+        return max(1, min(steps, 3))
+    return max(1, min(steps, _sm_count(scores.device.index) * per_sm))
+
+
+@triton.jit
+def _column_logsum_kernel(S, PART_MAX, PART_SUM, B, K, ss_b, ss_k, scale, rows_per_program,
+                          ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """PART_MAX/PART_SUM (programs, K): each program's online log-sum-exp of a s over its rows
+    (a = scale: 1/eps, or -1/eps for a cost matrix)."""
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    start = pid * rows_per_program
+    stop = tl.minimum(B, start + rows_per_program)
+    top = tl.full((BLOCK_K,), float("-inf"), ACC)
+    total = tl.zeros((BLOCK_K,), ACC)
+    for r0 in range(start, stop, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        mask = (rows < stop)[:, None] & col_ok[None, :]
+        offsets = rows.to(tl.int64)[:, None] * ss_b + cols.to(tl.int64)[None, :] * ss_k
+        z = tl.where(mask, tl.load(S + offsets, mask=mask).to(ACC) * scale, float("-inf"))
+        new_top = tl.maximum(top, tl.max(z, 0))
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no row yet: nothing to scale
+        total = total * tl.exp(top - shift) + tl.sum(tl.exp(z - shift[None, :]), 0)
+        top = new_top
+    slot = pid.to(tl.int64) * K + cols
+    tl.store(PART_MAX + slot, top, mask=col_ok)
+    tl.store(PART_SUM + slot, total, mask=col_ok)
+
+
+@triton.jit
+def _row_terms(S, V, LOG_R, rows, row_ok, cols, col_ok, ss_b, ss_k, scale, log_r_const,
+               ACC: tl.constexpr, HAS_LOG_R: tl.constexpr):
+    """z = a s + v (a = scale) for a (ROWS, BLOCK_K) tile and the rows' log r (masked: -inf)."""
+    offsets = rows.to(tl.int64)[:, None] * ss_b + cols.to(tl.int64)[None, :] * ss_k
+    mask = row_ok[:, None] & col_ok[None, :]
+    v = tl.load(V + cols, mask=col_ok, other=0.0)
+    # mask after scaling: scale is negative for a cost matrix
+    z = tl.where(mask, tl.load(S + offsets, mask=mask).to(ACC) * scale + v[None, :],
+                 float("-inf"))
+    if HAS_LOG_R:
+        log_r = tl.load(LOG_R + rows, mask=row_ok, other=0.0).to(ACC)
+    else:
+        log_r = tl.full((rows.shape[0],), log_r_const, ACC)
+    return z, offsets, mask, log_r
+
+
+@triton.jit
+def _row_sweep_kernel(S, V, LOG_R, U, PLAN, PART, B, K, ss_b, ss_k, sp_b, sp_k, scale,
+                      log_r_const, ACC: tl.constexpr, HAS_LOG_R: tl.constexpr,
+                      WRITE_U: tl.constexpr, WRITE_PLAN: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr):
+    """PART (programs, K): each program's column sums of exp(a s + u + v) over its rows, with
+    u = log r - logsumexp_j(a s + v) (written to U); the plan itself to PLAN on request."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    part = PART + pid.to(tl.int64) * K
+    if RESIDENT:
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        colsum = tl.zeros((BLOCK_K,), ACC)
+        for r0 in range(pid * ROWS, B, programs * ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_ok = rows < B
+            z, offsets, mask, log_r = _row_terms(S, V, LOG_R, rows, row_ok, cols, col_ok, ss_b,
+                                                 ss_k, scale, log_r_const, ACC, HAS_LOG_R)
+            top = tl.where(row_ok, tl.max(z, 1), 0.0)
+            p = tl.exp(z - top[:, None])
+            mass = tl.sum(p, 1)
+            w = p * (tl.exp(log_r) / mass)[:, None]  # = exp(z + u): the row carries mass r
+            colsum += tl.sum(tl.where(mask, w, 0.0), 0)
+            if WRITE_U:
+                tl.store(U + rows, log_r - top - tl.log(mass), mask=row_ok)
+            if WRITE_PLAN:
+                plan_offsets = rows.to(tl.int64)[:, None] * sp_b + cols.to(tl.int64)[None, :] * sp_k
+                tl.store(PLAN + plan_offsets, w.to(PLAN.dtype.element_ty), mask=mask)
+        tl.store(part + cols, colsum, mask=col_ok)
+    else:
+        for c0 in range(0, K, BLOCK_K):
+            cols = c0 + tl.arange(0, BLOCK_K)
+            tl.store(part + cols, tl.zeros((BLOCK_K,), ACC), mask=cols < K)
+        for r0 in range(pid * ROWS, B, programs * ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_ok = rows < B
+            top = tl.full((ROWS,), float("-inf"), ACC)
+            mass = tl.zeros((ROWS,), ACC)
+            for c0 in range(0, K, BLOCK_K):
+                cols = c0 + tl.arange(0, BLOCK_K)
+                z, _, _, log_r = _row_terms(S, V, LOG_R, rows, row_ok, cols, cols < K, ss_b,
+                                            ss_k, scale, log_r_const, ACC, HAS_LOG_R)
+                new_top = tl.where(row_ok, tl.maximum(top, tl.max(z, 1)), 0.0)
+                mass = mass * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[:, None]), 1)
+                top = new_top
+            row_scale = tl.exp(log_r) / mass  # exp(u - top): the row carries mass r
+            for c0 in range(0, K, BLOCK_K):
+                cols = c0 + tl.arange(0, BLOCK_K)
+                col_ok = cols < K
+                z, offsets, mask, log_r = _row_terms(S, V, LOG_R, rows, row_ok, cols, col_ok,
+                                                     ss_b, ss_k, scale, log_r_const, ACC,
+                                                     HAS_LOG_R)
+                w = tl.exp(z - top[:, None]) * row_scale[:, None]
+                column_part = tl.load(part + cols, mask=col_ok, other=0.0)
+                tl.store(part + cols, column_part + tl.sum(tl.where(mask, w, 0.0), 0),
+                         mask=col_ok)
+                if WRITE_PLAN:
+                    plan_offsets = (rows.to(tl.int64)[:, None] * sp_b
+                                    + cols.to(tl.int64)[None, :] * sp_k)
+                    tl.store(PLAN + plan_offsets, w.to(PLAN.dtype.element_ty), mask=mask)
+            if WRITE_U:
+                tl.store(U + rows, log_r - top - tl.log(mass), mask=row_ok)
+
+
+@triton.jit
+def _finish_kernel(PART_SUM, PART_MAX, V, LOG_C, V_NEXT, L, programs, K, log_c_const,
+                   ACC: tl.constexpr, FROM_LOGSUMS: tl.constexpr, HAS_V: tl.constexpr,
+                   HAS_LOG_C: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """L = log of the programs' summed partials (FROM_LOGSUMS: partial log-sum-exps as max and
+    scaled sum), in program order; with UPDATE also V_NEXT = V + log c - L."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    if FROM_LOGSUMS:
+        top = tl.full((BLOCK_K,), float("-inf"), ACC)
+        for p0 in range(0, programs, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            mask = (ps < programs)[:, None] & col_ok[None, :]
+            slots = ps.to(tl.int64)[:, None] * K + cols[None, :]
+            top = tl.maximum(top, tl.max(tl.load(PART_MAX + slots, mask=mask,
+                                                 other=float("-inf")), 0))
+        shift = tl.where(top == float("-inf"), 0.0, top)
+    else:
+        shift = tl.zeros((BLOCK_K,), ACC)
+    total = tl.zeros((BLOCK_K,), ACC)
+    for p0 in range(0, programs, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < programs)[:, None] & col_ok[None, :]
+        slots = ps.to(tl.int64)[:, None] * K + cols[None, :]
+        part = tl.load(PART_SUM + slots, mask=mask, other=0.0)
+        if FROM_LOGSUMS:
+            part *= tl.exp(tl.load(PART_MAX + slots, mask=mask, other=float("-inf"))
+                           - shift[None, :])
+        total += tl.sum(part, 0)
+    logsum = shift + tl.log(total)
+    tl.store(L + cols, logsum, mask=col_ok)
+    if UPDATE:
+        if HAS_LOG_C:
+            log_c = tl.load(LOG_C + cols, mask=col_ok, other=0.0).to(ACC)
+        else:
+            log_c = tl.full((BLOCK_K,), log_c_const, ACC)
+        if HAS_V:
+            v = tl.load(V + cols, mask=col_ok, other=0.0)
+        else:
+            v = tl.zeros((BLOCK_K,), ACC)
+        # a column of zero mass (log c = -inf) keeps v = -inf (not -inf - -inf)
+        tl.store(V_NEXT + cols, tl.where(log_c == float("-inf"), log_c, v + log_c - logsum),
+                 mask=col_ok)
+
+
+def _finish(part_sum, part_max, v, log_c, log_c_const, l_out, v_next):
+    programs, k = part_sum.shape
+    acc = _ACCUMULATOR.get(l_out.dtype, tl.float32)
+    block_k = 128
+    _finish_kernel[(cdiv(k, block_k),)](
+        part_sum, part_max if part_max is not None else part_sum, v if v is not None else l_out,
+        log_c if log_c is not None else l_out, v_next if v_next is not None else l_out, l_out,
+        programs, k, log_c_const, ACC=acc, FROM_LOGSUMS=part_max is not None, HAS_V=v is not None,
+        HAS_LOG_C=log_c is not None, UPDATE=v_next is not None, BLOCK_P=32, BLOCK_K=block_k,
+        num_warps=4)
+
+
+def sinkhorn_column_logsum(scores, scale, log_c, log_c_const, l_out, v_next):
+    """l_out (K,) = logsumexp_i(scores_ij * scale); v_next (optional) = log c - l_out."""
+    b, k = scores.shape
+    acc = _ACCUMULATOR.get(l_out.dtype, tl.float32)
+    block_k = min(1024, max(16, next_power_of_2(k)))
+    rows = 8
+    column_blocks = cdiv(k, block_k)
+    programs = max(1, min(cdiv(b, rows), cdiv(_programs(scores, 1, 4), column_blocks)))
+    rows_per_program = max(1, cdiv(cdiv(b, programs), rows)) * rows
+    programs = max(1, cdiv(b, rows_per_program))
+    part_max = torch.empty((programs, k), dtype=l_out.dtype, device=scores.device)
+    part_sum = torch.empty_like(part_max)
+    _column_logsum_kernel[(programs, column_blocks)](
+        scores, part_max, part_sum, b, k, *scores.stride(), scale, rows_per_program, ACC=acc,
+        ROWS=rows, BLOCK_K=block_k, num_warps=4)
+    _finish(part_sum, part_max, None, log_c, log_c_const, l_out, v_next)
+
+
+def sinkhorn_row_sweep(scores, scale, v, log_r, log_r_const, log_c, log_c_const, l_out,
+                       v_next, u_out, plan):
+    """The row step with column potentials v (K,), and the log column sums of its plan."""
+    b, k = scores.shape
+    acc = _ACCUMULATOR.get(l_out.dtype, tl.float32)
+    block_k, rows, num_warps, per_sm = sweep_config(k)
+    programs = _programs(scores, rows, per_sm)
+    part = torch.empty((programs, k), dtype=l_out.dtype, device=scores.device)
+    plan_strides = plan.stride() if plan is not None else (0, 0)
+    _row_sweep_kernel[(programs,)](
+        scores, v, log_r if log_r is not None else v, u_out if u_out is not None else v,
+        plan if plan is not None else scores, part, b, k, *scores.stride(), *plan_strides, scale,
+        log_r_const, ACC=acc, HAS_LOG_R=log_r is not None, WRITE_U=u_out is not None,
+        WRITE_PLAN=plan is not None, ROWS=rows, BLOCK_K=block_k, RESIDENT=k <= _RESIDENT_COLUMNS,
+        num_warps=num_warps)
+    _finish(part, None, v, log_c, log_c_const, l_out, v_next)
