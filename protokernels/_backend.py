@@ -39,7 +39,8 @@ _AUTO_ORDER = {
     # with the lookup); the whole VQ training step 2.7 ms on Triton vs 7.4 ms on CUDA.
     **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"),
                     ("triton", "cuda", "reference")),
-    # RESULTS.md "sinkhorn, sinkhorn_plan, 2026-11-24, H100": TODO
+    # RESULTS.md "sinkhorn, sinkhorn_plan, 2026-11-24, H100": Triton's sweeps stream at the copy
+    # rate (B 65536 K 16384, 10 iters: 17.6 vs 80.2 ms on CUDA; plan 4096^2: 5.9 vs 15.5 ms).
     **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), ("triton", "cuda", "reference")),
 }
 

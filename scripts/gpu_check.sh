@@ -4,7 +4,8 @@
 # three backends), then the benchmarks. Results land in $OUT (env.txt, tests.log, bench.log,
 # results.csv/json). TESTS (paths under tests/, default all), PYTEST_ARGS and BENCH_ARGS pass
 # extra arguments through; SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out. Benchmark-only extras
-# (vector-quantize-pytorch and its dependencies) install from wheelhouse/bench/*.whl if present.
+# (vector-quantize-pytorch and its dependencies, POT's cp312 wheel) install from
+# wheelhouse/bench/*.whl if present. The multi-GPU run is separate: scripts/sinkhorn_nccl.py.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
