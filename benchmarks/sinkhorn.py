@@ -12,18 +12,22 @@ MODES = ("fwd",)
 EPS = 0.05
 
 
-def naive(sizes, scores):
-    """SwAV's distributed_sinkhorn on one process (github.com/facebookresearch/swav)."""
-    Q = torch.exp(scores / EPS).t()
+def swav_sinkhorn(scores, eps, n_iters):
+    """SwAV's distributed_sinkhorn on one process (github.com/facebookresearch/swav), verbatim."""
+    Q = torch.exp(scores / eps).t()
     B, K = Q.shape[1], Q.shape[0]
     Q /= torch.sum(Q)
-    for _ in range(sizes["iters"]):
+    for _ in range(n_iters):
         Q /= torch.sum(Q, dim=1, keepdim=True)
         Q /= K
         Q /= torch.sum(Q, dim=0, keepdim=True)
         Q /= B
     Q *= B
     return Q.t()
+
+
+def naive(sizes, scores):
+    return swav_sinkhorn(scores, EPS, sizes["iters"])
 
 
 def log_domain(sizes, scores):
