@@ -45,11 +45,13 @@ class _Marginals(NamedTuple):
 
 def _iterate(backend: str, scores: Tensor, scale: float, n_iters: int, marginals: _Marginals,
              plan: Tensor, *, tol: float | None = None, combine=None,
-             history: tuple[Tensor, Tensor] | None = None) -> tuple[int, Tensor]:
+             history: tuple[Tensor, Tensor] | None = None,
+             logsum: Tensor | None = None) -> tuple[int, Tensor]:
     """Run n_iters iterations (fewer when the marginal error reaches tol) and write the plan.
 
     combine: all-reduces log column sums across ranks (then the column update runs here, after
-    it). history: (u (n_iters, B), v (n_iters, K)) receive every iteration's potentials.
+    it). history: (u (n_iters, B), v (n_iters, K)) receive every iteration's potentials. logsum:
+    the (K,) buffer of the log column sums (allocated if None).
     Returns (iterations run, log column sums of the plan).
     """
     column_logsum = _backend.kernel(backend, "sinkhorn", "sinkhorn_column_logsum")
@@ -66,7 +68,8 @@ def _iterate(backend: str, scores: Tensor, scale: float, n_iters: int, marginals
     def u_of(t: int) -> Tensor | None:
         return history[0][t] if history is not None else None
 
-    logsum = torch.empty(k, dtype=acc, device=scores.device)
+    if logsum is None:
+        logsum = torch.empty(k, dtype=acc, device=scores.device)
     column_logsum(scores, scale, log_c, log_c_const, logsum, None if combine else v_of(0))
     if combine:
         logsum = combine(logsum)
@@ -138,16 +141,15 @@ def _log_marginals(cost: Tensor, r: Tensor | None, c: Tensor | None) -> _Margina
 def _sinkhorn_plan(cost: Tensor, r: Optional[Tensor], c: Optional[Tensor], eps: float,
                    n_iters: int, tol: Optional[float], keep_history: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """cost (B, K) -> (plan, u (H, B), v (H, K), iterations, marginal error), H = n_iters if
-    keep_history (the backward's potentials) else 0."""
-    plan, u, v, iterations, error = _plan_outputs(cost, n_iters, keep_history)
+    """cost (B, K) -> (plan, u (H, B), v (H, K), iterations, log column sums of the plan (K,)),
+    H = n_iters if keep_history (the backward's potentials) else 0. The marginal error is formed
+    from the column sums only when asked (return_info): 4 small kernels less per call."""
+    plan, u, v, iterations, logsum = _plan_outputs(cost, n_iters, keep_history)
     if plan.numel() > 0:
-        marginals = _log_marginals(cost, r, c)
-        used, logsum = _iterate(backend, cost, -1.0 / eps, n_iters, marginals, plan, tol=tol,
-                                history=(u, v) if keep_history else None)
+        used, _ = _iterate(backend, cost, -1.0 / eps, n_iters, _log_marginals(cost, r, c), plan,
+                           tol=tol, history=(u, v) if keep_history else None, logsum=logsum)
         iterations.fill_(used)
-        error.copy_(_marginal_error(logsum, marginals.log_c, marginals.log_c_const))
-    return plan, u, v, iterations, error
+    return plan, u, v, iterations, logsum
 
 
 def _plan_outputs(cost, n_iters, keep_history):
@@ -158,7 +160,8 @@ def _plan_outputs(cost, n_iters, keep_history):
     zeros = functools.partial(torch.zeros, device=cost.device)
     return (torch.empty((b, k), dtype=cost.dtype, device=cost.device),
             zeros((kept, b), dtype=acc), zeros((kept, k), dtype=acc),
-            zeros((), dtype=torch.int64), zeros((), dtype=acc))
+            zeros((), dtype=torch.int64),
+            torch.full((k,), -math.inf, dtype=acc, device=cost.device))
 
 
 @_sinkhorn_plan.register_fake
@@ -168,8 +171,8 @@ def _(cost, r, c, eps, n_iters, tol, keep_history, backend):
 
 def _setup_plan_context(ctx, inputs, output):
     cost, r, c, ctx.eps, _, _, _, _ = inputs
-    plan, u, v, iterations, error = output
-    ctx.mark_non_differentiable(u, v, iterations, error)
+    plan, u, v, iterations, logsum = output
+    ctx.mark_non_differentiable(u, v, iterations, logsum)
     ctx.save_for_backward(cost, r, c, plan, u, v, iterations)
 
 
@@ -282,8 +285,10 @@ def sinkhorn_plan(cost: Tensor, r: Tensor | None = None, c: Tensor | None = None
         raise ValueError(f"{op}: argument 'tol' must be None or a number >= 0, got {tol!r}")
     backend = _backend.resolve(op, cost.device)
     keep_history = torch.is_grad_enabled() and cost.requires_grad
-    plan, _, _, iterations, error = torch.ops.protokernels.sinkhorn_plan(
+    plan, _, _, iterations, logsum = torch.ops.protokernels.sinkhorn_plan(
         cost, r, c, eps, n_iters, None if tol is None else float(tol), keep_history, backend)
     if return_info:
+        marginals = _log_marginals(cost, r, c)
+        error = _marginal_error(logsum, marginals.log_c, marginals.log_c_const)
         return SinkhornInfo(plan, int(iterations.item()), float(error.item()))
     return plan
