@@ -26,13 +26,10 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..reference.sinkhorn import next_potential
+from ..reference.sqdist import _accumulate_dtype
 
 # tol is checked every this many iterations, as POT does: a check is a device sync.
 CHECK_EVERY = 10
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Marginals(NamedTuple):
