@@ -33,8 +33,15 @@ using torch::stable::Tensor;
   PK_CHECK((a) == (b), op, "arguments '" name_a "' and '" name_b "' must have the same " \
            what)
 
-// Every kernel launch is followed by this: a bad launch raises instead of failing later.
-#define PK_CHECK_LAUNCH() STD_CUDA_KERNEL_LAUNCH_CHECK()
+// Every kernel launch is followed by this: a bad launch raises instead of failing later. Written
+// on the CUDA runtime, not torch's STD_CUDA_KERNEL_LAUNCH_CHECK: that macro first appeared in
+// headers after 2.11, and the source build must work against every torch >= 2.10.
+#define PK_CHECK_LAUNCH()                                                                \
+  do {                                                                                   \
+    const cudaError_t launch_error = cudaGetLastError();                                 \
+    STD_TORCH_CHECK(launch_error == cudaSuccess, "protokernels: CUDA kernel launch failed: ", \
+                    cudaGetErrorString(launch_error));                                   \
+  } while (0)
 
 // x (B, N, D) and y (B, M, D): CUDA tensors of one device, dtype, batch and feature size.
 inline void check_batched_rows(const char* op, const Tensor& x, const Tensor& y) {
