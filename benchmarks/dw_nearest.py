@@ -73,6 +73,15 @@ def sweep_cases(quick: bool):
     ]
 
 
+def model_cases(quick: bool):
+    """VQ inside models (tf32): N vectors, G groups of Dg features, K codes per group."""
+    grid = [(512, 1, 64, 16)] if quick else [
+        (8192, 1, 512, 64), (8192, 8, 256, 32), (16384, 1, 8192, 256), (65536, 1, 1024, 64),
+        (65536, 8, 1024, 32), (65536, 4, 4096, 64)]
+    return [(f"N{n} G{g} K{k} Dg{d}", "high", torch.float32, _sizes(n, g, k, d))
+            for n, g, k, d in grid]
+
+
 def make_inputs(sizes, dtype, device):
     generator = torch.Generator(device=device).manual_seed(0)
     n, g, k, d = sizes["N"], sizes["G"], sizes["K"], sizes["Dg"]

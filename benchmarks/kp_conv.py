@@ -76,6 +76,14 @@ def sweep_cases(quick: bool):
     ]
 
 
+def model_cases(quick: bool):
+    """Kernel-prototype layers on small images (tf32): MNIST-like to 56x56 feature maps."""
+    grid = [(8, 1, 8, 16, 3)] if quick else [(64, 1, 8, 16, 3), (64, 1, 28, 32, 3),
+                                             (32, 64, 14, 64, 3), (32, 64, 56, 128, 3)]
+    return [(f"B{b} C{c} {hw}x{hw} P{p}", "high", torch.float32, _sizes(b, c, hw, p, k))
+            for b, c, hw, p, k in grid]
+
+
 def make_inputs(sizes, dtype, device):
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(sizes["B"], sizes["C"], sizes["H"], sizes["W"], device=device, dtype=dtype,

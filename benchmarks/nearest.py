@@ -12,18 +12,26 @@ import protokernels
 OP = "nearest"
 
 
-def naive(sizes, x, y):
-    """||x||^2 - 2 x y^T + ||y||^2, then min (k = 1) or topk over the (N, M) matrix."""
+def naive(sizes, x, y, *labels):
+    """||x||^2 - 2 x y^T + ||y||^2, then min (k = 1) or topk over the (N, M) matrix; with labels
+    (GLVQ's d+ and d-), the min over the prototypes of the sample's class and of the others."""
     dist = (x.square().sum(-1, keepdim=True) - 2 * x @ y.mT
             + y.square().sum(-1).unsqueeze(-2)).clamp_min(0)
+    if labels:
+        same = labels[0][:, None] == labels[1][None, :]
+        d_same, i_same = dist.masked_fill(~same, float("inf")).min(-1)
+        d_other, i_other = dist.masked_fill(same, float("inf")).min(-1)
+        return d_same, i_same, d_other, i_other
     k = sizes.get("k", 1)
     if k == 1:
         return dist.min(-1)
     return dist.topk(k, largest=False)
 
 
-def _cdist_argmin(sizes, x, y):
-    """torch.cdist(x, y).argmin(1), squared at the winner (what the issue calls naive)."""
+def _cdist_argmin(sizes, x, y, *labels):
+    """torch.cdist(x, y).argmin(1), squared at the winner (what most code writes)."""
+    if labels:
+        return naive(sizes, x, y, *labels)
     dist = torch.cdist(x, y)
     k = sizes.get("k", 1)
     if k == 1:
@@ -36,7 +44,9 @@ def _cdist_argmin(sizes, x, y):
 BASELINES = {"cdist argmin": _cdist_argmin}
 
 
-def fused(sizes, x, y):
+def fused(sizes, x, y, *labels):
+    if labels:
+        return protokernels.nearest_by_label(x, labels[0], y, labels[1])
     k = sizes.get("k", 1)
     if k == 1:
         return protokernels.nearest(x, y)
@@ -74,11 +84,31 @@ def sweep_cases(quick: bool):
     ]
 
 
+def model_cases(quick: bool):
+    """Prototype heads inside models (N samples, M prototypes, D features; tf32): winner-takes-
+    all, and with class labels (C classes: GLVQ's d+ and d-), plus a large codebook search."""
+    if quick:
+        return [("N64 M10 D16", "high", torch.float32, {"N": 64, "M": 10, "D": 16}),
+                ("labels", "high", torch.float32, {"N": 64, "M": 10, "D": 16, "C": 5})]
+    grid = [(256, 10, 64), (256, 10, 512), (1024, 100, 128), (4096, 512, 128), (8192, 100, 64),
+            (8192, 2000, 256), (65536, 1024, 64)]
+    rows = [(f"N{n} M{m} D{d}", "high", torch.float32, {"N": n, "M": m, "D": d})
+            for n, m, d in grid]
+    rows.append(("N65536 M1024 D64 highest", "highest", torch.float32,
+                 {"N": 65536, "M": 1024, "D": 64}))
+    rows += [(f"labels N{n} M{m} D{d}", "high", torch.float32, {"N": n, "M": m, "D": d, "C": c})
+             for n, m, d, c in [(256, 10, 512, 10), (8192, 100, 64, 10), (4096, 2000, 128, 100)]]
+    return rows
+
+
 def make_inputs(sizes, dtype, device):
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(sizes["N"], sizes["D"], device=device, dtype=dtype, generator=generator)
     y = torch.randn(sizes["M"], sizes["D"], device=device, dtype=dtype, generator=generator)
-    return x, y
+    if "C" not in sizes:
+        return x, y
+    x_labels = torch.randint(0, sizes["C"], (sizes["N"],), device=device, generator=generator)
+    return x, y, x_labels, torch.arange(sizes["M"], device=device) % sizes["C"]
 
 
 def work(sizes, dtype, backward: bool):

@@ -56,6 +56,13 @@ def cases(quick: bool):
             ("bf16", "highest", torch.bfloat16, {"B": 65536, "K": 16384, "iters": 10})]
 
 
+def model_cases(quick: bool):
+    """SwAV's batches: B 256 to 4096 samples against K 3000 prototypes, 3 iterations."""
+    batches = [64] if quick else [256, 1024, 4096]
+    return [(f"B{b} K3000", "highest", torch.float32, {"B": b, "K": 300 if quick else 3000,
+                                                       "iters": 3}) for b in batches]
+
+
 def make_inputs(sizes, dtype, device):
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(sizes["B"], 128, device=device,

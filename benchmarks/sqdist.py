@@ -1,9 +1,11 @@
 """sqdist benchmark cases: the fused op against the formula users write by hand.
 
 The interface every benchmarks/<op>.py follows (protokernels.bench runs it): OP; cases(quick) ->
-[(name, float32 matmul precision, dtype, sizes)]; make_inputs(sizes, dtype, device) -> tensors;
-naive(sizes, *inputs) and fused(sizes, *inputs), whose first output is the differentiated one;
-BASELINES, more eager implementations by label; work(sizes, dtype, backward) -> (FLOPs, bytes).
+[(name, float32 matmul precision, dtype, sizes)] at the spec's sizes, and optionally
+model_cases(quick) at the sizes used inside models (`--regime model`) and sweep_cases(quick)
+(`--sweep`); make_inputs(sizes, dtype, device) -> tensors; naive(sizes, *inputs) and
+fused(sizes, *inputs), whose first output is the differentiated one; BASELINES, more eager
+implementations by label; work(sizes, dtype, backward) -> (FLOPs, bytes).
 """
 from __future__ import annotations
 
@@ -36,6 +38,14 @@ def cases(quick: bool):
         ("highest", "highest", torch.float32, sizes),
         ("bf16", "high", torch.bfloat16, sizes),
     ]
+
+
+def model_cases(quick: bool):
+    """Distance layers inside models: a batch of N samples against M prototypes (tf32)."""
+    grid = [(1, 64, 10, 16)] if quick else [(1, 256, 10, 64), (1, 1024, 100, 128),
+                                            (1, 4096, 512, 128), (1, 8192, 2000, 256)]
+    return [(f"N{n} M{m} D{d}", "high", torch.float32, {"B": b, "N": n, "M": m, "D": d})
+            for b, n, m, d in grid]
 
 
 def make_inputs(sizes, dtype, device):

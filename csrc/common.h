@@ -55,6 +55,10 @@ inline void check_batched_rows(const char* op, const Tensor& x, const Tensor& y)
   PK_CHECK_SAME(op, "feature size D", "x", x.size(2), "y", y.size(2));
 }
 
+// Squared distances over at most this many features are formed directly as sum((x - y)^2): the
+// expanded formula cancels where x ~ y. The same rule as DIRECT_DEPTH in protokernels/_numerics.py.
+constexpr int64_t kDirectDepth = 8;
+
 // Grid-stride kernels: kThreads per block, at most kMaxBlocks blocks (the loops cover the rest).
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;

@@ -4,9 +4,14 @@
 // A block owns a tile of x's rows and walks all of y's column tiles: the distance tile is the
 // sqdist tile product (tile_product.cuh) plus the two norms, and one thread per row folds it into
 // that row's running best. Bests are packed int64 keys (rank bits << 32 | index), so that one
-// integer comparison orders by distance, then index (ties go to the smaller index); a NaN
-// distance ranks first (torch.argmin's NaN propagation). A second kernel decodes the keys and
-// recomputes the winners' distances exactly as sum((x - y)^2).
+// integer comparison orders by distance, then index (ties go to the smaller index). Ranking, as in
+// every backend: a pair involving a row with NaN ranks first (torch.argmin's NaN propagation), a
+// pair involving a row with an infinite (or overflowing) squared norm after every finite distance.
+// A second kernel decodes the keys and recomputes the winners' distances exactly as
+// sum((x - y)^2), into outputs allocated by the caller (any row strides, unit slot stride).
+//
+// Keys rank by float32 scores and hold 31-bit indices: float64 is ranked by the reference backend
+// (nearest_cuda_capabilities() declares this to the Python dispatch).
 #include <algorithm>
 #include <cfloat>
 #include <optional>
@@ -21,6 +26,7 @@ using namespace tile;
 
 constexpr long long kNoKey = 0x7FFFFFFFFFFFFFFFLL;  // no allowed candidate: index -1, dist inf
 constexpr int kMaxK = 64;
+constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1;  // indices packed in 31 bits
 
 // Distance (clamped at 0) -> float32 rank: NaN -> -1 (first), inf -> FLT_MAX (a real infinite
 // distance still beats a forbidden candidate).
@@ -28,6 +34,15 @@ template <typename Acc>
 __device__ __forceinline__ float rank_of(Acc dist) {
   const float d = static_cast<float>(dist <= Acc(0) ? Acc(0) : dist);  // -0.0 -> 0, NaN kept
   return d != d ? -1.0f : fminf(d, FLT_MAX);
+}
+
+// The rank of a pair from the two rows' squared norms and their product: NaN on either side ranks
+// first, an infinite norm after every finite distance, else the distance's rank.
+template <typename Acc>
+__device__ __forceinline__ float pair_rank(Acc a_norm, Acc b_norm, Acc product) {
+  if (a_norm != a_norm || b_norm != b_norm) return -1.0f;
+  if (isinf(a_norm) || isinf(b_norm)) return FLT_MAX;
+  return rank_of(a_norm + b_norm - Acc(2) * product);
 }
 
 __device__ __forceinline__ long long pack(float rank, int64_t index) {
@@ -101,7 +116,7 @@ __global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs
       for (int c = 0; c < tile_cols; ++c) {
         const int64_t col = col0 + c;
         if (col == excluded) continue;
-        const float rank = rank_of(smem.row_stat[t] + smem.col_stat[c] - Acc(2) * smem.tiles.c[t][c]);
+        const float rank = pair_rank(smem.row_stat[t], smem.col_stat[c], smem.tiles.c[t][c]);
         const long long key = pack(rank, col);
         if (s.x_labels) {
           if (s.y_labels[batch * args.cols + col] == label) best.best = min(best.best, key);
@@ -117,7 +132,7 @@ __global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs
       const int tile_rows = static_cast<int>(args.rows - row0 < Tile::kRows ? args.rows - row0 : Tile::kRows);
       long long col_best = kNoKey;
       for (int r = 0; r < tile_rows; ++r) {
-        const float rank = rank_of(smem.row_stat[r] + smem.col_stat[c] - Acc(2) * smem.tiles.c[r][c]);
+        const float rank = pair_rank(smem.row_stat[r], smem.col_stat[c], smem.tiles.c[r][c]);
         col_best = min(col_best, pack(rank, row0 + r));
       }
       atomicMin(s.col_keys + batch * args.cols + col0 + c, col_best);
@@ -137,20 +152,30 @@ __global__ void fill_kernel(long long* data, int64_t n, long long value) {
     data[i] = value;
 }
 
+// Results (B, R, slots) with strides (batch, row, 1): the caller's outputs.
+template <typename Acc>
+struct Results {
+  Acc* dist;
+  int64_t* idx;
+  int64_t batch, row;
+  __device__ int64_t offset(int64_t b, int64_t r) const { return b * batch + r * row; }
+};
+
 // One warp per (row, slot) pair: idx = the key's index (-1 for none), dist = sum((a_r - b_idx)^2)
 // exactly in the accumulate type (inf for none). Lanes stride over D for coalesced reads.
 template <typename T>
 __global__ void pair_distance_kernel(const long long* keys, Matrix<const T> a, Matrix<const T> b,
-                                     typename Accumulate<T>::type* dist, int64_t* idx,
-                                     int64_t pairs, int64_t rows, int64_t slots, int64_t depth) {
+                                     Results<typename Accumulate<T>::type> out, int64_t pairs,
+                                     int64_t rows, int64_t slots, int64_t depth) {
   using Acc = typename Accumulate<T>::type;
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
   for (int64_t p = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; p < pairs; p += warps) {
     const long long key = keys[p];
     const int64_t batch = p / (rows * slots), r = p / slots % rows;
+    const int64_t o = out.offset(batch, r) + p % slots;
     if (key == kNoKey) {
-      if (lane == 0) dist[p] = Acc(INFINITY), idx[p] = -1;
+      if (lane == 0) out.dist[o] = Acc(INFINITY), out.idx[o] = -1;
       continue;
     }
     const int64_t j = key & 0xFFFFFFFFLL;
@@ -162,18 +187,18 @@ __global__ void pair_distance_kernel(const long long* keys, Matrix<const T> a, M
       sum += diff * diff;
     }
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFF, sum, offset);
-    if (lane == 0) dist[p] = sum, idx[p] = j;
+    if (lane == 0) out.dist[o] = sum, out.idx[o] = j;
   }
 }
 
 // Top-k slots in ascending order of (exact distance rank, index), one thread per row: insertion
 // sort of at most kMaxK pairs.
 template <typename Acc>
-__global__ void sort_slots_kernel(Acc* dist, int64_t* idx, int64_t rows, int slots) {
-  for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < rows;
-       r += int64_t{gridDim.x} * blockDim.x) {
-    Acc* d = dist + r * slots;
-    int64_t* i = idx + r * slots;
+__global__ void sort_slots_kernel(Results<Acc> out, int64_t batches, int64_t rows, int slots) {
+  for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < batches * rows;
+       p += int64_t{gridDim.x} * blockDim.x) {
+    Acc* d = out.dist + out.offset(p / rows, p % rows);
+    int64_t* i = out.idx + out.offset(p / rows, p % rows);
     auto before = [](Acc da, int64_t ia, Acc db, int64_t ib) {
       // Ranks: NaN first, no candidate (index -1) last; then distance, then index.
       const float ra = ia < 0 ? INFINITY : rank_of(da), rb = ib < 0 ? INFINITY : rank_of(db);
@@ -246,7 +271,9 @@ ScalarType dist_dtype(const Tensor& t) {
 
 void check_rows(const char* op, const Tensor& x, const Tensor& y) {
   check_batched_rows(op, x, y);
-  PK_CHECK(y.size(1) < (int64_t{1} << 31) && x.size(1) < (int64_t{1} << 31), op,
+  PK_CHECK(x.scalar_type() != ScalarType::Double, op,
+           "float64 is ranked by the reference backend (these keys rank by float32 scores)");
+  PK_CHECK(y.size(1) <= kMaxRows && x.size(1) <= kMaxRows, op,
            "the packed keys hold 31-bit indices: N and M must be below 2**31");
 }
 
@@ -257,31 +284,46 @@ void check_index(const char* op, const char* name, const Tensor& t, const Tensor
            ")");
 }
 
+// The caller's (dist, idx) outputs of shape (B, R, slots): float32 and int64 CUDA tensors with a
+// unit slot stride.
+template <typename Acc>
+Results<Acc> results(const char* op, const Tensor& dist, const Tensor& idx, int64_t batch,
+                     int64_t rows, int64_t slots) {
+  PK_CHECK(dist.is_cuda() && idx.is_cuda() && dist.scalar_type() == ScalarType::Float &&
+               idx.scalar_type() == ScalarType::Long && dist.dim() == 3 && idx.dim() == 3,
+           op, "the outputs must be (B, R, slots) float32 and int64 CUDA tensors");
+  PK_CHECK(dist.size(0) == batch && dist.size(1) == rows && dist.size(2) == slots &&
+               idx.size(0) == batch && idx.size(1) == rows && idx.size(2) == slots,
+           op, "the outputs must have shape (", batch, ", ", rows, ", ", slots, ")");
+  PK_CHECK((slots == 1 || (dist.stride(2) == 1 && idx.stride(2) == 1)) &&
+               dist.stride(0) == idx.stride(0) && dist.stride(1) == idx.stride(1),
+           op, "the outputs must share their strides, with a unit slot stride");
+  return {static_cast<Acc*>(dist.mutable_data_ptr()), static_cast<int64_t*>(idx.mutable_data_ptr()),
+          dist.stride(0), dist.stride(1)};
+}
+
 // Keys (B, R, slots) -> (dist, idx) with exact distances between a's rows and b's chosen rows;
 // `ranked` slots (top k) sorted by them.
-std::tuple<Tensor, Tensor> finish(const Tensor& keys, const Tensor& a, const Tensor& b,
-                                  bool ranked, cudaStream_t stream) {
+void finish(const char* op, const Tensor& keys, const Tensor& a, const Tensor& b, const Tensor& dist,
+            const Tensor& idx, bool ranked, cudaStream_t stream) {
   const int64_t batch = keys.size(0), rows = keys.size(1), slots = keys.size(2);
-  Tensor dist = torch::stable::new_empty(keys, {batch, rows, slots}, dist_dtype(a));
-  Tensor idx = torch::stable::new_empty(keys, {batch, rows, slots}, ScalarType::Long);
   const int64_t pairs = batch * rows * slots;
-  if (pairs == 0) return {dist, idx};
-  dispatch_floating(a.scalar_type(), "nearest", [&](auto tag) {
+  Results<float> out = results<float>(op, dist, idx, batch, rows, slots);
+  if (pairs == 0) return;
+  dispatch_floating(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    using Acc = typename Accumulate<T>::type;
-    auto* d = static_cast<Acc*>(dist.mutable_data_ptr());
-    auto* i = static_cast<int64_t*>(idx.mutable_data_ptr());
-    pair_distance_kernel<T><<<blocks_for(pairs, kThreads / 32), kThreads, 0, stream>>>(
-        static_cast<const long long*>(keys.const_data_ptr()), input<T>(a, 1, 2), input<T>(b, 1, 2),
-        d, i, pairs, rows, slots, a.size(2));
-    PK_CHECK_LAUNCH();
-    if (ranked) {
-      sort_slots_kernel<Acc><<<blocks_for(batch * rows), kThreads, 0, stream>>>(
-          d, i, batch * rows, static_cast<int>(slots));
+    if constexpr (!std::is_same_v<T, double>) {
+      pair_distance_kernel<T><<<blocks_for(pairs, kThreads / 32), kThreads, 0, stream>>>(
+          static_cast<const long long*>(keys.const_data_ptr()), input<T>(a, 1, 2),
+          input<T>(b, 1, 2), out, pairs, rows, slots, a.size(2));
       PK_CHECK_LAUNCH();
+      if (ranked) {
+        sort_slots_kernel<float><<<blocks_for(batch * rows), kThreads, 0, stream>>>(
+            out, batch, rows, static_cast<int>(slots));
+        PK_CHECK_LAUNCH();
+      }
     }
   });
-  return {dist, idx};
 }
 
 // Runs the search on x's rows against y's and returns its keys (B, N, slots); col_keys, if given,
@@ -294,18 +336,20 @@ Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search sear
   search.keys = static_cast<long long*>(keys.mutable_data_ptr());
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    SearchArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), x.size(1), y.size(1), x.size(2), 0,
-                       search};
-    ::protokernels::search<T>(args, x.size(0), p, stream);
+    if constexpr (!std::is_same_v<T, double>) {  // check_rows refused it
+      SearchArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), x.size(1), y.size(1), x.size(2),
+                         0, search};
+      ::protokernels::search<T>(args, x.size(0), p, stream);
+    }
   });
   return keys;
 }
 
 }  // namespace
 
-// x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k) ascending.
-std::tuple<Tensor, Tensor> nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude,
-                                        int64_t k, std::string precision) {
+// x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k) ascending, filled.
+void nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude, int64_t k,
+                  std::string precision, Tensor dist, Tensor idx) {
   const char* op = "nearest_cuda";
   check_rows(op, x, y);
   PK_CHECK(k >= 1 && k <= kMaxK && k <= y.size(1), op, "k must be in [1, min(M, ", kMaxK,
@@ -316,12 +360,12 @@ std::tuple<Tensor, Tensor> nearest_cuda(Tensor x, Tensor y, std::optional<Tensor
   Search search{exclude ? static_cast<const int64_t*>(exclude->const_data_ptr()) : nullptr,
                 nullptr, nullptr, nullptr, nullptr, static_cast<int>(k)};
   Tensor keys = search_keys(op, x, y, search, k, precision, stream);
-  return finish(keys, x, y, k > 1, stream);
+  finish(op, keys, x, y, dist, idx, k > 1, stream);
 }
 
 // -> dist, idx (B, N, 2): slot 0 the nearest y of x's label, slot 1 of any other label.
-std::tuple<Tensor, Tensor> nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y,
-                                                 Tensor y_labels, std::string precision) {
+void nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y, Tensor y_labels,
+                           std::string precision, Tensor dist, Tensor idx) {
   const char* op = "nearest_by_label_cuda";
   check_rows(op, x, y);
   check_index(op, "x_labels", x_labels, x, x.size(1));
@@ -331,12 +375,12 @@ std::tuple<Tensor, Tensor> nearest_by_label_cuda(Tensor x, Tensor x_labels, Tens
   Search search{nullptr, static_cast<const int64_t*>(x_labels.const_data_ptr()),
                 static_cast<const int64_t*>(y_labels.const_data_ptr()), nullptr, nullptr, 1};
   Tensor keys = search_keys(op, x, y, search, 2, precision, stream);
-  return finish(keys, x, y, false, stream);
+  finish(op, keys, x, y, dist, idx, false, stream);
 }
 
 // -> row_dist, row_idx (B, N): nearest y per x; col_dist, col_idx (B, M): nearest x per y.
-std::tuple<Tensor, Tensor, Tensor, Tensor> nearest_both_cuda(Tensor x, Tensor y,
-                                                             std::string precision) {
+void nearest_both_cuda(Tensor x, Tensor y, std::string precision, Tensor row_dist, Tensor row_idx,
+                       Tensor col_dist, Tensor col_idx) {
   const char* op = "nearest_both_cuda";
   check_rows(op, x, y);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
@@ -350,10 +394,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nearest_both_cuda(Tensor x, Tensor y,
   Search search{nullptr, nullptr, nullptr, nullptr,
                 static_cast<long long*>(col_keys.mutable_data_ptr()), 1};
   Tensor keys = search_keys(op, x, y, search, 1, precision, stream);
-  auto [row_dist, row_idx] = finish(keys, x, y, false, stream);
-  auto [col_dist, col_idx] = finish(col_keys, y, x, false, stream);
-  auto flat = [](const Tensor& t) { return torch::stable::squeeze(t, 2); };
-  return {flat(row_dist), flat(row_idx), flat(col_dist), flat(col_idx)};
+  auto slot = [](const Tensor& t) { return torch::stable::unsqueeze(t, 2); };
+  finish(op, keys, x, y, slot(row_dist), slot(row_idx), false, stream);
+  finish(op, col_keys, y, x, slot(col_dist), slot(col_idx), false, stream);
+}
+
+// What these kernels can take, for the Python dispatch (protokernels/_capabilities.py).
+std::string nearest_cuda_capabilities() {
+  return "dtypes=float16,bfloat16,float32;max_rows=" + std::to_string(kMaxRows) +
+         ";max_k=" + std::to_string(kMaxK) +
+         ";why=indices are packed in 31 bits and scores ranked as float32 keys; the reference "
+         "backend takes float64";
 }
 
 // Gradient of dist (B, R, S) = ||a_r - b_idx[r,s]||^2 w.r.t. a (B, R, D) and b (B, T, D).
@@ -401,12 +452,14 @@ std::tuple<Tensor, Tensor> gather_sqdist_grad_cuda(Tensor grad, Tensor a, Tensor
 }  // namespace protokernels
 
 STABLE_TORCH_LIBRARY_FRAGMENT(protokernels, m) {
-  m.def("nearest_cuda(Tensor x, Tensor y, Tensor? exclude, int k, str precision) "
-        "-> (Tensor, Tensor)");
+  m.def("nearest_cuda(Tensor x, Tensor y, Tensor? exclude, int k, str precision, "
+        "Tensor(a!) dist, Tensor(b!) idx) -> ()");
   m.def("nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y, Tensor y_labels, "
-        "str precision) -> (Tensor, Tensor)");
-  m.def("nearest_both_cuda(Tensor x, Tensor y, str precision) -> (Tensor, Tensor, Tensor, Tensor)");
+        "str precision, Tensor(a!) dist, Tensor(b!) idx) -> ()");
+  m.def("nearest_both_cuda(Tensor x, Tensor y, str precision, Tensor(a!) row_dist, "
+        "Tensor(b!) row_idx, Tensor(c!) col_dist, Tensor(d!) col_idx) -> ()");
   m.def("gather_sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, Tensor idx) -> (Tensor, Tensor)");
+  m.def("nearest_cuda_capabilities() -> str");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(protokernels, CUDA, m) {
@@ -414,4 +467,8 @@ STABLE_TORCH_LIBRARY_IMPL(protokernels, CUDA, m) {
   m.impl("nearest_by_label_cuda", TORCH_BOX(&protokernels::nearest_by_label_cuda));
   m.impl("nearest_both_cuda", TORCH_BOX(&protokernels::nearest_both_cuda));
   m.impl("gather_sqdist_grad_cuda", TORCH_BOX(&protokernels::gather_sqdist_grad_cuda));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(protokernels, CompositeExplicitAutograd, m) {
+  m.impl("nearest_cuda_capabilities", TORCH_BOX(&protokernels::nearest_cuda_capabilities));
 }

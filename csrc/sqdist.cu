@@ -6,7 +6,8 @@
 //   distance: A = x, B = y, K = D;  out = |a_r|^2 + |b_c|^2 - 2 P, clamped at 0
 //   gradient: A = G (grad or grad^T), B = b^T, K = S;  out = 2 (rowsum(G)_r e_rc - P), e = a
 // Products: WMMA tensor cores for half types and float32 "tf32"/"tf32x3" (3 TF32 products of the
-// split hi + lo operands, ~1e-6 relative), FFMA for float32 "ieee" and float64.
+// split hi + lo operands, ~1e-6 relative), FFMA for float32 "ieee" and float64. At most
+// kDirectDepth features: the direct sum((x - y)^2) instead (no cancellation).
 #include "tile_product.cuh"
 
 namespace protokernels {
@@ -59,6 +60,26 @@ __global__ void __launch_bounds__(Tile::kThreads) sqdist_tile_kernel(const GemmA
   }
 }
 
+// Shallow rows (depth <= kDirectDepth): out = sum_d (x_d - y_d)^2 directly, one thread per output
+// element, without the expanded formula's cancellation.
+template <typename T>
+__global__ void sqdist_direct_kernel(Matrix<const T> x, Matrix<const T> y, Matrix<T> out,
+                                     int64_t batches, int64_t rows, int64_t cols, int64_t depth) {
+  using Acc = typename Accumulate<T>::type;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < batches * rows * cols;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t batch = i / (rows * cols), r = i / cols % rows, c = i % cols;
+    const T* xr = x.data + batch * x.batch + r * x.row;
+    const T* yc = y.data + batch * y.batch + c * y.row;
+    Acc sum = 0;
+    for (int64_t d = 0; d < depth; ++d) {
+      const Acc diff = widen(xr[d * x.col]) - widen(yc[d * y.col]);
+      sum += diff * diff;
+    }
+    out.data[batch * out.batch + r * out.row + c * out.col] = narrow<T>(sum);
+  }
+}
+
 template <typename T, typename Tile, Precision P, Epilogue E>
 void launch_tiles(GemmArgs<T> args, int64_t batch, cudaStream_t stream) {
   args.tiles_r = (args.rows + Tile::kRows - 1) / Tile::kRows;
@@ -90,6 +111,13 @@ Tensor sqdist_cuda(Tensor x, Tensor y, std::string precision) {
   if (out.numel() == 0) return out;
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
+    if (x.size(2) <= kDirectDepth) {
+      sqdist_direct_kernel<T><<<blocks_for(out.numel()), kThreads, 0, current_stream(x)>>>(
+          input<T>(x, 1, 2), input<T>(y, 1, 2), output<T>(out), x.size(0), x.size(1), y.size(1),
+          x.size(2));
+      PK_CHECK_LAUNCH();
+      return;
+    }
     GemmArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), {}, output<T>(out),
                      x.size(1), y.size(1), x.size(2)};
     launch<Epilogue::kDistance>(args, x.size(0), p, current_stream(x));

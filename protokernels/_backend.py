@@ -17,31 +17,48 @@ from typing import NamedTuple
 
 import torch
 
+from ._capabilities import EVERYTHING, Capabilities
+
 BACKENDS = ("cuda", "triton", "reference")
 _CHOICES = BACKENDS + ("auto",)
 
-# `auto` on CUDA tensors: the backends to try, fastest first. Each entry must be justified by a
-# row of benchmarks/RESULTS.md (section named in the comment).
+# The op file (csrc/<file>.cu, triton_kernels/<file>.py, reference/<file>.py) of each public op:
+# its kernels and their capabilities live there.
+OP_FILES = {
+    "sqdist": "sqdist", "nearest": "nearest", "nearest_k": "nearest",
+    "nearest_by_label": "nearest", "nearest_both": "nearest", "dw_nearest": "nearest",
+    "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
+    "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
+}
+_FILES = tuple(dict.fromkeys(OP_FILES.values()))
+
+
+def _default_order(dtype, precision, sizes):
+    return ("triton", "cuda", "reference")
+
+
+# `auto` on CUDA tensors: per op, the backends to try, fastest first, by problem size, dtype and
+# precision. Each entry must be justified by a row of benchmarks/RESULTS.md (section named in the
+# comment). A backend that is unavailable, or cannot take the input (its capabilities), is
+# skipped.
 _AUTO_ORDER = {
     # RESULTS.md "sqdist, 2026-11-23, H100": Triton beats the CUDA kernel at every precision at
     # the spec size (tf32 fwd 0.317 vs 1.629 ms); the CUDA kernel is the fallback without Triton.
-    "sqdist": ("triton", "cuda", "reference"),
+    "sqdist": _default_order,
     # RESULTS.md "nearest, 2026-11-23, H100": Triton beats the CUDA kernel ~10x at the spec size
     # (tf32 1.27 vs 13.2 ms); the CUDA kernel (one thread per row folds each tile) is the fallback.
-    **dict.fromkeys(("nearest", "nearest_k", "nearest_by_label", "nearest_both"),
-                    ("triton", "cuda", "reference")),
+    **dict.fromkeys(("nearest", "nearest_k", "nearest_by_label", "nearest_both"), _default_order),
     # RESULTS.md "kp_conv2d, 2026-11-23, H100": Triton beats the CUDA kernel ~10x at the spec
     # size (tf32 fwd 0.42 vs 4.32 ms, before tuning); the CUDA kernel (per-element gathers into
     # WMMA tiles) is the fallback.
-    **dict.fromkeys(("kp_conv2d", "kp_conv1d"), ("triton", "cuda", "reference")),
+    **dict.fromkeys(("kp_conv2d", "kp_conv1d"), _default_order),
     # RESULTS.md "dw_nearest, codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24, H100":
     # dw_nearest runs nearest's kernels (groups as the batch): Triton 1.0 vs CUDA 5.6 ms (tf32,
     # with the lookup); the whole VQ training step 2.7 ms on Triton vs 7.4 ms on CUDA.
-    **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"),
-                    ("triton", "cuda", "reference")),
+    **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"), _default_order),
     # RESULTS.md "sinkhorn, sinkhorn_plan, 2026-11-24, H100": Triton's sweeps stream at the copy
     # rate (B 65536 K 16384, 10 iters: 17.6 vs 80.2 ms on CUDA; plan 4096^2: 5.9 vs 15.5 ms).
-    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), ("triton", "cuda", "reference")),
+    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), _default_order),
 }
 
 
@@ -119,7 +136,37 @@ def _status() -> dict[str, BackendStatus]:
         else:
             statuses["triton"] = BackendStatus(
                 False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
-    return {name: statuses[name] for name in BACKENDS}
+    statuses = {name: statuses[name] for name in BACKENDS}
+    _load_capabilities(statuses)
+    return statuses
+
+
+# (backend, op file) -> Capabilities, filled with the statuses (outside any torch.compile trace:
+# the lookups at call time are plain dictionary reads).
+_CAPABILITIES: dict[tuple[str, str], Capabilities] = {}
+
+
+def _load_capabilities(statuses) -> None:
+    for op_file in _FILES:
+        _CAPABILITIES["reference", op_file] = EVERYTHING
+        if statuses["triton"].available:
+            module = importlib.import_module(f"protokernels.triton_kernels.{op_file}")
+            _CAPABILITIES["triton", op_file] = getattr(module, "CAPABILITIES", EVERYTHING)
+        if statuses["cuda"].available:
+            declared = getattr(torch.ops.protokernels, f"{op_file}_cuda_capabilities", None)
+            _CAPABILITIES["cuda", op_file] = (Capabilities.parse(declared()) if declared
+                                              else EVERYTHING)
+
+
+def capabilities(op: str, backend: str) -> Capabilities | None:
+    """What `backend` can take for `op` (None: the backend is unavailable here)."""
+    _status()
+    return _CAPABILITIES.get((backend, OP_FILES[op]))
+
+
+def _reasons(op: str, backend: str, dtype: torch.dtype, rows: int, k: int) -> list[str]:
+    # _available_backends() has loaded the capabilities: a dictionary read, traceable.
+    return _CAPABILITIES[backend, OP_FILES[op]].not_supported_reasons(dtype, rows, k)
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -166,53 +213,90 @@ def current_backend() -> str:
 _warned: set[tuple[str, str]] = set()
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """The concrete backend that runs `op` on tensors on `device`, by the rules of SPEC.md."""
-    # Reading the global here lets torch.compile guard on it; the choice itself is a constant of
-    # the trace (it probes the extension and triton, which must not be traced).
-    return _resolve(op, _selected, device.type)
-
-
-@torch.compiler.assume_constant_result
-def _resolve(op: str, requested: str, device: str) -> str:
-    statuses = _status()
+def resolve(op: str, device: torch.device, dtype: torch.dtype, precision: str = "ieee",
+            rows: int = 0, k: int = 1, **sizes: int) -> str:
+    """The backend that runs `op` on tensors of `device` and `dtype`, by the rules of the README
+    ("Backends"): `auto` takes the first backend of the op's size table (`_AUTO_ORDER`) that is
+    available and can take the input; an explicit choice that cannot raises with the reasons.
+    `rows` (the most rows an index must address) and `k` are checked against the capabilities;
+    `sizes` feed the size table."""
+    # Plain Python on the arguments, so that torch.compile traces it (and guards on the
+    # sizes); only probing the backends (_status) happens outside the trace.
+    requested = _selected
+    available = _available_backends(device.type)
     if requested == "auto":
-        if device != "cuda":
+        if device.type != "cuda":
             return "reference"
-        order = _AUTO_ORDER[op]
+        order = _AUTO_ORDER[op](dtype, precision, sizes)
         for name in order:
-            if statuses[name].available:
-                if name != order[0] and (op, name) not in _warned:
-                    _warned.add((op, name))
-                    warnings.warn(
-                        f"protokernels.{op}: the fastest backend '{order[0]}' is unavailable "
-                        f"({statuses[order[0]].detail}); using '{name}'", stacklevel=4)
+            if name in available and not _reasons(op, name, dtype, rows, k):
+                if name != order[0] and order[0] not in available:
+                    _warn_fallback(op, order[0], name)
                 return name
-    status = statuses[requested]
-    if not status.available:
-        raise BackendUnavailableError(f"protokernels.{op}: backend '{requested}' is unavailable: "
-                                      f"{status.detail}")
-    if requested == "cuda" and device != "cuda":
-        raise BackendUnavailableError(
-            f"protokernels.{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
-    if requested == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise BackendUnavailableError(
-            f"protokernels.{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
-            f"CPU tensors), got tensors on {device}")
+        raise BackendUnavailableError(f"protokernels.{op}: no backend can take this input")
+    if requested not in available:
+        raise BackendUnavailableError(_unavailable_reason(op, requested, device.type))
+    reasons = _reasons(op, requested, dtype, rows, k)
+    if reasons:
+        raise BackendUnavailableError(f"protokernels.{op}: backend '{requested}' cannot take "
+                                      f"this input: {'; '.join(reasons)}")
     return requested
 
 
-@functools.cache
-def kernel(backend: str, op_file: str, function: str):
-    """The implementation of `function` (defined in the op file `op_file`) in `backend`.
+@torch.compiler.assume_constant_result
+def _available_backends(device: str) -> tuple[str, ...]:
+    """The backends that can run on tensors of `device` here (constant under torch.compile: it
+    probes the extension and triton, which must not be traced)."""
+    statuses = _status()
+    names = [name for name in BACKENDS if statuses[name].available]
+    if device != "cuda":
+        names.remove("cuda") if "cuda" in names else None
+        if os.environ.get("TRITON_INTERPRET") != "1" and "triton" in names:
+            names.remove("triton")
+    return tuple(names)
 
-    Every backend names its entry points alike: `reference/<op>.py` and `triton_kernels/<op>.py`
-    define `<function>`, and `csrc/<op>.cu` registers `protokernels::<function>_cuda`.
-    """
-    if backend == "cuda":
-        return getattr(torch.ops.protokernels, function + "_cuda")
-    package = "reference" if backend == "reference" else "triton_kernels"
-    return getattr(importlib.import_module(f"protokernels.{package}.{op_file}"), function)
+
+@torch.compiler.assume_constant_result
+def _unavailable_reason(op: str, requested: str, device: str) -> str:
+    status = _status()[requested]
+    if not status.available:
+        return f"protokernels.{op}: backend '{requested}' is unavailable: {status.detail}"
+    if requested == "cuda":
+        return f"protokernels.{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}"
+    return (f"protokernels.{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
+            f"CPU tensors), got tensors on {device}")
+
+
+@torch.compiler.assume_constant_result
+def _warn_fallback(op: str, fastest: str, used: str) -> bool:
+    if (op, used) not in _warned:
+        _warned.add((op, used))
+        warnings.warn(f"protokernels.{op}: the fastest backend '{fastest}' is unavailable "
+                      f"({_status()[fastest].detail}); using '{used}'", stacklevel=5)
+    return True
+
+
+class Implementations(dict):
+    """backend name -> an op's implementation in that backend: `reference/<file>.py` and
+    `triton_kernels/<file>.py` define `<function>`, `csrc/<file>.cu` registers
+    `protokernels::<function>_cuda`. Each op binds its table once, at import; a backend's entry is
+    looked up on its first use (so that importing protokernels neither imports triton nor loads
+    the extension) and is a plain dictionary read afterwards."""
+
+    def __init__(self, op_file: str, function: str):
+        super().__init__()
+        self.op_file, self.function = op_file, function
+
+    def __missing__(self, backend: str):
+        if backend == "cuda":
+            _status()  # loads the extension, which registers the *_cuda operators
+            implementation = getattr(torch.ops.protokernels, self.function + "_cuda")
+        else:
+            package = "reference" if backend == "reference" else "triton_kernels"
+            module = importlib.import_module(f"protokernels.{package}.{self.op_file}")
+            implementation = getattr(module, self.function)
+        self[backend] = implementation
+        return implementation
 
 
 _PRECISIONS = ("ieee", "tf32x3", "tf32")

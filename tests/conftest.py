@@ -63,3 +63,11 @@ def relative_error(out, ref):
         return float("inf")
     scale = ref.norm().item()
     return (out - ref).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def skip_unless_capable(backend, op, dtype, rows=0, k=1):
+    """Skip when `backend` declares it cannot take this input (its capabilities, e.g. float64
+    ranking in the nearest family); test_capabilities checks the error an explicit call gets."""
+    reasons = protokernels._backend.capabilities(op, backend).not_supported_reasons(dtype, rows, k)
+    if reasons:
+        pytest.skip(f"{backend} cannot take it: {'; '.join(reasons)}")

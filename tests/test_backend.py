@@ -46,7 +46,7 @@ def test_unknown_backend_name():
 
 
 def test_auto_uses_reference_for_cpu_tensors():
-    assert _backend.resolve("sqdist", torch.device("cpu")) == "reference"
+    assert _backend.resolve("sqdist", torch.device("cpu"), torch.float32) == "reference"
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the error on a machine without a GPU")
@@ -58,21 +58,78 @@ def test_explicit_unavailable_backend_raises_with_the_reason():
 
 def test_cuda_backend_refuses_cpu_tensors(monkeypatch):
     monkeypatch.setitem(_backend._status(), "cuda", protokernels.BackendStatus(True, "test"))
-    with pytest.raises(protokernels.BackendUnavailableError, match="needs CUDA tensors"):
-        _backend._resolve("sqdist", "cuda", "cpu")
+    with protokernels.use_backend("cuda"), pytest.raises(protokernels.BackendUnavailableError,
+                                                         match="needs CUDA tensors"):
+        _backend.resolve("sqdist", torch.device("cpu"), torch.float32)
+
+
+def _pretend(monkeypatch, **available):
+    """Backends available or not as given, with every capability, on a pretend CUDA device."""
+    statuses = dict(_backend._status())
+    for name, on in available.items():
+        statuses[name] = protokernels.BackendStatus(on, f"{name} {'here' if on else 'missing'} "
+                                                        "(test)")
+    monkeypatch.setattr(_backend, "_status", lambda: statuses)
+    for name in _backend.BACKENDS:
+        for op_file in _backend._FILES:
+            monkeypatch.setitem(_backend._CAPABILITIES, (name, op_file),
+                                _backend.EVERYTHING)
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    statuses = dict(_backend._status())
-    statuses["triton"] = protokernels.BackendStatus(False, "triton missing (test)")
-    statuses["cuda"] = protokernels.BackendStatus(True, "test")
-    monkeypatch.setattr(_backend, "_status", lambda: statuses)
+    _pretend(monkeypatch, triton=False, cuda=True)
     monkeypatch.setattr(_backend, "_warned", set())
+    cuda = torch.device("cuda")
     with pytest.warns(UserWarning, match="fastest backend 'triton' is unavailable.*using 'cuda'"):
-        assert _backend._resolve("sqdist", "auto", "cuda") == "cuda"
+        assert _backend.resolve("sqdist", cuda, torch.float32) == "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call is silent
-        assert _backend._resolve("sqdist", "auto", "cuda") == "cuda"
+        assert _backend.resolve("sqdist", cuda, torch.float32) == "cuda"
+
+
+def test_auto_skips_a_backend_that_cannot_take_the_input_silently(monkeypatch):
+    _pretend(monkeypatch, triton=True, cuda=True)
+    limited = protokernels._capabilities.Capabilities(
+        dtypes=(torch.float32,), max_rows=100, max_k=4, why="test limits")
+    monkeypatch.setitem(_backend._CAPABILITIES, ("triton", "nearest"), limited)
+    cuda = torch.device("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capability skip is no fallback warning
+        assert _backend.resolve("nearest", cuda, torch.float32, rows=100, k=4) == "triton"
+        assert _backend.resolve("nearest", cuda, torch.float64) == "cuda"
+        assert _backend.resolve("nearest", cuda, torch.float32, rows=101) == "cuda"
+        assert _backend.resolve("nearest", cuda, torch.float32, k=5) == "cuda"
+    with protokernels.use_backend("triton"), pytest.raises(
+            protokernels.BackendUnavailableError,
+            match=r"backend 'triton' cannot take this input: dtype float16 is not supported "
+                  r"\(takes float32\); 101 rows is above its limit of 100; k = 5 is above its "
+                  r"limit of 4 \(test limits\)"):
+        _backend.resolve("nearest", cuda, torch.float16, rows=101, k=5)
+
+
+def test_every_op_and_backend_resolves_to_an_implementation():
+    """Each op's implementation table binds in every backend that runs here (the CUDA entries
+    need the extension, Triton's need triton)."""
+    import protokernels.ops as ops_package
+    import pkgutil
+    import importlib
+    tables = []
+    for info in pkgutil.iter_modules(ops_package.__path__):
+        module = importlib.import_module(f"protokernels.ops.{info.name}")
+        tables += [v for v in vars(module).values() if isinstance(v, _backend.Implementations)]
+    functions = {(t.op_file, t.function) for t in tables}
+    assert functions == {
+        ("sqdist", "sqdist"), ("sqdist", "sqdist_grad"), ("nearest", "nearest"),
+        ("nearest", "nearest_by_label"), ("nearest", "nearest_both"),
+        ("nearest", "gather_sqdist_grad"), ("kp_conv", "kp_conv2d"),
+        ("kp_conv", "kp_conv2d_grad_input"), ("kp_conv", "kp_conv2d_grad_weight"),
+        ("codebook_lookup", "codebook_lookup"), ("codebook_stats", "codebook_stats"),
+        ("sinkhorn", "sinkhorn_column_logsum"), ("sinkhorn", "sinkhorn_row_sweep")}
+    statuses = protokernels.available_backends()
+    for table in tables:
+        for name in _backend.BACKENDS:
+            if statuses[name].available:
+                assert callable(table[name]), (table.function, name)
 
 
 def test_environment_variable_sets_the_default():
@@ -109,26 +166,28 @@ def test_extension_load_errors_say_how_to_fix(monkeypatch, message, expected):
     assert expected in _backend._extension_load_error()
 
 
-def test_backend_choice_is_guarded_under_compile():
+def test_backend_choice_is_guarded_under_compile(monkeypatch):
     """Changing the backend after compiling recompiles instead of replaying the old choice."""
+    from protokernels.ops import sqdist as sqdist_op
     calls = []
-    original = _backend.kernel
 
-    def spy(backend, op_file, function):
-        calls.append(backend)
-        return original(backend, op_file, function)
+    class Spy(dict):
+        def __missing__(self, backend):
+            calls.append(backend)
+            return _backend.Implementations("sqdist", "sqdist")[backend]
 
+        def __getitem__(self, backend):
+            calls.append(backend)
+            return self.__missing__(backend)
+
+    monkeypatch.setattr(sqdist_op, "_SQDIST", Spy())
     compiled = torch.compile(lambda x, y: protokernels.sqdist(x, y), fullgraph=True,
                              backend="aot_eager")
     x, y = torch.randn(5, 3, device=DEVICE), torch.randn(4, 3, device=DEVICE)
-    try:
-        _backend.kernel = spy
-        with protokernels.use_backend("reference"):
+    with protokernels.use_backend("reference"):
+        compiled(x, y)
+    assert calls[-1] == "reference"
+    if protokernels.available_backends()["triton"].available:
+        with protokernels.use_backend("triton"):
             compiled(x, y)
-        if protokernels.available_backends()["triton"].available:
-            with protokernels.use_backend("triton"):
-                compiled(x, y)
-            assert calls[-1] == "triton"
-    finally:
-        _backend.kernel = original
-    assert calls[0] == "reference"
+        assert calls[-1] == "triton"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+from conftest import DEVICE, HAS_GPU, relative_error, skip_unless_capable, tolerance
 from test_nearest import DTYPES, assert_winners, dtype_ids, randn, truth
 
 
@@ -27,6 +27,7 @@ SHAPES = [(1, 1, 1, 1), (17, 3, 13, 1), (31, 2, 37, 7), (65, 4, 129, 33), (130, 
 @pytest.mark.parametrize("dtype,precision", DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dw_nearest_matches_float64(backend, shape, dtype, precision):
+    skip_unless_capable(backend, "dw_nearest", dtype)
     n, groups, size, depth = shape
     x, codebooks = randn(n, groups * depth, dtype=dtype), randn(groups, size, depth, dtype=dtype)
     dist, idx = protokernels.dw_nearest(x, codebooks, precision=precision)
@@ -83,6 +84,7 @@ def test_empty(backend, x_shape, books_shape):
 
 
 def test_gradcheck_float64(backend):
+    skip_unless_capable(backend, "dw_nearest", torch.float64)  # its gradient kernel: test_nearest
     # 6 rows against 3 codes per group: winners are shared, the scatter-add must sum them.
     x = randn(6, 2 * 3, dtype=torch.float64).requires_grad_()
     codebooks = randn(2, 3, 3, dtype=torch.float64).requires_grad_()

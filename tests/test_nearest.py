@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+from conftest import DEVICE, HAS_GPU, relative_error, skip_unless_capable, tolerance
 
 INF = float("inf")
 
@@ -64,6 +64,7 @@ dtype_ids = lambda v: str(v).replace("torch.", "")  # noqa: E731
 @pytest.mark.parametrize("dtype,precision", DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_nearest_matches_float64(backend, shape, dtype, precision):
+    skip_unless_capable(backend, "nearest", dtype)
     batch, n, m, d = shape
     x, y = randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype)
     dist, idx = protokernels.nearest(x, y, precision=precision)
@@ -119,6 +120,7 @@ def test_exclude_broadcasts_over_batch(backend):
 
 @pytest.mark.parametrize("dtype,precision", DTYPES[:1] + DTYPES[2:4] + DTYPES[5:], ids=dtype_ids)
 def test_nearest_by_label(backend, dtype, precision):
+    skip_unless_capable(backend, "nearest_by_label", dtype)
     x, y = randn(2, 45, 9, dtype=dtype), randn(2, 37, 9, dtype=dtype)
     # Labels 0..4 for x but only 0..3 on the prototypes: class 4 has none (d_same = inf), and
     # in batch 1 every prototype is class 2, so class-2 samples have no rival (d_other = inf).
@@ -137,6 +139,7 @@ def test_nearest_by_label(backend, dtype, precision):
 @pytest.mark.parametrize("dtype,precision", DTYPES[:1] + DTYPES[2:4] + DTYPES[5:], ids=dtype_ids)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 70, 131, 17), (1, 200, 3, 40)], ids=str)
 def test_nearest_both(backend, shape, dtype, precision):
+    skip_unless_capable(backend, "nearest_both", dtype)
     batch, n, m, d = shape
     x, y = randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype)
     row_dist, row_idx, col_dist, col_idx = protokernels.nearest_both(x, y, precision=precision)
@@ -222,10 +225,62 @@ GRADCHECK_OPS = {
 
 @pytest.mark.parametrize("op", GRADCHECK_OPS)
 def test_gradcheck_float64(backend, op):
+    skip_unless_capable(backend, "nearest", torch.float64)
     # y rows 1 and 4 are the winners of several x rows: the scatter-add must sum them.
     x = randn(4, 3, dtype=torch.float64).requires_grad_()
     y = randn(5, 3, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(GRADCHECK_OPS[op], (x, y))
+
+
+class _PairDistances(torch.autograd.Function):
+    """dist = ||a_r - b_idx||^2 in float64 by torch, its backward by `backend`'s gradient kernel
+    (gather_sqdist_grad): gradcheck of the kernel itself, whatever backend ranks float64."""
+
+    @staticmethod
+    def forward(ctx, a, b, idx, backend):
+        ctx.save_for_backward(a, b, idx)
+        ctx.backend = backend
+        rows = b.gather(1, idx.clamp_min(0).flatten(1)[..., None].expand(-1, -1, a.shape[-1]))
+        diff = a[:, :, None] - rows.view(idx.shape + (a.shape[-1],))
+        return diff.square().sum(-1).masked_fill(idx < 0, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, idx = ctx.saved_tensors
+        ga, gb = torch.ops.protokernels.gather_sqdist_grad(grad.contiguous(), a, b, idx,
+                                                           ctx.backend)
+        return ga, gb, None, None
+
+
+def test_gradient_kernel_gradcheck_float64(backend):
+    a = randn(2, 6, 5, dtype=torch.float64).requires_grad_()
+    b = randn(2, 4, 5, dtype=torch.float64).requires_grad_()
+    idx = torch.tensor([[[0, 1], [1, -1], [3, 3], [1, 0], [2, 1], [0, 0]]] * 2, device=DEVICE)
+    assert torch.autograd.gradcheck(lambda a, b: _PairDistances.apply(a, b, idx, backend), (a, b))
+
+
+@pytest.mark.parametrize("op", ["nearest", "nearest_k", "nearest_by_label", "nearest_both",
+                                "dw_nearest"])
+def test_float64_is_ranked_in_float64(op):
+    """Candidates 1e-9 apart: float32 keys would tie them. auto ranks float64 in float64 (the
+    reference), an explicit backend that ranks in float32 refuses with the reason."""
+    x = torch.zeros(1, 1, dtype=torch.float64, device=DEVICE)
+    y = torch.tensor([[1.0], [1 - 1e-9]], dtype=torch.float64, device=DEVICE)
+    calls = {"nearest": lambda: protokernels.nearest(x, y)[1],
+             "nearest_k": lambda: protokernels.nearest_k(x, y, 1)[1][..., 0],
+             "nearest_by_label": lambda: protokernels.nearest_by_label(
+                 x, torch.zeros(1, dtype=torch.int64, device=DEVICE), y,
+                 torch.zeros(2, dtype=torch.int64, device=DEVICE))[1],
+             "nearest_both": lambda: protokernels.nearest_both(x, y)[1],
+             "dw_nearest": lambda: protokernels.dw_nearest(x, y[None])[1]}
+    assert calls[op]().item() == 1
+    for name, status in protokernels.available_backends().items():
+        if name == "reference" or not status.available or (name == "cuda" and not HAS_GPU):
+            continue
+        with protokernels.use_backend(name), pytest.raises(
+                protokernels.BackendUnavailableError, match=f"backend '{name}' cannot take.*"
+                "dtype float64 is not supported"):
+            calls[op]()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_ids)

@@ -239,12 +239,12 @@ def test_transposed_input_with_strides_past_2_to_the_31(backend):
 def test_triton_operand_copies_keep_broadcast_dimensions():
     """The 3xTF32 split and the K-major gradient operand copy each distinct element once: a
     broadcast batch stays a 0 stride instead of becoming B copies of the input."""
-    kernels = pytest.importorskip("protokernels.triton_kernels.sqdist")
+    kit = pytest.importorskip("protokernels.triton_kernels._common")
     x = randn(1, 33, 7).expand(1000, 33, 7)
-    hi, lo = kernels._split_tf32(x)
+    _, _, (hi, lo), _ = kit.split_operands(x, x, "tf32x3")
     assert hi.stride(0) == 0 and lo.stride(0) == 0
     assert torch.equal(hi + lo, x)
     assert ((hi.view(torch.int32) & 8191) == 0).all()  # hi has TF32's 10 mantissa bits
     assert lo.abs().max() <= x.abs().max() * 2.0**-10
-    (copy,) = kernels._per_distinct_element(lambda u: (u.mT.contiguous().mT,), x)
+    (copy,) = kit.per_distinct_element(lambda u: (u.mT.contiguous().mT,), x)
     assert copy.stride(0) == 0 and copy.stride(1) == 1 and torch.equal(copy, x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sqdist import _block, cdiv
+from ._common import block, cdiv, launcher
 
 
 @triton.jit
@@ -28,11 +28,14 @@ def _lookup_kernel(IDX, BOOKS, OUT, N, G, K, D, sb_g, sb_k, sb_d,
         tl.store(dst[:, None] + ds[None, :], v, mask=row_ok[:, None] & d_ok)
 
 
+_launch_lookup = launcher(_lookup_kernel)
+
+
 def codebook_lookup(idx, codebooks, out):
     """Fill out (N, G*Dg) with codebooks[g, idx[n, g]]."""
     groups, size, depth = codebooks.shape
-    block_d = _block(depth, 128)
+    block_d = block(depth, 128)
     block_n = max(1, 4096 // block_d)  # ~4K elements per program
-    _lookup_kernel[(cdiv(idx.shape[0], block_n) * groups,)](
-        idx, codebooks, out, idx.shape[0], groups, size, depth, *codebooks.stride(),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    _launch_lookup((cdiv(idx.shape[0], block_n) * groups,), idx, codebooks, out, idx.shape[0],
+                   groups, size, depth, *codebooks.stride(), BLOCK_N=block_n, BLOCK_D=block_d,
+                   num_warps=4)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sqdist import _ACCUMULATOR, _block, cdiv
+from ._common import accumulator, block, cdiv, launcher
 
 
 @triton.jit
@@ -56,27 +56,30 @@ def _segment_kernel(X, ORDER, OFFSETS, SUMS, N, K, D, sx_n, sx_f,
     tl.store(SUMS + slot * D + ds64, tl.sum(total, 0), mask=d_ok)
 
 
+_launch_scatter = launcher(_scatter_kernel)
+_launch_segment = launcher(_segment_kernel)
+
+
 def codebook_stats(x, idx, size, deterministic):
     """x (N, G*Dg), idx (N, G) -> sums (G, K, Dg) float32 (float64), counts (G, K) int64."""
     n, groups = idx.shape
     depth = x.shape[1] // groups
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    acc = _ACCUMULATOR.get(x.dtype, tl.float32)
-    block_d = _block(depth, 128)
+    acc = accumulator(x.dtype)
+    block_d = block(depth, 128)
     if not deterministic:
         counts = torch.zeros((groups, size), dtype=torch.int64, device=x.device)
         sums = torch.zeros((groups, size, depth), dtype=acc_dtype, device=x.device)
         block_n = max(1, 4096 // block_d)
-        _scatter_kernel[(cdiv(n, block_n) * groups,)](
-            x, idx, counts, sums, n, groups, size, depth, *x.stride(), ACC=acc,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        _launch_scatter((cdiv(n, block_n) * groups,), x, idx, counts, sums, n, groups, size,
+                        depth, *x.stride(), ACC=acc, BLOCK_N=block_n, BLOCK_D=block_d,
+                        num_warps=4)
         return sums, counts
     codes, order = idx.t().contiguous().sort(dim=1, stable=True)
     bounds = torch.arange(size + 1, device=x.device).expand(groups, size + 1).contiguous()
     offsets = torch.searchsorted(codes, bounds)  # out-of-range codes fall outside [0, K)
     sums = torch.empty((groups, size, depth), dtype=acc_dtype, device=x.device)
     if depth > 0:
-        _segment_kernel[(groups * size, cdiv(depth, block_d))](
-            x, order, offsets, sums, n, size, depth, *x.stride(), ACC=acc, BLOCK_N=32,
-            BLOCK_D=block_d, num_warps=4)
+        _launch_segment((groups * size, cdiv(depth, block_d)), x, order, offsets, sums, n, size,
+                        depth, *x.stride(), ACC=acc, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
     return sums, offsets.diff(dim=1)

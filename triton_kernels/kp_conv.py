@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .nearest import _TARGET_PROGRAMS
-from .sqdist import _ACCUMULATOR, _UPCAST_BF16, _dot, _tile_coordinates, cdiv, fitted_config
+from ._common import (TARGET_PROGRAMS, UPCAST_BF16, accumulator, cdiv, dot, fitted_config,
+                      launcher, tile_coordinates)
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _kp_conv2d_kernel(X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, KW, tiles_m, t
                       ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
                       TAPS_OUTER: tl.constexpr, WIDE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    _, tile_m, tile_p = _tile_coordinates(tl.program_id(0), tiles_m, tiles_p, GROUP)
+    _, tile_m, tile_p = tile_coordinates(tl.program_id(0), tiles_m, tiles_p, GROUP)
     tile_m = _index(tile_m, WIDE_INDEX)
     pixels = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     protos = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -124,7 +124,7 @@ def _kp_conv2d_kernel(X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, KW, tiles_m, t
         w_depth = _index(channel, WIDE_INDEX) * swc + i * swh + j * sww
         w = tl.load(Wt + w_depth[:, None] + w_protos[None, :],
                     mask=in_depth[:, None] & in_protos[None, :], other=0.0)
-        acc = _dot(x, w, acc, PRECISION, UPCAST_BF16)
+        acc = dot(x, w, acc, PRECISION, UPCAST_BF16)
         xa, wa = x.to(ACC), w.to(ACC)
         energy += tl.sum(xa * xa, 1)
         w_norm += tl.sum(wa * wa, 0)
@@ -146,7 +146,7 @@ def _kp_conv2d_grad_input_kernel(G, X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, 
                                  GROUP: tl.constexpr):
     """Rows are input pixels (image, ih, iw); depth (p, i, j) reads g at the output pixel whose
     window puts tap (i, j) on it: oh = (ih + pad_h - i dil_h) / stride_h when that divides."""
-    _, tile_m, tile_c = _tile_coordinates(tl.program_id(0), tiles_m, tiles_c, GROUP)
+    _, tile_m, tile_c = tile_coordinates(tl.program_id(0), tiles_m, tiles_c, GROUP)
     tile_m = _index(tile_m, WIDE_INDEX)
     pixels = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     channels = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -174,7 +174,7 @@ def _kp_conv2d_grad_input_kernel(G, X, Wt, OUT, PIXELS, C, H, W, OH, OW, P, KH, 
         w_depth = _index(proto, WIDE_INDEX) * swp + i * swh + j * sww
         w = tl.load(Wt + w_depth[:, None] + w_channels[None, :],
                     mask=in_depth[:, None] & in_channels[None, :], other=0.0)
-        acc = _dot(g, w, acc, PRECISION, UPCAST_BF16)
+        acc = dot(g, w, acc, PRECISION, UPCAST_BF16)
         cover += tl.sum(g.to(ACC), 1)
     mask = in_rows[:, None] & in_channels[None, :]
     x_rows = image * sxb + _index(ih, WIDE_INDEX) * sxh + _index(iw, WIDE_INDEX) * sxw
@@ -197,7 +197,7 @@ def _kp_conv2d_grad_weight_kernel(G, X, PARTIAL, MASS, PIXELS, C, H, W, OH, OW, 
                                   GROUP: tl.constexpr):
     """One program: a (prototypes x (c, i, j)) tile summed over one split of the output pixels,
     written to PARTIAL[split] (laid out like w), and the prototypes' sum of g to MASS[split]."""
-    _, tile_p, tile_k = _tile_coordinates(tl.program_id(0), tiles_p, tiles_k, GROUP)
+    _, tile_p, tile_k = tile_coordinates(tl.program_id(0), tiles_p, tiles_k, GROUP)
     split = tl.program_id(1)
     split = _index(split, WIDE_INDEX)
     first = split * split_pixels
@@ -217,7 +217,7 @@ def _kp_conv2d_grad_weight_kernel(G, X, PARTIAL, MASS, PIXELS, C, H, W, OH, OW, 
         g_pixels = image * sgb + _index(oh, WIDE_INDEX) * sgh + _index(ow, WIDE_INDEX) * sgw
         g = tl.load(G + g_protos[:, None] + g_pixels[None, :],
                     mask=in_protos[:, None] & in_rows[None, :], other=0.0)
-        acc = _dot(g, x, acc, PRECISION, UPCAST_BF16)
+        acc = dot(g, x, acc, PRECISION, UPCAST_BF16)
         mass += tl.sum(g.to(ACC), 1)
     no_rows = tl.zeros((BLOCK_M,), tl.int32)
     channel, i, j, _, _, in_depth = _depth_step(tile_k, no_rows, no_rows, no_rows, C, KH, KW, 1,
@@ -234,6 +234,11 @@ def _kp_conv2d_grad_weight_kernel(G, X, PARTIAL, MASS, PIXELS, C, H, W, OH, OW, 
 # H100 at the spec's size (benchmarks/results/2026-11-23-h100-tune-kp_conv.log). Large pixel tiles
 # win the forward (tf32 0.155 ms against 0.42 with 128 x 128 x 32); the weight gradient wants a
 # shallow pixel step (BLOCK_M 16: 0.63 ms, 0.75 with 32). float64 keeps small tiles (registers).
+_launch_kp_conv2d = launcher(_kp_conv2d_kernel)
+_launch_kp_conv2d_grad_input = launcher(_kp_conv2d_grad_input_kernel)
+_launch_kp_conv2d_grad_weight = launcher(_kp_conv2d_grad_weight_kernel)
+
+
 _FORWARD = {
     torch.float32: dict(BLOCK_M=256, BLOCK_P=128, BLOCK_K=32, num_warps=8, num_stages=4),
     "tf32x3": dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=16, num_warps=8, num_stages=3),
@@ -292,9 +297,9 @@ def _wide_index(pixels: int, *tensors: torch.Tensor) -> bool:
     return max(pixels, *offsets) >= 2**31 - 1
 
 
-def _launch_constants(x, precision):
-    return dict(ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision,
-                UPCAST_BF16=_UPCAST_BF16)
+def _constants(x, precision):
+    return dict(ACC=accumulator(x.dtype), PRECISION=precision,
+                UPCAST_BF16=UPCAST_BF16)
 
 
 def kp_conv2d(x, w, stride, padding, dilation, precision, out, config=None):
@@ -306,10 +311,10 @@ def kp_conv2d(x, w, stride, padding, dilation, precision, out, config=None):
                                      BLOCK_P=geometry["P"], BLOCK_K=geometry["C"] * taps)
     w = _contiguous_along(w, 1)
     tiles_m, tiles_p = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["P"], config["BLOCK_P"])
-    _kp_conv2d_kernel[(tiles_m * tiles_p,)](
-        x, w, out, pixels, tiles_m=tiles_m, tiles_p=tiles_p, **geometry,
+    _launch_kp_conv2d(
+        (tiles_m * tiles_p,), x, w, out, pixels, tiles_m=tiles_m, tiles_p=tiles_p, **geometry,
         **_strides(x=(x, "bchw"), w=(w, "pchw"), o=(out, "bphw")),
-        **_launch_constants(x, precision),
+        **_constants(x, precision),
         TAPS_OUTER=_taps_outer(geometry["C"], taps, config["BLOCK_K"]),
         WIDE_INDEX=_wide_index(pixels, x, w, out), GROUP=8, **config)
 
@@ -323,10 +328,10 @@ def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out, 
                                      BLOCK_C=geometry["C"], BLOCK_K=geometry["P"] * taps)
     w = _contiguous_along(w, 0)
     tiles_m, tiles_c = cdiv(pixels, config["BLOCK_M"]), cdiv(geometry["C"], config["BLOCK_C"])
-    _kp_conv2d_grad_input_kernel[(tiles_m * tiles_c,)](
-        grad, x, w, out, pixels, tiles_m=tiles_m, tiles_c=tiles_c, **geometry,
+    _launch_kp_conv2d_grad_input(
+        (tiles_m * tiles_c,), grad, x, w, out, pixels, tiles_m=tiles_m, tiles_c=tiles_c, **geometry,
         **_strides(g=(grad, "bphw"), x=(x, "bchw"), w=(w, "pchw"), o=(out, "bchw")),
-        **_launch_constants(x, precision),
+        **_constants(x, precision),
         TAPS_OUTER=_taps_outer(geometry["P"], taps, config["BLOCK_K"]),
         WIDE_INDEX=_wide_index(pixels, grad, x, w, out), GROUP=8, **config)
 
@@ -343,17 +348,17 @@ def kp_conv2d_grad_weight(grad, x, w, stride, padding, dilation, precision, out,
     tiles_p = cdiv(geometry["P"], config["BLOCK_P"])
     tiles_k = (taps * cdiv(geometry["C"], config["BLOCK_K"]) if taps_outer
                else cdiv(geometry["C"] * taps, config["BLOCK_K"]))
-    splits = max(1, min(cdiv(pixels, config["BLOCK_M"]), _TARGET_PROGRAMS // (tiles_p * tiles_k)))
+    splits = max(1, min(cdiv(pixels, config["BLOCK_M"]), TARGET_PROGRAMS // (tiles_p * tiles_k)))
     split_pixels = cdiv(cdiv(pixels, splits), config["BLOCK_M"]) * config["BLOCK_M"]
     splits = cdiv(pixels, split_pixels)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = w.new_empty((splits,) + w.shape, dtype=acc)
     mass = w.new_empty((splits, geometry["P"]), dtype=acc)
-    _kp_conv2d_grad_weight_kernel[(tiles_p * tiles_k, splits)](
-        grad, x, partial, mass, pixels, tiles_p=tiles_p, tiles_k=tiles_k,
-        split_pixels=split_pixels, **geometry,
+    _launch_kp_conv2d_grad_weight(
+        (tiles_p * tiles_k, splits), grad, x, partial, mass, pixels, tiles_p=tiles_p,
+        tiles_k=tiles_k, split_pixels=split_pixels, **geometry,
         **_strides(g=(grad, "bphw"), x=(x, "bchw"), p=(partial[0], "pchw")),
-        **_launch_constants(x, precision),
+        **_constants(x, precision),
         TAPS_OUTER=taps_outer, WIDE_INDEX=_wide_index(pixels, grad, x, partial),
         GROUP=8, **config)
     mass = mass.sum(0).view(-1, 1, 1, 1)

@@ -13,13 +13,11 @@ row of the partials, in global memory.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .sqdist import _ACCUMULATOR, cdiv, next_power_of_2
+from ._common import accumulator, cdiv, launcher, next_power_of_2, sm_count
 
 # Columns a program holds in registers (row, potentials and column sums: 3 x 32 floats a thread
 # at 16 warps).
@@ -38,16 +36,11 @@ def sweep_config(k: int) -> tuple[int, int, int, int]:
     return block_k, rows, max(4, min(16, block_k * rows // 512)), 2
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs(scores: torch.Tensor, rows_per_step: int, per_sm: int) -> int:
     steps = cdiv(scores.shape[0], rows_per_step)
     if scores.device.type != "cuda":  # the interpreter: a few programs still test the partials
         return max(1, min(steps, 3))
-    return max(1, min(steps, _sm_count(scores.device.index) * per_sm))
+    return max(1, min(steps, sm_count(scores.device.index) * per_sm))
 
 
 @triton.jit
@@ -207,13 +200,19 @@ def _finish_kernel(PART_SUM, PART_MAX, V, LOG_C, V_NEXT, L, programs, K, log_c_c
                  mask=col_ok)
 
 
+_launch_column_logsum = launcher(_column_logsum_kernel)
+_launch_row_sweep = launcher(_row_sweep_kernel)
+_launch_finish = launcher(_finish_kernel)
+
+
 def _finish(part_sum, part_max, v, log_c, log_c_const, l_out, v_next):
     programs, k = part_sum.shape
-    acc = _ACCUMULATOR.get(l_out.dtype, tl.float32)
+    acc = accumulator(l_out.dtype)
     block_k = 128
-    _finish_kernel[(cdiv(k, block_k),)](
-        part_sum, part_max if part_max is not None else part_sum, v if v is not None else l_out,
-        log_c if log_c is not None else l_out, v_next if v_next is not None else l_out, l_out,
+    _launch_finish(
+        (cdiv(k, block_k),), part_sum, part_max if part_max is not None else part_sum,
+        v if v is not None else l_out, log_c if log_c is not None else l_out,
+        v_next if v_next is not None else l_out, l_out,
         programs, k, log_c_const, ACC=acc, FROM_LOGSUMS=part_max is not None, HAS_V=v is not None,
         HAS_LOG_C=log_c is not None, UPDATE=v_next is not None, BLOCK_P=32, BLOCK_K=block_k,
         num_warps=4)
@@ -222,7 +221,7 @@ def _finish(part_sum, part_max, v, log_c, log_c_const, l_out, v_next):
 def sinkhorn_column_logsum(scores, scale, log_c, log_c_const, l_out, v_next):
     """l_out (K,) = logsumexp_i(scores_ij * scale); v_next (optional) = log c - l_out."""
     b, k = scores.shape
-    acc = _ACCUMULATOR.get(l_out.dtype, tl.float32)
+    acc = accumulator(l_out.dtype)
     block_k = min(1024, max(16, next_power_of_2(k)))
     rows = 8
     column_blocks = cdiv(k, block_k)
@@ -231,9 +230,9 @@ def sinkhorn_column_logsum(scores, scale, log_c, log_c_const, l_out, v_next):
     programs = max(1, cdiv(b, rows_per_program))
     part_max = torch.empty((programs, k), dtype=l_out.dtype, device=scores.device)
     part_sum = torch.empty_like(part_max)
-    _column_logsum_kernel[(programs, column_blocks)](
-        scores, part_max, part_sum, b, k, *scores.stride(), scale, rows_per_program, ACC=acc,
-        ROWS=rows, BLOCK_K=block_k, num_warps=4)
+    _launch_column_logsum(
+        (programs, column_blocks), scores, part_max, part_sum, b, k, *scores.stride(), scale,
+        rows_per_program, ACC=acc, ROWS=rows, BLOCK_K=block_k, num_warps=4)
     _finish(part_sum, part_max, None, log_c, log_c_const, l_out, v_next)
 
 
@@ -241,15 +240,15 @@ def sinkhorn_row_sweep(scores, scale, v, log_r, log_r_const, log_c, log_c_const,
                        v_next, u_out, plan):
     """The row step with column potentials v (K,), and the log column sums of its plan."""
     b, k = scores.shape
-    acc = _ACCUMULATOR.get(l_out.dtype, tl.float32)
+    acc = accumulator(l_out.dtype)
     block_k, rows, num_warps, per_sm = sweep_config(k)
     programs = _programs(scores, rows, per_sm)
     part = torch.empty((programs, k), dtype=l_out.dtype, device=scores.device)
     plan_strides = plan.stride() if plan is not None else (0, 0)
-    _row_sweep_kernel[(programs,)](
-        scores, v, log_r if log_r is not None else v, u_out if u_out is not None else v,
-        plan if plan is not None else scores, part, b, k, *scores.stride(), *plan_strides, scale,
-        log_r_const, ACC=acc, HAS_LOG_R=log_r is not None, WRITE_U=u_out is not None,
+    _launch_row_sweep(
+        (programs,), scores, v, log_r if log_r is not None else v,
+        u_out if u_out is not None else v, plan if plan is not None else scores, part, b, k,
+        *scores.stride(), *plan_strides, scale, log_r_const, ACC=acc, HAS_LOG_R=log_r is not None, WRITE_U=u_out is not None,
         WRITE_PLAN=plan is not None, ROWS=rows, BLOCK_K=block_k, RESIDENT=k <= _RESIDENT_COLUMNS,
         num_warps=num_warps)
     _finish(part, None, v, log_c, log_c_const, l_out, v_next)

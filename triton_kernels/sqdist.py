@@ -5,52 +5,64 @@ so x and y are read once per tile and the (N, M) output is written once.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_ACCUMULATOR = {torch.float64: tl.float64}
-# Triton's interpreter (3.8) returns garbage from tl.dot on bfloat16 operands (float16 is right);
-# there the operands go through float32 instead, which gives the same exact products.
-_UPCAST_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
-    if UPCAST_BF16 and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    # input_precision only applies to float32 operands; half types and float64 have one mode.
-    # out_dtype: float64 products must accumulate in float64 (the default is float32).
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-    return tl.dot(a, b, acc, out_dtype=acc.dtype)
-
-
-@triton.jit
-def _tile_coordinates(pid, tiles_0, tiles_1, GROUP: tl.constexpr):
-    """Batch and 2-D tile of program `pid`, GROUP row tiles at a time so that neighbouring
-    programs share their column tiles in L2."""
-    per_batch = tiles_0 * tiles_1
-    batch = pid // per_batch
-    t = pid % per_batch
-    per_group = GROUP * tiles_1
-    first = (t // per_group) * GROUP
-    group_rows = tl.minimum(tiles_0 - first, GROUP)
-    return batch.to(tl.int64), first + (t % per_group) % group_rows, (t % per_group) // group_rows
-
+from .._numerics import DIRECT_DEPTH
+from ._common import (UPCAST_BF16, accumulator, block, cdiv, dot, fitted_config, launcher,
+                      per_distinct_element, split_operands, tile_coordinates)
 
 @triton.jit
 def _sqdist_kernel(X, Y, X_LO, Y_LO, OUT, N, M, D, tiles_n, tiles_m,
                    sx_b, sx_n, sx_d, sy_b, sy_m, sy_d, so_b, so_n, so_m,
                    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
-                   SPLIT: tl.constexpr, STREAM_STORES: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
-    """SPLIT: X, Y hold the TF32 high parts and X_LO, Y_LO the rest (3xTF32 from shared memory)."""
-    b, tile_n, tile_m = _tile_coordinates(tl.program_id(0), tiles_n, tiles_m, GROUP)
+                   SPLIT: tl.constexpr, STREAM_STORES: tl.constexpr, DIRECT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """SPLIT: X, Y hold the TF32 high parts and X_LO, Y_LO the rest (3xTF32 from shared memory).
+    DIRECT: sum((x - y)^2) on the CUDA cores, for shallow rows (protokernels/_numerics.py)."""
+    b, tile_n, tile_m = tile_coordinates(tl.program_id(0), tiles_n, tiles_m, GROUP)
     rows_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if DIRECT:
+        dist = _direct_tile(X, Y, b, rows_n, rows_m, N, M, D, sx_b, sx_n, sx_d, sy_b, sy_m, sy_d,
+                            ACC, BLOCK_N, BLOCK_M)
+    else:
+        dist = _expanded_tile(X, Y, X_LO, Y_LO, b, rows_n, rows_m, N, M, D, sx_b, sx_n, sx_d,
+                              sy_b, sy_m, sy_d, ACC, PRECISION, UPCAST_BF16, SPLIT, BLOCK_N,
+                              BLOCK_M, BLOCK_D)
+    out_ptrs = (OUT + b * so_b + rows_n.to(tl.int64)[:, None] * so_n
+                + rows_m.to(tl.int64)[None, :] * so_m)
+    mask = (rows_n[:, None] < N) & (rows_m[None, :] < M)
+    if STREAM_STORES:  # the (N, M) output is not read again: keep x and y tiles in L2 instead
+        tl.store(out_ptrs, dist.to(OUT.dtype.element_ty), mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(out_ptrs, dist.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _direct_tile(X, Y, b, rows_n, rows_m, N, M, D, sx_b, sx_n, sx_d, sy_b, sy_m, sy_d,
+                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """sum_d (x_nd - y_md)^2 for a tile, in the accumulate type: no cancellation."""
+    x_rows = X + b * sx_b + rows_n.to(tl.int64) * sx_n
+    y_rows = Y + b * sy_b + rows_m.to(tl.int64) * sy_m
+    dist = tl.zeros((BLOCK_N, BLOCK_M), ACC)
+    for d in range(0, D):
+        xv = tl.load(x_rows + d * sx_d, mask=rows_n < N, other=0.0).to(ACC)
+        yv = tl.load(y_rows + d * sy_d, mask=rows_m < M, other=0.0).to(ACC)
+        diff = xv[:, None] - yv[None, :]
+        dist += diff * diff
+    return dist
+
+
+@triton.jit
+def _expanded_tile(X, Y, X_LO, Y_LO, b, rows_n, rows_m, N, M, D, sx_b, sx_n, sx_d, sy_b, sy_m,
+                   sy_d, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """||x||^2 + ||y||^2 - 2 x.y for a tile (x.y on tensor cores, the norms from the same loaded
+    tiles), clamped at 0."""
     cols = tl.arange(0, BLOCK_D)
     # 64-bit offsets: B*N*D, B*M*D and B*N*M may each pass 2**31, and so may column * stride of
     # a transposed input.
@@ -65,14 +77,14 @@ def _sqdist_kernel(X, Y, X_LO, Y_LO, OUT, N, M, D, tiles_n, tiles_m,
         y_mask = (rows_m[:, None] < M) & in_d
         x = tl.load(X + x_offsets, mask=x_mask, other=0.0)
         y = tl.load(Y + y_offsets, mask=y_mask, other=0.0)
-        acc = _dot(x, tl.trans(y), acc, PRECISION, UPCAST_BF16)
+        acc = dot(x, tl.trans(y), acc, PRECISION, UPCAST_BF16)
         xa = x.to(ACC)
         ya = y.to(ACC)
         if SPLIT:  # hi.lo^T + lo.hi^T; lo.lo^T is below float32 rounding
             x_lo = tl.load(X_LO + x_offsets, mask=x_mask, other=0.0)
             y_lo = tl.load(Y_LO + y_offsets, mask=y_mask, other=0.0)
-            acc = _dot(x, tl.trans(y_lo), acc, PRECISION, UPCAST_BF16)
-            acc = _dot(x_lo, tl.trans(y), acc, PRECISION, UPCAST_BF16)
+            acc = dot(x, tl.trans(y_lo), acc, PRECISION, UPCAST_BF16)
+            acc = dot(x_lo, tl.trans(y), acc, PRECISION, UPCAST_BF16)
             xa += x_lo
             ya += y_lo
         x_norm += tl.sum(xa * xa, 1)
@@ -80,14 +92,7 @@ def _sqdist_kernel(X, Y, X_LO, Y_LO, OUT, N, M, D, tiles_n, tiles_m,
         x_offsets += BLOCK_D * sx_d
         y_offsets += BLOCK_D * sy_d
     dist = x_norm[:, None] + y_norm[None, :] - 2.0 * acc
-    dist = tl.where(dist < 0.0, 0.0, dist)  # keeps NaN, unlike tl.maximum
-    out_ptrs = (OUT + b * so_b + rows_n.to(tl.int64)[:, None] * so_n
-                + rows_m.to(tl.int64)[None, :] * so_m)
-    mask = (rows_n[:, None] < N) & (rows_m[None, :] < M)
-    if STREAM_STORES:  # the (N, M) output is not read again: keep x and y tiles in L2 instead
-        tl.store(out_ptrs, dist.to(OUT.dtype.element_ty), mask=mask, cache_modifier=".cs")
-    else:
-        tl.store(out_ptrs, dist.to(OUT.dtype.element_ty), mask=mask)
+    return tl.where(dist < 0.0, 0.0, dist)  # keeps NaN, unlike tl.maximum
 
 
 @triton.jit
@@ -98,7 +103,7 @@ def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
                         GROUP: tl.constexpr):
     """3xTF32 here is Triton's own: pre-splitting B and splitting G in registers measured no
     faster (2.74 vs 2.65 ms fwd+bwd "highest"), gy's transposed G dominates either way."""
-    b, tile_r, tile_d = _tile_coordinates(tl.program_id(0), tiles_r, tiles_d, GROUP)
+    b, tile_r, tile_d = tile_coordinates(tl.program_id(0), tiles_r, tiles_d, GROUP)
     rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
     inner = tl.arange(0, BLOCK_S)
@@ -111,7 +116,7 @@ def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
         in_s = (s0 + inner) < S
         g = tl.load(g_ptrs, mask=(rows[:, None] < R) & in_s[None, :], other=0.0)
         bt = tl.load(b_ptrs, mask=in_s[:, None] & (cols[None, :] < D), other=0.0)
-        acc = _dot(g.to(B.dtype.element_ty), bt, acc, PRECISION, UPCAST_BF16)
+        acc = dot(g.to(B.dtype.element_ty), bt, acc, PRECISION, UPCAST_BF16)
         row_sum += tl.sum(g.to(ACC), 1)
         g_ptrs += BLOCK_S * sg_s
         b_ptrs += BLOCK_S * sb_s
@@ -121,47 +126,6 @@ def _sqdist_grad_kernel(G, A, B, OUT, R, S, D, tiles_r, tiles_d,
     grad = 2.0 * (row_sum[:, None] * a.to(ACC) - acc)
     tl.store(OUT + b * so_b + rows64[:, None] * so_r + cols64[None, :] * so_d,
              grad.to(OUT.dtype.element_ty), mask=mask)
-
-
-# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
-# constexpr functions whose host calls cost ~5.5 us each (measured), ten of them per nearest call.
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 0 if n <= 0 else 1 << (n - 1).bit_length()
-
-
-def _block(extent: int, largest: int) -> int:
-    """Power-of-two block for `extent`, at least 16 (tl.dot's minimum) and at most `largest`."""
-    return max(16, min(largest, next_power_of_2(extent)))
-
-
-def _per_distinct_element(function, t: torch.Tensor):
-    """Apply an elementwise `function` (tensor -> tensors) once per distinct element of t: a
-    broadcast (stride-0) dimension stays broadcast instead of being materialized, which for x (N, D)
-    against y (B, M, D) would cost B copies of x."""
-    distinct = t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
-    return tuple(part.expand(t.shape) for part in function(distinct))
-
-
-def _split_tf32(t: torch.Tensor):
-    """t = hi + lo exactly, hi with TF32's 10 mantissa bits (truncated), lo the remainder."""
-    def split(u):
-        hi = (u.view(torch.int32) & -8192).view(torch.float32)
-        return hi, u - hi
-    return _per_distinct_element(split, t)
-
-
-def split_operands(x: torch.Tensor, y: torch.Tensor, precision: str):
-    """(split, kernel precision, (x, x_lo), (y, y_lo)): for float32 "tf32x3" the operands are
-    split once here into TF32 hi/lo parts and the kernel runs three "tf32" products; otherwise
-    x_lo, y_lo are unused stand-ins. Splitting per tile in the kernel (Triton's own tf32x3) writes
-    B's low part back to shared memory: 0.81 ms against 0.58 for sqdist at the spec size."""
-    if precision == "tf32x3" and x.dtype == torch.float32:
-        return True, "tf32", _split_tf32(x), _split_tf32(y)
-    return False, precision, (x, x), (y, y)
 
 
 # Launch configs by operand type, the fastest of scripts/tune_triton.py on the H100 at the spec's
@@ -200,14 +164,8 @@ for _transpose in (False, True):
                                             num_stages=2, TRANSPOSE_B=False)
 
 
-def fitted_config(table: dict, dtype: torch.dtype, precision: str, **extents: int) -> dict:
-    """table's launch config for dtype (its "tf32x3" entry for split float32), with each block
-    named in `extents` (e.g. BLOCK_N=n) shrunk to fit its extent in small problems."""
-    split = dtype == torch.float32 and precision == "tf32x3"
-    config = dict(table["tf32x3" if split else dtype])
-    for block, extent in extents.items():
-        config[block] = _block(extent, config[block])
-    return config
+_launch_sqdist = launcher(_sqdist_kernel)
+_launch_sqdist_grad = launcher(_sqdist_grad_kernel)
 
 
 def forward_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -> dict:
@@ -218,9 +176,9 @@ def forward_config(n: int, m: int, d: int, dtype: torch.dtype, precision: str) -
 def grad_config(r: int, s: int, d: int, dtype: torch.dtype, transpose: bool) -> dict:
     """The gradient kernel's launch config, its tiles shrunk to fit small problems."""
     config = dict(_GRAD[dtype, transpose])
-    config["BLOCK_R"] = _block(r, config["BLOCK_R"])
-    config["BLOCK_S"] = _block(s, config["BLOCK_S"])
-    config["BLOCK_D"] = _block(d, config["BLOCK_D"])
+    config["BLOCK_R"] = block(r, config["BLOCK_R"])
+    config["BLOCK_S"] = block(s, config["BLOCK_S"])
+    config["BLOCK_D"] = block(d, config["BLOCK_D"])
     return config
 
 
@@ -233,11 +191,12 @@ def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str, config: dict | None
     config = config or forward_config(n, m, d, x.dtype, precision)
     tiles_n = cdiv(n, config["BLOCK_N"])
     tiles_m = cdiv(m, config["BLOCK_M"])
-    split, precision, (x, x_lo), (y, y_lo) = split_operands(x, y, precision)
-    _sqdist_kernel[(batch * tiles_n * tiles_m,)](
-        x, y, x_lo, y_lo, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(),
-        *out.stride(), ACC=_ACCUMULATOR.get(x.dtype, tl.float32), PRECISION=precision,
-        UPCAST_BF16=_UPCAST_BF16, SPLIT=split, GROUP=8, **config)
+    direct = d <= DIRECT_DEPTH
+    split, precision, (x, x_lo), (y, y_lo) = split_operands(x, y, "ieee" if direct else precision)
+    _launch_sqdist((batch * tiles_n * tiles_m,),
+                   x, y, x_lo, y_lo, out, n, m, d, tiles_n, tiles_m, *x.stride(), *y.stride(),
+                   *out.stride(), ACC=accumulator(x.dtype), PRECISION=precision,
+                   UPCAST_BF16=UPCAST_BF16, SPLIT=split, DIRECT=direct, GROUP=8, **config)
     return out
 
 
@@ -253,10 +212,10 @@ def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose:
     if config.pop("TRANSPOSE_B"):
         # A (S, D)-sized copy with S contiguous: the product's B operand is then K-major, which
         # float32 wgmma requires (half types can transpose in shared memory).
-        (b,) = _per_distinct_element(lambda u: (u.mT.contiguous().mT,), b)
+        (b,) = per_distinct_element(lambda u: (u.mT.contiguous().mT,), b)
     tiles_r, tiles_d = cdiv(r, config["BLOCK_R"]), cdiv(d, config["BLOCK_D"])
-    _sqdist_grad_kernel[(batch * tiles_r * tiles_d,)](
-        g, a, b, out, r, s, d, tiles_r, tiles_d, *g.stride(), *a.stride(), *b.stride(),
-        *out.stride(), ACC=_ACCUMULATOR.get(a.dtype, tl.float32), PRECISION=precision,
-        UPCAST_BF16=_UPCAST_BF16, GROUP=8, **config)
+    _launch_sqdist_grad(
+        (batch * tiles_r * tiles_d,), g, a, b, out, r, s, d, tiles_r, tiles_d, *g.stride(),
+        *a.stride(), *b.stride(), *out.stride(), ACC=accumulator(a.dtype), PRECISION=precision,
+        UPCAST_BF16=UPCAST_BF16, GROUP=8, **config)
     return out

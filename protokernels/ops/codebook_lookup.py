@@ -11,15 +11,18 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
+from ._registry import custom_op
+
+_LOOKUP = _backend.Implementations("codebook_lookup", "codebook_lookup")
 
 
-@torch.library.custom_op("protokernels::codebook_lookup", mutates_args=())
+@custom_op("codebook_lookup")
 def _codebook_lookup(idx: Tensor, codebooks: Tensor, deterministic: bool, backend: str) -> Tensor:
     """idx (N, G) int64, codebooks (G, K, Dg) -> (N, G*Dg). `deterministic` is the backward's."""
     groups, _, depth = codebooks.shape
     out = codebooks.new_empty((idx.shape[0], groups * depth))
     if out.numel() > 0:
-        _backend.kernel(backend, "codebook_lookup", "codebook_lookup")(idx, codebooks, out)
+        _LOOKUP[backend](idx, codebooks, out)
     return out
 
 
@@ -36,8 +39,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (idx,) = ctx.saved_tensors
-    sums, _ = torch.ops.protokernels.codebook_stats(grad, idx, ctx.size, ctx.deterministic,
-                                                    ctx.backend)
+    from .codebook_stats import _codebook_stats  # each op's backward is the other op
+
+    sums, _ = _codebook_stats(grad, idx, ctx.size, ctx.deterministic, ctx.backend)
     return None, sums.to(ctx.dtype), None, None
 
 
@@ -66,5 +70,6 @@ def lookup_checked_indices(idx: Tensor, codebooks: Tensor, deterministic: bool |
     dw_nearest's), without the range check's device sync (0.25 ms per VQ step on the H100)."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = _backend.resolve("codebook_lookup", codebooks.device)
-    return torch.ops.protokernels.codebook_lookup(idx, codebooks, bool(deterministic), backend)
+    backend = _backend.resolve("codebook_lookup", codebooks.device, codebooks.dtype,
+                               n=idx.shape[0], batch=codebooks.shape[0], d=codebooks.shape[2])
+    return _codebook_lookup(idx, codebooks, bool(deterministic), backend)

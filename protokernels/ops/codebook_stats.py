@@ -12,15 +12,19 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
-from .nearest import _dist_dtype
+from .._numerics import accumulate_dtype
+from ._registry import custom_op
+from .codebook_lookup import _codebook_lookup
+
+_STATS = _backend.Implementations("codebook_stats", "codebook_stats")
 
 
 def _new_stats(x: Tensor, groups: int, size: int, depth: int) -> tuple[Tensor, Tensor]:
-    return (x.new_empty((groups, size, depth), dtype=_dist_dtype(x)),
+    return (x.new_empty((groups, size, depth), dtype=accumulate_dtype(x.dtype)),
             x.new_empty((groups, size), dtype=torch.int64))
 
 
-@torch.library.custom_op("protokernels::codebook_stats", mutates_args=())
+@custom_op("codebook_stats")
 def _codebook_stats(x: Tensor, idx: Tensor, size: int, deterministic: bool,
                     backend: str) -> tuple[Tensor, Tensor]:
     """x (N, G*Dg), idx (N, G) int64 -> sums (G, K, Dg) float32/float64, counts (G, K) int64.
@@ -30,8 +34,7 @@ def _codebook_stats(x: Tensor, idx: Tensor, size: int, deterministic: bool,
     if x.shape[0] == 0 or groups * size == 0:
         sums, counts = _new_stats(x, groups, size, depth)
         return sums.zero_(), counts.zero_()
-    return _backend.kernel(backend, "codebook_stats", "codebook_stats")(x, idx, size,
-                                                                        deterministic)
+    return _STATS[backend](x, idx, size, deterministic)
 
 
 @_codebook_stats.register_fake
@@ -49,7 +52,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_sums, _grad_counts):
     (idx,) = ctx.saved_tensors
-    grad_x = torch.ops.protokernels.codebook_lookup(idx, grad_sums, ctx.deterministic, ctx.backend)
+    grad_x = _codebook_lookup(idx, grad_sums, ctx.deterministic, ctx.backend)
     return grad_x.to(ctx.dtype), None, None, None, None
 
 
@@ -95,7 +98,7 @@ def stats_of_checked_indices(x: Tensor, idx: Tensor, size: int,
     in range: e.g. dw_nearest's), without the range check's device sync."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = _backend.resolve("codebook_stats", x.device)
-    sums, counts = torch.ops.protokernels.codebook_stats(x, idx, size, bool(deterministic),
-                                                         backend)
+    backend = _backend.resolve("codebook_stats", x.device, x.dtype, n=x.shape[0],
+                               m=size, batch=idx.shape[1])
+    sums, counts = _codebook_stats(x, idx, size, bool(deterministic), backend)
     return counts, sums

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
-from .nearest import _dist_dtype
+from ._registry import custom_op
+from .nearest import _NEAREST, new_results, pair_grads
 
 
 def _grouped(x: Tensor, groups: int, depth: int) -> Tensor:
@@ -22,24 +23,21 @@ def _grouped(x: Tensor, groups: int, depth: int) -> Tensor:
     return x.unflatten(1, (groups, depth)).transpose(0, 1)
 
 
-@torch.library.custom_op("protokernels::dw_nearest", mutates_args=())
+@custom_op("dw_nearest")
 def _dw_nearest(x: Tensor, codebooks: Tensor, precision: str,
                 backend: str) -> tuple[Tensor, Tensor]:
     """x (N, G*Dg), codebooks (G, K >= 1, Dg) -> dist, idx (N, G)."""
-    n = x.shape[0]
     groups, _, depth = codebooks.shape
-    if n * groups == 0:
-        return (x.new_empty((n, groups), dtype=_dist_dtype(x)),
-                x.new_empty((n, groups), dtype=torch.int64))
-    search = _backend.kernel(backend, "nearest", "nearest")
-    dist, idx = search(_grouped(x, groups, depth), codebooks, None, 1, precision)
-    return dist[..., 0].t().contiguous(), idx[..., 0].t().contiguous()
+    dist, idx = new_results(x, (x.shape[0], groups))
+    if dist.numel() > 0:  # nearest's kernels fill the (G, N, 1) views of the (N, G) results
+        _NEAREST[backend](_grouped(x, groups, depth), codebooks, None, 1, precision,
+                          dist.t()[..., None], idx.t()[..., None])
+    return dist, idx
 
 
 @_dw_nearest.register_fake
 def _(x, codebooks, precision, backend):
-    shape = (x.shape[0], codebooks.shape[0])
-    return x.new_empty(shape, dtype=_dist_dtype(x)), x.new_empty(shape, dtype=torch.int64)
+    return new_results(x, (x.shape[0], codebooks.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -51,9 +49,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_dist, _grad_idx):
     x, codebooks, idx = ctx.saved_tensors
     groups, _, depth = codebooks.shape
-    grad_x, grad_codebooks = torch.ops.protokernels.gather_sqdist_grad(
-        grad_dist.t().contiguous()[..., None], _grouped(x, groups, depth), codebooks,
-        idx.t().contiguous()[..., None], ctx.backend)
+    grad_x, grad_codebooks = pair_grads(grad_dist.t()[..., None], _grouped(x, groups, depth),
+                                        codebooks, idx.t()[..., None], ctx.backend)
     return grad_x.transpose(0, 1).reshape(x.shape), grad_codebooks, None, None
 
 
@@ -68,17 +65,19 @@ def dw_nearest(x: Tensor, codebooks: Tensor, *,
     the code of codebooks[g] nearest to x[..., g*Dg:(g+1)*Dg] and dist[..., g] its squared
     Euclidean distance (float32; float64 for float64 input), computed exactly for the winner.
     G = 1 is plain VQ. All groups are searched in one launch, without an (N, G, K) distance
-    tensor. Ties go to the smaller index; a NaN slice gets a NaN distance (it ranks first, like
-    torch.argmin). `precision` as in sqdist: it sets how codes are ranked. dist is differentiable
-    w.r.t. x and codebooks; the gradient reaches only the winning codes.
+    tensor. Ranking as in `nearest`: ties go to the smaller index, a NaN slice gets a NaN distance
+    (it ranks first, like torch.argmin), a code with an infinite entry ranks after every finite
+    one. `precision` as in sqdist: it sets how codes are ranked. dist is differentiable w.r.t. x
+    and codebooks; the gradient reaches only the winning codes.
     """
     op = "dw_nearest"
     _validate.floating(op, x=x, codebooks=codebooks)
-    groups, _, depth = _validate.codebooks(op, codebooks)
+    groups, size, depth = _validate.codebooks(op, codebooks)
     _validate.grouped_features(op, x, groups, depth)
-    backend = _backend.resolve(op, x.device)
+    flat = _validate.rows_of(x)
     precision = _backend.resolve_precision(op, precision, x.dtype)
-    dist, idx = torch.ops.protokernels.dw_nearest(_validate.rows_of(x), codebooks,
-                                                  precision, backend)
+    backend = _backend.resolve(op, x.device, x.dtype, precision, rows=size, n=flat.shape[0],
+                               m=size, d=depth, batch=groups)
+    dist, idx = _dw_nearest(flat, codebooks, precision, backend)
     shape = x.shape[:-1] + (groups,)
     return dist.view(shape), idx.view(shape)

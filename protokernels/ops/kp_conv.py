@@ -14,6 +14,11 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
+from ._registry import custom_op
+
+_FORWARD = _backend.Implementations("kp_conv", "kp_conv2d")
+_GRAD_INPUT = _backend.Implementations("kp_conv", "kp_conv2d_grad_input")
+_GRAD_WEIGHT = _backend.Implementations("kp_conv", "kp_conv2d_grad_weight")
 
 
 def _output_size(size, kernel, stride, padding, dilation) -> list[int]:
@@ -35,7 +40,7 @@ def _new_output(x: Tensor, w: Tensor, stride, padding, dilation) -> Tensor:
     return _new_like(x, [x.shape[0], w.shape[0], *spatial])
 
 
-@torch.library.custom_op("protokernels::kp_conv2d", mutates_args=())
+@custom_op("kp_conv2d")
 def _kp_conv2d(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
                precision: str, backend: str) -> Tensor:
     """x (B, C, H, W), w (P, C, kh, kw) -> (B, P, Ho, Wo)."""
@@ -44,8 +49,7 @@ def _kp_conv2d(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dila
         return out
     if x.shape[1] == 0:  # no features: every distance is 0
         return out.zero_()
-    _backend.kernel(backend, "kp_conv", "kp_conv2d")(x, w, stride, padding, dilation, precision,
-                                                     out)
+    _FORWARD[backend](x, w, stride, padding, dilation, precision, out)
     return out
 
 
@@ -54,9 +58,10 @@ def _(x, w, stride, padding, dilation, precision, backend):
     return _new_output(x, w, stride, padding, dilation)
 
 
-def _define_gradient(name: str, of_weight: bool) -> None:
-    """protokernels::<name>(grad, x, w, stride, padding, dilation, precision, backend): the
+def _define_gradient(implementations: _backend.Implementations, of_weight: bool):
+    """protokernels::<function>(grad, x, w, stride, padding, dilation, precision, backend): the
     gradient of kp_conv2d w.r.t. x, or w if `of_weight`, laid out like that argument."""
+
     def fake(grad: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int],
              dilation: list[int], precision: str, backend: str) -> Tensor:
         like = w if of_weight else x
@@ -69,15 +74,16 @@ def _define_gradient(name: str, of_weight: bool) -> None:
             return out
         if grad.numel() == 0:
             return out.zero_()
-        _backend.kernel(backend, "kp_conv", name)(grad, x, w, stride, padding, dilation,
-                                                  precision, out)
+        implementations[backend](grad, x, w, stride, padding, dilation, precision, out)
         return out
 
-    torch.library.custom_op(f"protokernels::{name}", gradient, mutates_args=()).register_fake(fake)
+    op = custom_op(implementations.function)(gradient)
+    op.register_fake(fake)
+    return op
 
 
-_define_gradient("kp_conv2d_grad_input", of_weight=False)
-_define_gradient("kp_conv2d_grad_weight", of_weight=True)
+_grad_input = _define_gradient(_GRAD_INPUT, of_weight=False)
+_grad_weight = _define_gradient(_GRAD_WEIGHT, of_weight=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,9 +95,9 @@ def _backward(ctx, grad):
     x, w = ctx.saved_tensors
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.protokernels.kp_conv2d_grad_input(grad, x, w, *ctx.arguments)
+        grad_x = _grad_input(grad, x, w, *ctx.arguments)
     if ctx.needs_input_grad[1]:
-        grad_w = torch.ops.protokernels.kp_conv2d_grad_weight(grad, x, w, *ctx.arguments)
+        grad_w = _grad_weight(grad, x, w, *ctx.arguments)
     return grad_x, grad_w, None, None, None, None, None
 
 
@@ -102,16 +108,18 @@ def _kp_conv(op: str, spatial: int, layout: str, x, w, stride, padding, dilation
     _validate.floating(op, x=x, w=w)
     stride, padding, dilation = _validate.conv_windows(op, x, w, stride, padding, dilation,
                                                        spatial, layout)
-    backend = _backend.resolve(op, x.device)
     precision = _backend.resolve_precision(op, precision, x.dtype)
+    backend = _backend.resolve(op, x.device, x.dtype, precision, batch=x.shape[0] if x.dim() >
+                               spatial + 1 else 1, c=x.shape[-spatial - 1], p=w.shape[0],
+                               pixels=x.shape[-1] * (x.shape[-2] if spatial == 2 else 1),
+                               taps=w.shape[-1] * (w.shape[-2] if spatial == 2 else 1))
     unbatched = x.dim() == spatial + 1
     if unbatched:
         x = x.unsqueeze(0)
     if spatial == 1:  # a 1-D convolution is a 2-D one over a height-1 image
         x, w = x.unsqueeze(2), w.unsqueeze(2)
         stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
-    out = torch.ops.protokernels.kp_conv2d(x, w, list(stride), list(padding), list(dilation),
-                                           precision, backend)
+    out = _kp_conv2d(x, w, list(stride), list(padding), list(dilation), precision, backend)
     if spatial == 1:
         out = out.squeeze(2)
     return out.squeeze(0) if unbatched else out

@@ -13,21 +13,29 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
+from .._numerics import accumulate_dtype
+from ._registry import custom_op
 
 MAX_K = 64
+_NEAREST = _backend.Implementations("nearest", "nearest")
+_BY_LABEL = _backend.Implementations("nearest", "nearest_by_label")
+_BOTH = _backend.Implementations("nearest", "nearest_both")
+_GATHER_GRAD = _backend.Implementations("nearest", "gather_sqdist_grad")
 
 
-def _dist_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def new_results(x: Tensor, shape) -> tuple[Tensor, Tensor]:
+    """The (dist, idx) outputs every backend fills: distances in the accumulate dtype."""
+    return (x.new_empty(shape, dtype=accumulate_dtype(x.dtype)),
+            x.new_empty(shape, dtype=torch.int64))
 
 
-@torch.library.custom_op("protokernels::gather_sqdist_grad", mutates_args=())
+@custom_op("gather_sqdist_grad")
 def _gather_sqdist_grad(grad: Tensor, a: Tensor, b: Tensor, idx: Tensor,
                         backend: str) -> tuple[Tensor, Tensor]:
     """Gradient of dist (B, R, S) = ||a_r - b_idx[r,s]||^2 w.r.t. a (B, R, D) and b (B, T, D)."""
     if a.numel() == 0 or b.numel() == 0:
         return a.new_zeros(a.shape), b.new_zeros(b.shape)
-    return _backend.kernel(backend, "nearest", "gather_sqdist_grad")(grad, a, b, idx)
+    return _GATHER_GRAD[backend](grad, a, b, idx)
 
 
 @_gather_sqdist_grad.register_fake
@@ -35,26 +43,24 @@ def _(grad, a, b, idx, backend):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
-def _pair_grads(grad, a, b, idx, backend):
+def pair_grads(grad, a, b, idx, backend):
     """(ga, gb) for dist = ||a_r - b_idx||^2 with grad and idx (B, R, S)."""
-    return torch.ops.protokernels.gather_sqdist_grad(grad.contiguous(), a, b, idx, backend)
+    return _gather_sqdist_grad(grad.contiguous(), a, b, idx.contiguous(), backend)
 
 
-@torch.library.custom_op("protokernels::nearest", mutates_args=())
+@custom_op("nearest")
 def _nearest(x: Tensor, y: Tensor, exclude: Optional[Tensor], k: int, precision: str,
              backend: str) -> tuple[Tensor, Tensor]:
     """x (B, N, D), y (B, M >= 1, D), exclude (B, N) or None -> dist, idx (B, N, k) ascending."""
-    batch, n, _ = x.shape
-    if batch * n == 0:
-        return (x.new_empty((batch, n, k), dtype=_dist_dtype(x)),
-                x.new_empty((batch, n, k), dtype=torch.int64))
-    return _backend.kernel(backend, "nearest", "nearest")(x, y, exclude, k, precision)
+    dist, idx = new_results(x, (x.shape[0], x.shape[1], k))
+    if dist.numel() > 0:
+        _NEAREST[backend](x, y, exclude, k, precision, dist, idx)
+    return dist, idx
 
 
 @_nearest.register_fake
 def _(x, y, exclude, k, precision, backend):
-    shape = (x.shape[0], x.shape[1], k)
-    return x.new_empty(shape, dtype=_dist_dtype(x)), x.new_empty(shape, dtype=torch.int64)
+    return new_results(x, (x.shape[0], x.shape[1], k))
 
 
 def _setup_rows(ctx, inputs, output):
@@ -66,53 +72,48 @@ def _setup_rows(ctx, inputs, output):
 
 def _backward_rows(ctx, grad_dist, _grad_idx):
     x, y, idx = ctx.saved_tensors
-    grad_x, grad_y = _pair_grads(grad_dist, x, y, idx, ctx.backend)
+    grad_x, grad_y = pair_grads(grad_dist, x, y, idx, ctx.backend)
     return grad_x, grad_y, *([None] * (len(ctx.needs_input_grad) - 2))
 
 
 _nearest.register_autograd(_backward_rows, setup_context=_setup_rows)
 
 
-@torch.library.custom_op("protokernels::nearest_by_label", mutates_args=())
+@custom_op("nearest_by_label")
 def _nearest_by_label(x: Tensor, y: Tensor, x_labels: Tensor, y_labels: Tensor, precision: str,
                       backend: str) -> tuple[Tensor, Tensor]:
     """-> dist, idx (B, N, 2): slot 0 the nearest y of x's label, slot 1 of any other label."""
-    batch, n, _ = x.shape
-    if batch * n == 0:
-        return (x.new_empty((batch, n, 2), dtype=_dist_dtype(x)),
-                x.new_empty((batch, n, 2), dtype=torch.int64))
-    return _backend.kernel(backend, "nearest", "nearest_by_label")(x, x_labels, y, y_labels,
-                                                                    precision)
+    dist, idx = new_results(x, (x.shape[0], x.shape[1], 2))
+    if dist.numel() > 0:
+        _BY_LABEL[backend](x, x_labels, y, y_labels, precision, dist, idx)
+    return dist, idx
 
 
 @_nearest_by_label.register_fake
 def _(x, y, x_labels, y_labels, precision, backend):
-    shape = (x.shape[0], x.shape[1], 2)
-    return x.new_empty(shape, dtype=_dist_dtype(x)), x.new_empty(shape, dtype=torch.int64)
+    return new_results(x, (x.shape[0], x.shape[1], 2))
 
 
 _nearest_by_label.register_autograd(_backward_rows, setup_context=_setup_rows)
 
 
-@torch.library.custom_op("protokernels::nearest_both", mutates_args=())
+def _both_results(x: Tensor, y: Tensor):
+    return (*new_results(x, (x.shape[0], x.shape[1])), *new_results(x, (x.shape[0], y.shape[1])))
+
+
+@custom_op("nearest_both")
 def _nearest_both(x: Tensor, y: Tensor, precision: str,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> row_dist, row_idx (B, N): nearest y per x; col_dist, col_idx (B, M): nearest x per y."""
-    batch, n, _ = x.shape
-    m = y.shape[1]
-    if batch * n * m == 0:
-        dist = _dist_dtype(x)
-        return (x.new_empty((batch, n), dtype=dist), x.new_empty((batch, n), dtype=torch.int64),
-                x.new_empty((batch, m), dtype=dist), x.new_empty((batch, m), dtype=torch.int64))
-    return _backend.kernel(backend, "nearest", "nearest_both")(x, y, precision)
+    results = _both_results(x, y)
+    if x.shape[0] * x.shape[1] * y.shape[1] > 0:
+        _BOTH[backend](x, y, precision, *results)
+    return results
 
 
 @_nearest_both.register_fake
 def _(x, y, precision, backend):
-    rows, cols = (x.shape[0], x.shape[1]), (x.shape[0], y.shape[1])
-    dist = _dist_dtype(x)
-    return (x.new_empty(rows, dtype=dist), x.new_empty(rows, dtype=torch.int64),
-            x.new_empty(cols, dtype=dist), x.new_empty(cols, dtype=torch.int64))
+    return _both_results(x, y)
 
 
 def _setup_both(ctx, inputs, output):
@@ -123,32 +124,40 @@ def _setup_both(ctx, inputs, output):
 
 def _backward_both(ctx, grad_row, _grad_row_idx, grad_col, _grad_col_idx):
     x, y, row_idx, col_idx = ctx.saved_tensors
-    grad_x, grad_y = _pair_grads(grad_row[..., None], x, y, row_idx[..., None], ctx.backend)
-    grad_y_col, grad_x_col = _pair_grads(grad_col[..., None], y, x, col_idx[..., None],
-                                         ctx.backend)
+    grad_x, grad_y = pair_grads(grad_row[..., None], x, y, row_idx[..., None], ctx.backend)
+    grad_y_col, grad_x_col = pair_grads(grad_col[..., None], y, x, col_idx[..., None],
+                                        ctx.backend)
     return grad_x + grad_x_col, grad_y + grad_y_col, None, None
 
 
 _nearest_both.register_autograd(_backward_both, setup_context=_setup_both)
 
 
-def _prepare(op: str, x: Tensor, y: Tensor, precision: str | None):
-    """Validate x and y, broadcast the batch; (batch, x3, y3, precision, backend)."""
+def _rows(op: str, x: Tensor, y: Tensor):
+    """Validate x and y and broadcast the batch: (batch, x3, y3)."""
     _validate.floating(op, x=x, y=y)
     batch, x3, y3 = _validate.batched_rows(op, x, y)
     if y3.shape[1] == 0 and x3.shape[0] * x3.shape[1] > 0:
         raise ValueError(f"{op}: 'y' has no rows (M = 0), so there is no nearest row; got y "
                          f"{tuple(y.shape)}")
-    backend = _backend.resolve(op, x.device)
-    return batch, x3, y3, _backend.resolve_precision(op, precision, x.dtype), backend
+    return batch, x3, y3
+
+
+def _choose(op: str, x3: Tensor, y3: Tensor, precision: str | None, k: int = 1, both=False):
+    """(precision, backend) for a search of x3 (B, N, D) against y3 (B, M, D)."""
+    n, m = x3.shape[1], y3.shape[1]
+    precision = _backend.resolve_precision(op, precision, x3.dtype)
+    backend = _backend.resolve(op, x3.device, x3.dtype, precision, rows=max(n, m) if both else m,
+                               k=k, n=n, m=m, d=x3.shape[2], batch=x3.shape[0])
+    return precision, backend
 
 
 def _search(op, x, y, exclude, k, precision):
-    batch, x3, y3, precision, backend = _prepare(op, x, y, precision)
-    n, m = x3.shape[1], y3.shape[1]
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"{op}: argument 'k' must be an int, got {type(k).__name__}")
-    if k < 1 or k > m:
+    batch, x3, y3 = _rows(op, x, y)
+    n, m = x3.shape[1], y3.shape[1]
+    if (k < 1 or k > m) and x3.shape[0] * n > 0:
         raise ValueError(f"{op}: argument 'k' must be in [1, M] = [1, {m}], got {k}")
     if k > MAX_K:
         raise ValueError(f"{op}: k = {k} is above the fused kernel's limit of {MAX_K}; for large "
@@ -156,8 +165,9 @@ def _search(op, x, y, exclude, k, precision):
     if exclude is not None:
         exclude = _validate.integer_rows(op, "exclude", exclude, x, batch, n, "(..., N)")
         _validate.index_range(op, "exclude", exclude, m, "row indices of 'y'")
-    dist, idx = torch.ops.protokernels.nearest(x3, y3, exclude, k, precision, backend)
-    return dist.reshape(batch + dist.shape[1:]), idx.reshape(batch + idx.shape[1:])
+    precision, backend = _choose(op, x3, y3, precision, max(k, 1))
+    dist, idx = _nearest(x3, y3, exclude, max(k, 1), precision, backend)
+    return dist.view(batch + dist.shape[1:]), idx.view(batch + idx.shape[1:])
 
 
 def nearest(x: Tensor, y: Tensor, *, exclude: Tensor | None = None,
@@ -199,12 +209,12 @@ def nearest_by_label(x: Tensor, x_labels: Tensor, y: Tensor, y_labels: Tensor, *
     its class. Distances as in `nearest` (exact, differentiable, ties to the smaller index).
     """
     op = "nearest_by_label"
-    batch, x3, y3, precision, backend = _prepare(op, x, y, precision)
+    batch, x3, y3 = _rows(op, x, y)
     x_labels = _validate.integer_rows(op, "x_labels", x_labels, x, batch, x3.shape[1], "(..., N)")
     y_labels = _validate.integer_rows(op, "y_labels", y_labels, x, batch, y3.shape[1], "(..., M)")
-    dist, idx = torch.ops.protokernels.nearest_by_label(x3, y3, x_labels, y_labels, precision,
-                                                        backend)
-    dist, idx = dist.reshape(batch + dist.shape[1:]), idx.reshape(batch + idx.shape[1:])
+    precision, backend = _choose(op, x3, y3, precision)
+    dist, idx = _nearest_by_label(x3, y3, x_labels, y_labels, precision, backend)
+    dist, idx = dist.view(batch + dist.shape[1:]), idx.view(batch + idx.shape[1:])
     return dist[..., 0], idx[..., 0], dist[..., 1], idx[..., 1]
 
 
@@ -217,9 +227,10 @@ def nearest_both(x: Tensor, y: Tensor, *, precision: str | None = None):
     index). N and M must both be positive unless the result is empty.
     """
     op = "nearest_both"
-    batch, x3, y3, precision, backend = _prepare(op, x, y, precision)
+    batch, x3, y3 = _rows(op, x, y)
     if x3.shape[1] == 0 and y3.shape[0] * y3.shape[1] > 0:
         raise ValueError(f"{op}: 'x' has no rows (N = 0), so there is no nearest row for 'y'; "
                          f"got x {tuple(x.shape)}")
-    outs = torch.ops.protokernels.nearest_both(x3, y3, precision, backend)
-    return tuple(t.reshape(batch + t.shape[1:]) for t in outs)
+    precision, backend = _choose(op, x3, y3, precision, both=True)
+    outs = _nearest_both(x3, y3, precision, backend)
+    return tuple(t.view(batch + t.shape[1:]) for t in outs)

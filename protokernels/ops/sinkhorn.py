@@ -25,8 +25,12 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
+from .._numerics import accumulate_dtype
 from ..reference.sinkhorn import next_potential
-from ..reference.sqdist import _accumulate_dtype
+from ._registry import custom_op
+
+_COLUMN_LOGSUM = _backend.Implementations("sinkhorn", "sinkhorn_column_logsum")
+_ROW_SWEEP = _backend.Implementations("sinkhorn", "sinkhorn_row_sweep")
 
 # tol is checked every this many iterations, as POT does: a check is a device sync.
 CHECK_EVERY = 10
@@ -51,10 +55,10 @@ def _iterate(backend: str, scores: Tensor, scale: float, n_iters: int, marginals
     the (K,) buffer of the log column sums (allocated if None).
     Returns (iterations run, log column sums of the plan).
     """
-    column_logsum = _backend.kernel(backend, "sinkhorn", "sinkhorn_column_logsum")
-    row_sweep = _backend.kernel(backend, "sinkhorn", "sinkhorn_row_sweep")
+    column_logsum = _COLUMN_LOGSUM[backend]
+    row_sweep = _ROW_SWEEP[backend]
     log_r, log_r_const, log_c, log_c_const = marginals
-    acc = _accumulate_dtype(scores.dtype)
+    acc = accumulate_dtype(scores.dtype)
     k = scores.shape[1]
     potentials = history[1] if history is not None else torch.empty((2, k), dtype=acc,
                                                                        device=scores.device)
@@ -113,7 +117,7 @@ def _equipartition(rows: int, columns: int) -> _Marginals:
     return _Marginals(None, 0.0, None, math.log(max(rows, 1)) - math.log(columns))
 
 
-@torch.library.custom_op("protokernels::sinkhorn", mutates_args=())
+@custom_op("sinkhorn")
 def _sinkhorn(scores: Tensor, eps: float, n_iters: int, backend: str) -> Tensor:
     """scores (B, K) -> codes (B, K): SwAV's equipartition, rows summing to 1."""
     codes = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
@@ -128,13 +132,13 @@ def _(scores, eps, n_iters, backend):
 
 
 def _log_marginals(cost: Tensor, r: Tensor | None, c: Tensor | None) -> _Marginals:
-    acc = _accumulate_dtype(cost.dtype)
+    acc = accumulate_dtype(cost.dtype)
     b, k = cost.shape
     return _Marginals(None if r is None else r.to(acc).log(), -math.log(max(b, 1)),
                       None if c is None else c.to(acc).log(), -math.log(max(k, 1)))
 
 
-@torch.library.custom_op("protokernels::sinkhorn_plan", mutates_args=())
+@custom_op("sinkhorn_plan")
 def _sinkhorn_plan(cost: Tensor, r: Optional[Tensor], c: Optional[Tensor], eps: float,
                    n_iters: int, tol: Optional[float], keep_history: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -150,7 +154,7 @@ def _sinkhorn_plan(cost: Tensor, r: Optional[Tensor], c: Optional[Tensor], eps: 
 
 
 def _plan_outputs(cost, n_iters, keep_history):
-    acc = _accumulate_dtype(cost.dtype)
+    acc = accumulate_dtype(cost.dtype)
     b, k = cost.shape
     kept = n_iters if keep_history else 0
     # the potentials are zeroed: an early stop (tol) leaves rows unwritten
@@ -175,7 +179,7 @@ def _setup_plan_context(ctx, inputs, output):
 
 def _plan_backward(ctx, grad_plan, *_):
     cost, r, c, plan, u, v, iterations = ctx.saved_tensors
-    grad_cost = torch.ops.protokernels.sinkhorn_plan_backward(grad_plan, plan, cost, r, c, u, v,
+    grad_cost = _sinkhorn_plan_backward(grad_plan, plan, cost, r, c, u, v,
                                                               iterations, ctx.eps)
     return grad_cost, None, None, None, None, None, None, None
 
@@ -183,7 +187,7 @@ def _plan_backward(ctx, grad_plan, *_):
 _sinkhorn_plan.register_autograd(_plan_backward, setup_context=_setup_plan_context)
 
 
-@torch.library.custom_op("protokernels::sinkhorn_plan_backward", mutates_args=())
+@custom_op("sinkhorn_plan_backward")
 def _sinkhorn_plan_backward(grad: Tensor, plan: Tensor, cost: Tensor, r: Optional[Tensor],
                             c: Optional[Tensor], u: Tensor, v: Tensor, iterations: Tensor,
                             eps: float) -> Tensor:
@@ -227,10 +231,10 @@ def sinkhorn(scores: Tensor, *, eps: float = 0.05, n_iters: int = 3,
     rows, columns = _validate.matrix(op, "scores", scores, "(B samples, K prototypes)")
     eps = _validate.positive_number(op, "eps", eps)
     n_iters = _validate.positive_int(op, "n_iters", n_iters)
-    backend = _backend.resolve(op, scores.device)
+    backend = _backend.resolve(op, scores.device, scores.dtype, n=rows, m=columns)
     scores = scores.detach()
     if process_group is None:
-        return torch.ops.protokernels.sinkhorn(scores, eps, n_iters, backend)
+        return _sinkhorn(scores, eps, n_iters, backend)
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -280,9 +284,9 @@ def sinkhorn_plan(cost: Tensor, r: Tensor | None = None, c: Tensor | None = None
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
                             or not tol >= 0):
         raise ValueError(f"{op}: argument 'tol' must be None or a number >= 0, got {tol!r}")
-    backend = _backend.resolve(op, cost.device)
+    backend = _backend.resolve(op, cost.device, cost.dtype, n=rows, m=columns)
     keep_history = torch.is_grad_enabled() and cost.requires_grad
-    plan, _, _, iterations, logsum = torch.ops.protokernels.sinkhorn_plan(
+    plan, _, _, iterations, logsum = _sinkhorn_plan(
         cost, r, c, eps, n_iters, None if tol is None else float(tol), keep_history, backend)
     if return_info:
         marginals = _log_marginals(cost, r, c)

@@ -5,9 +5,13 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
+from ._registry import custom_op
+
+_SQDIST = _backend.Implementations("sqdist", "sqdist")
+_SQDIST_GRAD = _backend.Implementations("sqdist", "sqdist_grad")
 
 
-@torch.library.custom_op("protokernels::sqdist", mutates_args=())
+@custom_op("sqdist")
 def _sqdist(x: Tensor, y: Tensor, precision: str, backend: str) -> Tensor:
     """x (B, N, D), y (B, M, D) -> (B, N, M)."""
     batch, n, d = x.shape
@@ -16,7 +20,7 @@ def _sqdist(x: Tensor, y: Tensor, precision: str, backend: str) -> Tensor:
         return x.new_empty((batch, n, m))
     if d == 0:
         return x.new_zeros((batch, n, m))
-    return _backend.kernel(backend, "sqdist", "sqdist")(x, y, precision)
+    return _SQDIST[backend](x, y, precision)
 
 
 @_sqdist.register_fake
@@ -24,7 +28,7 @@ def _(x, y, precision, backend):
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]))
 
 
-@torch.library.custom_op("protokernels::sqdist_grad", mutates_args=())
+@custom_op("sqdist_grad")
 def _sqdist_grad(grad: Tensor, a: Tensor, b: Tensor, transpose: bool, precision: str,
                  backend: str) -> Tensor:
     """2 (rowsum(G) a - G b) with G = grad or grad^T: the gradient of sqdist w.r.t. a."""
@@ -32,7 +36,7 @@ def _sqdist_grad(grad: Tensor, a: Tensor, b: Tensor, transpose: bool, precision:
         return a.new_empty(a.shape)
     if b.shape[1] == 0:
         return a.new_zeros(a.shape)
-    return _backend.kernel(backend, "sqdist", "sqdist_grad")(grad, a, b, transpose, precision)
+    return _SQDIST_GRAD[backend](grad, a, b, transpose, precision)
 
 
 @_sqdist_grad.register_fake
@@ -74,9 +78,9 @@ def _backward(ctx, grad):
     x, y = ctx.saved_tensors
     grad_x = grad_y = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.protokernels.sqdist_grad(grad, x, y, False, ctx.precision, ctx.backend)
+        grad_x = _sqdist_grad(grad, x, y, False, ctx.precision, ctx.backend)
     if ctx.needs_input_grad[1]:
-        grad_y = torch.ops.protokernels.sqdist_grad(grad, y, x, True, ctx.precision, ctx.backend)
+        grad_y = _sqdist_grad(grad, y, x, True, ctx.precision, ctx.backend)
     return grad_x, grad_y, None, None
 
 
@@ -95,7 +99,8 @@ def sqdist(x: Tensor, y: Tensor, *, precision: str | None = None) -> Tensor:
     """
     _validate.floating("sqdist", x=x, y=y)
     batch, x3, y3 = _validate.batched_rows("sqdist", x, y)
-    backend = _backend.resolve("sqdist", x.device)
     precision = _backend.resolve_precision("sqdist", precision, x.dtype)
-    out = torch.ops.protokernels.sqdist(x3, y3, precision, backend)
+    backend = _backend.resolve("sqdist", x.device, x.dtype, precision, n=x3.shape[1],
+                               m=y3.shape[1], d=x3.shape[2], batch=x3.shape[0])
+    out = _sqdist(x3, y3, precision, backend)
     return out.reshape(batch + out.shape[-2:])

@@ -10,7 +10,7 @@ import contextlib
 import torch
 
 from ._scratch import ranges, tile_sizes
-from .sqdist import _accumulate_dtype
+from .._numerics import accumulate_dtype
 
 
 @contextlib.contextmanager
@@ -31,7 +31,7 @@ def codebook_stats(x: torch.Tensor, idx: torch.Tensor, size: int, deterministic:
     Out-of-range indices (unchecked under torch.compile) are ignored: they land in a spare slot."""
     n, groups = idx.shape
     depth = x.shape[1] // groups
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     spare = groups * size
     counts = torch.zeros(spare + 1, dtype=torch.int64, device=x.device)
     sums = torch.zeros((spare + 1, depth), dtype=acc, device=x.device)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .._backend import matmul_precision
 from ._scratch import ranges, tile_sizes
-from .sqdist import _accumulate_dtype
+from .._numerics import accumulate_dtype
 
 
 def _chunks(x: torch.Tensor, w: torch.Tensor, out_hw: int):
@@ -21,7 +21,7 @@ def _chunks(x: torch.Tensor, w: torch.Tensor, out_hw: int):
     (the im2col a CPU convolution may build), and the energy and distance maps."""
     images, channels, height, width = x.shape
     taps = w.shape[1] * w.shape[2] * w.shape[3]
-    size = _accumulate_dtype(x.dtype).itemsize
+    size = accumulate_dtype(x.dtype).itemsize
     tile = tile_sizes({"b": images, "p": w.shape[0]},
                       lambda b, p: size * (b * (2 * channels * height * width + taps * out_hw
                                                 + (p + 1) * out_hw) + p * taps))
@@ -30,7 +30,7 @@ def _chunks(x: torch.Tensor, w: torch.Tensor, out_hw: int):
 
 def kp_conv2d(x, w, stride, padding, dilation, precision, out):
     """x (B, C, H, W), w (P, C, kh, kw) -> out (B, P, Ho, Wo)."""
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     geometry = dict(stride=stride, padding=padding, dilation=dilation)
     ones = x.new_ones((1,) + w.shape[1:], dtype=acc)
     image_chunks, proto_chunks = _chunks(x, w, out.shape[2] * out.shape[3])
@@ -47,7 +47,7 @@ def kp_conv2d(x, w, stride, padding, dilation, precision, out):
 
 def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out):
     """gx = 2 x convT(sum_p g, ones) - 2 convT(g, w) for g = grad (B, P, Ho, Wo)."""
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     geometry = dict(stride=stride, padding=padding, dilation=dilation)
     ones = x.new_ones((1, 1) + w.shape[2:], dtype=acc)
     image_chunks, proto_chunks = _chunks(x, w, grad.shape[2] * grad.shape[3])
@@ -66,7 +66,7 @@ def kp_conv2d_grad_input(grad, x, w, stride, padding, dilation, precision, out):
 
 def kp_conv2d_grad_weight(grad, x, w, stride, padding, dilation, precision, out):
     """gw = 2 w sum_{b,h,w} g - 2 corr(x, g) for g = grad (B, P, Ho, Wo)."""
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     geometry = dict(stride=stride, padding=padding, dilation=dilation)
     image_chunks, proto_chunks = _chunks(x, w, grad.shape[2] * grad.shape[3])
     with matmul_precision(precision):

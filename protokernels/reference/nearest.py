@@ -5,18 +5,20 @@ expanded formula at the requested precision, as reference.sqdist), keeping the r
 row. The chosen pairs' distances are then recomputed exactly as sum((x - y)^2), so the returned
 distance does not carry the expanded formula's cancellation error.
 
-Ranking rules, shared by every backend: smaller distance first, ties to the smaller index; a NaN
-distance ranks before everything (torch.argmin's NaN propagation: a NaN row of x returns NaN);
-a candidate that may not win (excluded, wrong label) never does, and a row without any allowed
-candidate gets index -1 and distance inf.
+Ranking rules, shared by every backend: smaller distance first, ties to the smaller index; a
+pair involving a row that holds NaN ranks before everything (torch.argmin's NaN propagation: a
+NaN row of x returns NaN, a NaN prototype wins every row); a pair involving a row with an
+infinite (or overflowing) squared norm ranks after every finite distance, where the expanded
+formula would give inf - inf; a candidate that may not win (excluded, wrong label) never does,
+and a row without any allowed candidate gets index -1 and distance inf.
 """
 from __future__ import annotations
 
 import torch
 
 from .._backend import matmul_precision
+from .._numerics import accumulate_dtype
 from ._scratch import ranges, tile_sizes
-from .sqdist import _accumulate_dtype
 
 
 def _ranking(dist: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
@@ -46,17 +48,24 @@ def _merge_top_k(best_rank, best_idx, rank, offset, k):
     return rank[..., :k], idx
 
 
-def _distance_tiles(x, y, precision, tile_extra_bytes=0):
+def _classified(dist, x_norm, y_norm):
+    """The distance tile as ranked: NaN where either row holds NaN, inf where either has an
+    infinite squared norm (the expanded formula gives inf - inf = NaN there)."""
+    dist = torch.where(x_norm.isinf() | y_norm.isinf(), torch.inf, dist)
+    return torch.where(x_norm.isnan() | y_norm.isnan(), torch.nan, dist)
+
+
+def _distance_tiles(x, y, precision, tile_bytes_per_pair):
     """Yield (b0, b1, n0, n1, x_norm, per_m) where per_m() yields (m0, m1, dist) for the tiles of
-    the (B, N, M) distance matrix, computed in the accumulate dtype at `precision`."""
+    the (B, N, M) distance matrix, computed in the accumulate dtype at `precision`, classified as
+    ranked. `tile_bytes_per_pair`: the caller's scratch per distance-tile element."""
     batch, n, d = x.shape
     m = y.shape[1]
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     size = acc.itemsize
-    # Per tile: x and y rows upcast, their norms, the distance tile and about four more
-    # tile-sized temporaries of the ranking (keys, masks, sort).
+    # Per tile: x and y rows upcast, their norms, and the caller's temporaries per pair.
     tile = tile_sizes({"b": batch, "n": n, "m": m},
-                      lambda b, n, m: size * b * ((n + m) * (d + 1) + 6 * n * m))
+                      lambda b, n, m: b * (size * (n + m) * (d + 1) + tile_bytes_per_pair * n * m))
     for b0, b1 in ranges(batch, tile["b"]):
         for n0, n1 in ranges(n, tile["n"]):
             xs = x[b0:b1, n0:n1].to(acc)
@@ -68,7 +77,7 @@ def _distance_tiles(x, y, precision, tile_extra_bytes=0):
                     y_norm = ys.square().sum(-1).unsqueeze(-2)
                     with matmul_precision(precision):
                         dist = torch.baddbmm(y_norm, xs, ys.mT, alpha=-2)
-                    yield m0, m1, dist.add_(x_norm).clamp_min_(0)
+                    yield m0, m1, _classified(dist.add_(x_norm).clamp_min_(0), x_norm, y_norm)
 
             yield b0, b1, n0, n1, per_m
 
@@ -78,8 +87,11 @@ def _search(x, y, slots, allowed_in, precision):
     allowed_in(b0, b1, n0, n1, m0, m1) gives the (b, n, m) mask of the tile (or None)."""
     batch, n, _ = x.shape
     idx = torch.full((batch, n, slots), -1, dtype=torch.int64, device=x.device)
-    acc = _accumulate_dtype(x.dtype)
-    for b0, b1, n0, n1, per_m in _distance_tiles(x, y, precision):
+    acc = accumulate_dtype(x.dtype)
+    # Scratch per distance-tile element: the ranking's keys and masks (about six tiles of acc);
+    # top-k sorts the tile with the running best: values, int64 indices and the sort's order.
+    per_pair = 6 * acc.itemsize if slots == 1 else 4 * acc.itemsize + 4 * 8
+    for b0, b1, n0, n1, per_m in _distance_tiles(x, y, precision, per_pair):
         best_rank = torch.full((b1 - b0, n1 - n0, slots), torch.inf, dtype=acc, device=x.device)
         best_idx = idx[b0:b1, n0:n1].clone()
         for m0, m1, dist in per_m():
@@ -106,7 +118,7 @@ def pair_distances(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch
     (float64 for float64 input); inf where idx is -1."""
     batch, r, slots = idx.shape
     d = a.shape[-1]
-    acc = _accumulate_dtype(a.dtype)
+    acc = accumulate_dtype(a.dtype)
     out = torch.empty(idx.shape, dtype=acc, device=a.device)
     tile = tile_sizes({"b": batch, "r": r}, lambda b, r: acc.itemsize * b * r * (slots + 2) * d)
     for b0, b1 in ranges(batch, tile["b"]):
@@ -127,18 +139,19 @@ def _finish(x, y, idx, ranked=False):
 
 
 def nearest(x: torch.Tensor, y: torch.Tensor, exclude: torch.Tensor | None, k: int,
-            precision: str):
+            precision: str, dist: torch.Tensor, idx: torch.Tensor) -> None:
     """x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k), ascending."""
     def allowed(b0, b1, n0, n1, m0, m1):
         if exclude is None:
             return None
         columns = torch.arange(m0, m1, device=x.device)
         return exclude[b0:b1, n0:n1, None] != columns
-    return _finish(x, y, _search(x, y, k, allowed, precision), ranked=k > 1)
+    _store(_finish(x, y, _search(x, y, k, allowed, precision), ranked=k > 1), dist, idx)
 
 
 def nearest_by_label(x: torch.Tensor, x_labels: torch.Tensor, y: torch.Tensor,
-                     y_labels: torch.Tensor, precision: str):
+                     y_labels: torch.Tensor, precision: str, dist: torch.Tensor,
+                     idx: torch.Tensor) -> None:
     """Nearest y of the same label and of another label: dist, idx (B, N, 2), slot 0 the same."""
     def labelled(same):
         def allowed(b0, b1, n0, n1, m0, m1):
@@ -146,18 +159,25 @@ def nearest_by_label(x: torch.Tensor, x_labels: torch.Tensor, y: torch.Tensor,
             return equal if same else ~equal
         return allowed
     # Two searches of the same tiles: simple, and the reference is about correctness.
-    idx = torch.cat([_search(x, y, 1, labelled(True), precision),
-                     _search(x, y, 1, labelled(False), precision)], -1)
-    return _finish(x, y, idx)
+    found = torch.cat([_search(x, y, 1, labelled(True), precision),
+                       _search(x, y, 1, labelled(False), precision)], -1)
+    _store(_finish(x, y, found), dist, idx)
 
 
-def nearest_both(x: torch.Tensor, y: torch.Tensor, precision: str):
-    """Nearest y per x row and nearest x per y row: (row_dist, row_idx) (B, N), (col_dist,
+def nearest_both(x: torch.Tensor, y: torch.Tensor, precision: str, row_dist: torch.Tensor,
+                 row_idx: torch.Tensor, col_dist: torch.Tensor, col_idx: torch.Tensor) -> None:
+    """Nearest y per x row and nearest x per y row into (row_dist, row_idx) (B, N), (col_dist,
     col_idx) (B, M). The column search is the row search with x and y swapped."""
     no_mask = lambda *_: None  # noqa: E731
-    row_dist, row_idx = _finish(x, y, _search(x, y, 1, no_mask, precision))
-    col_dist, col_idx = _finish(y, x, _search(y, x, 1, no_mask, precision))
-    return row_dist[..., 0], row_idx[..., 0], col_dist[..., 0], col_idx[..., 0]
+    _store(_finish(x, y, _search(x, y, 1, no_mask, precision)), row_dist[..., None],
+           row_idx[..., None])
+    _store(_finish(y, x, _search(y, x, 1, no_mask, precision)), col_dist[..., None],
+           col_idx[..., None])
+
+
+def _store(found, dist, idx) -> None:
+    dist.copy_(found[0])
+    idx.copy_(found[1])
 
 
 def gather_sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor):
@@ -166,7 +186,7 @@ def gather_sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx
     Pairs with idx -1 contribute nothing."""
     batch, r, slots = idx.shape
     d = a.shape[-1]
-    acc = _accumulate_dtype(a.dtype)
+    acc = accumulate_dtype(a.dtype)
     ga = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     gb = torch.zeros(b.shape, dtype=acc, device=a.device)
     tile = tile_sizes({"b": batch, "r": r}, lambda b, r: acc.itemsize * b * r * (2 * slots + 2) * d)

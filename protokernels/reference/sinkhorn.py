@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._scratch import ranges, tile_sizes
-from .sqdist import _accumulate_dtype
+from .._numerics import accumulate_dtype
 
 
 def _row_tile(scores: torch.Tensor, acc: torch.dtype, temporaries: int) -> int:

@@ -1,4 +1,5 @@
-"""sqdist in plain PyTorch: ||x||^2 - 2 x.y + ||y||^2, clamped at 0, tile by tile.
+"""sqdist in plain PyTorch: ||x||^2 - 2 x.y + ||y||^2, clamped at 0 (sum((x - y)^2) for at most
+DIRECT_DEPTH features), tile by tile.
 
 Products run at the requested float32 precision ("tf32" lets matmul use TF32; "ieee" and "tf32x3"
 run it in full float32); float16/bfloat16 are computed in float32 and rounded once at the end.
@@ -8,11 +9,8 @@ from __future__ import annotations
 import torch
 
 from .._backend import matmul_precision
+from .._numerics import DIRECT_DEPTH, accumulate_dtype
 from ._scratch import ranges, tile_sizes
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
@@ -20,8 +18,18 @@ def sqdist(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
     batch, n, d = x.shape
     m = y.shape[1]
     out = x.new_empty((batch, n, m))
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     size = acc.itemsize
+    if d <= DIRECT_DEPTH:  # sum((x - y)^2): no cancellation (protokernels/_numerics.py)
+        tile = tile_sizes({"b": batch, "n": n, "m": m},
+                          lambda b, n, m: size * b * ((n + m) * d + 2 * n * m * d))
+        for b0, b1 in ranges(batch, tile["b"]):
+            for n0, n1 in ranges(n, tile["n"]):
+                for m0, m1 in ranges(m, tile["m"]):
+                    diff = (x[b0:b1, n0:n1, None, :].to(acc)
+                            - y[b0:b1, None, m0:m1, :].to(acc))
+                    out[b0:b1, n0:n1, m0:m1] = diff.square_().sum(-1)
+        return out
     # Per tile: x and y rows upcast, their norms, the product and the distance tile.
     tile = tile_sizes({"b": batch, "n": n, "m": m},
                       lambda b, n, m: size * b * ((n + m) * (d + 1) + 2 * n * m))
@@ -48,7 +56,7 @@ def sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose:
     batch, r, s = g.shape
     d = a.shape[-1]
     out = a.new_empty(a.shape)
-    acc = _accumulate_dtype(a.dtype)
+    acc = accumulate_dtype(a.dtype)
     size = acc.itemsize
     tile = tile_sizes({"b": batch, "r": r, "s": s},
                       lambda b, r, s: size * b * (2 * r * (d + 1) + s * (d + r)))
