@@ -9,24 +9,11 @@ prints the test accuracy and saves the first layer's prototypes as a PNG.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch import nn
 
+from _digits import arguments, load_digits, minibatches
 from protokernels.nn import KernelPrototypeConv2d
-
-
-def load_digits(seed: int):
-    """(train images, train labels, test images, test labels): 80/20, pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    digits = sklearn_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(labels))
-    train, test = order[:split], order[split:]
-    return images[train], labels[train], images[test], labels[test]
 
 
 class PrototypeNet(nn.Module):
@@ -67,13 +54,7 @@ def save_prototypes(layer: KernelPrototypeConv2d, path: str) -> None:
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="digits_kpconv_prototypes.png",
-                        help="PNG of the learned first-layer prototypes ('' to skip)")
-    args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
+    args = arguments(__doc__, epochs=20, out="digits_kpconv_prototypes.png", argv=argv)
     x_train, y_train, x_test, y_test = load_digits(args.seed)
     model = PrototypeNet()
     model.init_from(x_train[:256], torch.Generator().manual_seed(args.seed))
@@ -81,7 +62,7 @@ def main(argv=None) -> float:
     batches = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         model.train()
-        for batch in torch.randperm(len(y_train), generator=batches).split(64):
+        for batch in minibatches(len(y_train), 64, batches):
             loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
             optimizer.zero_grad()
             loss.backward()

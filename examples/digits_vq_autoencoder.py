@@ -9,21 +9,11 @@ codebook perplexity, and saves a PNG of test originals above their reconstructio
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch import nn
 
+from _digits import arguments, load_digits
 from protokernels.nn import VectorQuantizer
-
-
-def load_digits(seed: int):
-    """(train, test) images flattened to 64 pixels in [0, 1], 80/20."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    images = torch.tensor(sklearn_digits().data, dtype=torch.float32) / 16
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(images))
-    return images[order[:split]], images[order[split:]]
 
 
 class VQAutoencoder(nn.Module):
@@ -69,14 +59,9 @@ def save_reconstructions(model: VQAutoencoder, images: torch.Tensor, path: str) 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="digits_vq_reconstructions.png",
-                        help="PNG of test originals and reconstructions ('' to skip)")
-    args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    train, test = load_digits(args.seed)
+    args = arguments(__doc__, epochs=30, out="digits_vq_reconstructions.png", argv=argv)
+    x_train, _, x_test, _ = load_digits(args.seed)
+    train, test = x_train.flatten(1), x_test.flatten(1)  # 64 pixels per image
     model = VQAutoencoder()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     start_mse, _ = evaluate(model, test)

@@ -105,3 +105,41 @@ def test_compile_fullgraph():
 def test_bad_configuration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KernelPrototypeConv2d(3, 5, 3, **kwargs)
+
+
+# The papers' heads: torch.compile (fullgraph), autocast and state_dict for each.
+def _heads():
+    from protokernels.nn import (DPNPLoss, GLVQLoss, PatchPrototypes, PrototypeClassifier,
+                                 PrototypeLayer, RSLVQLoss, SinkhornPrototypes)
+    labels = torch.randint(0, 3, (16,), device=DEVICE)
+    return {
+        "glvq": (lambda: PrototypeClassifier(6, 3, 2), lambda m, x: m.loss(x, labels)),
+        "rslvq": (lambda: PrototypeClassifier(6, 3, 2, criterion=RSLVQLoss(0.7)),
+                  lambda m, x: m.loss(x, labels)),
+        "dpnp": (lambda: DPNPLoss(3, 6), lambda m, x: m(x, labels)),
+        "prototype_layer": (lambda: PrototypeLayer(6, 5),
+                            lambda m, x: m(x).sum() + sum(m.regularizers(x))),
+        "patch": (lambda: PatchPrototypes(6, 4, 1),
+                  lambda m, x: m(x.view(4, 4, 6).permute(0, 2, 1)[..., None])[1].sum()),
+        "sinkhorn": (lambda: SinkhornPrototypes(6, 5), lambda m, x: m(x)[0]),
+        "glvq_loss": (lambda: GLVQLoss("swish"),
+                      lambda m, x: m(x, labels, x[:5].detach(), labels[:5])),
+    }
+
+
+@pytest.mark.parametrize("name", list(_heads()))
+def test_heads_compile_autocast_state_dict(name):
+    torch.manual_seed(0)
+    make, run = _heads()[name]
+    module = make().to(DEVICE)
+    x = torch.randn(16, 6, device=DEVICE)
+    eager = run(module, x)
+    compiled = torch.compile(lambda m, a: run(m, a), fullgraph=True,
+                             backend="aot_eager" if not HAS_GPU else "inductor")
+    assert relative_error(compiled(module, x), eager) <= 1e-4
+    if HAS_GPU:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.isfinite(run(module, x))
+    copy = make().to(DEVICE)
+    copy.load_state_dict(module.state_dict())
+    assert torch.equal(run(copy, x), eager)

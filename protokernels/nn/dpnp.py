@@ -1,0 +1,98 @@
+"""Deep positive-negative prototypes (dpnp-positive-negative-prototypes, §IV, eq. 5-10): one
+set of class prototypes serves as the classifier's weights (positive prototypes) and, for the
+other classes, as negative prototypes: the nearest rival of each sample (eq. 6, the fused nearest
+with `exclude`) and of each prototype (eq. 8) push away.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._numerics import FLOAT_DTYPES
+from ..ops.nearest import nearest
+
+
+def _half_norm(v: Tensor, eps: float) -> Tensor:
+    """||v||_{1/2}^{1/2} = sum_d |v_d|^(1/2) per row, as sqrt(|v| + eps) - sqrt(eps): the same
+    value to O(sqrt(eps)), with a finite gradient where a coordinate is 0."""
+    return (torch.sqrt(v.abs() + eps) - math.sqrt(eps)).sum(-1)
+
+
+class DPNPLoss(nn.Module):
+    """DPNP's classifier and loss (eq. 10). Holds the class prototypes C (num_classes, dim), which
+    are the classifier's weights: logits(h) = h C^T (inner products, as the paper uses for its
+    cross-entropy term). forward(h (N, dim), labels (N,)) ->
+
+        CE(h C^T, y) + lambda_pos / 2N sum_i ||h_i - c_{y_i}||^2
+                     - lambda_neg_sample / 2N sum_i ||h_i - c_neg(i)||_{1/2}^{1/2}
+                     - lambda_neg_class / 2M sum_j ||c_j - c_neg(j)||_{1/2}^{1/2}
+
+    with c_neg(i) the nearest prototype of another class than y_i (eq. 6) and c_neg(j) the nearest
+    other prototype of c_j (eq. 8), both found by protokernels.nearest with `exclude`. `eps` keeps
+    the L_{1/2} terms' gradient finite. `renormalize_()` puts the prototypes back on the sphere
+    of radius `alpha` (the paper does so at the start of each epoch). With one class there is no
+    rival: both negative terms are 0.
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, alpha: float = 1.0,
+                 lambda_pos: float = 0.01, lambda_neg_sample: float = 0.01,
+                 lambda_neg_class: float = 0.01, eps: float = 1e-8, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("dim", dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DPNPLoss: '{name}' must be a positive int, got {value!r}")
+        for name, value in (("alpha", alpha), ("eps", eps)):
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"DPNPLoss: '{name}' must be a finite number > 0, got {value!r}")
+        for name, value in (("lambda_pos", lambda_pos), ("lambda_neg_sample", lambda_neg_sample),
+                            ("lambda_neg_class", lambda_neg_class)):
+            if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"DPNPLoss: '{name}' must be a finite number >= 0, got "
+                                 f"{value!r}")
+        self.alpha, self.eps = float(alpha), float(eps)
+        self.lambda_pos, self.lambda_neg_sample = float(lambda_pos), float(lambda_neg_sample)
+        self.lambda_neg_class = float(lambda_neg_class)
+        self.prototypes = nn.Parameter(torch.randn(num_classes, dim, device=device, dtype=dtype))
+        self.renormalize_()
+
+    @torch.no_grad()
+    def renormalize_(self) -> None:
+        """Prototypes onto the sphere of radius alpha."""
+        self.prototypes.copy_(F.normalize(self.prototypes, dim=1) * self.alpha)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return h @ self.prototypes.t()
+
+    def forward(self, h: Tensor, labels: Tensor) -> Tensor:
+        if not isinstance(h, Tensor) or h.dtype not in FLOAT_DTYPES or h.dim() != 2:
+            raise TypeError(f"DPNPLoss: 'h' must be a 2-D floating-point tensor (N, dim), got "
+                            f"{getattr(h, 'dtype', type(h).__name__)}")
+        if h.shape[1] != self.prototypes.shape[1]:
+            raise ValueError(f"DPNPLoss: 'h' must have {self.prototypes.shape[1]} features, got "
+                             f"{h.shape[1]}")
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1 or \
+                labels.shape[0] != h.shape[0]:
+            raise TypeError(f"DPNPLoss: 'labels' must be a 1-D integer tensor of {h.shape[0]} "
+                            f"class indices, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        c = self.prototypes.to(h.dtype)
+        loss = F.cross_entropy(self.logits(h), labels)
+        n = max(h.shape[0], 1)
+        loss = loss + self.lambda_pos / (2 * n) * (h - c[labels]).square().sum()
+        if c.shape[0] > 1:
+            _, rival = nearest(h, c, exclude=labels)  # eq. 6: the nearest other class centre
+            loss = loss - self.lambda_neg_sample / (2 * n) * _half_norm(h - c[rival],
+                                                                        self.eps).sum()
+            own = torch.arange(c.shape[0], device=h.device)
+            _, neighbour = nearest(c, c, exclude=own)  # eq. 8: each centre's nearest other
+            loss = loss - self.lambda_neg_class / (2 * c.shape[0]) * _half_norm(
+                c - c[neighbour], self.eps).sum()
+        return loss
+
+    def extra_repr(self) -> str:
+        return (f"classes={self.prototypes.shape[0]}, dim={self.prototypes.shape[1]}, "
+                f"alpha={self.alpha}, lambda_pos={self.lambda_pos}, "
+                f"lambda_neg_sample={self.lambda_neg_sample}, "
+                f"lambda_neg_class={self.lambda_neg_class}")

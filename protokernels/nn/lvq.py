@@ -1,0 +1,181 @@
+"""Learning vector quantization heads (prototype-layers-and-kernel-prototype-convolution, §6.1):
+GLVQ's relative-distance loss (eq. 20) on the fused nearest_by_label, RSLVQ's Gaussian-mixture
+likelihood ratio (eq. 19) on the fused sqdist, and a prototype classifier holding labelled
+prototypes.
+
+Conventions shared by both losses: distances are squared Euclidean; a sample whose class has no
+prototype has nothing to be near and is left out of the loss (it contributes 0, and a mean is
+taken over the samples that count; a batch where none counts gives 0), never a NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .._numerics import FLOAT_DTYPES, accumulate_dtype
+from ..ops.nearest import nearest, nearest_by_label
+from ..ops.sqdist import sqdist
+
+_TRANSFERS = ("identity", "sigmoid", "swish")
+
+
+def _check_labelled(op: str, x: Tensor, labels: Tensor, prototypes: Tensor,
+                    prototype_labels: Tensor) -> None:
+    for name, t, dims in (("x", x, 2), ("prototypes", prototypes, 2)):
+        if not isinstance(t, Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != dims:
+            raise TypeError(f"{op}: '{name}' must be a 2-D floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
+                            f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
+    for name, t, rows in (("labels", labels, x.shape[0]),
+                          ("prototype_labels", prototype_labels, prototypes.shape[0])):
+        if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dim() != 1:
+            raise TypeError(f"{op}: '{name}' must be a 1-D integer tensor, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        if t.shape[0] != rows:
+            raise ValueError(f"{op}: '{name}' must have {rows} entries, got {t.shape[0]}")
+    if x.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"{op}: 'x' and 'prototypes' must have the same feature size, got "
+                         f"{x.shape[1]} and {prototypes.shape[1]}")
+
+
+def _mean_over(values: Tensor, counted: Tensor, reduction: str) -> Tensor:
+    values = torch.where(counted, values, 0.0)
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    return values.sum() / counted.sum().clamp_min(1)
+
+
+def _check_reduction(op: str, reduction: str) -> str:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: 'reduction' must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction
+
+
+class GLVQLoss(nn.Module):
+    """GLVQ's loss: f(mu) with mu = (d+ - d-) / (d+ + d-), d+ the squared distance to the nearest
+    prototype of the sample's class, d- to the nearest of any other class (eq. 20), f the transfer
+    function: "identity", "sigmoid" (1 / (1 + exp(-beta mu))) or "swish" (mu * sigmoid(beta mu)),
+    as in prototorch. mu < 0 is a correct classification; mu is in [-1, 1].
+
+    forward(x (N, D), labels (N,), prototypes (M, D), prototype_labels (M,)) -> loss, one search
+    (protokernels.nearest_by_label: d+ and d- without the (N, M) matrix); gradients reach x and
+    the two winning prototypes of each sample. A sample whose class has no prototype is left out;
+    one with no prototype of another class has d- = inf and mu = -1 (nothing to confuse it with).
+    """
+
+    def __init__(self, transfer: str = "identity", beta: float = 10.0, reduction: str = "mean"):
+        super().__init__()
+        if transfer not in _TRANSFERS:
+            raise ValueError(f"GLVQLoss: 'transfer' must be one of {_TRANSFERS}, got {transfer!r}")
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
+            raise ValueError(f"GLVQLoss: 'beta' must be a finite number > 0, got {beta!r}")
+        self.transfer, self.beta = transfer, float(beta)
+        self.reduction = _check_reduction("GLVQLoss", reduction)
+
+    def mu(self, x: Tensor, labels: Tensor, prototypes: Tensor,
+           prototype_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu (N,), counted (N,)): the relative distance and whether the sample counts."""
+        _check_labelled("GLVQLoss", x, labels, prototypes, prototype_labels)
+        d_plus, i_plus, d_minus, i_minus = nearest_by_label(x, labels, prototypes,
+                                                            prototype_labels)
+        counted = i_plus >= 0
+        rival = i_minus >= 0
+        # No rival: mu = -1 (d- infinite). Both 0 (x on a prototype of each class): mu = 0.
+        d_minus = torch.where(rival, d_minus, d_plus + 1.0)
+        d_plus = torch.where(counted, d_plus, 0.0)
+        total = d_plus + d_minus
+        mu = torch.where(total > 0, (d_plus - d_minus) / torch.where(total > 0, total, 1.0), 0.0)
+        return torch.where(rival, mu, -1.0), counted
+
+    def forward(self, x: Tensor, labels: Tensor, prototypes: Tensor,
+                prototype_labels: Tensor) -> Tensor:
+        mu, counted = self.mu(x, labels, prototypes, prototype_labels)
+        if self.transfer == "sigmoid":
+            mu = torch.sigmoid(self.beta * mu)
+        elif self.transfer == "swish":
+            mu = mu * torch.sigmoid(self.beta * mu)
+        return _mean_over(mu, counted, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"transfer={self.transfer!r}, beta={self.beta}, reduction={self.reduction!r}"
+
+
+class RSLVQLoss(nn.Module):
+    """RSLVQ's loss: the negative log-likelihood ratio of a Gaussian mixture, one Gaussian of
+    variance sigma^2 per prototype (eq. 19: softmax of -d / (2 sigma^2)):
+
+        -log( sum_{j: c_j = y} exp(-d_j / 2 sigma^2) / sum_j exp(-d_j / 2 sigma^2) )
+
+    with d_j the squared distances from protokernels.sqdist and the log-sum-exps taken stably
+    (no exp overflow for any sigma). A sample whose class has no prototype is left out.
+    """
+
+    def __init__(self, sigma: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or \
+                not 0 < sigma < math.inf:
+            raise ValueError(f"RSLVQLoss: 'sigma' must be a finite number > 0, got {sigma!r}")
+        self.sigma = float(sigma)
+        self.reduction = _check_reduction("RSLVQLoss", reduction)
+
+    def forward(self, x: Tensor, labels: Tensor, prototypes: Tensor,
+                prototype_labels: Tensor) -> Tensor:
+        _check_labelled("RSLVQLoss", x, labels, prototypes, prototype_labels)
+        logits = sqdist(x, prototypes).to(accumulate_dtype(x.dtype)) / (-2.0 * self.sigma ** 2)
+        same = labels[:, None] == prototype_labels[None, :]
+        counted = same.any(1)
+        correct = torch.logsumexp(logits.masked_fill(~same, -math.inf), dim=1)
+        whole = torch.logsumexp(logits, dim=1)
+        return _mean_over(torch.where(counted, whole - correct, 0.0), counted, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}, reduction={self.reduction!r}"
+
+
+class PrototypeClassifier(nn.Module):
+    """Labelled prototypes, `prototypes_per_class` per class, for GLVQ or RSLVQ heads on top of a
+    feature extractor: forward(x) gives the winner's class (winner-takes-all, one fused search);
+    `loss(x, labels)` the head's loss (GLVQLoss by default, any (x, labels, prototypes,
+    prototype_labels) loss module as `criterion`). `init_from(x, labels)` puts each class's
+    prototypes on class members (the class means plus small noise)."""
+
+    def __init__(self, dim: int, num_classes: int, prototypes_per_class: int = 1, *,
+                 criterion: nn.Module | None = None, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("dim", dim), ("num_classes", num_classes),
+                            ("prototypes_per_class", prototypes_per_class)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PrototypeClassifier: '{name}' must be a positive int, got "
+                                 f"{value!r}")
+        self.prototypes = nn.Parameter(torch.randn(num_classes * prototypes_per_class, dim,
+                                                   device=device, dtype=dtype))
+        self.register_buffer("prototype_labels", torch.arange(num_classes, device=device)
+                             .repeat_interleave(prototypes_per_class))
+        self.criterion = criterion if criterion is not None else GLVQLoss()
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor, labels: Tensor, noise: float = 0.01) -> None:
+        for c in range(int(self.prototype_labels.max()) + 1):
+            members = x[labels == c]
+            if len(members):
+                rows = self.prototype_labels == c
+                mean = members.mean(0).to(self.prototypes.dtype)
+                self.prototypes[rows] = mean + noise * torch.randn_like(self.prototypes[rows])
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, idx = nearest(x, self.prototypes)
+        return self.prototype_labels[idx]
+
+    def loss(self, x: Tensor, labels: Tensor) -> Tensor:
+        return self.criterion(x, labels, self.prototypes, self.prototype_labels)
+
+    def extra_repr(self) -> str:
+        return (f"{self.prototypes.shape[1]}, prototypes={self.prototypes.shape[0]}, "
+                f"classes={int(self.prototype_labels.max()) + 1}")
+
+
+__all__ = ["GLVQLoss", "RSLVQLoss", "PrototypeClassifier"]

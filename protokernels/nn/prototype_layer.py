@@ -1,0 +1,89 @@
+"""The case-based reasoning prototype network's prototype layer and objective
+(case-based-reasoning-prototype-layer, §2, eq. 3-7): the squared distances of each encoded input
+to m learned prototypes (the classifier's input), and the interpretability regularizers R1 (every
+prototype near some encoded input, eq. 5) and R2 (every encoded input near some prototype, eq. 6),
+both from one fused pass (protokernels.nearest_both).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._numerics import FLOAT_DTYPES
+from ..ops.nearest import nearest_both
+from ..ops.sqdist import sqdist
+
+
+class PrototypeLayer(nn.Module):
+    """m prototypes in a `dim`-dimensional latent space. forward(z (N, dim)) -> (N, m) squared
+    distances ||z_i - p_j||^2 (protokernels.sqdist). `regularizers(z)` -> (R1, R2):
+    R1 = mean_j min_i ||p_j - z_i||^2, R2 = mean_i min_j ||z_i - p_j||^2 over the batch (the
+    paper relaxes R1's minimum to the minibatch too), one search for both."""
+
+    def __init__(self, dim: int, num_prototypes: int, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("dim", dim), ("num_prototypes", num_prototypes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PrototypeLayer: '{name}' must be a positive int, got "
+                                 f"{value!r}")
+        self.prototypes = nn.Parameter(torch.rand(num_prototypes, dim, device=device,
+                                                  dtype=dtype))
+
+    def _check(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.dtype not in FLOAT_DTYPES or z.dim() != 2:
+            raise TypeError(f"PrototypeLayer: 'z' must be a 2-D floating-point tensor (N, dim), "
+                            f"got {getattr(z, 'dtype', type(z).__name__)}")
+        if z.shape[1] != self.prototypes.shape[1]:
+            raise ValueError(f"PrototypeLayer: 'z' must have {self.prototypes.shape[1]} "
+                             f"features, got {z.shape[1]}")
+
+    def forward(self, z: Tensor) -> Tensor:
+        self._check(z)
+        return sqdist(z, self.prototypes.to(z.dtype))
+
+    def regularizers(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(z)
+        if z.shape[0] == 0:  # no encoded input: nothing to be near
+            zero = self.prototypes.sum() * 0
+            return zero, zero
+        row_dist, _, col_dist, _ = nearest_both(z, self.prototypes.to(z.dtype))
+        return col_dist.mean(), row_dist.mean()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.prototypes.shape[1]}, prototypes={self.prototypes.shape[0]}"
+
+
+class CaseBasedLoss(nn.Module):
+    """The four-term objective (eq. 7): cross-entropy of the classifier's logits (eq. 3)
+    + lambda_rec * the mean squared reconstruction error per input (eq. 4, summed over features)
+    + lambda_r1 * R1 + lambda_r2 * R2 (the paper uses 0.05 for all three).
+
+    forward(logits, labels, reconstruction, x, r1, r2) -> loss, with (r1, r2) from
+    PrototypeLayer.regularizers."""
+
+    def __init__(self, lambda_rec: float = 0.05, lambda_r1: float = 0.05,
+                 lambda_r2: float = 0.05):
+        super().__init__()
+        for name, value in (("lambda_rec", lambda_rec), ("lambda_r1", lambda_r1),
+                            ("lambda_r2", lambda_r2)):
+            if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"CaseBasedLoss: '{name}' must be a finite number >= 0, got "
+                                 f"{value!r}")
+        self.lambda_rec, self.lambda_r1, self.lambda_r2 = lambda_rec, lambda_r1, lambda_r2
+
+    def forward(self, logits: Tensor, labels: Tensor, reconstruction: Tensor, x: Tensor,
+                r1: Tensor, r2: Tensor) -> Tensor:
+        if reconstruction.shape != x.shape:
+            raise ValueError(f"CaseBasedLoss: 'reconstruction' must have x's shape "
+                             f"{tuple(x.shape)}, got {tuple(reconstruction.shape)}")
+        rec = (reconstruction - x).square().flatten(1).sum(1).mean() if x.shape[0] else \
+            reconstruction.sum() * 0
+        return (F.cross_entropy(logits, labels) + self.lambda_rec * rec + self.lambda_r1 * r1
+                + self.lambda_r2 * r2)
+
+    def extra_repr(self) -> str:
+        return (f"lambda_rec={self.lambda_rec}, lambda_r1={self.lambda_r1}, "
+                f"lambda_r2={self.lambda_r2}")

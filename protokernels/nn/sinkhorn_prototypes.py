@@ -1,0 +1,97 @@
+"""Sinkhorn-balanced prototypes (prototypical-vae-sinkhorn, §2.2-2.3, eq. 5 and 9-12; SwAV):
+latent codes are assigned to K learnable prototypes by equipartition Sinkhorn codes, the
+prototypes learn from the cross-entropy between those codes and the softmax of the prototype
+scores (eq. 10), and each prototype anchors its cluster through an MMD term towards N(v_k, I)
+(eq. 5).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._numerics import FLOAT_DTYPES
+from ..ops.sinkhorn import sinkhorn
+from ..ops.sqdist import sqdist
+
+
+class SinkhornPrototypes(nn.Module):
+    """K prototypes V (K, dim) in a latent space.
+
+    forward(z (B, dim)) -> (loss, codes, scores): scores = z V^T (with `normalize`, of the
+    unit-normalized z and V, as SwAV), codes = protokernels.sinkhorn(scores, eps, n_iters) (the
+    balanced assignment, no gradient), loss = -mean_b sum_k codes log softmax(scores / temperature)
+    (eq. 10: it moves the prototypes and the encoder towards the balanced assignment).
+
+    anchor_loss(z, codes) -> the prototype-anchored regularization (eq. 5): for every prototype k,
+    the MMD between the codes assigned to it (argmax of codes) and samples of N(v_k, I), with a
+    Gaussian kernel of width `bandwidth`; summed over prototypes (kernel matrices from
+    protokernels.sqdist).
+    """
+
+    def __init__(self, dim: int, num_prototypes: int, *, temperature: float = 0.1,
+                 eps: float = 0.05, n_iters: int = 3, normalize: bool = True,
+                 bandwidth: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("dim", dim), ("num_prototypes", num_prototypes),
+                            ("n_iters", n_iters)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SinkhornPrototypes: '{name}' must be a positive int, got "
+                                 f"{value!r}")
+        for name, value in (("temperature", temperature), ("eps", eps),
+                            ("bandwidth", bandwidth)):
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"SinkhornPrototypes: '{name}' must be a finite number > 0, got "
+                                 f"{value!r}")
+        self.temperature, self.eps, self.n_iters = float(temperature), float(eps), n_iters
+        self.normalize, self.bandwidth = normalize, float(bandwidth)
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim, device=device,
+                                                   dtype=dtype))
+
+    def _check(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.dtype not in FLOAT_DTYPES or z.dim() != 2:
+            raise TypeError(f"SinkhornPrototypes: 'z' must be a 2-D floating-point tensor "
+                            f"(B, dim), got {getattr(z, 'dtype', type(z).__name__)}")
+        if z.shape[1] != self.prototypes.shape[1]:
+            raise ValueError(f"SinkhornPrototypes: 'z' must have {self.prototypes.shape[1]} "
+                             f"features, got {z.shape[1]}")
+
+    def scores(self, z: Tensor) -> Tensor:
+        self._check(z)
+        v = self.prototypes.to(z.dtype)
+        if self.normalize:
+            z, v = F.normalize(z, dim=1), F.normalize(v, dim=1)
+        return z @ v.t()
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scores = self.scores(z)
+        codes = sinkhorn(scores, eps=self.eps, n_iters=self.n_iters)
+        if z.shape[0] == 0:
+            return scores.sum() * 0, codes, scores
+        log_p = F.log_softmax(scores / self.temperature, dim=1)
+        return -(codes * log_p).sum(1).mean(), codes, scores
+
+    def anchor_loss(self, z: Tensor, codes: Tensor) -> Tensor:
+        self._check(z)
+        if codes.shape != (z.shape[0], self.prototypes.shape[0]):
+            raise ValueError(f"SinkhornPrototypes: 'codes' must have shape "
+                             f"{(z.shape[0], self.prototypes.shape[0])}, got {tuple(codes.shape)}")
+        if z.shape[0] == 0:
+            return z.sum() * 0
+        assigned = codes.argmax(1)
+        anchors = self.prototypes.to(z.dtype)[assigned]
+        targets = anchors + torch.randn_like(anchors)  # samples of N(v_k, I)
+        same = assigned[:, None] == assigned[None, :]
+        counts = torch.bincount(assigned, minlength=self.prototypes.shape[0]).to(z.dtype)
+        weight = same / counts[assigned][:, None] ** 2  # 1 / n_k^2 within cluster k
+
+        def kernel(a, b):
+            return torch.exp(-sqdist(a, b) / (2 * self.bandwidth ** 2))
+        mmd = kernel(z, z) + kernel(targets, targets) - 2 * kernel(z, targets)
+        return (weight * mmd).sum()
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.prototypes.shape[1]}, prototypes={self.prototypes.shape[0]}, "
+                f"temperature={self.temperature}, eps={self.eps}, n_iters={self.n_iters}")
