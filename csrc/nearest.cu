@@ -271,10 +271,15 @@ ScalarType dist_dtype(const Tensor& t) {
 
 void check_rows(const char* op, const Tensor& x, const Tensor& y) {
   check_batched_rows(op, x, y);
-  PK_CHECK(x.scalar_type() != ScalarType::Double, op,
-           "float64 is ranked by the reference backend (these keys rank by float32 scores)");
   PK_CHECK(y.size(1) <= kMaxRows && x.size(1) <= kMaxRows, op,
            "the packed keys hold 31-bit indices: N and M must be below 2**31");
+}
+
+// The searches rank by float32 keys (the gradient kernels take float64 too).
+void check_search(const char* op, const Tensor& x, const Tensor& y) {
+  check_rows(op, x, y);
+  PK_CHECK(x.scalar_type() != ScalarType::Double, op,
+           "float64 is ranked by the reference backend (these keys rank by float32 scores)");
 }
 
 void check_index(const char* op, const char* name, const Tensor& t, const Tensor& x, int64_t rows) {
@@ -336,7 +341,7 @@ Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search sear
   search.keys = static_cast<long long*>(keys.mutable_data_ptr());
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (!std::is_same_v<T, double>) {  // check_rows refused it
+    if constexpr (!std::is_same_v<T, double>) {  // check_search refused it
       SearchArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), x.size(1), y.size(1), x.size(2),
                          0, search};
       ::protokernels::search<T>(args, x.size(0), p, stream);
@@ -351,7 +356,7 @@ Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search sear
 void nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude, int64_t k,
                   std::string precision, Tensor dist, Tensor idx) {
   const char* op = "nearest_cuda";
-  check_rows(op, x, y);
+  check_search(op, x, y);
   PK_CHECK(k >= 1 && k <= kMaxK && k <= y.size(1), op, "k must be in [1, min(M, ", kMaxK,
            ")], got ", k);
   if (exclude) check_index(op, "exclude", *exclude, x, x.size(1));
@@ -367,7 +372,7 @@ void nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude, int64_t k,
 void nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y, Tensor y_labels,
                            std::string precision, Tensor dist, Tensor idx) {
   const char* op = "nearest_by_label_cuda";
-  check_rows(op, x, y);
+  check_search(op, x, y);
   check_index(op, "x_labels", x_labels, x, x.size(1));
   check_index(op, "y_labels", y_labels, x, y.size(1));
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
@@ -382,7 +387,7 @@ void nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y, Tensor y_labels,
 void nearest_both_cuda(Tensor x, Tensor y, std::string precision, Tensor row_dist, Tensor row_idx,
                        Tensor col_dist, Tensor col_idx) {
   const char* op = "nearest_both_cuda";
-  check_rows(op, x, y);
+  check_search(op, x, y);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const cudaStream_t stream = current_stream(x);
   Tensor col_keys = torch::stable::new_empty(x, {y.size(0), y.size(1), 1}, ScalarType::Long);

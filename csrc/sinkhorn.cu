@@ -4,8 +4,8 @@
 // loads of a warp are one row's consecutive columns; the ranges' partials are combined in order
 // by the finish kernel. Row sweep: a block per row at a time (blocks stride over rows); pass 1
 // takes the row's log-sum-exp (per-thread online (max, sum), then a block reduction), pass 2
-// re-reads the row (from L1/L2) and adds each column's term to the block's own row of partial
-// column sums. No atomics: every result is the same each run.
+// re-reads the row (from L1/L2) and folds each column's log-term into the block's own row of
+// partial column log-sums. No atomics: every result is the same each run.
 #include <cmath>
 #include <optional>
 
@@ -20,6 +20,16 @@ template <typename A>
 struct LogSum {
   A top, mass;  // sum of exp(z) = mass * exp(top)
 };
+
+// scale * s clamped to +-kScoreLimit (SCORE_LIMIT in protokernels/_numerics.py), NaN kept: an
+// infinite score acts as an overwhelming finite one instead of making inf - inf = NaN.
+constexpr double kScoreLimit = 1e30;
+
+template <typename A>
+__device__ __forceinline__ A scaled(A s, A scale) {
+  const A z = s * scale;
+  return z > A(kScoreLimit) ? A(kScoreLimit) : (z < A(-kScoreLimit) ? A(-kScoreLimit) : z);
+}
 
 template <typename A>
 __device__ __forceinline__ LogSum<A> add_term(LogSum<A> acc, A z) {
@@ -64,7 +74,8 @@ __global__ void column_logsum_kernel(const T* __restrict__ s, int64_t ss_b, int6
   const int64_t start = blockIdx.x * rows_per_part;
   const int64_t stop = start + rows_per_part < rows ? start + rows_per_part : rows;
   LogSum<A> acc{A(-INFINITY), A(0)};
-  for (int64_t i = start; i < stop; ++i) acc = add_term(acc, widen(s[i * ss_b + j * ss_k]) * scale);
+  for (int64_t i = start; i < stop; ++i)
+    acc = add_term(acc, scaled(widen(s[i * ss_b + j * ss_k]), scale));
   part_top[blockIdx.x * cols + j] = acc.top;
   part_mass[blockIdx.x * cols + j] = acc.mass;
 }
@@ -94,27 +105,37 @@ __global__ void finish_kernel(const A* __restrict__ part_mass, const A* __restri
   }
 }
 
+// Row sweep: the block's online log-sums per column (own_top, own_mass) of the plan's log-entries
+// scale s + u + v. Log-sums, not sums: a column can get all its mass from rows where it is e^-200
+// below the row's best (a zero-mass row elsewhere, a tiny eps), which a float sum would drop.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kSweepThreads)
 row_sweep_kernel(const T* __restrict__ s, int64_t ss_b, int64_t ss_k, int64_t rows, int64_t cols,
                  A scale, const A* __restrict__ v, const A* __restrict__ log_r, A log_r_const,
                  A* __restrict__ u_out, T* __restrict__ plan, int64_t sp_b, int64_t sp_k,
-                 A* __restrict__ part) {
-  A* own = part + blockIdx.x * cols;  // this block's column sums: only its threads touch them
-  for (int64_t j = threadIdx.x; j < cols; j += kSweepThreads) own[j] = A(0);
+                 A* __restrict__ part_top, A* __restrict__ part_mass) {
+  // This block's row of the partials: only its threads touch it.
+  A* own_top = part_top + blockIdx.x * cols;
+  A* own_mass = part_mass + blockIdx.x * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += kSweepThreads) {
+    own_top[j] = A(-INFINITY);
+    own_mass[j] = A(0);
+  }
   for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
     const T* row = s + i * ss_b;
     LogSum<A> acc{A(-INFINITY), A(0)};
     for (int64_t j = threadIdx.x; j < cols; j += kSweepThreads)
-      acc = add_term(acc, widen(row[j * ss_k]) * scale + v[j]);
+      acc = add_term(acc, scaled(widen(row[j * ss_k]), scale) + v[j]);
     const LogSum<A> lse = block_logsum(acc);
     const A lr = log_r != nullptr ? log_r[i] : log_r_const;
-    if (u_out != nullptr && threadIdx.x == 0) u_out[i] = lr - lse.top - log(lse.mass);
-    const A row_scale = exp(lr) / lse.mass;  // exp(u - top): the row carries mass r
+    const A u = lr - lse.top - log(lse.mass);
+    if (u_out != nullptr && threadIdx.x == 0) u_out[i] = u;
     for (int64_t j = threadIdx.x; j < cols; j += kSweepThreads) {
-      const A w = exp(widen(row[j * ss_k]) * scale + v[j] - lse.top) * row_scale;
-      own[j] += w;
-      if (plan != nullptr) plan[i * sp_b + j * sp_k] = narrow<T>(w);
+      const A t = scaled(widen(row[j * ss_k]), scale) + v[j] + u;
+      const LogSum<A> column = add_term(LogSum<A>{own_top[j], own_mass[j]}, t);
+      own_top[j] = column.top;
+      own_mass[j] = column.mass;
+      if (plan != nullptr) plan[i * sp_b + j * sp_k] = narrow<T>(exp(t));
     }
   }
 }
@@ -219,7 +240,8 @@ void sinkhorn_row_sweep_cuda(Tensor scores, double scale, Tensor v, std::optiona
   const cudaStream_t stream = current_stream(scores);
   const int64_t resident = 2 * int64_t{sm_count(scores)};  // 512 threads: 2 blocks per SM
   const int64_t parts = rows < resident ? (rows > 0 ? rows : 1) : resident;
-  Tensor part = torch::stable::new_empty(scores, {parts, cols}, accumulate_type(scores));
+  Tensor part_top = torch::stable::new_empty(scores, {parts, cols}, accumulate_type(scores));
+  Tensor part_mass = torch::stable::new_empty(scores, {parts, cols}, accumulate_type(scores));
   dispatch_floating(scores.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Accumulate<T>::type;
@@ -229,10 +251,11 @@ void sinkhorn_row_sweep_cuda(Tensor scores, double scale, Tensor v, std::optiona
         optional_data<A>(log_r), static_cast<A>(log_r_const),
         u_out ? static_cast<A*>(u_out->mutable_data_ptr()) : nullptr,
         plan ? static_cast<T*>(plan->mutable_data_ptr()) : nullptr, plan ? plan->stride(0) : 0,
-        plan ? plan->stride(1) : 0, static_cast<A*>(part.mutable_data_ptr()));
+        plan ? plan->stride(1) : 0, static_cast<A*>(part_top.mutable_data_ptr()),
+        static_cast<A*>(part_mass.mutable_data_ptr()));
     PK_CHECK_LAUNCH();
-    finish<A>(part, nullptr, static_cast<const A*>(v.const_data_ptr()), log_c, log_c_const, l_out,
-              v_next, stream);
+    finish<A>(part_mass, &part_top, static_cast<const A*>(v.const_data_ptr()), log_c, log_c_const,
+              l_out, v_next, stream);
   });
 }
 

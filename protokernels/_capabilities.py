@@ -50,8 +50,11 @@ class Capabilities:
     @classmethod
     def parse(cls, text: str) -> Capabilities:
         """From the extension's declaration, e.g. "dtypes=float16,bfloat16,float32;max_rows=
-        2147483647;max_k=64;why=...". An empty text takes everything."""
+        2147483647;max_k=64;why=..." (why last: it may hold ';'). An empty text takes
+        everything."""
+        text, _, why = text.partition("why=")
         fields = dict(item.split("=", 1) for item in text.split(";") if item)
+        fields["why"] = why
         return cls(
             dtypes=tuple(_DTYPE_NAMES[d] for d in fields["dtypes"].split(","))
             if "dtypes" in fields else FLOAT_DTYPES,

@@ -7,6 +7,9 @@
   the expanded ||x||^2 - 2 x.y + ||y||^2 cancels where x ~ y (sqdist of 1x1 at D = 1 came out
   1.1e-5 from float64 under "highest", over its 1e-5 bound), and tensor cores would pad such a
   depth to 16 anyway.
+- Sinkhorn clamps scores / eps to +-SCORE_LIMIT: an infinite score then acts as an overwhelming
+  finite one (its row's mass goes to its column) instead of inf - inf = NaN in every potential;
+  NaN still propagates. The limit leaves room for the potentials' sums in float32.
 """
 from __future__ import annotations
 
@@ -21,3 +24,4 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 DIRECT_DEPTH = 8
+SCORE_LIMIT = 1e30

@@ -123,3 +123,27 @@ BAD_INPUTS = [
 def test_bad_input(make, error, message):
     with pytest.raises(error, match=message):
         protokernels.codebook_lookup(**_on_device(make()))
+
+
+def test_no_groups_forward_and_backward(backend):
+    codebooks = torch.randn(0, 1, 129, device=DEVICE, requires_grad=True)
+    out = protokernels.codebook_lookup(torch.zeros(5, 0, dtype=torch.int64, device=DEVICE),
+                                       codebooks)
+    assert out.shape == (5, 0)
+    out.sum().backward()
+    assert codebooks.grad.shape == codebooks.shape
+
+
+def test_indices_from_dw_nearest_need_no_range_check(backend):
+    """dw_nearest's indices are known in range (no device sync to check them); modified in
+    place, they are checked again."""
+    x, codebooks = torch.randn(20, 6, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE)
+    _, idx = protokernels.dw_nearest(x, codebooks)
+    assert protokernels._validate._known_in_range(idx, 5)
+    assert not protokernels._validate._known_in_range(idx, 4)  # a smaller codebook: check
+    out = protokernels.codebook_lookup(idx, codebooks)
+    assert out.shape == (20, 6)
+    idx[0, 0] = 7
+    assert not protokernels._validate._known_in_range(idx, 5)
+    with pytest.raises(ValueError, match="'idx' must hold code indices in"):
+        protokernels.codebook_lookup(idx, codebooks)

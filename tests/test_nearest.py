@@ -1,5 +1,6 @@
 """nearest, nearest_k, nearest_by_label, nearest_both in every backend against float64 ground
 truth: winners judged by their true distance, exact distances, gradients, registration, bad input."""
+import os
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ def test_nearest_matches_float64(backend, shape, dtype, precision):
 
 
 @pytest.mark.parametrize("dtype,precision", DTYPES[:1] + DTYPES[2:4], ids=dtype_ids)
-@pytest.mark.parametrize("k", [1, 3, 20])
+@pytest.mark.parametrize("k", [1, 2, 3, 20])
 def test_nearest_k_matches_float64(backend, k, dtype, precision):
     x, y = randn(2, 33, 19, dtype=dtype), randn(2, 150, 19, dtype=dtype)
     dist, idx = protokernels.nearest_k(x, y, k, precision=precision)
@@ -355,6 +356,30 @@ def test_reference_memory_stays_bounded_on_cpu():
     assert peak_kib < 2.5 * 2**20, f"peak RSS {peak_kib / 2**20:.2f} GiB"
 
 
+@pytest.mark.slow
+def test_reference_top_k_memory_stays_within_its_budget():
+    """nearest_k of 100 000 x 3000 rows at D 128, k 64, on the CPU at a 256 MiB scratch budget:
+    RSS grows by at most the budget, the outputs (77 MiB) and 64 MiB of slack (it grew by 680
+    MiB before the top-k merge and the exact-distance gather counted their temporaries)."""
+    script = (
+        "import resource, torch, protokernels\n"
+        "torch.manual_seed(0)\n"
+        "x, y = torch.randn(100_000, 128), torch.randn(3000, 128)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "with protokernels.use_backend('reference'):\n"
+        "    dist, idx = protokernels.nearest_k(x, y, 64)\n"
+        "rows = torch.arange(0, 100_000, 9_999)\n"
+        "true = torch.cdist(x[rows].double(), y.double()).square()\n"
+        "best = true.topk(64, largest=False).values\n"
+        "assert (true.gather(1, idx[rows]) - best).abs().max() < 1e-3\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
+    env = {**os.environ, "PROTOKERNELS_REFERENCE_SCRATCH_MB": "256"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env=env)
+    growth_mib = int(out.stdout.split()[-1]) / 1024
+    assert growth_mib < 256 + 77 + 64, f"RSS grew by {growth_mib:.0f} MiB"
+
+
 BAD_INPUTS = [
     (lambda: dict(x=randn(4, 3), y=randn(5, 4)), ValueError, "feature size D"),
     (lambda: dict(x=randn(4), y=randn(5, 4)), ValueError, "'x' must have at least 2 dimensions"),
@@ -451,3 +476,57 @@ def test_more_than_2_to_the_31_pairs(backend):
     assert idx[n // 2] == m - 1 and dist[n // 2] == 0
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device=DEVICE)
     assert_winners(x[rows], y, dist[rows], idx[rows], dtype=torch.float16)
+
+
+
+# Non-finite inputs (issue 15): every backend ranks a pair with a NaN row first, a pair with an
+# infinite row after every finite distance, never lets padding win, and never returns an index
+# outside [-1, M).
+
+def test_nan_row_whose_only_candidate_is_excluded_gets_none(backend):
+    x = torch.tensor([[float("nan"), 1.0]], device=DEVICE)
+    y = torch.tensor([[1.0, 0.0]], device=DEVICE)
+    dist, idx = protokernels.nearest(x, y, exclude=torch.tensor([0], device=DEVICE))
+    assert idx.item() == -1 and dist.item() == INF
+    dist, idx = protokernels.nearest_k(torch.cat([x, x]), torch.cat([y, y + 1]), 2,
+                                       exclude=torch.tensor([0, 1], device=DEVICE))
+    assert ((idx >= -1) & (idx < 2)).all()
+    assert (idx[:, 1] == -1).all() and (idx[:, 0] == torch.tensor([1, 0], device=DEVICE)).all()
+    d_same, i_same, d_other, i_other = protokernels.nearest_by_label(
+        x, torch.tensor([0], device=DEVICE), y, torch.tensor([0], device=DEVICE))
+    assert i_same.item() == 0 and d_same.isnan().item()
+    assert i_other.item() == -1 and d_other.item() == INF
+
+
+def test_an_infinitely_far_candidate_is_still_a_candidate(backend):
+    x = torch.tensor([[-1.0, 0.0]], device=DEVICE)
+    y = torch.tensor([[float("inf"), 0.0]], device=DEVICE)
+    for precision in ("ieee", "tf32x3", "tf32"):
+        dist, idx = protokernels.nearest(x, y, precision=precision)
+        assert idx.item() == 0 and dist.item() == INF
+    dist, idx = protokernels.dw_nearest(x[0], y.view(1, 1, 2))
+    assert idx.item() == 0 and dist.item() == INF
+
+
+def test_an_infinite_prototype_ranks_after_every_finite_one(backend):
+    x = torch.tensor([[1.0, 0.0], [2.0, 3.0]], device=DEVICE)
+    y = torch.tensor([[float("inf"), 0.0], [5.0, 0.0], [-float("inf"), 1.0]], device=DEVICE)
+    dist, idx = protokernels.nearest(x, y)
+    assert idx.tolist() == [1, 1] and dist.tolist() == [16.0, 18.0]
+    dist, idx = protokernels.nearest_k(x, y, 3)
+    assert idx[:, 0].tolist() == [1, 1] and (dist[:, 1:] == INF).all()
+    assert sorted(idx[0, 1:].tolist()) == [0, 2]
+    _, i_same, _, i_other = protokernels.nearest_by_label(
+        x, torch.tensor([0, 1], device=DEVICE), y, torch.tensor([0, 0, 1], device=DEVICE))
+    assert i_same.tolist() == [1, 2] and i_other.tolist() == [2, 1]
+    row_dist, row_idx, col_dist, col_idx = protokernels.nearest_both(x, y)
+    assert row_idx.tolist() == [1, 1] and col_idx[1].item() == 0 and col_dist[0] == INF
+    _, idx = protokernels.dw_nearest(x, y[None])
+    assert idx[:, 0].tolist() == [1, 1]
+
+
+def test_empty_search_needs_no_k_in_range(backend):
+    dist, idx = protokernels.nearest(randn(0, 4), randn(0, 4))
+    assert dist.shape == idx.shape == (0,)
+    dist, idx = protokernels.nearest_k(randn(2, 0, 4), randn(2, 0, 4), 3)
+    assert dist.shape == idx.shape == (2, 0, 3)

@@ -165,13 +165,21 @@ def test_compile():
     assert x.grad is not None
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(dim=12, codebook_size=7, groups=5), r"'dim' \(12\) must be divisible by 'groups' \(5\)"),
-    (dict(dim=12, codebook_size=0), "'codebook_size' must be a positive int"),
-    (dict(dim=12, codebook_size=7, decay=1.0), "'decay' must be in"),
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(dim=12, codebook_size=7, groups=5), ValueError,
+     r"'dim' \(12\) must be divisible by 'groups' \(5\)"),
+    (dict(dim=12, codebook_size=0), ValueError, "'codebook_size' must be a positive int"),
+    (dict(dim=12, codebook_size=7, decay=1.0), ValueError, r"'decay' must be in \[0, 1\)"),
+    (dict(dim=12, codebook_size=7, commitment_weight=-0.1), ValueError,
+     "'commitment_weight' must be a finite number >= 0, got -0.1"),
+    (dict(dim=12, codebook_size=7, eps=0.0), ValueError, "'eps' must be a finite number > 0"),
+    (dict(dim=12, codebook_size=7, dead_code_threshold=-1), ValueError,
+     "'dead_code_threshold' must be"),
+    (dict(dim=12, codebook_size=7, decay="0.9"), TypeError, "'decay' must be a number, got str"),
+    (dict(dim=12, codebook_size=7, kmeans_iters=0), ValueError, "'kmeans_iters' must be"),
 ])
-def test_bad_configuration(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_configuration(kwargs, error, message):
+    with pytest.raises(error, match=message):
         VectorQuantizer(**kwargs)
 
 
@@ -180,6 +188,104 @@ def test_bad_input_shape():
         quantizer(channel_last=False)(randn(2, 5, 12))
     with pytest.raises(ValueError, match="must have dim = 12 features in dimension -1"):
         quantizer()(randn(2, 5, 11))
+
+
+@pytest.mark.parametrize("x,message", [
+    (lambda: torch.ones(4, 12, dtype=torch.int64, device=DEVICE), "floating-point.*got torch.int64"),
+    (lambda: torch.ones(4, 12, dtype=torch.int32, device=DEVICE), "floating-point.*got torch.int32"),
+    (lambda: torch.ones(4, 12, dtype=torch.complex64, device=DEVICE),
+     "floating-point.*got torch.complex64"),
+    (lambda: None, "must be a torch.Tensor, got NoneType"),
+])
+def test_bad_input_type(x, message):
+    with pytest.raises(TypeError, match=f"'x' must be a {message}" if "float" in message
+                       else message):
+        quantizer()(x())
+
+
+def _settle():
+    if HAS_GPU:
+        torch.cuda.synchronize()  # the skip notice is read once the GPU has reached it
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_a_non_finite_batch_never_reaches_the_codebook(ema):
+    vq = quantizer(ema=ema, dead_code_threshold=0.5)
+    x = randn(64, 12)
+    x[0, 0] = float("nan")
+    x[5, 7] = float("inf")
+    before = vq.codebook.detach().clone()
+    state = (vq.ema_count.clone(), vq.ema_sum.clone()) if ema else None
+    quantized, _, loss = vq(x)
+    loss.backward() if not ema else None
+    assert loss.isnan()  # NaN in, NaN out: the loss says so
+    assert torch.equal(vq.codebook.detach(), before)
+    if ema:
+        assert torch.equal(vq.ema_count, state[0]) and torch.equal(vq.ema_sum, state[1])
+    else:  # the codebook loss leaves the non-finite rows out: no NaN gradient into the codes
+        assert torch.isfinite(vq.codebook.grad).all()
+    _settle()
+    with pytest.warns(RuntimeWarning, match="held NaN or infinity; its codebook update was "
+                                            "skipped"):
+        quantized, indices, loss = vq(randn(64, 12))
+    assert torch.isfinite(quantized).all() and torch.isfinite(loss)
+    assert torch.isfinite(vq.codebook).all()
+    if ema:
+        assert not torch.equal(vq.codebook, before)  # the clean batch updated it
+
+
+def test_kmeans_init_waits_for_a_finite_batch():
+    vq = quantizer(kmeans_init=True)
+    x = randn(64, 12)
+    x[3, 3] = float("nan")
+    with pytest.warns(RuntimeWarning, match="k-means initialization waits"):
+        vq(x)
+    assert not vq.initialized and torch.isfinite(vq.codebook).all()
+    _settle()
+    with pytest.warns(RuntimeWarning, match="its codebook update was skipped"):
+        vq(randn(64, 12))
+    assert vq.initialized and torch.isfinite(vq.codebook).all()
+
+
+@pytest.mark.parametrize("ema,decay", [(True, 0.0), (True, 0.99), (False, 0.99)])
+def test_empty_training_batch_changes_nothing(ema, decay):
+    vq = quantizer(ema=ema, decay=decay)
+    before = vq.codebook.detach().clone()
+    quantized, indices, loss = vq(randn(0, 12))
+    assert quantized.shape == (0, 12) and indices.shape == (0, 3)
+    assert loss.item() == 0
+    assert torch.equal(vq.codebook.detach(), before)
+
+
+def test_restarted_code_starts_at_the_threshold_count():
+    """As vector-quantize-pytorch's threshold_ema_dead_code: a replaced code's EMA count is the
+    threshold and its EMA sum the sample times the threshold."""
+    vq = quantizer(dead_code_threshold=3.0)
+    vq(randn(40, 12))
+    restarted = vq.ema_count == 3.0
+    assert restarted.any()
+    codes = vq.codebook[restarted]
+    assert torch.allclose(vq.ema_sum[restarted], codes.float() * 3.0)
+
+
+@pytest.mark.parametrize("deterministic", [None, False, True])
+def test_statistics_paths_users_get(deterministic):
+    """The EMA statistics on the path users get by default (atomic scatter: deterministic
+    algorithms off) as well as the deterministic one: the same update to rounding."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        vq = quantizer(deterministic=deterministic, decay=0.5)
+        reference = quantizer(decay=0.5)
+        x = randn(500, 12)
+        vq(x)
+        with protokernels.use_backend("reference"):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            reference(x)
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=True)
+    assert relative_error(vq.codebook, reference.codebook) <= 1e-5
+    assert torch.equal(vq.last_counts, reference.last_counts)
 
 
 # -- two gloo ranks ---------------------------------------------------------------------------

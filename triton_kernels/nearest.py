@@ -319,7 +319,8 @@ def _prepare_rows(T, T_HI, T_LO, NORM, FLAGS, b, row0, R, D, st_b, st_r, st_d, f
             hi = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
             out = (b * R + rows64)[:, None] * D + ds[None, :]
             tl.store(T_HI + out, hi, mask=mask)
-            tl.store(T_LO + out, v - hi, mask=mask)
+            # an infinity is all hi (inf - inf would make the exact distance NaN)
+            tl.store(T_LO + out, tl.where(hi == v, 0.0, v - hi), mask=mask)
     total = tl.where(total > _MAX, _MAX, total)  # NaN > x is false: kept
     tl.store(NORM + b * R + rows64, total, mask=row_ok)
     if flag >= 0:
@@ -466,7 +467,7 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
     tiles_per_split = cdiv(tiles_m, splits)
     splits = cdiv(tiles_m, tiles_per_split)
     slots = 2 if x_labels is not None else k
-    finish = out is not None and splits == 1 and not columns and slots <= 2
+    finish = out is not None and splits == 1 and not columns and (k == 1 or x_labels is not None)
     if finish:
         dist, idx = out
         keys = idx

@@ -17,7 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._numerics import SCORE_LIMIT
 from ._common import accumulator, cdiv, launcher, next_power_of_2, sm_count
+
+_LIMIT = tl.constexpr(SCORE_LIMIT)
 
 # Columns a program holds in registers (row, potentials and column sums: 3 x 32 floats a thread
 # at 16 warps).
@@ -59,7 +62,7 @@ def _column_logsum_kernel(S, PART_MAX, PART_SUM, B, K, ss_b, ss_k, scale, rows_p
         rows = r0 + tl.arange(0, ROWS)
         mask = (rows < stop)[:, None] & col_ok[None, :]
         offsets = rows.to(tl.int64)[:, None] * ss_b + cols.to(tl.int64)[None, :] * ss_k
-        z = tl.where(mask, tl.load(S + offsets, mask=mask).to(ACC) * scale, float("-inf"))
+        z = tl.where(mask, _scaled(tl.load(S + offsets, mask=mask).to(ACC), scale), float("-inf"))
         new_top = tl.maximum(top, tl.max(z, 0))
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no row yet: nothing to scale
         total = total * tl.exp(top - shift) + tl.sum(tl.exp(z - shift[None, :]), 0)
@@ -76,9 +79,16 @@ def _row_terms(S, V, rows, row_ok, cols, col_ok, ss_b, ss_k, scale):
     mask = row_ok[:, None] & col_ok[None, :]
     v = tl.load(V + cols, mask=col_ok, other=0.0)
     # mask after scaling: scale is negative for a cost matrix
-    z = tl.where(mask, tl.load(S + offsets, mask=mask).to(v.dtype) * scale + v[None, :],
+    z = tl.where(mask, _scaled(tl.load(S + offsets, mask=mask).to(v.dtype), scale) + v[None, :],
                  float("-inf"))
     return z, offsets, mask
+
+
+@triton.jit
+def _scaled(s, scale):
+    """scale * s clamped to +-SCORE_LIMIT (protokernels/_numerics.py), NaN kept."""
+    z = s * scale
+    return tl.where(z > _LIMIT, _LIMIT, tl.where(z < -_LIMIT, -_LIMIT, z))
 
 
 @triton.jit
@@ -91,19 +101,32 @@ def _row_log_r(LOG_R, rows, row_ok, log_r_const, ACC: tl.constexpr, HAS_LOG_R: t
 
 
 @triton.jit
-def _row_sweep_kernel(S, V, LOG_R, U, PLAN, PART, B, K, ss_b, ss_k, sp_b, sp_k, scale,
-                      log_r_const, ACC: tl.constexpr, HAS_LOG_R: tl.constexpr,
+def _add_log_terms(top, total, t):
+    """Fold log-terms t (ROWS, BLOCK_K) into per-column online log-sums (top, total): the sum of
+    exp(t) over the rows is total * exp(top), kept without underflow whatever the terms' range."""
+    new_top = tl.maximum(top, tl.max(t, 0))
+    shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no term yet: nothing to scale
+    return new_top, total * tl.exp(top - shift) + tl.sum(tl.exp(t - shift[None, :]), 0)
+
+
+@triton.jit
+def _row_sweep_kernel(S, V, LOG_R, U, PLAN, PART_MAX, PART_SUM, B, K, ss_b, ss_k, sp_b, sp_k,
+                      scale, log_r_const, ACC: tl.constexpr, HAS_LOG_R: tl.constexpr,
                       WRITE_U: tl.constexpr, WRITE_PLAN: tl.constexpr, ROWS: tl.constexpr,
                       BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr):
-    """PART (programs, K): each program's column sums of exp(a s + u + v) over its rows, with
-    u = log r - logsumexp_j(a s + v) (written to U); the plan itself to PLAN on request."""
+    """PART_MAX/PART_SUM (programs, K): each program's online log-sum-exps, per column, of the
+    plan's log-entries a s + u + v over its rows, with u = log r - logsumexp_j(a s + v) (written
+    to U); the plan itself to PLAN on request. Log-sums, not sums: a column can get all its mass
+    from rows where it is e^-200 below the row's best (a zero-mass row elsewhere, a tiny eps)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    part = PART + pid.to(tl.int64) * K
+    part_max = PART_MAX + pid.to(tl.int64) * K
+    part_sum = PART_SUM + pid.to(tl.int64) * K
     if RESIDENT:
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        colsum = tl.zeros((BLOCK_K,), ACC)
+        col_top = tl.full((BLOCK_K,), float("-inf"), ACC)
+        col_total = tl.zeros((BLOCK_K,), ACC)
         for r0 in range(pid * ROWS, B, programs * ROWS):
             rows = r0 + tl.arange(0, ROWS)
             row_ok = rows < B
@@ -112,18 +135,22 @@ def _row_sweep_kernel(S, V, LOG_R, U, PLAN, PART, B, K, ss_b, ss_k, sp_b, sp_k, 
             top = tl.where(row_ok, tl.max(z, 1), 0.0)
             p = tl.exp(z - top[:, None])
             mass = tl.sum(p, 1)
-            w = p * (tl.exp(log_r) / mass)[:, None]  # = exp(z + u): the row carries mass r
-            colsum += tl.sum(tl.where(mask, w, 0.0), 0)
+            u = log_r - top - tl.log(mass)
+            col_top, col_total = _add_log_terms(col_top, col_total,
+                                                tl.where(mask, z + u[:, None], float("-inf")))
             if WRITE_U:
-                tl.store(U + rows, log_r - top - tl.log(mass), mask=row_ok)
+                tl.store(U + rows, u, mask=row_ok)
             if WRITE_PLAN:
+                w = p * (tl.exp(log_r) / mass)[:, None]  # = exp(z + u): the row carries mass r
                 plan_offsets = rows.to(tl.int64)[:, None] * sp_b + cols.to(tl.int64)[None, :] * sp_k
                 tl.store(PLAN + plan_offsets, w.to(PLAN.dtype.element_ty), mask=mask)
-        tl.store(part + cols, colsum, mask=col_ok)
+        tl.store(part_max + cols, col_top, mask=col_ok)
+        tl.store(part_sum + cols, col_total, mask=col_ok)
     else:
         for c0 in range(0, K, BLOCK_K):
             cols = c0 + tl.arange(0, BLOCK_K)
-            tl.store(part + cols, tl.zeros((BLOCK_K,), ACC), mask=cols < K)
+            tl.store(part_max + cols, tl.full((BLOCK_K,), float("-inf"), ACC), mask=cols < K)
+            tl.store(part_sum + cols, tl.zeros((BLOCK_K,), ACC), mask=cols < K)
         for r0 in range(pid * ROWS, B, programs * ROWS):
             rows = r0 + tl.arange(0, ROWS)
             row_ok = rows < B
@@ -136,22 +163,24 @@ def _row_sweep_kernel(S, V, LOG_R, U, PLAN, PART, B, K, ss_b, ss_k, sp_b, sp_k, 
                 mass = mass * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top[:, None]), 1)
                 top = new_top
             log_r = _row_log_r(LOG_R, rows, row_ok, log_r_const, ACC, HAS_LOG_R)
-            row_scale = tl.exp(log_r) / mass  # exp(u - top): the row carries mass r
+            u = log_r - top - tl.log(mass)
             for c0 in range(0, K, BLOCK_K):
                 cols = c0 + tl.arange(0, BLOCK_K)
                 col_ok = cols < K
                 z, offsets, mask = _row_terms(S, V, rows, row_ok, cols, col_ok, ss_b, ss_k,
                                               scale)
-                w = tl.exp(z - top[:, None]) * row_scale[:, None]
-                column_part = tl.load(part + cols, mask=col_ok, other=0.0)
-                tl.store(part + cols, column_part + tl.sum(tl.where(mask, w, 0.0), 0),
-                         mask=col_ok)
+                t = tl.where(mask, z + u[:, None], float("-inf"))
+                col_top, col_total = _add_log_terms(
+                    tl.load(part_max + cols, mask=col_ok, other=float("-inf")),
+                    tl.load(part_sum + cols, mask=col_ok, other=0.0), t)
+                tl.store(part_max + cols, col_top, mask=col_ok)
+                tl.store(part_sum + cols, col_total, mask=col_ok)
                 if WRITE_PLAN:
                     plan_offsets = (rows.to(tl.int64)[:, None] * sp_b
                                     + cols.to(tl.int64)[None, :] * sp_k)
-                    tl.store(PLAN + plan_offsets, w.to(PLAN.dtype.element_ty), mask=mask)
+                    tl.store(PLAN + plan_offsets, tl.exp(t).to(PLAN.dtype.element_ty), mask=mask)
             if WRITE_U:
-                tl.store(U + rows, log_r - top - tl.log(mass), mask=row_ok)
+                tl.store(U + rows, u, mask=row_ok)
 
 
 @triton.jit
@@ -243,12 +272,13 @@ def sinkhorn_row_sweep(scores, scale, v, log_r, log_r_const, log_c, log_c_const,
     acc = accumulator(l_out.dtype)
     block_k, rows, num_warps, per_sm = sweep_config(k)
     programs = _programs(scores, rows, per_sm)
-    part = torch.empty((programs, k), dtype=l_out.dtype, device=scores.device)
+    part_max, part_sum = torch.empty((2, programs, k), dtype=l_out.dtype, device=scores.device)
     plan_strides = plan.stride() if plan is not None else (0, 0)
     _launch_row_sweep(
         (programs,), scores, v, log_r if log_r is not None else v,
-        u_out if u_out is not None else v, plan if plan is not None else scores, part, b, k,
-        *scores.stride(), *plan_strides, scale, log_r_const, ACC=acc, HAS_LOG_R=log_r is not None, WRITE_U=u_out is not None,
-        WRITE_PLAN=plan is not None, ROWS=rows, BLOCK_K=block_k, RESIDENT=k <= _RESIDENT_COLUMNS,
-        num_warps=num_warps)
-    _finish(part, None, v, log_c, log_c_const, l_out, v_next)
+        u_out if u_out is not None else v, plan if plan is not None else scores, part_max,
+        part_sum, b, k,
+        *scores.stride(), *plan_strides, scale, log_r_const, ACC=acc, HAS_LOG_R=log_r is not None,
+        WRITE_U=u_out is not None, WRITE_PLAN=plan is not None, ROWS=rows, BLOCK_K=block_k,
+        RESIDENT=k <= _RESIDENT_COLUMNS, num_warps=num_warps)
+    _finish(part_sum, part_max, v, log_c, log_c_const, l_out, v_next)

@@ -3,6 +3,11 @@ losses, EMA codebooks and k-means initialization (VQ-VAE eq. 2-4 and its EMA app
 depthwise-vector-quantization..., §3), on the fused ops dw_nearest, codebook_lookup and
 codebook_stats: no (N, K) distance matrix, no one-hot matrix.
 
+A batch holding NaN or infinity never reaches the codebook: its statistics are dropped on the
+device (no sync), the codebook and EMA state keep their values, and a warning follows at the next
+training call (read without stalling the GPU); its loss is NaN, as the input is. The codebook
+loss (ema=False) takes only the finite rows, so no NaN gradient reaches the codes.
+
 When torch.distributed is initialized (world size > 1), every statistic that changes the codebook
 (EMA counts and sums, k-means steps, the samples that replace dead codes) is all-reduced or
 broadcast, with shapes that do not depend on the local batch, so every rank holds the same
@@ -11,11 +16,13 @@ codebook and a rank with an empty or differently sized batch cannot hang the oth
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._numerics import FLOAT_DTYPES
 from ..ops.codebook_lookup import codebook_lookup, lookup_checked_indices
 from ..ops.codebook_stats import stats_of_checked_indices
 from ..ops.dw_nearest import dw_nearest
@@ -75,12 +82,21 @@ class VectorQuantizer(nn.Module):
         if dim % groups:
             raise ValueError(f"VectorQuantizer: 'dim' ({dim}) must be divisible by 'groups' "
                              f"({groups})")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"VectorQuantizer: 'decay' must be in [0, 1), got {decay}")
-        if not eps > 0:
-            raise ValueError(f"VectorQuantizer: 'eps' must be positive, got {eps}")
-        if kmeans_iters < 1:
-            raise ValueError(f"VectorQuantizer: 'kmeans_iters' must be >= 1, got {kmeans_iters}")
+        for name, value, ok, expected in (
+                ("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)"),
+                ("eps", eps, lambda v: 0 < v < math.inf, "a finite number > 0"),
+                ("commitment_weight", commitment_weight, lambda v: 0 <= v < math.inf,
+                 "a finite number >= 0"),
+                ("dead_code_threshold", dead_code_threshold, lambda v: 0 <= v < math.inf,
+                 "a finite number >= 0")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"VectorQuantizer: '{name}' must be a number, got "
+                                f"{type(value).__name__}")
+            if not ok(value):
+                raise ValueError(f"VectorQuantizer: '{name}' must be {expected}, got {value}")
+        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 1:
+            raise ValueError(f"VectorQuantizer: 'kmeans_iters' must be an int >= 1, got "
+                             f"{kmeans_iters!r}")
         self.dim, self.codebook_size, self.groups = dim, codebook_size, groups
         self.commitment_weight, self.ema, self.decay, self.eps = commitment_weight, ema, decay, eps
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
@@ -101,6 +117,7 @@ class VectorQuantizer(nn.Module):
                                                         dtype=torch.int64), persistent=False)
         self._needs_init = kmeans_init  # mirrors `initialized` without a device sync per call
         self._needs_sync = True  # ranks may have drawn different codebooks: rank 0's wins
+        self._skipped = None  # (host copy of "the last update was skipped", ready event)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -159,7 +176,16 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _kmeans(self, flat: Tensor) -> None:
         """k-means (Lloyd) on the batch from random batch vectors; codes left empty keep their
-        place. Sets the EMA state to the final clusters."""
+        place. Sets the EMA state to the final clusters. A batch holding NaN or infinity is no
+        data to start from: the initialization waits for the next batch (one device sync, on
+        this first batch only)."""
+        bad = (~torch.isfinite(flat)).any().to(torch.int64)
+        self._all_reduce(bad)
+        if bad.item():
+            warnings.warn("VectorQuantizer: the first training batch held NaN or infinity; the "
+                          "k-means initialization waits for the next batch", RuntimeWarning,
+                          stacklevel=4)
+            return
         centers = self._samples(flat)
         counts = torch.zeros(self.codebook.shape[:2], dtype=torch.int64, device=flat.device)
         for _ in range(self.kmeans_iters):
@@ -176,30 +202,44 @@ class VectorQuantizer(nn.Module):
         self._needs_init = False
 
     @torch.no_grad()
-    def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
-        self.ema_count.lerp_(counts.to(self.ema_count.dtype), 1.0 - self.decay)
-        self.ema_sum.lerp_(sums.to(self.ema_sum.dtype), 1.0 - self.decay)
+    def _ema_update(self, counts: Tensor, sums: Tensor, usable: Tensor) -> None:
+        """The EMA step, applied on the device only where `usable` (the batch was finite and
+        non-empty over all ranks): otherwise the state keeps its values (with decay 0, an empty
+        batch would zero every count and divide by it)."""
+        count = self.ema_count.lerp(counts.to(self.ema_count.dtype), 1.0 - self.decay)
+        total_sum = self.ema_sum.lerp(sums.to(self.ema_sum.dtype), 1.0 - self.decay)
         # Laplace smoothing: no code's count is ever 0, so no division blows up.
-        total = self.ema_count.sum(-1, keepdim=True)
-        smoothed = (self.ema_count + self.eps) / (total + self.codebook_size * self.eps) * total
-        self.codebook.copy_(self.ema_sum / smoothed[..., None])
+        total = count.sum(-1, keepdim=True)
+        smoothed = (count + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.ema_count.copy_(torch.where(usable, count, self.ema_count))
+        self.ema_sum.copy_(torch.where(usable, total_sum, self.ema_sum))
+        self.codebook.copy_(torch.where(usable, total_sum / smoothed[..., None], self.codebook))
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: Tensor) -> None:
+    def _restart_dead_codes(self, flat: Tensor, usable: Tensor) -> None:
         """Replace the codes whose EMA count (or, without EMA, batch count) is below the
-        threshold by random batch vectors."""
+        threshold by random batch vectors (only from a usable batch: finite, non-empty). As in
+        vector-quantize-pytorch, a restarted code starts with the threshold as its EMA count
+        (and sample * threshold as its EMA sum), so that it is not dead again at once."""
         usage = self.ema_count if self.ema else self.last_counts
-        dead = usage < self.dead_code_threshold
+        dead = (usage < self.dead_code_threshold) & usable
         samples = self._samples(flat)
         self.codebook.copy_(torch.where(dead[..., None], samples, self.codebook))
         if self.ema:
-            self.ema_count.masked_fill_(dead, 1.0)
-            self.ema_sum.copy_(torch.where(dead[..., None], samples.to(self.ema_sum.dtype),
-                                           self.ema_sum))
+            self.ema_count.masked_fill_(dead, self.dead_code_threshold)
+            self.ema_sum.copy_(torch.where(
+                dead[..., None], samples.to(self.ema_sum.dtype) * self.dead_code_threshold,
+                self.ema_sum))
 
     # -- forward ---------------------------------------------------------------------------------
 
     def _features_last(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"VectorQuantizer: 'x' must be a torch.Tensor, got "
+                            f"{type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"VectorQuantizer: 'x' must be a floating-point tensor (float16, "
+                            f"bfloat16, float32 or float64), got {x.dtype}")
         if x.dim() < 1 or (not self.channel_last and x.dim() < 2):
             raise ValueError(f"VectorQuantizer: 'x' must be (..., dim) or, with "
                              f"channel_last=False, (B, dim, ...), got shape {tuple(x.shape)}")
@@ -226,9 +266,14 @@ class VectorQuantizer(nn.Module):
                                precision=self.precision)
         quantized = lookup_checked_indices(idx, self.codebook, self.deterministic)
         loss = self.commitment_weight * dist.sum() / max(flat.numel(), 1)
-        if not self.ema:  # the codebook loss moves the chosen codes towards their vectors
-            loss = loss + nn.functional.mse_loss(quantized, flat.detach())
+        if not self.ema:  # the codebook loss moves the chosen codes towards their (finite) vectors
+            # A non-finite row's target is its own code (error 0, gradient 0; masking the squared
+            # error instead would still pass 0 * NaN = NaN back).
+            finite_rows = torch.isfinite(flat.detach()).all(-1, keepdim=True)
+            target = torch.where(finite_rows, flat.detach(), quantized.detach())
+            loss = loss + (quantized - target).square().sum() / max(flat.numel(), 1)
         if self.training:
+            self._warn_if_skipped()
             self._update(flat.detach(), idx)
         out = _StraightThrough.apply(flat, quantized).to(x.dtype).view(features.shape)
         indices = idx.view(features.shape[:-1] + (self.groups,))
@@ -236,18 +281,48 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, flat: Tensor, idx: Tensor) -> None:
+        # Whether this batch may change the codebook: finite (on every rank) and, for EMA, not
+        # empty over all ranks. Decided on the device: no sync per training step.
+        bad = (~torch.isfinite(flat)).any().to(torch.int64)
         if self.ema:
             counts, sums = self._stats(flat, idx)
-            self._ema_update(counts, sums)
+            self._all_reduce(bad)
+            usable = (bad == 0) & (counts.sum() > 0)
+            self._ema_update(counts, sums, usable)
         else:
             offsets = torch.arange(self.groups, device=idx.device)[:, None] * self.codebook_size
             counts = torch.bincount((idx.t() + offsets).flatten(),
                                     minlength=self.groups * self.codebook_size)
             counts = counts.view(self.groups, self.codebook_size)
-            self._all_reduce(counts)
+            self._all_reduce(counts, bad)
+            usable = bad == 0
         self.last_counts.copy_(counts)
         if self.dead_code_threshold > 0:
-            self._restart_dead_codes(flat)
+            self._restart_dead_codes(flat, usable)
+        self._note_skipped(bad)
+
+    def _note_skipped(self, bad: Tensor) -> None:
+        """Keep a host copy of whether this batch was dropped, to warn at the next call."""
+        if bad.device.type == "cuda":
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._skipped = (host, event)
+        else:
+            self._skipped = (bad, None)
+
+    def _warn_if_skipped(self) -> None:
+        if self._skipped is None:
+            return
+        host, event = self._skipped
+        if event is not None and not event.query():  # not known yet: ask again next time
+            return
+        self._skipped = None
+        if host.item():
+            warnings.warn("VectorQuantizer: a training batch held NaN or infinity; its "
+                          "codebook update was skipped (the codebook and EMA state are "
+                          "unchanged)", RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:

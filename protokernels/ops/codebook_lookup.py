@@ -33,7 +33,7 @@ def _(idx, codebooks, deterministic, backend):
 
 def _setup_context(ctx, inputs, output):
     idx, codebooks, ctx.deterministic, ctx.backend = inputs
-    ctx.size, ctx.dtype = codebooks.shape[1], codebooks.dtype
+    ctx.shape, ctx.dtype = codebooks.shape, codebooks.dtype
     ctx.save_for_backward(idx)
 
 
@@ -41,8 +41,9 @@ def _backward(ctx, grad):
     (idx,) = ctx.saved_tensors
     from .codebook_stats import _codebook_stats  # each op's backward is the other op
 
-    sums, _ = _codebook_stats(grad, idx, ctx.size, ctx.deterministic, ctx.backend)
-    return None, sums.to(ctx.dtype), None, None
+    sums, _ = _codebook_stats(grad, idx, ctx.shape[1], ctx.deterministic, ctx.backend)
+    # reshape: with G = 0 groups the statistics cannot know Dg (their (0, K, 0) is empty too)
+    return None, sums.to(ctx.dtype).reshape(ctx.shape), None, None
 
 
 _codebook_lookup.register_autograd(_backward, setup_context=_setup_context)

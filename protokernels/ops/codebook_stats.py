@@ -82,7 +82,7 @@ def codebook_stats(x: Tensor, idx: Tensor, size: int, *,
     # G comes from idx; code_indices checks idx's type, dtype, device and values first.
     groups = idx.shape[-1] if isinstance(idx, torch.Tensor) and idx.dim() > 0 else 1
     flat_idx = _validate.code_indices(op, "idx", idx, "x", x, groups, size)
-    if groups == 0 or x.shape[-1] % groups:
+    if (x.shape[-1] % groups) if groups else x.shape[-1]:  # G = 0 groups: no features either
         raise ValueError(f"{op}: the last dimension of 'x' must split into G = {groups} equal "
                          f"groups (idx's last dimension), got x {tuple(x.shape)} and idx "
                          f"{tuple(idx.shape)}")

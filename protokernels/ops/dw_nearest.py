@@ -80,4 +80,5 @@ def dw_nearest(x: Tensor, codebooks: Tensor, *,
                                m=size, d=depth, batch=groups)
     dist, idx = _dw_nearest(flat, codebooks, precision, backend)
     shape = x.shape[:-1] + (groups,)
-    return dist.view(shape), idx.view(shape)
+    # codebook_lookup / codebook_stats of these indices need no range check (a device sync).
+    return dist.view(shape), _validate.produced_in_range(idx.view(shape), size)

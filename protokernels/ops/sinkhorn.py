@@ -32,7 +32,8 @@ from ._registry import custom_op
 _COLUMN_LOGSUM = _backend.Implementations("sinkhorn", "sinkhorn_column_logsum")
 _ROW_SWEEP = _backend.Implementations("sinkhorn", "sinkhorn_row_sweep")
 
-# tol is checked every this many iterations, as POT does: a check is a device sync.
+# tol is checked after iterations 1, 1 + CHECK_EVERY, 1 + 2 CHECK_EVERY, ..., as POT's ot.sinkhorn
+# does (its `ii % 10 == 0`, counting from 0): a check is a device sync.
 CHECK_EVERY = 10
 
 
@@ -82,8 +83,8 @@ def _iterate(backend: str, scores: Tensor, scale: float, n_iters: int, marginals
         if combine:
             logsum = combine(logsum)
             next_potential(v_of(t - 1), log_c, log_c_const, logsum, v_of(t))
-        if (tol is not None and t % CHECK_EVERY == 0
-                and _marginal_error(logsum, log_c, log_c_const).item() <= tol):
+        if (tol is not None and (t - 1) % CHECK_EVERY == 0
+                and _marginal_error(logsum, log_c, log_c_const).item() < tol):
             iterations = t
             break
     row_sweep(scores, scale, v_of(iterations - 1), log_r, log_r_const, log_c, log_c_const,
@@ -94,9 +95,9 @@ def _iterate(backend: str, scores: Tensor, scale: float, n_iters: int, marginals
 
 
 def _marginal_error(logsum: Tensor, log_c: Tensor | None, log_c_const: float) -> Tensor:
-    """|| column sums - c ||_1 (the rows are exact after a row step)."""
+    """|| column sums - c ||_2, POT's stopping criterion (the rows are exact after a row step)."""
     target = math.exp(log_c_const) if log_c is None else log_c.exp()
-    return (logsum.exp() - target).abs().sum()
+    return torch.linalg.vector_norm(logsum.exp() - target)
 
 
 def _all_reduce_logsum(logsum: Tensor, group) -> Tensor:
@@ -249,7 +250,7 @@ def sinkhorn(scores: Tensor, *, eps: float = 0.05, n_iters: int = 3,
 
 
 class SinkhornInfo(NamedTuple):
-    """sinkhorn_plan(..., return_info=True): the plan, the iterations run and the L1 error of the
+    """sinkhorn_plan(..., return_info=True): the plan, the iterations run and the L2 error of the
     plan's column sums against c (its row sums are exact)."""
     plan: Tensor
     iterations: int
@@ -264,9 +265,11 @@ def sinkhorn_plan(cost: Tensor, r: Tensor | None = None, c: Tensor | None = None
 
     r, c: non-negative, equal totals; None is uniform with total 1. Log-domain Sinkhorn (POT's
     ot.sinkhorn order: each iteration normalizes the columns, then the rows), stable for any
-    cost / eps. Stops after n_iters iterations, or earlier once the L1 error of the column sums is
-    <= tol (checked every 10 iterations, as POT does). return_info=True returns
-    SinkhornInfo(plan, iterations, marginal_error) (one device sync).
+    cost / eps. Stops after n_iters iterations, or earlier once the L2 norm of the column sums'
+    error is below tol, checked after iterations 1, 11, 21, ... exactly as POT's ot.sinkhorn
+    (ot.sinkhorn(a, b, M, reg) is sinkhorn_plan(M, a, b, eps=reg, n_iters=1000, tol=1e-9)).
+    Scores (-cost / eps) are clamped to +-1e30, so an infinite cost is an overwhelming finite
+    one. return_info=True returns SinkhornInfo(plan, iterations, marginal_error) (one sync).
 
     Differentiable w.r.t. cost: the gradient is that of the unrolled iterations (exact for the
     plan computed, converged or not), computed from the potentials kept by the forward (n_iters x

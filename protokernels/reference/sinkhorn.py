@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .._numerics import SCORE_LIMIT, accumulate_dtype
 from ._scratch import ranges, tile_sizes
-from .._numerics import accumulate_dtype
 
 
 def _row_tile(scores: torch.Tensor, acc: torch.dtype, temporaries: int) -> int:
@@ -27,6 +27,13 @@ def _row_tile(scores: torch.Tensor, acc: torch.dtype, temporaries: int) -> int:
 
 def _marginal(log_m: torch.Tensor | None, const: float, start: int, stop: int):
     return const if log_m is None else log_m[start:stop]
+
+
+def scaled_scores(scores, scale, acc):
+    """scale * scores in the accumulate dtype, clamped to +-SCORE_LIMIT: an infinite score acts as
+    an overwhelming finite one (its row's mass goes to it) instead of making inf - inf = NaN of
+    every potential (protokernels/_numerics.py)."""
+    return (scores.to(acc) * scale).clamp_(-SCORE_LIMIT, SCORE_LIMIT)
 
 
 def next_potential(v, log_c, log_c_const, l_out, v_next):
@@ -40,7 +47,8 @@ def sinkhorn_column_logsum(scores, scale, log_c, log_c_const, l_out, v_next):
     acc = l_out.dtype
     total = torch.full_like(l_out, -torch.inf)
     for r0, r1 in ranges(scores.shape[0], _row_tile(scores, acc, 2)):
-        total = torch.logaddexp(total, torch.logsumexp(scores[r0:r1].to(acc) * scale, dim=0))
+        total = torch.logaddexp(total, torch.logsumexp(scaled_scores(scores[r0:r1], scale, acc),
+                                                       dim=0))
     l_out.copy_(total)
     if v_next is not None:
         next_potential(torch.zeros_like(l_out), log_c, log_c_const, l_out, v_next)
@@ -48,19 +56,21 @@ def sinkhorn_column_logsum(scores, scale, log_c, log_c_const, l_out, v_next):
 
 def sinkhorn_row_sweep(scores, scale, v, log_r, log_r_const, log_c, log_c_const, l_out,
                        v_next, u_out, plan):
-    """The row step with column potentials v (K,), and the log column sums of its plan."""
+    """The row step with column potentials v (K,), and the log column sums of its plan (log-sum-
+    exps, so that a column whose every term is below float range still gets its true log sum:
+    with a zero-mass row or a tiny eps, its terms can all be e^-200 relative to their rows)."""
     acc = l_out.dtype
-    colsum = torch.zeros_like(l_out)
+    logsum = torch.full_like(l_out, -torch.inf)
     for r0, r1 in ranges(scores.shape[0], _row_tile(scores, acc, 3)):
-        z = scores[r0:r1].to(acc) * scale + v
+        z = scaled_scores(scores[r0:r1], scale, acc) + v
         u = _marginal(log_r, log_r_const, r0, r1) - torch.logsumexp(z, dim=1)
-        w = torch.exp(z + u[:, None])
-        colsum += w.sum(0)
+        t = z + u[:, None]  # log of the plan's entries
+        logsum = torch.logaddexp(logsum, torch.logsumexp(t, dim=0))
         if u_out is not None:
             u_out[r0:r1] = u
         if plan is not None:
-            plan[r0:r1] = w
-    torch.log(colsum, out=l_out)
+            plan[r0:r1] = torch.exp(t)
+    l_out.copy_(logsum)
     if v_next is not None:
         next_potential(v, log_c, log_c_const, l_out, v_next)
 
@@ -95,14 +105,14 @@ def sinkhorn_plan_backward(grad, plan, cost, u_hist, v_hist, iterations, log_r, 
     for t in range(steps - 1, -1, -1):
         x = u_grad * inv_r
         for r0, r1 in ranges(b, tile):
-            m = torch.exp(cost[r0:r1].to(acc) * scale + u_hist[t, r0:r1, None] + v_hist[t])
+            m = torch.exp(scaled_scores(cost[r0:r1], scale, acc) + u_hist[t, r0:r1, None] + v_hist[t])
             m *= x[r0:r1, None]
             grad_cost[r0:r1] -= m * scale
             v_grad -= m.sum(0)
         y = v_grad * inv_c
         for r0, r1 in ranges(b, tile):
             u_before = u_hist[t - 1, r0:r1, None] if t > 0 else 0.0
-            n = torch.exp(cost[r0:r1].to(acc) * scale + u_before + v_hist[t])
+            n = torch.exp(scaled_scores(cost[r0:r1], scale, acc) + u_before + v_hist[t])
             n *= y
             grad_cost[r0:r1] -= n * scale
             u_grad[r0:r1] = -n.sum(1)
