@@ -6,7 +6,15 @@ CPython >= 3.9. Build switches come from the environment, never from the build m
 
   PROTOKERNELS_SKIP_CUDA=1         build the pure-Python package (triton + reference backends)
   PROTOKERNELS_CUDA_ARCH_LIST      e.g. "8.0;9.0+PTX" (the default), "9.0a", "80 90"
+  CUDA_HOME                        the toolkit to build with (default /usr/local/cuda); its CUDA
+                                   major names the distribution (scripts/build_wheels.sh builds
+                                   the CUDA 12 wheel with nvcc 12 from PyPI this way)
   MAX_JOBS                         parallel nvcc jobs (ninja)
+
+Distributions: "protokernels-cu13" / "protokernels-cu12" (with the extension for that CUDA
+major) or "protokernels" (without it), all of the same version and all the import package
+`protokernels`: install exactly one. Separate names rather than "+cu13" local versions, because a
+package index refuses local versions.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import subprocess
 
 from setuptools import setup
 
-VERSION = "0.1.0"
+with open(os.path.join("protokernels", "_version.py"), encoding="utf-8") as _f:
+    VERSION = re.search(r'__version__ = "([^"]+)"', _f.read()).group(1)
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 # Oldest nvcc that knows each architecture; newer entries are dropped (with a note) on older nvcc.
 MIN_NVCC = {"80": (11, 0), "86": (11, 1), "89": (11, 8), "90": (11, 8), "90a": (12, 0),
@@ -71,8 +80,21 @@ def _find_cuda_home() -> None:
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _allow_other_cuda_major(nvcc: tuple[int, int], torch_cuda: str) -> None:
+    """Let torch's build helper compile with another CUDA major than torch's own. The extension
+    touches torch only through the stable C ABI (tensors as handles, the stream as a pointer), so
+    nothing CUDA-typed crosses between them: built with nvcc 12, it loads with a CUDA 12 torch."""
+    from torch.utils import cpp_extension
+
+    if int(torch_cuda.split(".")[0]) != nvcc[0]:
+        print(f"protokernels: building for CUDA {nvcc[0]} with a CUDA {torch_cuda} torch (the "
+              f"wheel loads with CUDA {nvcc[0]} builds of torch)")
+        cpp_extension._check_cuda_version = lambda *args, **kwargs: None
+
+
 def _extension():
-    """(ext_modules, cmdclass, local version) for the CUDA extension, or the reason to skip it."""
+    """(ext_modules, cmdclass, distribution suffix) for the CUDA extension, or the reason to skip
+    it."""
     if os.environ.get("PROTOKERNELS_SKIP_CUDA") == "1":
         return "PROTOKERNELS_SKIP_CUDA=1"
     _find_cuda_home()
@@ -86,6 +108,7 @@ def _extension():
     if CUDA_HOME is None:
         return "no CUDA toolkit found (set CUDA_HOME)"
     nvcc = _nvcc_version(CUDA_HOME)
+    _allow_other_cuda_major(nvcc, torch.version.cuda)
     gencode, archs = _gencode_flags(os.environ.get("PROTOKERNELS_CUDA_ARCH_LIST", DEFAULT_ARCHS),
                                     nvcc)
     defines = ["-DTORCH_TARGET_VERSION=0x020a000000000000",  # stable ABI of torch 2.10
@@ -105,7 +128,7 @@ def _extension():
     )
     print(f"protokernels: building the CUDA extension for sm_{', sm_'.join(archs)} "
           f"(nvcc {nvcc[0]}.{nvcc[1]}, torch {torch.__version__})")
-    return [extension], {"build_ext": BuildExtension}, f"+cu{nvcc[0]}"
+    return [extension], {"build_ext": BuildExtension}, f"-cu{nvcc[0]}"
 
 
 built = _extension()
@@ -113,17 +136,20 @@ if isinstance(built, str):
     print(f"protokernels: building without the CUDA extension ({built}); "
           "the triton and reference backends still work")
     built = [], {}, ""
-ext_modules, cmdclass, local_version = built
+ext_modules, cmdclass, cuda_suffix = built
 
 setup(
-    name="protokernels",
-    version=VERSION + local_version,
+    name="protokernels" + cuda_suffix,
+    version=VERSION,
+    license="MIT",
+    license_files=["LICENSE"],
     description="Fused CUDA and Triton kernels for prototype-based deep learning",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     install_requires=["torch>=2.10", "triton>=3.6; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest", "numpy"],
+    # POT: the README's migration line from ot.sinkhorn is tested against it.
+    extras_require={"test": ["pytest", "numpy", "POT"],
                     # examples/ (scikit-learn's bundled digits) and the bench's --sweep plots
                     "examples": ["scikit-learn", "matplotlib"],
                     # the anchors run side by side: benchmarks/vector_quantizer.py and

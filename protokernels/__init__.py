@@ -14,7 +14,7 @@ from .ops.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_plan
 from .ops.sqdist import sqdist
 from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
            "codebook_stats", "current_backend", "dw_nearest", "kp_conv1d", "kp_conv2d",

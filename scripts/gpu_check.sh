@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# GPU evidence in one device call: install the wheel built on the CPU machine (wheelhouse/, named
-# in the device tool's `carry`) or build from source there, run the whole test suite on CUDA (all
-# three backends), then the benchmarks. Results land in $OUT (env.txt, tests.log, bench.log,
-# results.csv/json). TESTS (paths under tests/, default all), PYTEST_ARGS and BENCH_ARGS pass
-# extra arguments through; SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out. Benchmark-only extras
-# (vector-quantize-pytorch and its dependencies, POT's cp312 wheel) install from
-# wheelhouse/bench/*.whl if present. The multi-GPU run is separate: scripts/sinkhorn_nccl.py.
+# GPU evidence in one device call: install protokernels, run the test suite on CUDA (all three
+# backends) and the benchmarks. Results land in $OUT (env.txt, build.log, tests.log, bench.log,
+# results.csv/json, sanitizer logs).
+#
+# INSTALL=source (default: build the extension from this tree against the machine's torch, which
+#   proves the source build on that torch version) or wheel (the wheel built on the CPU machine,
+#   wheelhouse/protokernels*.whl, named in the device tool's `carry`); INSTALL="wheel source"
+#   installs the wheel, runs the tests, then builds from source and runs them again.
+# TESTS (paths under tests/, default all), PYTEST_ARGS and BENCH_ARGS pass extra arguments
+#   through; SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out.
+# FUZZ_CASES (default 200): cases per op of tests/test_fuzz.py (CI runs 12 on the CPU).
+# SANITIZER=1: also run the CUDA and Triton backends' tests of SANITIZER_TESTS (default
+#   test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py
+#   test_sinkhorn.py, -k "not compile and not 2_to_the_31") under compute-sanitizer's memcheck,
+#   racecheck and initcheck; a tool's log ends in its error summary.
+# Benchmark-only extras (vector-quantize-pytorch and its dependencies, POT's cp312 wheel) install
+# from wheelhouse/bench/*.whl if present. The multi-GPU run is separate:
+# scripts/sinkhorn_nccl.py.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -13,33 +24,64 @@ OUT=$(cd "$OUT" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export PROTOKERNELS_FUZZ_CASES=${FUZZ_CASES:-200}
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-if ls "$REPO"/wheelhouse/protokernels-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-deps --no-index --force-reinstall "$REPO"/wheelhouse/protokernels-*.whl
-else
-  $PY -m pip install -q --no-deps --no-build-isolation "$REPO"
-fi || exit 1
 if ls "$REPO"/wheelhouse/bench/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-deps --no-index "$REPO"/wheelhouse/bench/*.whl || exit 1
 fi
 
-cd /tmp  # not the repository root: the source tree must not shadow the installed package
-$PY -c "import protokernels; [print(f'{k}: {v}') for k, v in protokernels.available_backends().items()]" 2>&1 | tee -a "$OUT/env.txt"
-tests=0
-if [ -z "${SKIP_TESTS:-}" ]; then
-  paths=()
-  for t in ${TESTS:-.}; do paths+=("$REPO/tests/$t"); done
-  $PY -m pytest -q -p no:cacheprovider -m "not slow" "${paths[@]}" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
-  tests=${PIPESTATUS[0]}
+install() {  # $1: source or wheel
+  if [ "$1" = wheel ]; then
+    $PY -m pip install -q --no-deps --no-index --force-reinstall "$REPO"/wheelhouse/protokernels*.whl
+  else
+    local start=$(date +%s)
+    MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -v --no-deps --no-build-isolation "$REPO" \
+      > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
+    echo "source build against torch $($PY -c 'import torch; print(torch.__version__)'): $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+  fi
+}
+
+status=0
+for mode in ${INSTALL:-source}; do
+  install "$mode" || exit 1
+  cd /tmp  # not the repository root: the source tree must not shadow the installed package
+  $PY -m protokernels.info 2>&1 | tee -a "$OUT/env.txt"
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    paths=()
+    for t in ${TESTS:-.}; do paths+=("$REPO/tests/$t"); done
+    $PY -m pytest -q -p no:cacheprovider -m "not slow" "${paths[@]}" ${PYTEST_ARGS:-} 2>&1 \
+      | tee "$OUT/tests-$mode.log" | tail -5
+    status=$(( status || PIPESTATUS[0] ))
+  fi
+  cd "$REPO"
+done
+
+if [ -n "${SANITIZER:-}" ]; then
+  cd /tmp
+  sanitized=()
+  for t in ${SANITIZER_TESTS:-test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py test_sinkhorn.py}; do
+    sanitized+=("$REPO/tests/$t")
+  done
+  for tool in memcheck racecheck initcheck; do
+    compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
+      $PY -m pytest -q -p no:cacheprovider -m "not slow" "${sanitized[@]}" \
+      -k "(cuda or triton) and not compile and not 2_to_the_31" > "$OUT/sanitizer-$tool.log" 2>&1
+    code=$?
+    echo "compute-sanitizer $tool: exit $code; $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
+    status=$(( status || code ))
+  done
+  cd "$REPO"
 fi
+
 bench=0
 if [ -z "${SKIP_BENCH:-}" ]; then
+  cd /tmp
   $PY -m protokernels.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   bench=${PIPESTATUS[0]}
 fi
-echo "gpu_check: tests exit $tests, bench exit $bench"
-exit $(( tests || bench ))
+echo "gpu_check: tests/sanitizer exit $status, bench exit $bench"
+exit $(( status || bench ))

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import protokernels
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,12 +20,15 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     wheelhouse = tmp_path / "wheelhouse"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
                     "-q", "-w", str(wheelhouse), str(REPO)], check=True)
-    (wheel,) = glob.glob(str(wheelhouse / "protokernels-*.whl"))
+    (wheel,) = glob.glob(str(wheelhouse / "protokernels*.whl"))
     with_cuda = torch.version.cuda is not None and os.environ.get("PROTOKERNELS_SKIP_CUDA") != "1"
-    if with_cuda:  # one wheel per CUDA major, for every CPython >= 3.9
-        assert f"+cu{torch.version.cuda.split('.')[0]}-cp39-abi3-" in wheel, wheel
+    version = protokernels.__version__
+    if with_cuda:  # one distribution per CUDA major, for every CPython >= 3.9; no local version
+        major = torch.version.cuda.split(".")[0]
+        assert os.path.basename(wheel).startswith(f"protokernels_cu{major}-{version}-cp39-abi3-"), \
+            wheel
     else:
-        assert wheel.endswith("-py3-none-any.whl"), wheel
+        assert os.path.basename(wheel) == f"protokernels-{version}-py3-none-any.whl", wheel
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
