@@ -33,32 +33,64 @@ OP_FILES = {
 _FILES = tuple(dict.fromkeys(OP_FILES.values()))
 
 
-def _default_order(dtype, precision, sizes):
-    return ("triton", "cuda", "reference")
+TRITON_FIRST = ("triton", "cuda", "reference")
+CUDA_FIRST = ("cuda", "triton", "reference")
+
+
+def _backend_by_work(sizes, keys: str, cuda_up_to: int):
+    """CUDA first for problems whose work (the product of the sizes named in `keys`) is at most
+    `cuda_up_to`, Triton first above."""
+    work = 1
+    for key in keys.split():
+        work *= sizes.get(key, 1)
+    return CUDA_FIRST if work <= cuda_up_to else TRITON_FIRST
+
+
+def _wants_grad(sizes) -> bool:
+    return bool(sizes.get("grad", False))
+
+
+def wants_grad(*tensors) -> bool:
+    """Whether a call on these tensors will be differentiated (its backward follows)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # `auto` on CUDA tensors: per op, the backends to try, fastest first, by problem size, dtype and
-# precision. Each entry must be justified by a row of benchmarks/RESULTS.md (section named in the
-# comment). A backend that is unavailable, or cannot take the input (its capabilities), is
-# skipped.
+# precision (sizes as the public wrappers pass them; "grad": the call will be differentiated, its
+# backward runs on the same backend). Each boundary cites benchmarks/RESULTS.md; an unavailable
+# backend, or one that cannot take the input (its capabilities), is skipped.
+#
+# Why CUDA wins small problems: its host cost per call is lower (one C++ launch sequence; the
+# Triton path is Python with two or more launches), and at small sizes the host cost is the time.
+# Its kernels are slower (simple tiles, no warp specialization), so Triton wins once the GPU
+# time shows. RESULTS.md "In-model sizes, 2026-11-26, H100" has every row behind these numbers.
 _AUTO_ORDER = {
-    # RESULTS.md "sqdist, 2026-11-23, H100": Triton beats the CUDA kernel at every precision at
-    # the spec size (tf32 fwd 0.317 vs 1.629 ms); the CUDA kernel is the fallback without Triton.
-    "sqdist": _default_order,
-    # RESULTS.md "nearest, 2026-11-23, H100": Triton beats the CUDA kernel ~10x at the spec size
-    # (tf32 1.27 vs 13.2 ms); the CUDA kernel (one thread per row folds each tile) is the fallback.
-    **dict.fromkeys(("nearest", "nearest_k", "nearest_by_label", "nearest_both"), _default_order),
-    # RESULTS.md "kp_conv2d, 2026-11-23, H100": Triton beats the CUDA kernel ~10x at the spec
-    # size (tf32 fwd 0.42 vs 4.32 ms, before tuning); the CUDA kernel (per-element gathers into
-    # WMMA tiles) is the fallback.
-    **dict.fromkeys(("kp_conv2d", "kp_conv1d"), _default_order),
-    # RESULTS.md "dw_nearest, codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24, H100":
-    # dw_nearest runs nearest's kernels (groups as the batch): Triton 1.0 vs CUDA 5.6 ms (tf32,
-    # with the lookup); the whole VQ training step 2.7 ms on Triton vs 7.4 ms on CUDA.
-    **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"), _default_order),
-    # RESULTS.md "sinkhorn, sinkhorn_plan, 2026-11-24, H100": Triton's sweeps stream at the copy
-    # rate (B 65536 K 16384, 10 iters: 17.6 vs 80.2 ms on CUDA; plan 4096^2: 5.9 vs 15.5 ms).
-    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), _default_order),
+    # sqdist: Triton's forward wins every in-model row (N256 M10 D64: 0.0058 ms vs CUDA 0.0166);
+    # with a backward, CUDA's cheaper gradient launches win up to N*M*D = 2^24 (N1024 M100
+    # D128 fwd+bwd: 0.178 vs 0.448 ms) and lose at 2^28 (N4096 M512 D128: 0.611 vs 0.579).
+    "sqdist": lambda dtype, precision, sizes: _backend_by_work(
+        sizes, "batch n m d", 2**24 if _wants_grad(sizes) else 0),
+    # The nearest family (one search kernel per backend): CUDA up to N*M*D = 2^26 (N8192 M100
+    # D64: 0.074 vs 0.181 ms; labels: 0.062 vs 0.131), Triton from 2^28 (N4096 M512 D128: 0.097
+    # vs 0.213); with a backward CUDA up to 2^28 (N4096 M512 D128 fwd+bwd 0.560 vs 0.720).
+    **dict.fromkeys(("nearest", "nearest_k", "nearest_by_label", "nearest_both"),
+                    lambda dtype, precision, sizes: _backend_by_work(
+                        sizes, "batch n m d", 2**28 if _wants_grad(sizes) else 2**26)),
+    # kp_conv: CUDA up to B*P*H*W*C*kh*kw = 2^21, H*W the input's (B64 C1 8x8 P16: fwd 0.0165
+    # vs 0.0203 ms, fwd+bwd 0.185 vs 0.477), Triton above (B64 C1 28x28 P32: fwd 0.028 vs
+    # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
+    **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
+        sizes, "batch p pixels c taps", 2**21)),
+    # dw_nearest + codebook_lookup: Triton at every in-model size (N8192 G1 K512 Dg64: 0.197 vs
+    # 0.248 ms; N65536 G8 K1024 Dg32: 0.831 vs 4.66); the VQ training step 2.7 vs 7.4 ms
+    # (RESULTS.md "dw_nearest, codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24").
+    **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"),
+                    lambda dtype, precision, sizes: TRITON_FIRST),
+    # sinkhorn: CUDA up to B*K = 2^20 (B256 K3000: 0.105 vs 0.195 ms; its sweeps are single
+    # launches), Triton above (B1024: 0.170 vs 0.177; B4096: 0.183 vs 0.498; B65536 K16384:
+    # 17.6 vs 80.2 ms). sinkhorn_plan's iterations are the same sweeps.
+    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes:
+                    _backend_by_work(sizes, "n m", 2**20)),
 }
 
 

@@ -1,7 +1,13 @@
-"""Where a call's host time goes, on the GPU machine: dispatch layers and Triton launch paths.
+"""Where a call's host time goes, on the GPU machine: dispatch layers, Triton launch paths and the
+pieces of a nearest call. Host microseconds per call (no sync inside the loop; small shapes, so
+the GPU keeps up). `--profile` adds a cProfile of the Triton nearest call.
 
-Host microseconds per call (no sync inside the loop; tiny shapes so the GPU keeps up).
+    python scripts/probe_host_cost.py [--profile]
 """
+import argparse
+import cProfile
+import pstats
+import statistics
 import time
 
 import torch
@@ -9,18 +15,22 @@ import triton
 import triton.language as tl
 
 import protokernels
+from protokernels.ops import nearest as nearest_op
+from protokernels.triton_kernels import _common
+from protokernels.triton_kernels import nearest as nearest_kernels
 
 
-def host_us(fn, n=400):
-    for _ in range(20):
-        fn()
+def host_us(fn, calls=10, repeats=30):
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
+    return statistics.median(times)
 
 
 @triton.jit
@@ -31,66 +41,61 @@ def _tiny(X, Y, N, BLOCK: tl.constexpr):
 
 lib = torch.library.Library("probe", "DEF")
 lib.define("noop(Tensor x, Tensor y, str p, str b) -> (Tensor, Tensor)")
-
-
-def _noop(x, y, p, b):
-    return torch.empty_like(x), torch.empty_like(x)
-
-
-lib.impl("noop", _noop, "CUDA")
+lib.impl("noop", lambda x, y, p, b: (torch.empty_like(x), torch.empty_like(x)), "CUDA")
 
 
 @torch.library.custom_op("probe::noop_custom", mutates_args=())
-def _noop_custom(x: torch.Tensor, y: torch.Tensor, p: str, b: str) -> tuple[torch.Tensor,
-                                                                            torch.Tensor]:
+def _noop_custom(x: torch.Tensor, y: torch.Tensor, p: str,
+                 b: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty_like(x)
 
 
 def main():
-    dev = "cuda"
-    x = torch.randn(64, 32, device=dev)
-    y = torch.randn(16, 32, device=dev)
-    rows = {}
-    rows["torch.empty"] = host_us(lambda: torch.empty(4, device=dev))
-    rows["x + 1"] = host_us(lambda: x + 1)
-    rows["cdist(x, y).argmin(1)"] = host_us(lambda: torch.cdist(x, y).argmin(1))
-    rows["addmm+argmin"] = host_us(
-        lambda: torch.addmm(y.square().sum(1), x, y.T, alpha=-2).argmin(1))
-    rows["Library op (CUDA key) no-op"] = host_us(lambda: torch.ops.probe.noop(x, y, "a", "b"))
-    rows["custom_op no-op"] = host_us(lambda: torch.ops.probe.noop_custom(x, y, "a", "b"))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    x = torch.randn(4096, 128, device="cuda")
+    y = torch.randn(512, 128, device="cuda")
+    x3, y3 = x[None], y[None]
+    rows = {
+        "torch.empty": lambda: torch.empty(4, device="cuda"),
+        "cdist(x, y).argmin(1)": lambda: torch.cdist(x, y).argmin(1),
+        "Library op no-op": lambda: torch.ops.probe.noop(x, y, "a", "b"),
+        "custom_op no-op": lambda: torch.ops.probe.noop_custom(x, y, "a", "b"),
+    }
     out = torch.empty_like(x)
-    n = x.numel()
-    rows["triton tiny JIT launch"] = host_us(lambda: _tiny[(1,)](x, out, n, BLOCK=1024))
-    compiled = _tiny[(1,)](x, out, n, BLOCK=1024)
-    runner = compiled[(1, 1, 1)]
-    rows["triton tiny compiled[grid](...)"] = host_us(lambda: runner(x, out, n, 1024))
-    for backend in ("triton", "cuda", "reference"):
+    rows["triton tiny kernel[grid](...)"] = lambda: _tiny[(1,)](x, out, 4096, BLOCK=1024)
+    runner = _tiny[(1,)](x, out, 4096, BLOCK=1024)[(1, 1, 1)]
+    rows["triton tiny compiled[grid](...)"] = lambda: runner(x, out, 4096, 1024)
+    tiny = _common.launcher(_tiny)
+    rows["triton tiny via launcher"] = lambda: tiny((1,), x, out, 4096, BLOCK=1024)
+    rows["nearest: validate + choose"] = lambda: nearest_op._choose(
+        "nearest", *nearest_op._rows("nearest", x, y)[1:], None)
+    dist, idx = nearest_op.new_results(x3, (1, 4096, 1))
+    rows["nearest: outputs"] = lambda: nearest_op.new_results(x3, (1, 4096, 1))
+    rows["nearest: triton _prepare"] = lambda: nearest_kernels._prepare(x3, y3, False, 256)
+    rows["nearest: triton implementation"] = lambda: nearest_kernels.nearest(
+        x3, y3, None, 1, "tf32", dist, idx)
+    if protokernels.available_backends()["cuda"].available:
+        rows["nearest: cuda implementation"] = lambda: torch.ops.protokernels.nearest_cuda(
+            x3, y3, None, 1, "tf32", dist, idx)
+    for backend in ("triton", "cuda"):
         with protokernels.use_backend(backend):
-            for name, fn in (
-                    ("sqdist", lambda: protokernels.sqdist(x, y)),
-                    ("nearest", lambda: protokernels.nearest(x, y)),
-                    ("nearest_k4", lambda: protokernels.nearest_k(x, y, 4)),
-                    ("dw_nearest", lambda: protokernels.dw_nearest(x, y.view(2, 16, 16))),
-                    ("sinkhorn", lambda: protokernels.sinkhorn(x)),
-                    ("kp_conv2d", lambda: protokernels.kp_conv2d(x.view(2, 1, 32, 32),
-                                                                  y.view(16, 1, 2, 16)[:, :, :, :2]))):
-                try:
-                    rows[f"{name} {backend}"] = host_us(fn, 200)
-                except Exception as err:  # noqa: BLE001
-                    rows[f"{name} {backend}"] = float("nan")
-                    print(name, backend, err)
-    # The search kernel's own launch: JIT path vs compiled[grid].
-    from protokernels.triton_kernels import nearest as tn
-    import cProfile
-    import pstats
-    with protokernels.use_backend("triton"):
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(200):
-            protokernels.nearest(x, y)
-        pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
-    for name, us in rows.items():
+            rows[f"nearest public, {backend}"] = lambda: protokernels.nearest(x, y,
+                                                                            precision="tf32")
+    results = {}
+    for name, fn in rows.items():
+        with protokernels.use_backend("triton" if "cuda" not in name else "cuda"):
+            results[name] = host_us(fn)
+    if args.profile:
+        with protokernels.use_backend("triton"):
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(300):
+                protokernels.nearest(x, y, precision="tf32")
+            profile.disable()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    for name, us in results.items():
         print(f"{name:<40} {us:8.1f} us")
 
 

@@ -93,12 +93,13 @@ def test_auto_skips_a_backend_that_cannot_take_the_input_silently(monkeypatch):
         dtypes=(torch.float32,), max_rows=100, max_k=4, why="test limits")
     monkeypatch.setitem(_backend._CAPABILITIES, ("triton", "nearest"), limited)
     cuda = torch.device("cuda")
+    big = dict(n=4096, m=100, d=4096)  # Triton first by size
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a capability skip is no fallback warning
-        assert _backend.resolve("nearest", cuda, torch.float32, rows=100, k=4) == "triton"
-        assert _backend.resolve("nearest", cuda, torch.float64) == "cuda"
-        assert _backend.resolve("nearest", cuda, torch.float32, rows=101) == "cuda"
-        assert _backend.resolve("nearest", cuda, torch.float32, k=5) == "cuda"
+        assert _backend.resolve("nearest", cuda, torch.float32, rows=100, k=4, **big) == "triton"
+        assert _backend.resolve("nearest", cuda, torch.float64, **big) == "cuda"
+        assert _backend.resolve("nearest", cuda, torch.float32, rows=101, **big) == "cuda"
+        assert _backend.resolve("nearest", cuda, torch.float32, k=5, **big) == "cuda"
     with protokernels.use_backend("triton"), pytest.raises(
             protokernels.BackendUnavailableError,
             match=r"backend 'triton' cannot take this input: dtype float16 is not supported "
@@ -191,3 +192,30 @@ def test_backend_choice_is_guarded_under_compile(monkeypatch):
         with protokernels.use_backend("triton"):
             compiled(x, y)
         assert calls[-1] == "triton"
+
+
+def test_capabilities_parse_the_extensions_declaration():
+    parsed = protokernels._capabilities.Capabilities.parse(
+        "dtypes=float16,bfloat16,float32;max_rows=2147483647;max_k=64;why=packed keys; ranked as "
+        "float32")
+    assert parsed.dtypes == (torch.float16, torch.bfloat16, torch.float32)
+    assert (parsed.max_rows, parsed.max_k) == (2**31 - 1, 64)
+    assert parsed.why == "packed keys; ranked as float32"
+    assert protokernels._capabilities.Capabilities.parse("") == _backend.EVERYTHING
+
+
+@pytest.mark.parametrize("op,small,large", [
+    ("sqdist", dict(n=1024, m=100, d=128, grad=True), dict(n=1024, m=100, d=128)),
+    ("nearest", dict(n=8192, m=100, d=64), dict(n=4096, m=512, d=128)),
+    ("nearest_by_label", dict(n=8192, m=100, d=64), dict(n=65536, m=1024, d=64)),
+    ("kp_conv2d", dict(batch=64, p=16, pixels=64, c=1, taps=9),
+     dict(batch=32, p=128, pixels=3136, c=64, taps=9)),
+    ("sinkhorn", dict(n=256, m=3000), dict(n=4096, m=3000)),
+])
+def test_auto_chooses_by_size(monkeypatch, op, small, large):
+    """The size table: CUDA's cheaper launches for small problems, Triton's kernels above
+    (boundaries from RESULTS.md "In-model sizes")."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    cuda = torch.device("cuda")
+    assert _backend.resolve(op, cuda, torch.float32, **small) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, **large) == "triton"

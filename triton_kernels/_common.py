@@ -53,15 +53,29 @@ class _Launcher:
         if INTERPRETING:
             self.kernel[grid](*args, **constexprs)
             return
-        key = (grid, torch.cuda.current_device(),
-               *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                 else (a if type(a) is not float else float)
-                 for a in (*args, *constexprs.values())])
+        # A flat key, built with as little Python per argument as possible (~40 arguments for the
+        # search kernel): tensors by dtype and address mod 16, floats by type (the JIT does not
+        # specialize on their values), everything else by value.
+        key = [grid, _current_device()]
+        append = key.append
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                append(a.dtype)
+                append(a.data_ptr() & 15)
+            elif type(a) is float:
+                append(float)
+            else:
+                append(a)
+        key.extend(constexprs.values())
+        key = tuple(key)
         entry = self.compiled.get(key)
         if entry is not None:
             run, tail = entry
             run(*args, *tail)
             return
+        if any(isinstance(v, torch.Tensor) for v in constexprs.values()):
+            raise TypeError(f"{self.kernel.__name__}: pass tensors positionally (the launcher "
+                            "keys keyword arguments by value)")
         compiled = self.kernel[grid](*args, **constexprs)
         if hasattr(compiled, "result"):  # triton's asynchronous compile mode
             compiled = compiled.result()
@@ -71,6 +85,9 @@ class _Launcher:
         # JIT passes it); launch options (num_warps, num_stages) are not parameters.
         tail = tuple(constexprs[name] for name in self.names[len(args):])
         self.compiled[key] = (compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]], tail)
+
+
+_current_device = torch._C._cuda_getDevice if torch.cuda.is_available() else (lambda: 0)
 
 
 def launcher(kernel) -> _Launcher:

@@ -112,7 +112,8 @@ def _kp_conv(op: str, spatial: int, layout: str, x, w, stride, padding, dilation
     backend = _backend.resolve(op, x.device, x.dtype, precision, batch=x.shape[0] if x.dim() >
                                spatial + 1 else 1, c=x.shape[-spatial - 1], p=w.shape[0],
                                pixels=x.shape[-1] * (x.shape[-2] if spatial == 2 else 1),
-                               taps=w.shape[-1] * (w.shape[-2] if spatial == 2 else 1))
+                               taps=w.shape[-1] * (w.shape[-2] if spatial == 2 else 1),
+                               grad=_backend.wants_grad(x, w))
     unbatched = x.dim() == spatial + 1
     if unbatched:
         x = x.unsqueeze(0)

@@ -148,11 +148,13 @@ def _choose(op: str, x3: Tensor, y3: Tensor, precision: str | None, k: int = 1, 
     n, m = x3.shape[1], y3.shape[1]
     precision = _backend.resolve_precision(op, precision, x3.dtype)
     backend = _backend.resolve(op, x3.device, x3.dtype, precision, rows=max(n, m) if both else m,
-                               k=k, n=n, m=m, d=x3.shape[2], batch=x3.shape[0])
+                               k=k, n=n, m=m, d=x3.shape[2], batch=x3.shape[0],
+                               grad=_backend.wants_grad(x3, y3))
     return precision, backend
 
 
-def _search(op, x, y, exclude, k, precision):
+def _search(op, x, y, exclude, k, precision, squeeze=False):
+    """The search; `squeeze`: one slot (k = 1), returned as (..., N)."""
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"{op}: argument 'k' must be an int, got {type(k).__name__}")
     batch, x3, y3 = _rows(op, x, y)
@@ -167,7 +169,8 @@ def _search(op, x, y, exclude, k, precision):
         _validate.index_range(op, "exclude", exclude, m, "row indices of 'y'")
     precision, backend = _choose(op, x3, y3, precision, max(k, 1))
     dist, idx = _nearest(x3, y3, exclude, max(k, 1), precision, backend)
-    return dist.view(batch + dist.shape[1:]), idx.view(batch + idx.shape[1:])
+    shape = batch + ((n,) if squeeze else (n, max(k, 1)))
+    return dist.view(shape), idx.view(shape)
 
 
 def nearest(x: Tensor, y: Tensor, *, exclude: Tensor | None = None,
@@ -177,15 +180,16 @@ def nearest(x: Tensor, y: Tensor, *, exclude: Tensor | None = None,
     x (..., N, D), y (..., M, D) (batch dimensions broadcast like torch.matmul) -> (dist, idx),
     both (..., N): dist the squared Euclidean distance ||x_i - y_idx||^2, float32 (float64 for
     float64 input), computed exactly for the winner; idx int64. Ties go to the smaller index. A
-    NaN distance ranks first, like torch.argmin: a row of x holding NaN gets a NaN distance.
+    pair involving a row with NaN ranks first, like torch.argmin (a row of x holding NaN gets a
+    NaN distance, a NaN prototype wins every row); a pair involving a row with an infinite (or
+    overflowing) squared norm ranks after every finite distance. idx is always in [-1, M).
     `exclude` (..., N), integer: one index per row that may not win (DPNP's nearest rival); a
     row left without candidates (M = 1 and excluded) gets idx -1 and dist inf. `precision` as
     in sqdist (None follows torch.get_float32_matmul_precision()); it sets how candidates are
     ranked, the returned distance is exact either way. dist is differentiable w.r.t. x and y; the
     gradient reaches only the winners.
     """
-    dist, idx = _search("nearest", x, y, exclude, 1, precision)
-    return dist[..., 0], idx[..., 0]
+    return _search("nearest", x, y, exclude, 1, precision, squeeze=True)
 
 
 def nearest_k(x: Tensor, y: Tensor, k: int, *, exclude: Tensor | None = None,

@@ -101,6 +101,7 @@ def sqdist(x: Tensor, y: Tensor, *, precision: str | None = None) -> Tensor:
     batch, x3, y3 = _validate.batched_rows("sqdist", x, y)
     precision = _backend.resolve_precision("sqdist", precision, x.dtype)
     backend = _backend.resolve("sqdist", x.device, x.dtype, precision, n=x3.shape[1],
-                               m=y3.shape[1], d=x3.shape[2], batch=x3.shape[0])
+                               m=y3.shape[1], d=x3.shape[2], batch=x3.shape[0],
+                               grad=_backend.wants_grad(x, y))
     out = _sqdist(x3, y3, precision, backend)
     return out.reshape(batch + out.shape[-2:])
