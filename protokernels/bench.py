@@ -35,7 +35,7 @@ import torch
 import protokernels
 
 OPS = ("sqdist", "nearest", "kp_conv", "dw_nearest", "codebook_lookup", "codebook_stats",
-       "vector_quantizer", "sinkhorn", "sinkhorn_plan")
+       "vector_quantizer", "sinkhorn", "sinkhorn_plan", "heads")
 # H100 ceilings measured in SPEC.md: FFMA, TF32 (a third of it for 3xTF32), bf16 tensor cores,
 # device-to-device copy (bytes read + written).
 PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679e12}

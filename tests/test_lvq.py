@@ -1,10 +1,7 @@
 """nn.GLVQLoss, nn.RSLVQLoss, nn.PrototypeClassifier: values and gradients against float64
 formulas and against prototorch (the LVQ library's own loss functions), every backend, classes
 without prototypes, compile, autocast, state_dict, bad input."""
-import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -90,33 +87,11 @@ def test_rslvq_gradcheck():
 
 
 def _prototorch():
-    """prototorch's loss and activation modules, loaded from its installed files without its
-    package __init__ (which imports torchvision and pkg_resources, absent here)."""
-    spec = importlib.util.find_spec("prototorch")
-    if spec is None:
+    from protokernels.benchmarks.heads import prototorch_losses
+    modules = prototorch_losses()
+    if modules is None:
         pytest.skip("prototorch is not installed (scripts/setup.sh installs it)")
-    root = spec.submodule_search_locations[0]
-    saved = {k: v for k, v in sys.modules.items() if k.startswith("prototorch")}
-    try:
-        for name, path in (("prototorch", root), ("prototorch.nn", root + "/nn"),
-                           ("prototorch.core", root + "/core")):
-            package = types.ModuleType(name)
-            package.__path__ = [path]
-            sys.modules[name] = package
-        modules = {}
-        for name in ("prototorch.nn.activations", "prototorch.core.losses",
-                     "prototorch.core.distances"):
-            module_spec = importlib.util.spec_from_file_location(
-                name, root + "/" + name.split(".", 1)[1].replace(".", "/") + ".py")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
-            modules[name.rsplit(".", 1)[1]] = module
-        return modules
-    finally:
-        for key in [k for k in sys.modules if k.startswith("prototorch")]:
-            del sys.modules[key]
-        sys.modules.update(saved)
+    return modules
 
 
 @pytest.mark.parametrize("transfer", ["identity", "sigmoid", "swish"])

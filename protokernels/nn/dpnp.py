@@ -21,6 +21,23 @@ def _half_norm(v: Tensor, eps: float) -> Tensor:
     return (torch.sqrt(v.abs() + eps) - math.sqrt(eps)).sum(-1)
 
 
+def dpnp_loss(h: Tensor, labels: Tensor, prototypes: Tensor, *, lambda_pos: float,
+              lambda_neg_sample: float, lambda_neg_class: float, eps: float) -> Tensor:
+    """DPNP's loss (eq. 10) of features h (N, dim) with class prototypes (M, dim); see DPNPLoss."""
+    c = prototypes
+    loss = F.cross_entropy(h @ c.t(), labels)
+    n = max(h.shape[0], 1)
+    loss = loss + lambda_pos / (2 * n) * (h - c[labels]).square().sum()
+    if c.shape[0] > 1:
+        _, rival = nearest(h, c, exclude=labels)  # eq. 6: the nearest other class centre
+        loss = loss - lambda_neg_sample / (2 * n) * _half_norm(h - c[rival], eps).sum()
+        own = torch.arange(c.shape[0], device=h.device)
+        _, neighbour = nearest(c, c, exclude=own)  # eq. 8: each centre's nearest other
+        loss = loss - lambda_neg_class / (2 * c.shape[0]) * _half_norm(c - c[neighbour],
+                                                                       eps).sum()
+    return loss
+
+
 class DPNPLoss(nn.Module):
     """DPNP's classifier and loss (eq. 10). Holds the class prototypes C (num_classes, dim), which
     are the classifier's weights: logits(h) = h C^T (inner products, as the paper uses for its
@@ -77,19 +94,9 @@ class DPNPLoss(nn.Module):
                 labels.shape[0] != h.shape[0]:
             raise TypeError(f"DPNPLoss: 'labels' must be a 1-D integer tensor of {h.shape[0]} "
                             f"class indices, got {getattr(labels, 'dtype', type(labels).__name__)}")
-        c = self.prototypes.to(h.dtype)
-        loss = F.cross_entropy(self.logits(h), labels)
-        n = max(h.shape[0], 1)
-        loss = loss + self.lambda_pos / (2 * n) * (h - c[labels]).square().sum()
-        if c.shape[0] > 1:
-            _, rival = nearest(h, c, exclude=labels)  # eq. 6: the nearest other class centre
-            loss = loss - self.lambda_neg_sample / (2 * n) * _half_norm(h - c[rival],
-                                                                        self.eps).sum()
-            own = torch.arange(c.shape[0], device=h.device)
-            _, neighbour = nearest(c, c, exclude=own)  # eq. 8: each centre's nearest other
-            loss = loss - self.lambda_neg_class / (2 * c.shape[0]) * _half_norm(
-                c - c[neighbour], self.eps).sum()
-        return loss
+        return dpnp_loss(h, labels, self.prototypes.to(h.dtype), lambda_pos=self.lambda_pos,
+                         lambda_neg_sample=self.lambda_neg_sample,
+                         lambda_neg_class=self.lambda_neg_class, eps=self.eps)
 
     def extra_repr(self) -> str:
         return (f"classes={self.prototypes.shape[0]}, dim={self.prototypes.shape[1]}, "

@@ -17,6 +17,16 @@ from ..ops.nearest import nearest_both
 from ..ops.sqdist import sqdist
 
 
+def prototype_regularizers(z: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+    """(R1, R2) of encoded inputs z (N, dim) and prototypes (m, dim) (eq. 5 and 6), from one
+    protokernels.nearest_both; 0 for an empty batch (nothing to be near)."""
+    if z.shape[0] == 0:
+        zero = prototypes.sum() * 0
+        return zero, zero
+    row_dist, _, col_dist, _ = nearest_both(z, prototypes)
+    return col_dist.mean(), row_dist.mean()
+
+
 class PrototypeLayer(nn.Module):
     """m prototypes in a `dim`-dimensional latent space. forward(z (N, dim)) -> (N, m) squared
     distances ||z_i - p_j||^2 (protokernels.sqdist). `regularizers(z)` -> (R1, R2):
@@ -46,11 +56,7 @@ class PrototypeLayer(nn.Module):
 
     def regularizers(self, z: Tensor) -> tuple[Tensor, Tensor]:
         self._check(z)
-        if z.shape[0] == 0:  # no encoded input: nothing to be near
-            zero = self.prototypes.sum() * 0
-            return zero, zero
-        row_dist, _, col_dist, _ = nearest_both(z, self.prototypes.to(z.dtype))
-        return col_dist.mean(), row_dist.mean()
+        return prototype_regularizers(z, self.prototypes.to(z.dtype))
 
     def extra_repr(self) -> str:
         return f"dim={self.prototypes.shape[1]}, prototypes={self.prototypes.shape[0]}"

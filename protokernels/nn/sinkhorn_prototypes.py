@@ -17,6 +17,20 @@ from ..ops.sinkhorn import sinkhorn
 from ..ops.sqdist import sqdist
 
 
+def sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, *, temperature: float, eps: float,
+                            n_iters: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, codes, scores) of latent codes z (B, dim) and prototypes (K, dim) (eq. 10); see
+    SinkhornPrototypes."""
+    if normalize:
+        z, prototypes = F.normalize(z, dim=1), F.normalize(prototypes, dim=1)
+    scores = z @ prototypes.t()
+    codes = sinkhorn(scores, eps=eps, n_iters=n_iters)
+    if z.shape[0] == 0:
+        return scores.sum() * 0, codes, scores
+    log_p = F.log_softmax(scores / temperature, dim=1)
+    return -(codes * log_p).sum(1).mean(), codes, scores
+
+
 class SinkhornPrototypes(nn.Module):
     """K prototypes V (K, dim) in a latent space.
 
@@ -58,20 +72,11 @@ class SinkhornPrototypes(nn.Module):
             raise ValueError(f"SinkhornPrototypes: 'z' must have {self.prototypes.shape[1]} "
                              f"features, got {z.shape[1]}")
 
-    def scores(self, z: Tensor) -> Tensor:
-        self._check(z)
-        v = self.prototypes.to(z.dtype)
-        if self.normalize:
-            z, v = F.normalize(z, dim=1), F.normalize(v, dim=1)
-        return z @ v.t()
-
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        scores = self.scores(z)
-        codes = sinkhorn(scores, eps=self.eps, n_iters=self.n_iters)
-        if z.shape[0] == 0:
-            return scores.sum() * 0, codes, scores
-        log_p = F.log_softmax(scores / self.temperature, dim=1)
-        return -(codes * log_p).sum(1).mean(), codes, scores
+        self._check(z)
+        return sinkhorn_prototype_loss(z, self.prototypes.to(z.dtype),
+                                       temperature=self.temperature, eps=self.eps,
+                                       n_iters=self.n_iters, normalize=self.normalize)
 
     def anchor_loss(self, z: Tensor, codes: Tensor) -> Tensor:
         self._check(z)
