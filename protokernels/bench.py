@@ -253,6 +253,13 @@ def summary(rows) -> list[dict]:
     return lines
 
 
+def _best_backend_cell(line) -> str:
+    # Without per-backend rows (the default: auto only) there is no best backend to name.
+    if line["best_backend"] == "-":
+        return "-"
+    return f"{line['best_backend']} {line['best_ms']:.4f}"
+
+
 def _format_summary(lines) -> str:
     header = (f"{'op':<16} {'case':<26} {'mode':<8} {'naive':>8} {'compiled':>9} {'auto':>8} "
               f"{'x eager':>8} {'x comp.':>8} {'best backend':>16} {'host us auto/naive':>19} "
@@ -264,7 +271,7 @@ def _format_summary(lines) -> str:
             f"{line['naive_eager_ms']:>8.4f} {line['naive_compiled_ms']:>9.4f} "
             f"{line['auto_ms']:>8.4f} {line['speedup_vs_eager']:>7.2f}x "
             f"{line['speedup_vs_compiled']:>7.2f}x "
-            f"{line['best_backend'] + ' ' + format(line['best_ms'], '.4f'):>16} "
+            f"{_best_backend_cell(line):>16} "
             f"{line['auto_host_us']:>9.0f}/{line['naive_host_us']:<9.0f} "
             f"{line['auto_graph_ms']:>8.4f}")
     return "\n".join(out)
