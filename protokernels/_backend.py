@@ -63,7 +63,8 @@ def wants_grad(*tensors) -> bool:
 # Why CUDA wins small problems: its host cost per call is lower (one C++ launch sequence; the
 # Triton path is Python with two or more launches), and at small sizes the host cost is the time.
 # Its kernels are slower (simple tiles, no warp specialization), so Triton wins once the GPU
-# time shows. RESULTS.md "In-model sizes, 2026-11-26, H100" has every row behind these numbers.
+# time shows. Every row behind these numbers: RESULTS.md "In-model sizes, host cost, cold start
+# and the prototype heads, 2026-11-26, H100".
 _AUTO_ORDER = {
     # sqdist: Triton's forward wins every in-model row (N256 M10 D64: 0.0058 ms vs CUDA 0.0166);
     # with a backward, CUDA's cheaper gradient launches win up to N*M*D = 2^24 (N1024 M100
@@ -86,11 +87,12 @@ _AUTO_ORDER = {
     # (RESULTS.md "dw_nearest, codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24").
     **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"),
                     lambda dtype, precision, sizes: TRITON_FIRST),
-    # sinkhorn: CUDA up to B*K = 2^20 (B256 K3000: 0.105 vs 0.195 ms; its sweeps are single
-    # launches), Triton above (B1024: 0.170 vs 0.177; B4096: 0.183 vs 0.498; B65536 K16384:
-    # 17.6 vs 80.2 ms). sinkhorn_plan's iterations are the same sweeps.
-    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes:
-                    _backend_by_work(sizes, "n m", 2**20)),
+    # sinkhorn: Triton at every size. The CUDA sweeps won B256 K3000 (0.105 vs 0.195 ms) until
+    # their column sums became online log-sums (two exps per element, for zero marginals at
+    # small eps): then B256 took 0.245 ms of GPU time alone. B1024: 0.170 vs 0.177; B4096:
+    # 0.183 vs 0.498; B65536 K16384: 17.6 vs 80.2 ms. sinkhorn_plan's iterations are the same
+    # sweeps.
+    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes: TRITON_FIRST),
 }
 
 

@@ -210,7 +210,6 @@ def test_capabilities_parse_the_extensions_declaration():
     ("nearest_by_label", dict(n=8192, m=100, d=64), dict(n=65536, m=1024, d=64)),
     ("kp_conv2d", dict(batch=64, p=16, pixels=64, c=1, taps=9),
      dict(batch=32, p=128, pixels=3136, c=64, taps=9)),
-    ("sinkhorn", dict(n=256, m=3000), dict(n=4096, m=3000)),
 ])
 def test_auto_chooses_by_size(monkeypatch, op, small, large):
     """The size table: CUDA's cheaper launches for small problems, Triton's kernels above
@@ -219,3 +218,10 @@ def test_auto_chooses_by_size(monkeypatch, op, small, large):
     cuda = torch.device("cuda")
     assert _backend.resolve(op, cuda, torch.float32, **small) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, **large) == "triton"
+
+
+@pytest.mark.parametrize("op", ["sinkhorn", "sinkhorn_plan", "dw_nearest", "codebook_lookup"])
+def test_auto_takes_triton_at_every_size(monkeypatch, op):
+    _pretend(monkeypatch, triton=True, cuda=True)
+    for n in (1, 256, 65536):
+        assert _backend.resolve(op, torch.device("cuda"), torch.float32, n=n, m=3000) == "triton"
