@@ -115,15 +115,19 @@ def _extension():
                "-DUSE_CUDA",  # declares the CUDA part of the C shim (current stream)
                # Unquoted tokens (quotes do not survive ninja), stringized in protokernels.cpp.
                f"-DPROTOKERNELS_BUILD=cuda{nvcc[0]}_{nvcc[1]}_sm{'_sm'.join(archs)}"]
+    # csrc/compat: the extension needs no glibc newer than 2.28 whatever the build machine has
+    # (manylinux_2_28; see csrc/compat/glibc_2_28.h).
+    compat = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "compat")
+    glibc = [f"-I{compat}", "-include", os.path.join(compat, "glibc_2_28.h")]
     extension = CUDAExtension(
         "protokernels._C",
         sources=sorted(f"csrc/{f}" for f in os.listdir("csrc") if f.endswith((".cu", ".cpp"))),
         py_limited_api=True,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", *defines],
+            "cxx": ["-O3", "-std=c++17", *glibc, *defines],
             # -gencode flags here also stop torch from adding arch flags of the build machine's GPU.
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *defines,
-                     *gencode],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *glibc,
+                     *defines, *gencode],
         },
     )
     print(f"protokernels: building the CUDA extension for sm_{', sm_'.join(archs)} "

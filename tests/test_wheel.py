@@ -1,10 +1,13 @@
 """The built wheel installs into a fresh virtual environment and imports there (slow: it builds)."""
 import glob
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,8 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
         major = torch.version.cuda.split(".")[0]
         assert os.path.basename(wheel).startswith(f"protokernels_cu{major}-{version}-cp39-abi3-"), \
             wheel
+        if shutil.which("nm"):  # binutils, to read the extension's symbol versions
+            _assert_needs_at_most_glibc_2_28(wheel, tmp_path)
     else:
         assert os.path.basename(wheel) == f"protokernels-{version}-py3-none-any.whl", wheel
 
@@ -51,3 +56,14 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
         "assert d.shape == (2, 4) and bool((d == 3).all())\n"
     )
     subprocess.run([python, "-c", check], check=True, cwd=tmp_path)
+
+
+def _assert_needs_at_most_glibc_2_28(wheel, tmp_path):
+    """manylinux_2_28 (csrc/compat): no glibc symbol version above 2.28, whatever glibc built it."""
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".so")]
+        library = archive.extract(name, tmp_path / "unpacked")
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", library], check=True,
+                             capture_output=True, text=True).stdout
+    versions = {tuple(map(int, v)) for v in re.findall(r"@GLIBC_(\d+)\.(\d+)", symbols)}
+    assert versions and max(versions) <= (2, 28), sorted(versions)
