@@ -44,3 +44,23 @@ def conv_encoder(dim: int) -> nn.Module:
 
 def minibatches(count: int, size: int, generator: torch.Generator):
     return torch.randperm(count, generator=generator).split(size)
+
+
+def save_image_grid(path: str, images, title: str, rows: int = 1, labels=None,
+                    value_range=None) -> None:
+    """A PNG of grayscale images (n, h, w) in `rows` rows, each titled by its label if given."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = -(-len(images) // rows)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns, 1.15 * rows + 0.25), squeeze=False)
+    vmin, vmax = value_range or (None, None)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].numpy(), cmap="gray", vmin=vmin, vmax=vmax)
+            if labels is not None:
+                ax.set_title(str(int(labels[i])), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

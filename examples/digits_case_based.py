@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _digits import arguments, load_digits, minibatches
+from _digits import arguments, load_digits, minibatches, save_image_grid
 from protokernels.nn import CaseBasedLoss, PrototypeLayer
 
 
@@ -33,22 +33,13 @@ class CaseBasedNet(nn.Module):
 
 
 def save_prototypes(model: CaseBasedNet, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     with torch.no_grad():
         images = model.decoder(model.prototypes.prototypes)[:, 0]
         # The class a prototype speaks for: the most negative weight on its distance (being near
         # it raises that class's logit most).
         classes = model.classifier.weight.argmin(0)
-    fig, axes = plt.subplots(1, len(images), figsize=(len(images), 1.4))
-    for ax, image, label in zip(axes, images, classes):
-        ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(str(int(label)), fontsize=8)
-        ax.axis("off")
-    fig.suptitle("decoded prototypes (title: the class each one speaks for)", fontsize=9)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_image_grid(path, images, "decoded prototypes (title: the class each one speaks for)",
+                    labels=classes, value_range=(0, 1))
 
 
 def main(argv=None) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _digits import arguments, load_digits, minibatches
+from _digits import arguments, load_digits, minibatches, save_image_grid
 from protokernels.nn import KernelPrototypeConv2d
 
 
@@ -40,17 +40,8 @@ class PrototypeNet(nn.Module):
 
 
 def save_prototypes(layer: KernelPrototypeConv2d, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     prototypes = layer.weight.detach()[:, 0].cpu()
-    fig, axes = plt.subplots(2, len(prototypes) // 2, figsize=(len(prototypes) // 2, 2.3))
-    for ax, prototype in zip(axes.flat, prototypes):
-        ax.imshow(prototype.numpy(), cmap="gray")
-        ax.axis("off")
-    fig.suptitle("first-layer kernel-prototypes (5 x 5)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_image_grid(path, prototypes, "first-layer kernel-prototypes (5 x 5)", rows=2)
 
 
 def main(argv=None) -> float:

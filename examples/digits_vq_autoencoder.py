@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _digits import arguments, load_digits
+from _digits import arguments, load_digits, save_image_grid
 from protokernels.nn import VectorQuantizer
 
 
@@ -42,20 +42,12 @@ def evaluate(model: VQAutoencoder, images: torch.Tensor) -> tuple[float, float]:
 
 
 def save_reconstructions(model: VQAutoencoder, images: torch.Tensor, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     with torch.no_grad():
         model.eval()
         recon = model(images)[0].clamp(0, 1)
-    fig, axes = plt.subplots(2, len(images), figsize=(len(images), 2.2))
-    for column, (original, rebuilt) in enumerate(zip(images, recon)):
-        for row, image in enumerate((original, rebuilt)):
-            axes[row, column].imshow(image.view(8, 8).numpy(), cmap="gray", vmin=0, vmax=1)
-            axes[row, column].axis("off")
-    fig.suptitle("digits: originals (top) and VQ reconstructions (bottom)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_image_grid(path, torch.cat([images, recon]).view(-1, 8, 8),
+                    "digits: originals (top) and VQ reconstructions (bottom)", rows=2,
+                    value_range=(0, 1))
 
 
 def main(argv=None) -> dict:

@@ -36,8 +36,8 @@ import protokernels
 
 OPS = ("sqdist", "nearest", "kp_conv", "dw_nearest", "codebook_lookup", "codebook_stats",
        "vector_quantizer", "sinkhorn", "sinkhorn_plan", "heads")
-# H100 ceilings measured in SPEC.md: FFMA, TF32 (a third of it for 3xTF32), bf16 tensor cores,
-# device-to-device copy (bytes read + written).
+# H100 ceilings, measured on the benchmark machine (README, "Benchmarks"): FFMA, TF32 (a third
+# of it for 3xTF32), bf16 tensor cores, device-to-device copy (bytes read + written).
 PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679e12}
 PEAK_BYTES = 3.0e12
 
@@ -60,7 +60,7 @@ def _time_cpu(fn, repeats):
     return statistics.median(times), quantiles[1], quantiles[7]
 
 
-def _host_us(fn, device, calls=10, repeats=15):
+def host_us(fn, device, calls=10, repeats=15):
     """Host microseconds per call: the wall time of issuing `calls` calls back to back, with the
     GPU idle at the start (few enough launches that the queue never blocks); median of
     `repeats`."""
@@ -160,9 +160,9 @@ def _measure(function, backend, sizes, inputs, backward, device, repeats, host=F
         else:
             p50, p20, p80 = _time_cpu(call, repeats)
         nan = float("nan")
-        host_us = _host_us(call, device) if host else nan
+        host_time = host_us(call, device) if host else nan
         graph_ms = _graph_ms(forward, device) if host and not backward else nan
-        return p50, p20, p80, _peak_extra_bytes(call, device), host_us, graph_ms, ""
+        return p50, p20, p80, _peak_extra_bytes(call, device), host_time, graph_ms, ""
     except Exception as err:  # a failing runner is reported, not fatal
         nan = float("nan")
         return nan, nan, nan, None, nan, nan, f"{type(err).__name__}: {str(err)[:200]}"

@@ -7,30 +7,16 @@ the GPU keeps up). `--profile` adds a cProfile of the Triton nearest call.
 import argparse
 import cProfile
 import pstats
-import statistics
-import time
 
 import torch
 import triton
 import triton.language as tl
 
 import protokernels
+from protokernels import bench
 from protokernels.ops import nearest as nearest_op
 from protokernels.triton_kernels import _common
 from protokernels.triton_kernels import nearest as nearest_kernels
-
-
-def host_us(fn, calls=10, repeats=30):
-    fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 @triton.jit
@@ -86,7 +72,7 @@ def main():
     results = {}
     for name, fn in rows.items():
         with protokernels.use_backend("triton" if "cuda" not in name else "cuda"):
-            results[name] = host_us(fn)
+            results[name] = bench.host_us(fn, torch.device("cuda"), repeats=30)
     if args.profile:
         with protokernels.use_backend("triton"):
             profile = cProfile.Profile()
