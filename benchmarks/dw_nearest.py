@@ -47,7 +47,7 @@ def _sizes(n, g, k, d):
 
 
 def cases(quick: bool):
-    """The spec's size (SPEC.md, Speed: N 65536, G 8, K 1024, Dg 64) at tf32, highest and bf16,
+    """The large size (README, "Speed": N 65536, G 8, K 1024, Dg 64) at tf32, highest and bf16,
     and plain VQ (G 1) with K 8192 at dim 256."""
     vq = _sizes(512, 4, 64, 16) if quick else _sizes(65536, 8, 1024, 64)
     plain = _sizes(512, 1, 256, 64) if quick else _sizes(65536, 1, 8192, 256)

@@ -42,7 +42,7 @@ def _sizes(b, c, hw, p, k, stride=1):
 
 
 def cases(quick: bool):
-    """The spec's size (SPEC.md, Speed: x (32, 64, 56, 56), w (128, 64, 3, 3), padding 1)."""
+    """The large size (README, "Speed": x (32, 64, 56, 56), w (128, 64, 3, 3), padding 1)."""
     sizes = _sizes(2, 16, 14, 32, 3) if quick else _sizes(32, 64, 56, 128, 3)
     return [
         ("tf32", "high", torch.float32, sizes),

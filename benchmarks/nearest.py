@@ -54,7 +54,7 @@ def fused(sizes, x, y, *labels):
 
 
 def cases(quick: bool):
-    """The spec's size (SPEC.md, Speed: N 65536, K 8192, D 256) at tf32, highest and bf16."""
+    """The large size (README, "Speed": N 65536, K 8192, D 256) at tf32, highest and bf16."""
     n, m, d = (512, 256, 64) if quick else (65536, 8192, 256)
     sizes = {"N": n, "M": m, "D": d}
     return [

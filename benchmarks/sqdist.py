@@ -30,7 +30,7 @@ BASELINES = {}
 
 
 def cases(quick: bool):
-    """(name, matmul precision, dtype, sizes). The spec's size first (SPEC.md, Speed)."""
+    """(name, matmul precision, dtype, sizes). The large size first (README, "Speed")."""
     b, n, m, d = (2, 256, 256, 64) if quick else (8, 4096, 4096, 128)
     sizes = {"B": b, "N": n, "M": m, "D": d}
     return [

@@ -92,7 +92,7 @@ def _sizes(n, dim, g, k):
 
 
 def cases(quick: bool):
-    """The spec's sizes (SPEC.md, Speed: 65536 vectors, dim 512, 8 groups, K 1024; the issue's
+    """The large sizes (README, "Speed": 65536 vectors, dim 512, 8 groups, K 1024; the issue's
     dim 256, K 8192, one group), tf32."""
     if quick:
         grouped, plain = _sizes(2048, 64, 8, 64), _sizes(2048, 32, 1, 128)

@@ -338,7 +338,7 @@ _PRECISIONS = ("ieee", "tf32x3", "tf32")
 # float64: 3xTF32 does (every test passes at 1e-5 on the H100) and is the faster way there: sqdist
 # at the spec size takes 0.578 ms with 3xTF32 (RESULTS.md), while FFMA needs >= 0.67 ms even at
 # the FFMA peak.
-# "medium" may use bf16 per SPEC.md; tf32 is within that allowance and keeps one fewer path.
+# "medium" could use bf16; tf32 is within that allowance and keeps one fewer path.
 _FROM_MATMUL_PRECISION = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
 
 

@@ -16,7 +16,7 @@ import protokernels  # noqa: E402  (after TRITON_INTERPRET)
 
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 
-# Relative-error bounds of SPEC.md ("Correctness standard") by dtype / float32 precision.
+# Relative-error bounds of the README ("Precision") by dtype / float32 precision.
 TOLERANCE = {"ieee": 1e-5, "tf32x3": 1e-5, "tf32": 2e-3, torch.float16: 1e-2,
              torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
