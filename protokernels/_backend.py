@@ -121,12 +121,13 @@ def _extension_load_error() -> str | None:
     try:
         torch.ops.load_library(spec.origin)
     except OSError as err:
-        message = str(err)
+        # torch 2.14 raises "Could not load this library: <path>" from the loader's own error.
+        message = str(err) if err.__cause__ is None else f"{err}: {err.__cause__}"
         missing = re.search(r"lib(cudart|cublas)\.so\.(\d+)", message)
         if missing:
             return (f"the extension was built for CUDA {missing.group(2)}, but this torch uses "
-                    f"CUDA {torch.version.cuda} ({message}). Fix: install the protokernels wheel "
-                    f"for cu{torch.version.cuda.split('.')[0]}, or rebuild from source")
+                    f"CUDA {torch.version.cuda} ({message}). Fix: install protokernels-cu"
+                    f"{torch.version.cuda.split('.')[0]} instead, or rebuild from source")
         if "undefined symbol" in message:
             return (f"the extension needs a symbol this torch ({torch.__version__}) lacks; it "
                     f"targets the stable ABI of torch >= 2.10 ({message}). Fix: upgrade torch to "

@@ -8,7 +8,7 @@
 #
 # nvcc 12: PyPI's nvidia-cuda-nvcc-cu12 ships only ptxas and NVVM, not the nvcc driver, so the
 # CUDA 12.4 toolkit comes from Debian's packages (trixie's nvidia-cuda-toolkit and
-# nvidia-cuda-dev, with libcu++-dev for <nv/target>; ~1 GB), unpacked into a scratch prefix, never
+# nvidia-cuda-dev, with CCCL: libcu++, thrust, cub; ~1 GB), unpacked into a scratch prefix, never
 # installed. The extension touches torch only through the stable C ABI, so it builds against the
 # local (CUDA 13) torch's headers; setup.py lets torch's helper accept the other CUDA major.
 #
@@ -40,8 +40,8 @@ cuda12_home() {  # prints the prefix of an unpacked CUDA 12.4 toolkit
   local o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
            -o "Dir::State::Lists=$apt/lists" -o APT::Get::List-Cleanup=0)
   apt-get "${o[@]}" update >&2
-  (cd "$apt/debs" && apt-get "${o[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev libcu++-dev \
-    libcudart12 >&2)
+  (cd "$apt/debs" && apt-get "${o[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev \
+    libcu++-dev libthrust-dev libcub-dev libcudart12 >&2)
   for deb in "$apt"/debs/*.deb; do dpkg -x "$deb" "$apt/root"; done
   local root="$apt/root/usr" tools="$apt/root/usr/lib/nvidia-cuda-toolkit"
   cp -a "$tools/bin/nvcc" "$tools/bin/cicc" "$tools/bin/crt" "$prefix/bin/"

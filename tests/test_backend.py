@@ -151,16 +151,23 @@ def test_missing_extension_is_explained(monkeypatch):
     assert "without its CUDA extension" in _backend._extension_load_error()
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
 @pytest.mark.parametrize("message,expected", [
     ("libcudart.so.12: cannot open shared object file", "built for CUDA 12"),
     ("_C.abi3.so: undefined symbol: torch_call_dispatcher", "stable ABI of torch >= 2.10"),
 ])
-def test_extension_load_errors_say_how_to_fix(monkeypatch, message, expected):
+def test_extension_load_errors_say_how_to_fix(monkeypatch, message, expected, wrapped):
+    """wrapped: torch 2.14 raises "Could not load this library: <path>" from the loader's error."""
     import importlib.util
     from types import SimpleNamespace
 
     def fail(path):
-        raise OSError(message)
+        if not wrapped:
+            raise OSError(message)
+        try:
+            raise OSError(message)
+        except OSError as cause:
+            raise OSError(f"Could not load this library: {path}") from cause
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin="_C.so"))
     monkeypatch.setattr(torch.ops, "load_library", fail)
