@@ -275,3 +275,33 @@ def equal_totals(op: str, r: torch.Tensor | None, c: torch.Tensor | None, sizes)
         raise ValueError(f"{op}: the marginals 'r' and 'c' must have the same total mass (None "
                          f"counts as uniform with total 1), got r summing to {totals[0]} and c "
                          f"to {totals[1]} (sizes {sizes})")
+
+
+def settings(owner: str, *, ints=None, positive=None, nonnegative=None) -> None:
+    """A module's hyperparameters, each a dict name -> value: `ints` must be ints >= 1,
+    `positive` finite numbers > 0, `nonnegative` finite numbers >= 0 (a bool is none of these).
+    TypeError for a wrong type, ValueError for a value out of range."""
+    for name, value in (ints or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{owner}: '{name}' must be a positive int, got "
+                            f"{type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{owner}: '{name}' must be a positive int, got {value!r}")
+    for bound, values in ((">", positive or {}), (">=", nonnegative or {})):
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{owner}: '{name}' must be a number, got "
+                                f"{type(value).__name__}")
+            if not (0 < value if bound == ">" else 0 <= value) or value == math.inf:
+                raise ValueError(f"{owner}: '{name}' must be a finite number {bound} 0, got "
+                                 f"{value!r}")
+
+
+def feature_rows(owner: str, name: str, t, dim: int, layout: str) -> None:
+    """t is a 2-D floating-point tensor `layout` of `dim` features (a module's input)."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != 2:
+        got = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{owner}: '{name}' must be a 2-D floating-point tensor {layout}, got "
+                        f"{got}")
+    if t.shape[1] != dim:
+        raise ValueError(f"{owner}: '{name}' must have {dim} features, got {t.shape[1]}")

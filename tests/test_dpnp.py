@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import protokernels
 from conftest import DEVICE, relative_error, skip_unless_capable
 from protokernels.nn import DPNPLoss
 

@@ -48,10 +48,8 @@ def _tensor(rng, shape, dtype, strided):
 def _inject(rng_py, t, what):
     """Put a NaN or an infinity at a random place (in place; no-op for an empty tensor)."""
     if t.numel() and what:
-        flat = t.view(-1) if t.is_contiguous() else None
         index = tuple(rng_py.randrange(n) for n in t.shape)
         t[index] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[what]
-        del flat
     return t
 
 

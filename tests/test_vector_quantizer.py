@@ -309,6 +309,7 @@ def test_two_gloo_ranks_hold_the_same_codebook(rows):
     results = run_ranks(_rank_codebooks, 2, rows)
     (synced0, plain0, counts0), (synced1, plain1, counts1) = results[0], results[1]
     assert torch.equal(synced0, synced1) and torch.equal(plain0, plain1)
+    assert torch.equal(counts0, counts1)  # the all-reduced statistics
     # Without k-means/restarts, the synced EMA equals one process on the concatenated batch.
     torch.manual_seed(0)
     data = torch.randn(sum(rows), 12)

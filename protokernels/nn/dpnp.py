@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._numerics import FLOAT_DTYPES
+from .. import _validate
 from ..ops.nearest import nearest
 
 
@@ -58,17 +58,11 @@ class DPNPLoss(nn.Module):
                  lambda_pos: float = 0.01, lambda_neg_sample: float = 0.01,
                  lambda_neg_class: float = 0.01, eps: float = 1e-8, device=None, dtype=None):
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("dim", dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DPNPLoss: '{name}' must be a positive int, got {value!r}")
-        for name, value in (("alpha", alpha), ("eps", eps)):
-            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"DPNPLoss: '{name}' must be a finite number > 0, got {value!r}")
-        for name, value in (("lambda_pos", lambda_pos), ("lambda_neg_sample", lambda_neg_sample),
-                            ("lambda_neg_class", lambda_neg_class)):
-            if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"DPNPLoss: '{name}' must be a finite number >= 0, got "
-                                 f"{value!r}")
+        _validate.settings("DPNPLoss", ints=dict(num_classes=num_classes, dim=dim),
+                           positive=dict(alpha=alpha, eps=eps),
+                           nonnegative=dict(lambda_pos=lambda_pos,
+                                            lambda_neg_sample=lambda_neg_sample,
+                                            lambda_neg_class=lambda_neg_class))
         self.alpha, self.eps = float(alpha), float(eps)
         self.lambda_pos, self.lambda_neg_sample = float(lambda_pos), float(lambda_neg_sample)
         self.lambda_neg_class = float(lambda_neg_class)
@@ -84,12 +78,7 @@ class DPNPLoss(nn.Module):
         return h @ self.prototypes.t()
 
     def forward(self, h: Tensor, labels: Tensor) -> Tensor:
-        if not isinstance(h, Tensor) or h.dtype not in FLOAT_DTYPES or h.dim() != 2:
-            raise TypeError(f"DPNPLoss: 'h' must be a 2-D floating-point tensor (N, dim), got "
-                            f"{getattr(h, 'dtype', type(h).__name__)}")
-        if h.shape[1] != self.prototypes.shape[1]:
-            raise ValueError(f"DPNPLoss: 'h' must have {self.prototypes.shape[1]} features, got "
-                             f"{h.shape[1]}")
+        _validate.feature_rows("DPNPLoss", "h", h, self.prototypes.shape[1], "(N, dim)")
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1 or \
                 labels.shape[0] != h.shape[0]:
             raise TypeError(f"DPNPLoss: 'labels' must be a 1-D integer tensor of {h.shape[0]} "

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from .._numerics import FLOAT_DTYPES, accumulate_dtype
 from ..ops.nearest import nearest, nearest_by_label
 from ..ops.sqdist import sqdist
@@ -71,8 +72,7 @@ class GLVQLoss(nn.Module):
         super().__init__()
         if transfer not in _TRANSFERS:
             raise ValueError(f"GLVQLoss: 'transfer' must be one of {_TRANSFERS}, got {transfer!r}")
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
-            raise ValueError(f"GLVQLoss: 'beta' must be a finite number > 0, got {beta!r}")
+        _validate.settings("GLVQLoss", positive=dict(beta=beta))
         self.transfer, self.beta = transfer, float(beta)
         self.reduction = _check_reduction("GLVQLoss", reduction)
 
@@ -116,9 +116,7 @@ class RSLVQLoss(nn.Module):
 
     def __init__(self, sigma: float = 1.0, reduction: str = "mean"):
         super().__init__()
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or \
-                not 0 < sigma < math.inf:
-            raise ValueError(f"RSLVQLoss: 'sigma' must be a finite number > 0, got {sigma!r}")
+        _validate.settings("RSLVQLoss", positive=dict(sigma=sigma))
         self.sigma = float(sigma)
         self.reduction = _check_reduction("RSLVQLoss", reduction)
 
@@ -146,11 +144,8 @@ class PrototypeClassifier(nn.Module):
     def __init__(self, dim: int, num_classes: int, prototypes_per_class: int = 1, *,
                  criterion: nn.Module | None = None, device=None, dtype=None):
         super().__init__()
-        for name, value in (("dim", dim), ("num_classes", num_classes),
-                            ("prototypes_per_class", prototypes_per_class)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PrototypeClassifier: '{name}' must be a positive int, got "
-                                 f"{value!r}")
+        _validate.settings("PrototypeClassifier", ints=dict(
+            dim=dim, num_classes=num_classes, prototypes_per_class=prototypes_per_class))
         self.prototypes = nn.Parameter(torch.randn(num_classes * prototypes_per_class, dim,
                                                    device=device, dtype=dtype))
         self.register_buffer("prototype_labels", torch.arange(num_classes, device=device)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from .._numerics import FLOAT_DTYPES
 from ..ops.kp_conv import kp_conv2d
 from ..ops.nearest import nearest
@@ -31,13 +32,9 @@ class PatchPrototypes(nn.Module):
     def __init__(self, in_channels: int, num_prototypes: int, kernel_size: int = 1, *,
                  eps: float = 1e-4, device=None, dtype=None):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_prototypes", num_prototypes),
-                            ("kernel_size", kernel_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PatchPrototypes: '{name}' must be a positive int, got "
-                                 f"{value!r}")
-        if not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-            raise ValueError(f"PatchPrototypes: 'eps' must be a finite number > 0, got {eps!r}")
+        _validate.settings("PatchPrototypes", ints=dict(
+            in_channels=in_channels, num_prototypes=num_prototypes, kernel_size=kernel_size),
+            positive=dict(eps=eps))
         self.eps = float(eps)
         self.prototypes = nn.Parameter(torch.rand(num_prototypes, in_channels, kernel_size,
                                                   kernel_size, device=device, dtype=dtype))

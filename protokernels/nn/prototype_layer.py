@@ -6,13 +6,11 @@ both from one fused pass (protokernels.nearest_both).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._numerics import FLOAT_DTYPES
+from .. import _validate
 from ..ops.nearest import nearest_both
 from ..ops.sqdist import sqdist
 
@@ -35,20 +33,12 @@ class PrototypeLayer(nn.Module):
 
     def __init__(self, dim: int, num_prototypes: int, device=None, dtype=None):
         super().__init__()
-        for name, value in (("dim", dim), ("num_prototypes", num_prototypes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PrototypeLayer: '{name}' must be a positive int, got "
-                                 f"{value!r}")
+        _validate.settings("PrototypeLayer", ints=dict(dim=dim, num_prototypes=num_prototypes))
         self.prototypes = nn.Parameter(torch.rand(num_prototypes, dim, device=device,
                                                   dtype=dtype))
 
     def _check(self, z: Tensor) -> None:
-        if not isinstance(z, Tensor) or z.dtype not in FLOAT_DTYPES or z.dim() != 2:
-            raise TypeError(f"PrototypeLayer: 'z' must be a 2-D floating-point tensor (N, dim), "
-                            f"got {getattr(z, 'dtype', type(z).__name__)}")
-        if z.shape[1] != self.prototypes.shape[1]:
-            raise ValueError(f"PrototypeLayer: 'z' must have {self.prototypes.shape[1]} "
-                             f"features, got {z.shape[1]}")
+        _validate.feature_rows("PrototypeLayer", "z", z, self.prototypes.shape[1], "(N, dim)")
 
     def forward(self, z: Tensor) -> Tensor:
         self._check(z)
@@ -73,11 +63,8 @@ class CaseBasedLoss(nn.Module):
     def __init__(self, lambda_rec: float = 0.05, lambda_r1: float = 0.05,
                  lambda_r2: float = 0.05):
         super().__init__()
-        for name, value in (("lambda_rec", lambda_rec), ("lambda_r1", lambda_r1),
-                            ("lambda_r2", lambda_r2)):
-            if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"CaseBasedLoss: '{name}' must be a finite number >= 0, got "
-                                 f"{value!r}")
+        _validate.settings("CaseBasedLoss", nonnegative=dict(
+            lambda_rec=lambda_rec, lambda_r1=lambda_r1, lambda_r2=lambda_r2))
         self.lambda_rec, self.lambda_r1, self.lambda_r2 = lambda_rec, lambda_r1, lambda_r2
 
     def forward(self, logits: Tensor, labels: Tensor, reconstruction: Tensor, x: Tensor,

@@ -6,13 +6,11 @@ scores (eq. 10), and each prototype anchors its cluster through an MMD term towa
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._numerics import FLOAT_DTYPES
+from .. import _validate
 from ..ops.sinkhorn import sinkhorn
 from ..ops.sqdist import sqdist
 
@@ -49,28 +47,17 @@ class SinkhornPrototypes(nn.Module):
                  eps: float = 0.05, n_iters: int = 3, normalize: bool = True,
                  bandwidth: float = 1.0, device=None, dtype=None):
         super().__init__()
-        for name, value in (("dim", dim), ("num_prototypes", num_prototypes),
-                            ("n_iters", n_iters)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SinkhornPrototypes: '{name}' must be a positive int, got "
-                                 f"{value!r}")
-        for name, value in (("temperature", temperature), ("eps", eps),
-                            ("bandwidth", bandwidth)):
-            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"SinkhornPrototypes: '{name}' must be a finite number > 0, got "
-                                 f"{value!r}")
+        _validate.settings("SinkhornPrototypes",
+                           ints=dict(dim=dim, num_prototypes=num_prototypes, n_iters=n_iters),
+                           positive=dict(temperature=temperature, eps=eps, bandwidth=bandwidth))
         self.temperature, self.eps, self.n_iters = float(temperature), float(eps), n_iters
         self.normalize, self.bandwidth = normalize, float(bandwidth)
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim, device=device,
                                                    dtype=dtype))
 
     def _check(self, z: Tensor) -> None:
-        if not isinstance(z, Tensor) or z.dtype not in FLOAT_DTYPES or z.dim() != 2:
-            raise TypeError(f"SinkhornPrototypes: 'z' must be a 2-D floating-point tensor "
-                            f"(B, dim), got {getattr(z, 'dtype', type(z).__name__)}")
-        if z.shape[1] != self.prototypes.shape[1]:
-            raise ValueError(f"SinkhornPrototypes: 'z' must have {self.prototypes.shape[1]} "
-                             f"features, got {z.shape[1]}")
+        _validate.feature_rows("SinkhornPrototypes", "z", z, self.prototypes.shape[1],
+                               "(B, dim)")
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self._check(z)

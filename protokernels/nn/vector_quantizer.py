@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import _validate
 from .._numerics import FLOAT_DTYPES
 from ..ops.codebook_lookup import codebook_lookup, lookup_checked_indices
 from ..ops.codebook_stats import stats_of_checked_indices
@@ -76,27 +77,17 @@ class VectorQuantizer(nn.Module):
                  deterministic: bool | None = None, precision: str | None = None,
                  device=None, dtype=None):
         super().__init__()
-        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("groups", groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"VectorQuantizer: '{name}' must be a positive int, got {value!r}")
+        _validate.settings("VectorQuantizer", ints=dict(dim=dim, codebook_size=codebook_size,
+                                                       groups=groups, kmeans_iters=kmeans_iters),
+                           positive=dict(eps=eps),
+                           nonnegative=dict(commitment_weight=commitment_weight,
+                                            dead_code_threshold=dead_code_threshold))
         if dim % groups:
             raise ValueError(f"VectorQuantizer: 'dim' ({dim}) must be divisible by 'groups' "
                              f"({groups})")
-        for name, value, ok, expected in (
-                ("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)"),
-                ("eps", eps, lambda v: 0 < v < math.inf, "a finite number > 0"),
-                ("commitment_weight", commitment_weight, lambda v: 0 <= v < math.inf,
-                 "a finite number >= 0"),
-                ("dead_code_threshold", dead_code_threshold, lambda v: 0 <= v < math.inf,
-                 "a finite number >= 0")):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"VectorQuantizer: '{name}' must be a number, got "
-                                f"{type(value).__name__}")
-            if not ok(value):
-                raise ValueError(f"VectorQuantizer: '{name}' must be {expected}, got {value}")
-        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 1:
-            raise ValueError(f"VectorQuantizer: 'kmeans_iters' must be an int >= 1, got "
-                             f"{kmeans_iters!r}")
+        _validate.settings("VectorQuantizer", nonnegative=dict(decay=decay))
+        if decay >= 1:
+            raise ValueError(f"VectorQuantizer: 'decay' must be in [0, 1), got {decay}")
         self.dim, self.codebook_size, self.groups = dim, codebook_size, groups
         self.commitment_weight, self.ema, self.decay, self.eps = commitment_weight, ema, decay, eps
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters

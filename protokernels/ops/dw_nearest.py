@@ -10,7 +10,6 @@ gradient (protokernels::gather_sqdist_grad) exist once.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import _backend, _validate

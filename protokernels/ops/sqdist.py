@@ -1,7 +1,6 @@
 """protokernels::sqdist: batched squared Euclidean distance (prototype-layers..., eq. 10-12)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import _backend, _validate

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._numerics import SCORE_LIMIT, accumulate_dtype
+from .._numerics import SCORE_LIMIT
 from ._scratch import ranges, tile_sizes
 
 
