@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from protokernels import sqdist
+from protokernels.bench import DoesNotApply
 from protokernels.nn import GLVQLoss, RSLVQLoss
 from protokernels.nn.dpnp import dpnp_loss
 from protokernels.nn.prototype_layer import prototype_regularizers
@@ -130,7 +131,7 @@ def _prototorch(sizes, x, labels, protos, plabels):
                                               beta=5.0).mean()
     if _HEADS[sizes["head"]] == "rslvq":
         return pt["losses"].rslvq_loss(torch.exp(-d / 2.0), labels, plabels).mean()
-    raise NotImplementedError("prototorch has no such head")
+    raise DoesNotApply(f"prototorch has no {_HEADS[sizes['head']]} head")
 
 
 _PROTOTORCH = prototorch_losses()

@@ -42,6 +42,11 @@ PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679
 PEAK_BYTES = 3.0e12
 
 
+class DoesNotApply(Exception):
+    """Raised by an anchor baseline for a case it has no counterpart of (prototorch has no DPNP
+    head): the row is left out, not reported as an error."""
+
+
 def _time_cuda(fn, grad_to_none):
     import triton.testing
     p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100,
@@ -139,7 +144,7 @@ def _runnable_backends(backends, device, log):
 
 def _measure(function, backend, sizes, inputs, backward, device, repeats, host=False):
     """(p50, p20, p80, extra bytes, host us, graph ms, error) of function(sizes, *inputs)
-    [+ backward of its first output] under `backend`."""
+    [+ backward of its first output] under `backend`; None if the function does not apply."""
     leaves = [t.detach().requires_grad_(backward) if t.is_floating_point() else t for t in inputs]
 
     def forward():
@@ -163,6 +168,8 @@ def _measure(function, backend, sizes, inputs, backward, device, repeats, host=F
         host_time = host_us(call, device) if host else nan
         graph_ms = _graph_ms(forward, device) if host and not backward else nan
         return p50, p20, p80, _peak_extra_bytes(call, device), host_time, graph_ms, ""
+    except DoesNotApply:
+        return None
     except Exception as err:  # a failing runner is reported, not fatal
         nan = float("nan")
         return nan, nan, nan, None, nan, nan, f"{type(err).__name__}: {str(err)[:200]}"
@@ -181,8 +188,11 @@ def _run_case(cases, op, case, matmul_precision, dtype, sizes, runners, modes, d
         flops, moved = cases.work(sizes, dtype, backward)
         floor_ms = max(flops / PEAK_FLOPS[precision], moved / PEAK_BYTES) * 1e3
         for label, backend, function in runners:
-            p50, p20, p80, extra, host_us, graph_ms, error = _measure(
-                function, backend, sizes, inputs, backward, device, repeats, host)
+            measured = _measure(function, backend, sizes, inputs, backward, device, repeats,
+                                host)
+            if measured is None:
+                continue
+            p50, p20, p80, extra, host_us, graph_ms, error = measured
             row = {"op": op, "case": case, "mode": mode, "impl": label, "sizes": sizes, **sizes,
                    "dtype": str(dtype).split(".")[1], "precision": precision, "median_ms": p50,
                    "p20_ms": p20, "p80_ms": p80,

@@ -42,3 +42,22 @@ def test_sweep_of_an_op_without_one_is_refused(tmp_path, capsys):
     assert exit_info.value.code != 0
     error = capsys.readouterr().err
     assert "no size sweep for sinkhorn" in error and "nearest" in error
+
+
+def test_an_anchor_without_the_case_leaves_its_row_out(tmp_path, capsys, monkeypatch):
+    """prototorch has GLVQ and RSLVQ but no DPNP head: the DPNP case has no prototorch row, and
+    the run still succeeds."""
+    from protokernels.benchmarks import heads
+    calls = []
+
+    def anchor(sizes, *inputs):
+        calls.append(sizes["head"])
+        raise bench.DoesNotApply("no such head")
+    monkeypatch.setattr(heads, "BASELINES", {"anchor": anchor})
+    monkeypatch.setattr(heads, "model_cases", lambda quick: [heads._case(2, 16, 4, 8, 2)])
+    status = bench.main(["--quick", "--regime", "model", "--op", "heads", "--backend", "auto",
+                         "--no-compile", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert calls and " anchor " not in printed
+    assert "protokernels auto" in printed
