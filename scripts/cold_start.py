@@ -5,7 +5,7 @@ For each op: a fresh Python process imports protokernels, then times its first c
 an in-model size, auto backend) and a second call. Run twice per op: with an empty
 TRITON_CACHE_DIR, then with the same directory (now holding the compiled kernels).
 
-    python scripts/cold_start.py [--out cold_start.json]
+    python scripts/cold_start.py [--op sinkhorn ...] [--out cold_start.json]
 """
 import argparse
 import json
@@ -52,11 +52,13 @@ def measure(op: str, cache: str) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--op", action="append", choices=list(CALLS),
+                        help="ops to measure (repeatable; default all)")
     args = parser.parse_args()
     rows = []
     print(f"{'op':<12} {'import s':>9} {'first call, empty cache s':>26} "
           f"{'first call, warm cache s':>25} {'second call ms':>15}")
-    for op in CALLS:
+    for op in args.op or CALLS:
         with tempfile.TemporaryDirectory() as cache:
             imported, cold, _ = measure(op, cache)
             _, warm, second = measure(op, cache)

@@ -7,7 +7,8 @@
 #   proves the source build on that torch version) or wheel (the wheel built on the CPU machine,
 #   wheelhouse/protokernels*.whl, named in the device tool's `carry`); INSTALL="wheel source"
 #   installs the wheel, runs the tests, then builds from source and runs them again.
-# TESTS (paths under tests/, default all), PYTEST_ARGS and BENCH_ARGS pass extra arguments
+# TESTS (file names under tests/, default all; one pytest process per file, JOBS (default 6) at a
+#   time, each cut at TEST_TIMEOUT seconds), PYTEST_ARGS and BENCH_ARGS pass extra arguments
 #   through; SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out.
 # FUZZ_CASES (default 200): cases per op of tests/test_fuzz.py (CI runs 12 on the CPU).
 # SANITIZER=1: also run the CUDA and Triton backends' tests of SANITIZER_TESTS (default
@@ -36,7 +37,12 @@ fi
 
 install() {  # $1: source or wheel
   if [ "$1" = wheel ]; then
-    $PY -m pip install -q --no-deps --no-index --force-reinstall "$REPO"/wheelhouse/protokernels*.whl
+    # The distribution whose extension matches this torch's CUDA major (build_wheels.sh writes
+    # protokernels_cu12, protokernels_cu13 and the pure protokernels side by side).
+    local major=$($PY -c 'import torch; print(torch.version.cuda.split(".")[0])')
+    $PY -m pip uninstall -q -y protokernels protokernels-cu12 protokernels-cu13 2>/dev/null
+    $PY -m pip install -q --no-deps --no-index --force-reinstall \
+      "$REPO"/wheelhouse/protokernels_cu"$major"-*.whl || return 1
   else
     local start=$(date +%s)
     MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -v --no-deps --no-build-isolation "$REPO" \
@@ -51,11 +57,23 @@ for mode in ${INSTALL:-source}; do
   cd /tmp  # not the repository root: the source tree must not shadow the installed package
   $PY -m protokernels.info 2>&1 | tee -a "$OUT/env.txt"
   if [ -z "${SKIP_TESTS:-}" ]; then
-    paths=()
-    for t in ${TESTS:-.}; do paths+=("$REPO/tests/$t"); done
-    $PY -m pytest -q -p no:cacheprovider -m "not slow" "${paths[@]}" ${PYTEST_ARGS:-} 2>&1 \
-      | tee "$OUT/tests-$mode.log" | tail -5
-    status=$(( status || PIPESTATUS[0] ))
+    # One pytest process per test file, JOBS at a time on the one GPU: the suite runs in a
+    # fraction of one process's time, and each file's log survives a time limit. Exit 5 (all of
+    # a file's tests deselected, e.g. test_wheel.py's slow build) is not a failure.
+    mkdir -p "$OUT/tests-$mode"
+    (cd "$REPO/tests" && ls ${TESTS:-test_*.py}) | xargs -P "${JOBS:-6}" -I{} sh -c \
+      "timeout ${TEST_TIMEOUT:-1500} $PY -m pytest -q -p no:cacheprovider -m 'not slow' \
+         '$REPO/tests/{}' ${PYTEST_ARGS:-} > '$OUT/tests-$mode/{}.log' 2>&1 \
+       || [ \$? -eq 5 ] || echo '{}' >> '$OUT/tests-$mode/failed.txt'"
+    for log in "$OUT/tests-$mode"/*.log; do  # a file's last line: its pytest summary
+      echo "$(basename "$log" .log): $(tail -1 "$log")"
+    done | tee "$OUT/tests-$mode.log"
+    if [ -s "$OUT/tests-$mode/failed.txt" ]; then
+      echo "FAILED ($mode): $(tr '\n' ' ' < "$OUT/tests-$mode/failed.txt")"; status=1
+      while read -r failed; do  # the failures' lines, for a device tool that returns few files
+        grep -E "^(FAILED|ERROR)|^E  " "$OUT/tests-$mode/$failed.log" | head -20
+      done < "$OUT/tests-$mode/failed.txt"
+    fi
   fi
   cd "$REPO"
 done
@@ -66,11 +84,16 @@ if [ -n "${SANITIZER:-}" ]; then
   for t in ${SANITIZER_TESTS:-test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py test_sinkhorn.py}; do
     sanitized+=("$REPO/tests/$t")
   done
+  # The three tools side by side (each slows its process 10-100x; the GPU has room for all).
   for tool in memcheck racecheck initcheck; do
-    compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
-      $PY -m pytest -q -p no:cacheprovider -m "not slow" "${sanitized[@]}" \
-      -k "(cuda or triton) and not compile and not 2_to_the_31" > "$OUT/sanitizer-$tool.log" 2>&1
-    code=$?
+    ( timeout "${SANITIZER_TIMEOUT:-3000}" compute-sanitizer --tool "$tool" --target-processes all \
+        --error-exitcode 99 $PY -m pytest -q -p no:cacheprovider -m "not slow" "${sanitized[@]}" \
+        -k "(cuda or triton) and not compile and not 2_to_the_31" > "$OUT/sanitizer-$tool.log" 2>&1
+      echo $? > "$OUT/sanitizer-$tool.exit" ) &
+  done
+  wait
+  for tool in memcheck racecheck initcheck; do
+    code=$(cat "$OUT/sanitizer-$tool.exit")
     echo "compute-sanitizer $tool: exit $code; $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
     status=$(( status || code ))
   done

@@ -5,6 +5,7 @@ when it was passed. Timings are not checked (they belong to benchmarks/RESULTS.m
 import json
 
 import pytest
+import torch
 
 from protokernels import bench
 
@@ -32,6 +33,7 @@ def test_model_regime_prints_and_writes_the_summary(tmp_path, capsys):
 
 def test_cpu_run_without_quick_advises_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
     assert bench.main(["--op", "sqdist", "--no-compile", "--out", str(tmp_path)]) == 0
     assert "Pass --quick" in capsys.readouterr().out
 

@@ -177,13 +177,15 @@ def test_fuzz_codebook_ops():
                 counts, sums = protokernels.codebook_stats(x, idx, size)
             expected = books[torch.arange(groups, device=DEVICE), idx].reshape(n, groups * depth)
             assert torch.equal(out, expected), where
-            truth_sums = torch.zeros(groups, size, depth, dtype=torch.float64, device=DEVICE)
-            grouped = x.double().view(n, groups, depth)
+            # With G = 0 groups x has no features, so the depth it implies is 0 too.
+            x_depth = depth if groups else 0
+            truth_sums = torch.zeros(groups, size, x_depth, dtype=torch.float64, device=DEVICE)
+            truth_counts = torch.zeros(groups, size, dtype=torch.long, device=DEVICE)
+            grouped = x.double().view(n, groups, x_depth)
             for g in range(groups):
                 truth_sums[g].index_add_(0, idx[:, g], grouped[:, g])
-            assert torch.equal(counts, torch.stack([torch.bincount(idx[:, g], minlength=size)
-                                                    for g in range(groups)])
-                               if groups else counts), where
+                truth_counts[g] = torch.bincount(idx[:, g], minlength=size)
+            assert torch.equal(counts, truth_counts), where
             assert relative_error(sums, truth_sums) <= tolerance(dtype), where
 
 
