@@ -14,7 +14,8 @@
 # SANITIZER=1: also run the CUDA and Triton backends' tests of SANITIZER_TESTS (default
 #   test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py
 #   test_sinkhorn.py, -k "not compile and not 2_to_the_31") under compute-sanitizer's memcheck,
-#   racecheck and initcheck; a tool's log ends in its error summary.
+#   racecheck and initcheck, each pair cut at SANITIZER_TIMEOUT seconds; a log ends in its
+#   tool's error summary.
 # Benchmark-only extras (vector-quantize-pytorch and its dependencies, POT's cp312 wheel) install
 # from wheelhouse/bench/*.whl if present. The multi-GPU run is separate:
 # scripts/sinkhorn_nccl.py.
@@ -80,21 +81,24 @@ done
 
 if [ -n "${SANITIZER:-}" ]; then
   cd /tmp
-  sanitized=()
-  for t in ${SANITIZER_TESTS:-test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py test_sinkhorn.py}; do
-    sanitized+=("$REPO/tests/$t")
-  done
-  # The three tools side by side (each slows its process 10-100x; the GPU has room for all).
+  # Every (tool, test file) pair side by side: each tool slows its process 10-100x, and the
+  # machine has the cores and GPU memory for all 15. A pair cut off by SANITIZER_TIMEOUT reports
+  # the errors it had printed so far ("=========" lines name each hazard as it happens).
   for tool in memcheck racecheck initcheck; do
-    ( timeout "${SANITIZER_TIMEOUT:-3000}" compute-sanitizer --tool "$tool" --target-processes all \
-        --error-exitcode 99 $PY -m pytest -q -p no:cacheprovider -m "not slow" "${sanitized[@]}" \
-        -k "(cuda or triton) and not compile and not 2_to_the_31" > "$OUT/sanitizer-$tool.log" 2>&1
-      echo $? > "$OUT/sanitizer-$tool.exit" ) &
+    for t in ${SANITIZER_TESTS:-test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py test_sinkhorn.py}; do
+      ( timeout "${SANITIZER_TIMEOUT:-3000}" compute-sanitizer --tool "$tool" \
+          --target-processes all --error-exitcode 99 $PY -m pytest -q -p no:cacheprovider \
+          -m "not slow" "$REPO/tests/$t" -k "(cuda or triton) and not compile and not 2_to_the_31" \
+          > "$OUT/sanitizer-$tool-$t.log" 2>&1
+        echo $? > "$OUT/sanitizer-$tool-$t.exit" ) &
+    done
   done
   wait
-  for tool in memcheck racecheck initcheck; do
-    code=$(cat "$OUT/sanitizer-$tool.exit")
-    echo "compute-sanitizer $tool: exit $code; $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
+  for log in "$OUT"/sanitizer-*.log; do
+    code=$(cat "${log%.log}.exit")
+    echo "$(basename "$log" .log): exit $code, $(grep -cE '^========= (Error|Warning|Invalid|Uninitialized)' "$log") hazard reports;" \
+      "$(grep -E 'ERROR SUMMARY|passed|failed' "$log" | tail -2 | tr '\n' ' ')"
+    [ "$code" = 0 ] || grep -m 5 -A1 -E '^========= (Error|Warning|Invalid|Uninitialized)' "$log"
     status=$(( status || code ))
   done
   cd "$REPO"

@@ -1,5 +1,9 @@
 """Backend selection: available_backends, use_backend, PROTOKERNELS_BACKEND, the auto rule, errors."""
+import importlib
+import inspect
 import os
+import pkgutil
+import re
 import subprocess
 import sys
 import warnings
@@ -232,3 +236,36 @@ def test_auto_takes_triton_at_every_size(monkeypatch, op):
     _pretend(monkeypatch, triton=True, cuda=True)
     for n in (1, 256, 65536):
         assert _backend.resolve(op, torch.device("cuda"), torch.float32, n=n, m=3000) == "triton"
+
+
+def test_triton_kernels_reducing_sums_of_squares_compile_without_fma_contraction():
+    """A kernel that reduces tl.sum(v * v) (itself or in a helper it calls) is launched with
+    SUMS_OF_SQUARES: with contraction the lanes holding one sum disagree in the last bit and
+    race to write it (compute-sanitizer's racecheck on the H100). Found from the source, so a new
+    kernel with such a sum fails here until its launcher takes the options."""
+    kernels = pytest.importorskip("protokernels.triton_kernels")
+    kit = importlib.import_module("protokernels.triton_kernels._common")
+    square_sum = re.compile(r"tl\.sum\((\w+) \* \1\b")
+    checked = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        # @triton.jit functions (JITFunction, or InterpretedFunction under TRITON_INTERPRET=1)
+        jitted = {name: f for name, f in vars(module).items()
+                  if inspect.isfunction(getattr(f, "fn", None))}
+
+        def reduces_squares(name, seen):
+            if name in seen:
+                return False
+            seen.add(name)
+            src = inspect.getsource(jitted[name].fn)
+            return bool(square_sum.search(src)) or any(
+                re.search(rf"\b{callee}\(", src) and reduces_squares(callee, seen)
+                for callee in jitted)
+
+        for launch in vars(module).values():
+            if isinstance(launch, kit._Launcher) and launch.kernel.fn.__module__ == module.__name__:
+                needs = reduces_squares(launch.kernel.__name__, set())
+                assert (launch.options == kit.SUMS_OF_SQUARES) == needs, launch.kernel.__name__
+                checked.append((launch.kernel.__name__, needs))
+    assert ("_sqdist_kernel", True) in checked and ("_search_kernel", True) in checked
+    assert ("_sqdist_grad_kernel", False) in checked

@@ -44,14 +44,15 @@ class _Launcher:
 
     _LIMIT = 4096  # entries per kernel; a workload of ever-new shapes starts over
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, options: dict):
         self.kernel = kernel
+        self.options = options
         self.names = kernel.arg_names
         self.compiled: dict = {}
 
     def __call__(self, grid, *args, **constexprs):
         if INTERPRETING:
-            self.kernel[grid](*args, **constexprs)
+            self.kernel[grid](*args, **constexprs, **self.options)
             return
         # A flat key, built with as little Python per argument as possible (~40 arguments for the
         # search kernel): tensors by dtype and address mod 16, floats by type (the JIT does not
@@ -76,7 +77,7 @@ class _Launcher:
         if any(isinstance(v, torch.Tensor) for v in constexprs.values()):
             raise TypeError(f"{self.kernel.__name__}: pass tensors positionally (the launcher "
                             "keys keyword arguments by value)")
-        compiled = self.kernel[grid](*args, **constexprs)
+        compiled = self.kernel[grid](*args, **constexprs, **self.options)
         if hasattr(compiled, "result"):  # triton's asynchronous compile mode
             compiled = compiled.result()
         if len(self.compiled) >= self._LIMIT:
@@ -90,9 +91,19 @@ class _Launcher:
 _current_device = torch._C._cuda_getDevice if torch.cuda.is_available() else (lambda: 0)
 
 
-def launcher(kernel) -> _Launcher:
-    """A direct launcher for `kernel`: `launcher(k)(grid, *args, **constexprs_and_options)`."""
-    return _Launcher(kernel)
+def launcher(kernel, **options) -> _Launcher:
+    """A direct launcher for `kernel`: `launcher(k)(grid, *args, **constexprs_and_options)`;
+    `options` are compile options of every launch (see SUMS_OF_SQUARES)."""
+    return _Launcher(kernel, options)
+
+
+# For kernels that reduce sums of squares (tl.sum(v * v)): without FMA contraction. With it, the
+# butterfly of the reduction fuses a lane's own product into its first add (fma(v, v, shuffled))
+# while its partner adds the rounded product, so the lanes holding one row's sum disagree in the
+# last bit; all of them then write that sum to one shared-memory word (the layout conversion
+# before the epilogue) and which one wins is undefined. compute-sanitizer's racecheck reported
+# these writes on the H100 (sqdist, nearest; 2026-11-26, RESULTS.md "Sanitizer").
+SUMS_OF_SQUARES = dict(enable_fp_fusion=False)
 
 
 @functools.cache

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TARGET_PROGRAMS, UPCAST_BF16, accumulator, cdiv, dot, fitted_config,
-                      launcher, tile_coordinates)
+from ._common import (SUMS_OF_SQUARES, TARGET_PROGRAMS, UPCAST_BF16, accumulator, cdiv, dot,
+                      fitted_config, launcher, tile_coordinates)
 
 
 @triton.jit
@@ -234,7 +234,7 @@ def _kp_conv2d_grad_weight_kernel(G, X, PARTIAL, MASS, PIXELS, C, H, W, OH, OW, 
 # H100 at the spec's size (benchmarks/results/2026-11-23-h100-tune-kp_conv.log). Large pixel tiles
 # win the forward (tf32 0.155 ms against 0.42 with 128 x 128 x 32); the weight gradient wants a
 # shallow pixel step (BLOCK_M 16: 0.63 ms, 0.75 with 32). float64 keeps small tiles (registers).
-_launch_kp_conv2d = launcher(_kp_conv2d_kernel)
+_launch_kp_conv2d = launcher(_kp_conv2d_kernel, **SUMS_OF_SQUARES)
 _launch_kp_conv2d_grad_input = launcher(_kp_conv2d_grad_input_kernel)
 _launch_kp_conv2d_grad_weight = launcher(_kp_conv2d_grad_weight_kernel)
 

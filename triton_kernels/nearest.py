@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .._capabilities import Capabilities
-from ._common import (FLOAT32_MAX, TARGET_PROGRAMS, UPCAST_BF16, block, cdiv, dot,
+from ._common import (FLOAT32_MAX, SUMS_OF_SQUARES, TARGET_PROGRAMS, UPCAST_BF16, block, cdiv, dot,
                       fitted_config, launcher, next_power_of_2)
 
 NO_KEY = 2**63 - 1  # "no allowed candidate": decodes to index -1, distance inf
@@ -377,9 +377,9 @@ def _gather_grad_kernel(GRAD, A, B, IDX, GA, GB, R, S, D, T, sa_b, sa_r, sa_d, s
              mask=mask)
 
 
-_launch_prepare = launcher(_prepare_kernel)
-_launch_search = launcher(_search_kernel)
-_launch_finish = launcher(_finish_kernel)
+_launch_prepare = launcher(_prepare_kernel, **SUMS_OF_SQUARES)
+_launch_search = launcher(_search_kernel, **SUMS_OF_SQUARES)
+_launch_finish = launcher(_finish_kernel, **SUMS_OF_SQUARES)
 _launch_gather_grad = launcher(_gather_grad_kernel)
 
 # Launch configs by operand type: the fastest of scripts/tune_triton.py --op nearest on the H100

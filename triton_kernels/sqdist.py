@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .._numerics import DIRECT_DEPTH
-from ._common import (UPCAST_BF16, accumulator, block, cdiv, dot, fitted_config, launcher,
-                      per_distinct_element, split_operands, tile_coordinates)
+from ._common import (SUMS_OF_SQUARES, UPCAST_BF16, accumulator, block, cdiv, dot, fitted_config,
+                      launcher, per_distinct_element, split_operands, tile_coordinates)
 
 @triton.jit
 def _sqdist_kernel(X, Y, X_LO, Y_LO, OUT, N, M, D, tiles_n, tiles_m,
@@ -164,7 +164,7 @@ for _transpose in (False, True):
                                             num_stages=2, TRANSPOSE_B=False)
 
 
-_launch_sqdist = launcher(_sqdist_kernel)
+_launch_sqdist = launcher(_sqdist_kernel, **SUMS_OF_SQUARES)
 _launch_sqdist_grad = launcher(_sqdist_grad_kernel)
 
 
