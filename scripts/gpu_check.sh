@@ -11,11 +11,12 @@
 #   time, each cut at TEST_TIMEOUT seconds), PYTEST_ARGS and BENCH_ARGS pass extra arguments
 #   through; SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out.
 # FUZZ_CASES (default 200): cases per op of tests/test_fuzz.py (CI runs 12 on the CPU).
-# SANITIZER=1: also run the CUDA and Triton backends' tests of SANITIZER_TESTS (default
-#   test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py
-#   test_sinkhorn.py, -k "not compile and not 2_to_the_31") under compute-sanitizer's memcheck,
-#   racecheck and initcheck, each pair cut at SANITIZER_TIMEOUT seconds; a log ends in its
+# SANITIZER=1: also run the CUDA and Triton backends' tests of SANITIZER_TESTS (default: the
+#   files of every op with kernels) under compute-sanitizer's SANITIZER_TOOLS (default memcheck,
+#   racecheck, initcheck), selected by SANITIZER_K (default "(cuda or triton) and not compile and
+#   not 2_to_the_31"), each (tool, file) pair cut at SANITIZER_TIMEOUT seconds; a log ends in its
 #   tool's error summary.
+# PACK=1 packs everything in $OUT into one logs archive at the end.
 # Benchmark-only extras (vector-quantize-pytorch and its dependencies, POT's cp312 wheel) install
 # from wheelhouse/bench/*.whl if present. The multi-GPU run is separate:
 # scripts/sinkhorn_nccl.py.
@@ -82,14 +83,16 @@ done
 if [ -n "${SANITIZER:-}" ]; then
   cd /tmp
   # Every (tool, test file) pair side by side: each tool slows its process 10-100x, and the
-  # machine has the cores and GPU memory for all 15. A pair cut off by SANITIZER_TIMEOUT reports
+  # machine has the cores and GPU memory for all 21. A pair cut off by SANITIZER_TIMEOUT reports
   # the errors it had printed so far ("=========" lines name each hazard as it happens).
-  for tool in memcheck racecheck initcheck; do
-    for t in ${SANITIZER_TESTS:-test_sqdist.py test_nearest.py test_codebook_lookup.py test_codebook_stats.py test_sinkhorn.py}; do
+  SANITIZER_DEFAULT_TESTS="test_sqdist.py test_nearest.py test_dw_nearest.py test_kp_conv.py
+    test_codebook_lookup.py test_codebook_stats.py test_sinkhorn.py"
+  selection=${SANITIZER_K:-(cuda or triton) and not compile and not 2_to_the_31}
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck}; do
+    for t in ${SANITIZER_TESTS:-$SANITIZER_DEFAULT_TESTS}; do
       ( timeout "${SANITIZER_TIMEOUT:-3000}" compute-sanitizer --tool "$tool" \
           --target-processes all --error-exitcode 99 $PY -m pytest -q -p no:cacheprovider \
-          -m "not slow" "$REPO/tests/$t" -k "(cuda or triton) and not compile and not 2_to_the_31" \
-          > "$OUT/sanitizer-$tool-$t.log" 2>&1
+          -m "not slow" "$REPO/tests/$t" -k "$selection" > "$OUT/sanitizer-$tool-$t.log" 2>&1
         echo $? > "$OUT/sanitizer-$tool-$t.exit" ) &
     done
   done
@@ -97,7 +100,7 @@ if [ -n "${SANITIZER:-}" ]; then
   for log in "$OUT"/sanitizer-*.log; do
     code=$(cat "${log%.log}.exit")
     echo "$(basename "$log" .log): exit $code, $(grep -cE '^========= (Error|Warning|Invalid|Uninitialized)' "$log") hazard reports;" \
-      "$(grep -E 'ERROR SUMMARY|passed|failed' "$log" | tail -2 | tr '\n' ' ')"
+      "$(grep -E 'SUMMARY|passed|failed' "$log" | tail -2 | tr '\n' ' ')"
     [ "$code" = 0 ] || grep -m 5 -A1 -E '^========= (Error|Warning|Invalid|Uninitialized)' "$log"
     status=$(( status || code ))
   done
@@ -109,6 +112,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   cd /tmp
   $PY -m protokernels.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   bench=${PIPESTATUS[0]}
+fi
+if [ -n "${PACK:-}" ]; then  # for a device tool that brings back only a few files
+  tar czf /tmp/gpu_check_logs.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_check_logs.tgz "$OUT/"
 fi
 echo "gpu_check: tests/sanitizer exit $status, bench exit $bench"
 exit $(( status || bench ))

@@ -106,31 +106,34 @@ def _search(x, y, slots, allowed_in, precision):
     return idx
 
 
-def _pair_differences(a, b, i, acc):
-    """a_r - b_idx[r, s] (b, r, S, D) in `acc` for tiles a (b, r, D), b (b, T, D), i (b, r, S)
-    (index -1 reads row 0; callers mask those pairs). Advanced indexing allocates only the
-    gathered rows: a gather along dim 1 would need an index expanded to (b, r*S, D) (measured: it
-    doubled pair_distances' peak memory)."""
-    batch = torch.arange(b.shape[0], device=b.device)[:, None, None]
-    return a[:, :, None].to(acc) - b[batch, i.clamp_min(0)].to(acc)
+def _pair_differences(a, b, idx, acc):
+    """Tiles of a_r - b_idx[r, s] for a (B, R, D), b (B, T, D), idx (B, R, S) within the scratch
+    budget: yields (b0, b1, r0, r1, the idx tile, the difference (b, r, S, D) in `acc`); index -1
+    reads row 0 (callers mask those pairs). Advanced indexing allocates only the gathered rows: a
+    gather along dim 1 would need an index expanded to (b, r*S, D) (measured: it doubled
+    pair_distances' peak memory)."""
+    batch, r, slots = idx.shape
+    d = a.shape[-1]
+    # Per row: the gathered rows, their difference and the indexing's own buffers (or the
+    # gradient's pair terms), about three (slots x D) tiles (measured: the CPU peak was 1.6 times
+    # the budget counting two).
+    tile = tile_sizes({"b": batch, "r": r},
+                      lambda b, r: acc.itemsize * b * r * (3 * slots + 2) * d)
+    for b0, b1 in ranges(batch, tile["b"]):
+        rows_of = torch.arange(b1 - b0, device=b.device)[:, None, None]
+        for r0, r1 in ranges(r, tile["r"]):
+            i = idx[b0:b1, r0:r1]
+            yield b0, b1, r0, r1, i, (a[b0:b1, r0:r1, None].to(acc)
+                                      - b[b0:b1][rows_of, i.clamp_min(0)].to(acc))
 
 
 def pair_distances(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """sum((a_r - b_idx[r, s])^2) for idx (B, R, S), exactly (no expansion): (B, R, S) in float32
     (float64 for float64 input); inf where idx is -1."""
-    batch, r, slots = idx.shape
-    d = a.shape[-1]
     acc = accumulate_dtype(a.dtype)
     out = torch.empty(idx.shape, dtype=acc, device=a.device)
-    # Per row: the gathered rows, their difference and the indexing's own buffers, about three
-    # (slots x D) tiles (measured: the CPU peak was 1.6 times the budget counting two).
-    tile = tile_sizes({"b": batch, "r": r},
-                      lambda b, r: acc.itemsize * b * r * (3 * slots + 2) * d)
-    for b0, b1 in ranges(batch, tile["b"]):
-        for r0, r1 in ranges(r, tile["r"]):
-            i = idx[b0:b1, r0:r1]
-            diff = _pair_differences(a[b0:b1, r0:r1], b[b0:b1], i, acc)
-            out[b0:b1, r0:r1] = diff.square_().sum(-1).masked_fill(i < 0, torch.inf)
+    for b0, b1, r0, r1, i, diff in _pair_differences(a, b, idx, acc):
+        out[b0:b1, r0:r1] = diff.square_().sum(-1).masked_fill(i < 0, torch.inf)
     return out
 
 
@@ -189,22 +192,14 @@ def gather_sqdist_grad(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx
     """Gradient of dist[r, s] = ||a_r - b_idx[r, s]||^2 for grad (B, R, S): (ga, gb) with
     ga_r = 2 sum_s g (a_r - b_idx) and gb_j = -2 sum over pairs with idx = j of g (a_r - b_j).
     Pairs with idx -1 contribute nothing."""
-    batch, r, slots = idx.shape
-    d = a.shape[-1]
     acc = accumulate_dtype(a.dtype)
     ga = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     gb = torch.zeros(b.shape, dtype=acc, device=a.device)
-    # Per row: the gathered rows, their difference and the pair terms (slots x D each).
-    tile = tile_sizes({"b": batch, "r": r},
-                      lambda b, r: acc.itemsize * b * r * (3 * slots + 2) * d)
-    for b0, b1 in ranges(batch, tile["b"]):
-        for r0, r1 in ranges(r, tile["r"]):
-            i = idx[b0:b1, r0:r1]
-            diff = _pair_differences(a[b0:b1, r0:r1], b[b0:b1], i, acc)
-            g = grad[b0:b1, r0:r1].to(acc).masked_fill(i < 0, 0)[..., None]
-            pair = 2 * g * diff  # (b, r, S, D)
-            ga[b0:b1, r0:r1] = pair.sum(2)
-            for batch in range(b0, b1):  # index_add_: no (r*S, D) index tensor
-                gb[batch].index_add_(0, i[batch - b0].clamp_min(0).flatten(),
-                                     -pair[batch - b0].flatten(0, 1))
+    for b0, b1, r0, r1, i, diff in _pair_differences(a, b, idx, acc):
+        g = grad[b0:b1, r0:r1].to(acc).masked_fill(i < 0, 0)[..., None]
+        pair = 2 * g * diff  # (b, r, S, D)
+        ga[b0:b1, r0:r1] = pair.sum(2)
+        for batch in range(b0, b1):  # index_add_: no (r*S, D) index tensor
+            gb[batch].index_add_(0, i[batch - b0].clamp_min(0).flatten(),
+                                 -pair[batch - b0].flatten(0, 1))
     return ga, gb.to(b.dtype)
