@@ -102,7 +102,7 @@ def launcher(kernel, **options) -> _Launcher:
 # while its partner adds the rounded product, so the lanes holding one row's sum disagree in the
 # last bit; all of them then write that sum to one shared-memory word (the layout conversion
 # before the epilogue) and which one wins is undefined. compute-sanitizer's racecheck reported
-# these writes on the H100 (sqdist, nearest; 2026-11-26, RESULTS.md "Sanitizer").
+# these writes on the H100 (sqdist, nearest; 2026-11-26, RESULTS.md "GPU checks").
 SUMS_OF_SQUARES = dict(enable_fp_fusion=False)
 
 
