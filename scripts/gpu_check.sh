@@ -97,11 +97,12 @@ if [ -n "${SANITIZER:-}" ]; then
     done
   done
   wait
+  hazard='^========= (Error|Warning|Invalid|Uninitialized)'  # how each tool starts a report
   for log in "$OUT"/sanitizer-*.log; do
     code=$(cat "${log%.log}.exit")
-    echo "$(basename "$log" .log): exit $code, $(grep -cE '^========= (Error|Warning|Invalid|Uninitialized)' "$log") hazard reports;" \
+    echo "$(basename "$log" .log): exit $code, $(grep -cE "$hazard" "$log") hazard reports;" \
       "$(grep -E 'SUMMARY|passed|failed' "$log" | tail -2 | tr '\n' ' ')"
-    [ "$code" = 0 ] || grep -m 5 -A1 -E '^========= (Error|Warning|Invalid|Uninitialized)' "$log"
+    [ "$code" = 0 ] || grep -m 5 -A1 -E "$hazard" "$log"
     status=$(( status || code ))
   done
   cd "$REPO"
