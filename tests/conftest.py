@@ -65,6 +65,16 @@ def relative_error(out, ref):
     return (out - ref).norm().item() / (scale if scale > 0 else 1.0)
 
 
+def log_domain(scale_s, log_r, log_c, n_iters):
+    """Log-domain Sinkhorn of scaled scores (the tests' float64 ground truth): columns then rows,
+    n_iters times; returns the plan."""
+    u = torch.zeros_like(log_r)
+    for _ in range(n_iters):
+        v = log_c - torch.logsumexp(scale_s + u[:, None], dim=0)
+        u = log_r - torch.logsumexp(scale_s + v[None, :], dim=1)
+    return torch.exp(scale_s + u[:, None] + v[None, :])
+
+
 def skip_unless_capable(backend, op, dtype, rows=0, k=1):
     """Skip when `backend` declares it cannot take this input (its capabilities, e.g. float64
     ranking in the nearest family); test_capabilities checks the error an explicit call gets."""

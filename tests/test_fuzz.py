@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import protokernels
-from conftest import DEVICE, relative_error, tolerance
+from conftest import DEVICE, log_domain, relative_error, tolerance
 
 CASES = int(os.environ.get("PROTOKERNELS_FUZZ_CASES", "12"))
 SIZES = [0, 1, 2, 3, 5, 7, 13, 17, 31, 37]
@@ -189,14 +189,6 @@ def test_fuzz_codebook_ops():
             assert relative_error(sums, truth_sums) <= tolerance(dtype), where
 
 
-def _log_domain(scale_s, log_r, log_c, n_iters):
-    u = torch.zeros_like(log_r)
-    for _ in range(n_iters):
-        v = log_c - torch.logsumexp(scale_s + u[:, None], dim=0)
-        u = log_r - torch.logsumexp(scale_s + v[None, :], dim=1)
-    return torch.exp(scale_s + u[:, None] + v[None, :])
-
-
 def test_fuzz_sinkhorn():
     for case, rng, rng_py, dtype, _ in _cases("sinkhorn"):
         if dtype == torch.float16:
@@ -209,7 +201,7 @@ def test_fuzz_sinkhorn():
         if nan:
             _inject(rng_py, scores, "nan")
         s = scores.double() / eps
-        truth = _log_domain(s, torch.zeros(b, dtype=torch.float64, device=DEVICE),
+        truth = log_domain(s, torch.zeros(b, dtype=torch.float64, device=DEVICE),
                             torch.full((k,), math.log(b / k), dtype=torch.float64, device=DEVICE),
                             iters)
         truth = truth / truth.sum(1, keepdim=True)

@@ -8,7 +8,7 @@ import torch
 
 import protokernels
 from _distributed import run_ranks
-from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+from conftest import DEVICE, HAS_GPU, log_domain, relative_error, tolerance
 from protokernels.benchmarks.sinkhorn import swav_sinkhorn
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (37, 130), (211, 97), (64, 1031)]
@@ -21,15 +21,6 @@ def randn(*shape, dtype=torch.float32):
 def swav_code(out, eps, n_iters):
     """SwAV's distributed_sinkhorn (one process), in float64."""
     return swav_sinkhorn(out.double(), eps, n_iters)
-
-
-def log_domain(scale_s, log_r, log_c, n_iters):
-    """float64 log-domain Sinkhorn on a s: columns then rows, n_iters times; returns the plan."""
-    u = torch.zeros_like(log_r)
-    for _ in range(n_iters):
-        v = log_c - torch.logsumexp(scale_s + u[:, None], dim=0)
-        u = log_r - torch.logsumexp(scale_s + v[None, :], dim=1)
-    return torch.exp(scale_s + u[:, None] + v[None, :])
 
 
 def swav_reference(scores, eps, n_iters):
