@@ -6,8 +6,11 @@
 // takes the row's log-sum-exp (per-thread online (max, sum), then a block reduction), pass 2
 // re-reads the row (from L1/L2) and folds each column's log-term into the block's own row of
 // partial column log-sums. No atomics: every result is the same each run.
+#include <cooperative_groups.h>
+
 #include <cmath>
 #include <optional>
+#include <type_traits>
 
 #include "common.h"
 
@@ -140,6 +143,249 @@ row_sweep_kernel(const T* __restrict__ s, int64_t ss_b, int64_t ss_k, int64_t ro
   }
 }
 
+// -- the whole iteration in one cooperative launch ------------------------------------------
+//
+// At SwAV's sizes (B <= 4096, K = 3000) a sweep is 3-49 MB, a few microseconds of HBM time, and
+// launching the sweeps one by one (two kernels each, eight for three iterations) costs more
+// host time than the GPU needs (RESULTS.md, "In-model sizes": sinkhorn B256 K3000 took 0.26 ms
+// eager for 0.04 ms of GPU time). Here the whole iteration is one persistent kernel: every block
+// owns a range of rows and every column of them, each thread kPersistentThreads apart along the
+// row (coalesced loads) with its columns' potentials and running sums in registers; the blocks'
+// partial column sums meet through global memory between two grid barriers per sweep.
+//
+// One exp per element: a row step takes the row's maximum, then e = exp(z - max) and its sum S,
+// and adds e * r / S (the plan's entry) to the column's linear sum. Plan entries are at most r,
+// so the sums never overflow; a column whose every entry underflows (all its mass from rows
+// where it is e^-100 below the row's best: a zero-mass row elsewhere, a tiny eps) comes out
+// below exp(-69), and its log-sum is then taken again, exactly, from the row potentials
+// (the rule of the Triton sweeps, triton_kernels/sinkhorn.py). The first sweep (the column
+// log-sums of a s, which do overflow) keeps a running maximum per column, rescaled once a step.
+constexpr int kPersistentThreads = 512;
+constexpr int kPersistentWarps = kPersistentThreads / 32;
+// Elements of the scores a thread holds per step (rows x its columns): enough loads in flight
+// to cover the HBM latency, few enough registers for the column state beside them.
+constexpr int kElementsPerThread = 16;
+constexpr int kColumnsPerChunk = 32;  // columns a block combines at a time in the reduction
+
+template <typename T, typename A>
+struct IterationArgs {
+  const T* s;
+  int64_t ss_b, ss_k, rows, cols, rows_per_block;
+  A scale;
+  int n_iters;
+  const A* log_r;
+  A log_r_const;
+  const A* log_c;
+  A log_c_const;
+  T* plan;
+  int64_t sp_b, sp_k;
+  A* l_out;
+  A* u_history;  // (n_iters, rows) or null
+  A* v_history;  // (n_iters, cols) or null
+  A* v;          // (cols,): the current column potentials
+  A* u;          // (rows,): the current row potentials (for the exact fallback)
+  A* part_top;   // (blocks, cols): each block's partial column log-sums
+  A* part_mass;
+};
+
+// Below this a column's linear sum may have lost every term (exp(-69) in float32, exp(-690) in
+// float64, as in the Triton finish kernel).
+template <typename A>
+__device__ __forceinline__ A underflow_logsum() { return sizeof(A) == 4 ? A(-69) : A(-690); }
+
+// For each of R rows: the maximum over the block of each thread's value, and (second call) the
+// sum; every thread gets the same results (each adds the warps' values in the same order).
+// One block barrier per call; the two calls use different shared arrays, so a fast thread's
+// next write never meets a slow thread's read.
+template <typename A, int R, bool MAX>
+__device__ __forceinline__ void block_reduce_rows(A (&value)[R]) {
+  __shared__ A warp_values[R][kPersistentWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    A x = value[r];
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const A other = __shfl_xor_sync(0xffffffffu, x, offset);
+      x = MAX ? (other > x ? other : x) : x + other;
+    }
+    if (lane == 0) warp_values[r][warp] = x;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    A x = warp_values[r][0];
+    for (int w = 1; w < kPersistentWarps; ++w) {
+      const A other = warp_values[r][w];
+      x = MAX ? (other > x ? other : x) : x + other;
+    }
+    value[r] = x;
+  }
+}
+
+// After a sweep's partials are written (and a grid barrier): the column log-sums l, combined
+// over the parts in a fixed order (a row step's underflowed columns redone exactly); then
+// v <- v + log c - l (first sweep: v = log c - l), or, after the last sweep, l_out <- l.
+template <typename T, typename A>
+__device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int sweep,
+                               bool last) {
+  __shared__ A tops[kPersistentWarps][kColumnsPerChunk], masses[kPersistentWarps][kColumnsPerChunk];
+  __shared__ A logsums[kColumnsPerChunk];
+  const int group = threadIdx.x / kColumnsPerChunk, lane = threadIdx.x % kColumnsPerChunk;
+  const int64_t chunks = (p.cols + kColumnsPerChunk - 1) / kColumnsPerChunk;
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    const int64_t j = chunk * kColumnsPerChunk + lane;
+    const bool real = j < p.cols;
+    const A v_j = real && sweep > 0 ? p.v[j] : A(0);
+    LogSum<A> total{A(-INFINITY), A(0)};
+    if (real) {
+#pragma unroll 4
+      for (int64_t part = group; part < parts; part += kPersistentWarps)
+        total = combine(total, LogSum<A>{p.part_top[part * p.cols + j],
+                                         p.part_mass[part * p.cols + j]});
+    }
+    tops[group][lane] = total.top;
+    masses[group][lane] = total.mass;
+    __syncthreads();
+    if (group == 0) {
+      for (int g = 1; g < kPersistentWarps; ++g)
+        total = combine(total, LogSum<A>{tops[g][lane], masses[g][lane]});
+      logsums[lane] = total.top + log(total.mass);
+    }
+    __syncthreads();
+    A logsum = logsums[lane];
+    // logsum < limit is false for NaN: a NaN column stays NaN.
+    if (sweep > 0 && real && logsum < underflow_logsum<A>()) {
+      // Exactly, from the row potentials: the column's online log-sum, rows split over groups.
+      LogSum<A> exact{A(-INFINITY), A(0)};
+      for (int64_t i = group; i < p.rows; i += kPersistentWarps)
+        exact = add_term(exact, scaled(widen(p.s[i * p.ss_b + j * p.ss_k]), p.scale) + v_j + p.u[i]);
+      tops[group][lane] = exact.top;
+      masses[group][lane] = exact.mass;
+    }
+    __syncthreads();
+    if (group == 0 && real) {
+      if (sweep > 0 && logsum < underflow_logsum<A>()) {
+        LogSum<A> exact{tops[0][lane], masses[0][lane]};
+        for (int g = 1; g < kPersistentWarps; ++g)
+          exact = combine(exact, LogSum<A>{tops[g][lane], masses[g][lane]});
+        logsum = exact.top + log(exact.mass);
+      }
+      if (last) {
+        p.l_out[j] = logsum;
+      } else {
+        const A lc = p.log_c != nullptr ? p.log_c[j] : p.log_c_const;
+        const A v = lc == A(-INFINITY) ? lc : v_j + lc - logsum;
+        p.v[j] = v;
+        if (p.v_history != nullptr) p.v_history[sweep * p.cols + j] = v;
+      }
+    }
+    __syncthreads();  // the shared arrays are rewritten by the next chunk
+  }
+}
+
+// Sweep 0: the column log-sums of scale s. Sweep t = 1..n_iters: row step t - 1 with the column
+// potentials v (its row potentials to u_history), the column log-sums of its plan; the last one
+// writes the plan. C: columns per thread (K <= C * kPersistentThreads); R: rows per step.
+// Two blocks per SM (at most 64 registers; 16-byte spills) in float32 up to 4096 columns: one
+// block's barriers overlap the other's loads.
+template <typename T, typename A, int C>
+__global__ void __launch_bounds__(kPersistentThreads, sizeof(A) == 4 && C <= 8 ? 2 : 1)
+iteration_kernel(const IterationArgs<T, A> p) {
+  constexpr int R = kElementsPerThread / C > 0 ? kElementsPerThread / C : 1;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const int64_t first = blockIdx.x * p.rows_per_block;
+  const int64_t stop = first + p.rows_per_block < p.rows ? first + p.rows_per_block : p.rows;
+  const int64_t parts = (p.rows + p.rows_per_block - 1) / p.rows_per_block;
+  for (int sweep = 0; sweep <= p.n_iters; ++sweep) {
+    const bool row_step = sweep > 0, last = sweep == p.n_iters;
+    A v[C], top[C], mass[C];  // top: the first sweep's running maxima (row steps: 0, linear)
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int64_t j = threadIdx.x + int64_t{c} * kPersistentThreads;
+      v[c] = row_step && j < p.cols ? p.v[j] : A(0);
+      top[c] = row_step ? A(0) : A(-INFINITY);
+      mass[c] = A(0);
+    }
+    for (int64_t i0 = first; i0 < stop; i0 += R) {
+      A z[R][C];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const int64_t i = i0 + r, j = threadIdx.x + int64_t{c} * kPersistentThreads;
+          z[r][c] = i < stop && j < p.cols
+                        ? scaled(widen(p.s[i * p.ss_b + j * p.ss_k]), p.scale) + v[c]
+                        : A(-INFINITY);
+        }
+      if (!row_step) {  // running log-sums per column, rescaled once per step
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          A high = top[c];
+#pragma unroll
+          for (int r = 0; r < R; ++r) high = z[r][c] > high ? z[r][c] : high;
+          const A shift = high == A(-INFINITY) ? A(0) : high;  // nothing yet: nothing to scale
+          A sum = mass[c] * exp(top[c] - shift);
+#pragma unroll
+          for (int r = 0; r < R; ++r) sum += exp(z[r][c] - shift);  // a NaN z makes it NaN
+          top[c] = high;
+          mass[c] = sum;
+        }
+        continue;
+      }
+      A row_max[R], row_sum[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        row_max[r] = A(-INFINITY);
+#pragma unroll
+        for (int c = 0; c < C; ++c) row_max[r] = z[r][c] > row_max[r] ? z[r][c] : row_max[r];
+      }
+      block_reduce_rows<A, R, true>(row_max);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        row_sum[r] = A(0);
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          z[r][c] = exp(z[r][c] - row_max[r]);  // from here on z holds e
+          row_sum[r] += z[r][c];
+        }
+      }
+      block_reduce_rows<A, R, false>(row_sum);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = i0 + r;
+        if (i >= stop) continue;
+        const A lr = p.log_r != nullptr ? p.log_r[i] : p.log_r_const;
+        const A weight = exp(lr) / row_sum[r];  // the plan's entry is e * r / S
+        if (threadIdx.x == 0) {
+          const A u = lr - row_max[r] - log(row_sum[r]);
+          p.u[i] = u;
+          if (p.u_history != nullptr) p.u_history[(sweep - 1) * p.rows + i] = u;
+        }
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const int64_t j = threadIdx.x + int64_t{c} * kPersistentThreads;
+          const A entry = z[r][c] * weight;
+          mass[c] += entry;
+          if (last && j < p.cols) p.plan[i * p.sp_b + j * p.sp_k] = narrow<T>(entry);
+        }
+      }
+    }
+    if (blockIdx.x < parts) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int64_t j = threadIdx.x + int64_t{c} * kPersistentThreads;
+        if (j < p.cols) {
+          p.part_top[blockIdx.x * p.cols + j] = top[c];
+          p.part_mass[blockIdx.x * p.cols + j] = mass[c];
+        }
+      }
+    }
+    grid.sync();  // every part (and row potential) written
+    reduce_columns(p, parts, sweep, last);
+    if (!last) grid.sync();  // v written before the next sweep reads it
+  }
+}
+
 ScalarType accumulate_type(const Tensor& scores) {
   return scores.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
@@ -151,6 +397,15 @@ void check_vector(const char* op, const char* name, const Tensor& t, const Tenso
                t.scalar_type() == accumulate_type(scores),
            op, "argument '", name, "' must be a contiguous (", size,
            ",) tensor of the accumulate dtype on the scores' device");
+}
+
+void check_history(const char* op, const char* name, const Tensor& t, const Tensor& scores,
+                   int64_t n_iters, int64_t size) {
+  PK_CHECK(t.is_cuda() && t.get_device_index() == scores.get_device_index() && t.dim() == 2 &&
+               t.size(0) == n_iters && t.size(1) == size && t.is_contiguous() &&
+               t.scalar_type() == accumulate_type(scores),
+           op, "argument '", name, "' must be a contiguous (", n_iters, ", ", size,
+           ") tensor of the accumulate dtype on the scores' device");
 }
 
 int sm_count(const Tensor& t) {
@@ -165,17 +420,118 @@ const A* optional_data(const std::optional<Tensor>& t) {
 }
 
 template <typename A>
-void finish(const Tensor& part_mass, const Tensor* part_top, const A* v,
-            const std::optional<Tensor>& log_c, double log_c_const, Tensor& l_out,
-            std::optional<Tensor>& v_next, cudaStream_t stream) {
-  const int64_t cols = l_out.size(0);
-  finish_kernel<A><<<blocks_for(cols), kThreads, 0, stream>>>(
-      static_cast<const A*>(part_mass.const_data_ptr()),
-      part_top ? static_cast<const A*>(part_top->const_data_ptr()) : nullptr, part_mass.size(0),
-      cols, v, optional_data<A>(log_c), static_cast<A>(log_c_const),
-      static_cast<A*>(l_out.mutable_data_ptr()),
-      v_next ? static_cast<A*>(v_next->mutable_data_ptr()) : nullptr);
-  PK_CHECK_LAUNCH();
+A* optional_mutable(const std::optional<Tensor>& t) {
+  return t ? static_cast<A*>(t->mutable_data_ptr()) : nullptr;
+}
+
+// The launches of the sweeps on raw pointers: the sweep ops and the whole iteration's
+// fallback (columns beyond the persistent kernel) share them.
+template <typename T, typename A>
+struct Sweeps {
+  const Tensor& scores;  // allocations come from its device
+  cudaStream_t stream;
+  const T* s;
+  int64_t ss_b, ss_k, rows, cols;
+  A scale;
+
+  void finish(const A* part_mass, const A* part_top, int64_t parts, const A* v, const A* log_c,
+              A log_c_const, A* l_out, A* v_next) const {
+    finish_kernel<A><<<blocks_for(cols), kThreads, 0, stream>>>(
+        part_mass, part_top, parts, cols, v, log_c, log_c_const, l_out, v_next);
+    PK_CHECK_LAUNCH();
+  }
+
+  void column_logsum(const A* log_c, A log_c_const, A* l_out, A* v_next) const {
+    // Enough row ranges to fill the GPU 4 times over with the column blocks.
+    const int64_t col_blocks = (cols + kThreads - 1) / kThreads;
+    int64_t parts = (4 * int64_t{sm_count(scores)} + col_blocks - 1) / col_blocks;
+    parts = rows < parts ? (rows > 0 ? rows : 1) : parts;
+    const int64_t rows_per_part = rows > 0 ? (rows + parts - 1) / parts : 1;
+    Tensor part = torch::stable::new_empty(scores, {2, parts, cols}, accumulate_type(scores));
+    A* part_top = static_cast<A*>(part.mutable_data_ptr());
+    A* part_mass = part_top + parts * cols;
+    column_logsum_kernel<T, A><<<dim3(parts, col_blocks), kThreads, 0, stream>>>(
+        s, ss_b, ss_k, rows, cols, rows_per_part, scale, part_top, part_mass);
+    PK_CHECK_LAUNCH();
+    finish(part_mass, part_top, parts, nullptr, log_c, log_c_const, l_out, v_next);
+  }
+
+  void row_sweep(const A* v, const A* log_r, A log_r_const, const A* log_c, A log_c_const,
+                 A* l_out, A* v_next, A* u_out, T* plan, int64_t sp_b, int64_t sp_k) const {
+    const int64_t resident = 2 * int64_t{sm_count(scores)};  // 512 threads: 2 blocks per SM
+    const int64_t parts = rows < resident ? (rows > 0 ? rows : 1) : resident;
+    Tensor part = torch::stable::new_empty(scores, {2, parts, cols}, accumulate_type(scores));
+    A* part_top = static_cast<A*>(part.mutable_data_ptr());
+    A* part_mass = part_top + parts * cols;
+    row_sweep_kernel<T, A><<<parts, kSweepThreads, 0, stream>>>(
+        s, ss_b, ss_k, rows, cols, scale, v, log_r, log_r_const, u_out, plan, sp_b, sp_k,
+        part_top, part_mass);
+    PK_CHECK_LAUNCH();
+    finish(part_mass, part_top, parts, v, log_c, log_c_const, l_out, v_next);
+  }
+};
+
+template <typename T>
+Sweeps<T, typename Accumulate<T>::type> sweeps(const Tensor& scores, double scale) {
+  using A = typename Accumulate<T>::type;
+  return {scores, current_stream(scores), static_cast<const T*>(scores.const_data_ptr()),
+          scores.stride(0), scores.stride(1), scores.size(0), scores.size(1),
+          static_cast<A>(scale)};
+}
+
+// The most columns per thread of the persistent kernel: its column state (potentials and
+// log-sums, 3 values a column) and a step's scores stay in registers at 512 threads.
+template <typename A>
+constexpr int max_columns_per_thread() { return sizeof(A) == 4 ? 16 : 8; }
+
+// One cooperative launch of iteration_kernel<T, A, C> over every co-resident block. Returns
+// false, launching nothing, where the device cannot run it (no cooperative launch).
+template <typename T, typename A, int C>
+bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream_t stream) {
+  // Blocks per SM (0: cannot launch cooperatively), asked once per device: the occupancy query
+  // costs more host time than the rest of the launch.
+  constexpr int kDevices = 64;
+  static int resident[kDevices] = {};  // + 1, so that 0 means "not asked yet"
+  const int device = scores.get_device_index();
+  int per_sm = device < kDevices ? resident[device] - 1 : -1;
+  if (per_sm < 0) {
+    int cooperative = 0;
+    cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
+    per_sm = 0;
+    if (cooperative) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, iteration_kernel<T, A, C>,
+                                                    kPersistentThreads, 0);
+    }
+    if (device < kDevices) resident[device] = per_sm + 1;
+  }
+  if (per_sm < 1) return false;
+  const int64_t blocks = int64_t{per_sm} * sm_count(scores);
+  args.rows_per_block = (args.rows + blocks - 1) / blocks;
+  Tensor scratch = torch::stable::new_empty(
+      scores, {(2 * blocks + 1) * args.cols + args.rows}, accumulate_type(scores));
+  args.v = static_cast<A*>(scratch.mutable_data_ptr());
+  args.u = args.v + args.cols;
+  args.part_top = args.u + args.rows;
+  args.part_mass = args.part_top + blocks * args.cols;
+  void* params[] = {&args};
+  const cudaError_t error = cudaLaunchCooperativeKernel(
+      reinterpret_cast<const void*>(iteration_kernel<T, A, C>), dim3(blocks),
+      dim3(kPersistentThreads), params, 0, stream);
+  STD_TORCH_CHECK(error == cudaSuccess, "protokernels: CUDA kernel launch failed: ",
+                  cudaGetErrorString(error));
+  return true;
+}
+
+// Calls f(std::integral_constant<int, C>{}) with the fewest columns per thread C (a power of
+// two up to MAX) covering `cols`; false if none does.
+template <int MAX, typename F>
+bool dispatch_columns_per_thread(int64_t cols, F&& f) {
+  if (cols <= kPersistentThreads) return f(std::integral_constant<int, 1>{});
+  if constexpr (MAX >= 2) if (cols <= 2 * kPersistentThreads) return f(std::integral_constant<int, 2>{});
+  if constexpr (MAX >= 4) if (cols <= 4 * kPersistentThreads) return f(std::integral_constant<int, 4>{});
+  if constexpr (MAX >= 8) if (cols <= 8 * kPersistentThreads) return f(std::integral_constant<int, 8>{});
+  if constexpr (MAX >= 16) if (cols <= 16 * kPersistentThreads) return f(std::integral_constant<int, 16>{});
+  return false;
 }
 
 void check_common(const char* op, const Tensor& scores, const std::optional<Tensor>& log_c,
@@ -187,6 +543,13 @@ void check_common(const char* op, const Tensor& scores, const std::optional<Tens
   if (v_next) check_vector(op, "v_next", *v_next, scores, scores.size(1));
 }
 
+void check_plan(const char* op, const Tensor& plan, const Tensor& scores) {
+  PK_CHECK(plan.is_cuda() && plan.get_device_index() == scores.get_device_index() &&
+               plan.dim() == 2 && plan.size(0) == scores.size(0) &&
+               plan.size(1) == scores.size(1) && plan.scalar_type() == scores.scalar_type(),
+           op, "argument 'plan' must be a CUDA tensor of the scores' shape and dtype");
+}
+
 }  // namespace
 
 // l_out (K,) = logsumexp_i(scores_ij * scale); v_next (optional) = log c - l_out.
@@ -194,27 +557,17 @@ void sinkhorn_column_logsum_cuda(Tensor scores, double scale, std::optional<Tens
                                  double log_c_const, Tensor l_out, std::optional<Tensor> v_next) {
   const char* op = "sinkhorn_column_logsum_cuda";
   check_common(op, scores, log_c, l_out, v_next);
-  const int64_t rows = scores.size(0), cols = scores.size(1);
+  const int64_t cols = scores.size(1);
   if (cols == 0) return;
+  PK_CHECK((cols + kThreads - 1) / kThreads <= 65535, op, "at most ", 65535 * kThreads,
+           " columns, got ", cols);
   torch::stable::accelerator::DeviceGuard guard(scores.get_device_index());
-  const cudaStream_t stream = current_stream(scores);
-  // Enough row ranges to fill the GPU 4 times over with the column blocks.
-  const int64_t col_blocks = (cols + kThreads - 1) / kThreads;
-  PK_CHECK(col_blocks <= 65535, op, "at most ", 65535 * kThreads, " columns, got ", cols);
-  int64_t parts = (4 * int64_t{sm_count(scores)} + col_blocks - 1) / col_blocks;
-  parts = rows < parts ? (rows > 0 ? rows : 1) : parts;
-  const int64_t rows_per_part = rows > 0 ? (rows + parts - 1) / parts : 1;
-  Tensor part_top = torch::stable::new_empty(scores, {parts, cols}, accumulate_type(scores));
-  Tensor part_mass = torch::stable::new_empty(scores, {parts, cols}, accumulate_type(scores));
   dispatch_floating(scores.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Accumulate<T>::type;
-    column_logsum_kernel<T, A><<<dim3(parts, col_blocks), kThreads, 0, stream>>>(
-        static_cast<const T*>(scores.const_data_ptr()), scores.stride(0), scores.stride(1), rows,
-        cols, rows_per_part, static_cast<A>(scale), static_cast<A*>(part_top.mutable_data_ptr()),
-        static_cast<A*>(part_mass.mutable_data_ptr()));
-    PK_CHECK_LAUNCH();
-    finish<A>(part_mass, &part_top, nullptr, log_c, log_c_const, l_out, v_next, stream);
+    sweeps<T>(scores, scale).column_logsum(optional_data<A>(log_c), static_cast<A>(log_c_const),
+                                           static_cast<A*>(l_out.mutable_data_ptr()),
+                                           optional_mutable<A>(v_next));
   });
 }
 
@@ -230,32 +583,71 @@ void sinkhorn_row_sweep_cuda(Tensor scores, double scale, Tensor v, std::optiona
   check_vector(op, "v", v, scores, cols);
   if (log_r) check_vector(op, "log_r", *log_r, scores, rows);
   if (u_out) check_vector(op, "u_out", *u_out, scores, rows);
-  if (plan) {
-    PK_CHECK(plan->is_cuda() && plan->dim() == 2 && plan->size(0) == rows &&
-                 plan->size(1) == cols && plan->scalar_type() == scores.scalar_type(),
-             op, "argument 'plan' must be a CUDA tensor of the scores' shape and dtype");
-  }
+  if (plan) check_plan(op, *plan, scores);
   if (cols == 0) return;
   torch::stable::accelerator::DeviceGuard guard(scores.get_device_index());
-  const cudaStream_t stream = current_stream(scores);
-  const int64_t resident = 2 * int64_t{sm_count(scores)};  // 512 threads: 2 blocks per SM
-  const int64_t parts = rows < resident ? (rows > 0 ? rows : 1) : resident;
-  Tensor part_top = torch::stable::new_empty(scores, {parts, cols}, accumulate_type(scores));
-  Tensor part_mass = torch::stable::new_empty(scores, {parts, cols}, accumulate_type(scores));
   dispatch_floating(scores.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Accumulate<T>::type;
-    row_sweep_kernel<T, A><<<parts, kSweepThreads, 0, stream>>>(
-        static_cast<const T*>(scores.const_data_ptr()), scores.stride(0), scores.stride(1), rows,
-        cols, static_cast<A>(scale), static_cast<const A*>(v.const_data_ptr()),
-        optional_data<A>(log_r), static_cast<A>(log_r_const),
-        u_out ? static_cast<A*>(u_out->mutable_data_ptr()) : nullptr,
-        plan ? static_cast<T*>(plan->mutable_data_ptr()) : nullptr, plan ? plan->stride(0) : 0,
-        plan ? plan->stride(1) : 0, static_cast<A*>(part_top.mutable_data_ptr()),
-        static_cast<A*>(part_mass.mutable_data_ptr()));
-    PK_CHECK_LAUNCH();
-    finish<A>(part_mass, &part_top, static_cast<const A*>(v.const_data_ptr()), log_c, log_c_const,
-              l_out, v_next, stream);
+    sweeps<T>(scores, scale).row_sweep(
+        static_cast<const A*>(v.const_data_ptr()), optional_data<A>(log_r),
+        static_cast<A>(log_r_const), optional_data<A>(log_c), static_cast<A>(log_c_const),
+        static_cast<A*>(l_out.mutable_data_ptr()), optional_mutable<A>(v_next),
+        optional_mutable<A>(u_out), plan ? static_cast<T*>(plan->mutable_data_ptr()) : nullptr,
+        plan ? plan->stride(0) : 0, plan ? plan->stride(1) : 0);
+  });
+}
+
+// n_iters iterations (ops/sinkhorn.py's _iterate without a tolerance or a cross-rank combine):
+// the plan after the last row step, l_out = log of its column sums, and with the histories each
+// row step's u (n_iters, B) and column potentials v (n_iters, K). One cooperative launch where
+// the columns fit the persistent kernel (K <= 8192, 4096 in float64); the sweeps one by one
+// otherwise.
+void sinkhorn_iterate_cuda(Tensor scores, double scale, int64_t n_iters,
+                           std::optional<Tensor> log_r, double log_r_const,
+                           std::optional<Tensor> log_c, double log_c_const, Tensor plan,
+                           Tensor l_out, std::optional<Tensor> u_history,
+                           std::optional<Tensor> v_history) {
+  const char* op = "sinkhorn_iterate_cuda";
+  check_common(op, scores, log_c, l_out, std::nullopt);
+  const int64_t rows = scores.size(0), cols = scores.size(1);
+  PK_CHECK(n_iters >= 1, op, "argument 'n_iters' must be >= 1, got ", n_iters);
+  check_plan(op, plan, scores);
+  if (log_r) check_vector(op, "log_r", *log_r, scores, rows);
+  if (u_history) check_history(op, "u_history", *u_history, scores, n_iters, rows);
+  if (v_history) check_history(op, "v_history", *v_history, scores, n_iters, cols);
+  if (rows == 0 || cols == 0) return;
+  torch::stable::accelerator::DeviceGuard guard(scores.get_device_index());
+  dispatch_floating(scores.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Accumulate<T>::type;
+    const Sweeps<T, A> sweep = sweeps<T>(scores, scale);
+    A* u_hist = optional_mutable<A>(u_history);
+    A* v_hist = optional_mutable<A>(v_history);
+    const IterationArgs<T, A> args{
+        sweep.s, sweep.ss_b, sweep.ss_k, rows, cols, 0, sweep.scale, static_cast<int>(n_iters),
+        optional_data<A>(log_r), static_cast<A>(log_r_const), optional_data<A>(log_c),
+        static_cast<A>(log_c_const), static_cast<T*>(plan.mutable_data_ptr()), plan.stride(0),
+        plan.stride(1), static_cast<A*>(l_out.mutable_data_ptr()), u_hist, v_hist};
+    const bool launched = dispatch_columns_per_thread<max_columns_per_thread<A>()>(
+        cols, [&](auto columns) {
+          return launch_iteration<T, A, decltype(columns)::value>(args, scores, sweep.stream);
+        });
+    if (launched) return;
+    // The loop of ops/sinkhorn.py's _iterate: v_t in the history or two buffers in turn.
+    Tensor buffers = torch::stable::new_empty(scores, {2, cols}, accumulate_type(scores));
+    A* potentials = v_hist != nullptr ? v_hist : static_cast<A*>(buffers.mutable_data_ptr());
+    auto v_of = [&](int64_t t) { return potentials + (v_hist != nullptr ? t : t % 2) * cols; };
+    auto u_of = [&](int64_t t) { return u_hist != nullptr ? u_hist + t * rows : nullptr; };
+    const A* lr = optional_data<A>(log_r);
+    const A* lc = optional_data<A>(log_c);
+    A* l = static_cast<A*>(l_out.mutable_data_ptr());
+    sweep.column_logsum(lc, args.log_c_const, l, v_of(0));
+    for (int64_t t = 1; t < n_iters; ++t)
+      sweep.row_sweep(v_of(t - 1), lr, args.log_r_const, lc, args.log_c_const, l, v_of(t),
+                      u_of(t - 1), nullptr, 0, 0);
+    sweep.row_sweep(v_of(n_iters - 1), lr, args.log_r_const, lc, args.log_c_const, l, nullptr,
+                    u_of(n_iters - 1), args.plan, args.sp_b, args.sp_k);
   });
 }
 
@@ -267,9 +659,13 @@ STABLE_TORCH_LIBRARY_FRAGMENT(protokernels, m) {
   m.def("sinkhorn_row_sweep_cuda(Tensor scores, float scale, Tensor v, Tensor? log_r, "
         "float log_r_const, Tensor? log_c, float log_c_const, Tensor(a!) l_out, "
         "Tensor(b!)? v_next, Tensor(c!)? u_out, Tensor(d!)? plan) -> ()");
+  m.def("sinkhorn_iterate_cuda(Tensor scores, float scale, int n_iters, Tensor? log_r, "
+        "float log_r_const, Tensor? log_c, float log_c_const, Tensor(a!) plan, Tensor(b!) l_out, "
+        "Tensor(c!)? u_history, Tensor(d!)? v_history) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(protokernels, CUDA, m) {
   m.impl("sinkhorn_column_logsum_cuda", TORCH_BOX(&protokernels::sinkhorn_column_logsum_cuda));
   m.impl("sinkhorn_row_sweep_cuda", TORCH_BOX(&protokernels::sinkhorn_row_sweep_cuda));
+  m.impl("sinkhorn_iterate_cuda", TORCH_BOX(&protokernels::sinkhorn_iterate_cuda));
 }

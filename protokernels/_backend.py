@@ -87,12 +87,15 @@ _AUTO_ORDER = {
     # (RESULTS.md "dw_nearest, codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24").
     **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"),
                     lambda dtype, precision, sizes: TRITON_FIRST),
-    # sinkhorn: Triton at every size. The CUDA sweeps won B256 K3000 (0.105 vs 0.195 ms) until
-    # their column sums became online log-sums (two exps per element, for zero marginals at
-    # small eps): then B256 took 0.245 ms of GPU time alone. B1024: 0.170 vs 0.177; B4096:
-    # 0.183 vs 0.498; B65536 K16384: 17.6 vs 80.2 ms. sinkhorn_plan's iterations are the same
-    # sweeps.
-    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes: TRITON_FIRST),
+    # sinkhorn: CUDA up to B*K = 2^24 with K <= 8192, where its whole iteration is one
+    # cooperative launch (36-69 us of host time against Triton's ~300 for eight launches): B256
+    # K3000 0.061 vs 0.474 ms, B1024 0.090 vs 0.285, B4096 0.270 vs 0.267 and 0.269 vs 0.446
+    # (two runs: Triton's eager time there swings with its host cost; GPU time 0.265 vs 0.242).
+    # Triton above: beyond 8192 columns CUDA runs sweep by sweep (B65536 K16384: 128 vs 31.6 ms).
+    # RESULTS.md "Sinkhorn in one launch". sinkhorn_plan's iterations are the same sweeps.
+    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes: (
+        CUDA_FIRST if sizes["m"] <= 8192 and sizes["n"] * sizes["m"] <= 2**24
+        else TRITON_FIRST)),
 }
 
 
@@ -318,18 +321,21 @@ class Implementations(dict):
     looked up on its first use (so that importing protokernels neither imports triton nor loads
     the extension) and is a plain dictionary read afterwards."""
 
-    def __init__(self, op_file: str, function: str):
+    def __init__(self, op_file: str, function: str, *, optional: bool = False):
+        """optional: not every backend has one (e.g. a fused form of a driver loop); those
+        without get None."""
         super().__init__()
-        self.op_file, self.function = op_file, function
+        self.op_file, self.function, self.optional = op_file, function, optional
 
     def __missing__(self, backend: str):
         if backend == "cuda":
             _status()  # loads the extension, which registers the *_cuda operators
-            implementation = getattr(torch.ops.protokernels, self.function + "_cuda")
+            source, name = torch.ops.protokernels, self.function + "_cuda"
         else:
             package = "reference" if backend == "reference" else "triton_kernels"
-            module = importlib.import_module(f"protokernels.{package}.{self.op_file}")
-            implementation = getattr(module, self.function)
+            source = importlib.import_module(f"protokernels.{package}.{self.op_file}")
+            name = self.function
+        implementation = getattr(source, name, None) if self.optional else getattr(source, name)
         self[backend] = implementation
         return implementation
 

@@ -1,6 +1,7 @@
-"""Where a call's host time goes, on the GPU machine: dispatch layers, Triton launch paths and the
-pieces of a nearest call. Host microseconds per call (no sync inside the loop; small shapes, so
-the GPU keeps up). `--profile` adds a cProfile of the Triton nearest call.
+"""Where a call's host time goes, on the GPU machine: dispatch layers, Triton launch paths, the
+pieces of a nearest call, and the in-model cases whose host cost exceeded the naive expression's
+(dw_nearest + codebook_lookup, sinkhorn). Host microseconds per call (no sync inside the loop;
+small shapes, so the GPU keeps up). `--profile` adds a cProfile of the Triton calls.
 
     python scripts/probe_host_cost.py [--profile]
 """
@@ -14,6 +15,8 @@ import triton.language as tl
 
 import protokernels
 from protokernels import bench
+from protokernels.benchmarks import dw_nearest as dw_bench
+from protokernels.benchmarks import sinkhorn as sinkhorn_bench
 from protokernels.ops import nearest as nearest_op
 from protokernels.triton_kernels import _common
 from protokernels.triton_kernels import nearest as nearest_kernels
@@ -69,18 +72,43 @@ def main():
         with protokernels.use_backend(backend):
             rows[f"nearest public, {backend}"] = lambda: protokernels.nearest(x, y,
                                                                             precision="tf32")
+    # The in-model cases (RESULTS.md "The in-model grid"), per backend against the naive form.
+    vq_sizes = dw_bench._sizes(8192, 1, 512, 64)
+    vq = dw_bench.make_inputs(vq_sizes, torch.float32, torch.device("cuda"))
+    _, vq_idx = protokernels.dw_nearest(*vq)
+    in_model = {
+        "dw_nearest + lookup N8192 K512 D64": lambda: dw_bench.fused(vq_sizes, *vq),
+        "  of which dw_nearest": lambda: protokernels.dw_nearest(*vq),
+        "  of which codebook_lookup": lambda: protokernels.codebook_lookup(vq_idx, vq[1]),
+    }
+    naive = {"dw_nearest + lookup N8192 K512 D64": lambda: dw_bench.naive(vq_sizes, *vq)}
+    for b in (256, 1024):
+        scores = torch.randn(b, 3000, device="cuda")
+        in_model[f"sinkhorn B{b} K3000"] = (
+            lambda s=scores: protokernels.sinkhorn(s, eps=0.05, n_iters=3))
+        naive[f"sinkhorn B{b} K3000"] = lambda s=scores: sinkhorn_bench.swav_sinkhorn(s, 0.05, 3)
+    for name, fn in in_model.items():
+        for backend in ("triton", "cuda"):
+            rows[f"{name}, {backend}"] = fn
+        if name in naive:
+            rows[f"{name}, naive"] = naive[name]
     results = {}
     for name, fn in rows.items():
         with protokernels.use_backend("triton" if "cuda" not in name else "cuda"):
             results[name] = bench.host_us(fn, torch.device("cuda"), repeats=30)
     if args.profile:
-        with protokernels.use_backend("triton"):
-            profile = cProfile.Profile()
-            profile.enable()
-            for _ in range(300):
-                protokernels.nearest(x, y, precision="tf32")
-            profile.disable()
-            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        profiled = {"nearest": lambda: protokernels.nearest(x, y, precision="tf32"),
+                    **{name: in_model[name] for name in in_model if not name.startswith(" ")}}
+        for name, fn in profiled.items():
+            with protokernels.use_backend("triton"):
+                fn()
+                profile = cProfile.Profile()
+                profile.enable()
+                for _ in range(300):
+                    fn()
+                profile.disable()
+                print(f"== cProfile, 300 calls: {name}, triton")
+                pstats.Stats(profile).sort_stats("tottime").print_stats(22)
     for name, us in results.items():
         print(f"{name:<40} {us:8.1f} us")
 

@@ -129,12 +129,16 @@ def test_every_op_and_backend_resolves_to_an_implementation():
         ("nearest", "gather_sqdist_grad"), ("kp_conv", "kp_conv2d"),
         ("kp_conv", "kp_conv2d_grad_input"), ("kp_conv", "kp_conv2d_grad_weight"),
         ("codebook_lookup", "codebook_lookup"), ("codebook_stats", "codebook_stats"),
-        ("sinkhorn", "sinkhorn_column_logsum"), ("sinkhorn", "sinkhorn_row_sweep")}
+        ("sinkhorn", "sinkhorn_column_logsum"), ("sinkhorn", "sinkhorn_row_sweep"),
+        ("sinkhorn", "sinkhorn_iterate")}
     statuses = protokernels.available_backends()
     for table in tables:
         for name in _backend.BACKENDS:
             if statuses[name].available:
-                assert callable(table[name]), (table.function, name)
+                if table.optional and name != "cuda":  # only CUDA has the fused iteration
+                    assert table[name] is None, (table.function, name)
+                else:
+                    assert callable(table[name]), (table.function, name)
 
 
 def test_environment_variable_sets_the_default():
@@ -231,11 +235,23 @@ def test_auto_chooses_by_size(monkeypatch, op, small, large):
     assert _backend.resolve(op, cuda, torch.float32, **large) == "triton"
 
 
-@pytest.mark.parametrize("op", ["sinkhorn", "sinkhorn_plan", "dw_nearest", "codebook_lookup"])
+@pytest.mark.parametrize("op", ["dw_nearest", "codebook_lookup"])
 def test_auto_takes_triton_at_every_size(monkeypatch, op):
     _pretend(monkeypatch, triton=True, cuda=True)
     for n in (1, 256, 65536):
         assert _backend.resolve(op, torch.device("cuda"), torch.float32, n=n, m=3000) == "triton"
+
+
+@pytest.mark.parametrize("op", ["sinkhorn", "sinkhorn_plan"])
+def test_auto_takes_cuda_where_sinkhorn_is_one_launch(monkeypatch, op):
+    """CUDA's whole iteration in one launch up to B*K = 2^24 with K <= 8192 (RESULTS.md
+    "Sinkhorn in one launch"); Triton's sweeps above."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    cuda = torch.device("cuda")
+    for n, m in ((1, 1), (256, 3000), (4096, 3000), (2048, 8192)):
+        assert _backend.resolve(op, cuda, torch.float32, n=n, m=m) == "cuda"
+    for n, m in ((8192, 3000), (16, 8193), (65536, 16384)):
+        assert _backend.resolve(op, cuda, torch.float32, n=n, m=m) == "triton"
 
 
 def test_triton_kernels_reducing_sums_of_squares_compile_without_fma_contraction():

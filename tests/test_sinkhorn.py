@@ -125,6 +125,49 @@ def test_chunked_rows(backend, monkeypatch):
     assert relative_error(plan, plan_reference(cost, r, None, 0.05, 12)) <= 1e-5
 
 
+# Sizes for each class of CUDA's whole-iteration kernel (1, 2, 4, 8 and 16 columns a thread of
+# 512; a block's rows in several steps) and for its sweep-by-sweep fallback beyond 8192 columns
+# (4096 in float64); every backend runs them.
+WIDE_SHAPES = [(2300, 20), (5, 700), (2, 1500), (300, 2500), (3, 4097), (3, 8193)]
+
+
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+def test_whole_iteration_sizes(backend, shape, dtype):
+    if backend == "triton" and not HAS_GPU and shape[0] > 1000:
+        pytest.skip("25 s in Triton's interpreter; the shape is for CUDA's blocks of 16 rows")
+    scores = randn(*shape, dtype=dtype)
+    codes = protokernels.sinkhorn(scores, eps=0.1, n_iters=3)
+    assert relative_error(codes, swav_reference(scores, 0.1, 3)) <= tolerance(dtype)
+    # sinkhorn_plan with the potentials kept for the backward: its gradient is formed from them
+    cost = torch.rand(*shape, device=DEVICE, dtype=dtype)
+    r, grad = marginal(shape[0], dtype), torch.randn(shape, device=DEVICE, dtype=dtype)
+    grads = []
+    for name in (backend, "reference"):
+        leaf = cost.clone().requires_grad_()
+        with protokernels.use_backend(name):
+            plan = protokernels.sinkhorn_plan(leaf, r, eps=0.05, n_iters=4)
+        plan.backward(grad)
+        grads.append(leaf.grad)
+        assert relative_error(plan, plan_reference(cost, r, None, 0.05, 4)) <= tolerance(dtype)
+    # The unrolled gradient amplifies the plans' last-bit differences (1e-6 measured in float64
+    # on the H100); wrong potentials would be off by far more.
+    assert relative_error(grads[0], grads[1]) <= 1e-4
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_cuda_graph_capture(backend):
+    """CUDA's whole iteration is one cooperative launch: it must capture and replay too."""
+    scores = randn(300, 2500)
+    protokernels.sinkhorn(scores, eps=0.1, n_iters=3)  # warm up (compiles the Triton kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        codes = protokernels.sinkhorn(scores, eps=0.1, n_iters=3)
+    scores.copy_(randn(300, 2500))
+    graph.replay()
+    assert relative_error(codes, swav_reference(scores, 0.1, 3)) <= 1e-5
+
+
 def test_nan_in_nan_out(backend):
     scores = randn(6, 5)
     scores[2, 3] = math.nan

@@ -13,7 +13,9 @@ underflows for any a s (tested down to eps = 1e-3 with |s|/eps = 1e4).
 
 This file is the driver shared by the backends: each provides the two sweeps (reference/,
 triton_kernels/ and csrc/ sinkhorn.*), one read of the scores each. Row step t and the column sums
-of column step t + 1 are one sweep, so T iterations read the scores T + 1 times.
+of column step t + 1 are one sweep, so T iterations read the scores T + 1 times. A backend may
+also provide the whole loop (`sinkhorn_iterate`: CUDA's one cooperative launch), which runs
+whenever nothing has to happen between the sweeps.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from ._registry import custom_op
 
 _COLUMN_LOGSUM = _backend.Implementations("sinkhorn", "sinkhorn_column_logsum")
 _ROW_SWEEP = _backend.Implementations("sinkhorn", "sinkhorn_row_sweep")
+# The whole iteration in one call, where a backend has it (CUDA: one cooperative launch, against
+# two launches per sweep from here): used when nothing runs between the sweeps (no tolerance
+# check, no cross-rank combine).
+_ITERATE = _backend.Implementations("sinkhorn", "sinkhorn_iterate", optional=True)
 
 # tol is checked after iterations 1, 1 + CHECK_EVERY, 1 + 2 CHECK_EVERY, ..., as POT's ot.sinkhorn
 # does (its `ii % 10 == 0`, counting from 0): a check is a device sync.
@@ -56,11 +62,19 @@ def _iterate(backend: str, scores: Tensor, scale: float, n_iters: int, marginals
     the (K,) buffer of the log column sums (allocated if None).
     Returns (iterations run, log column sums of the plan).
     """
-    column_logsum = _COLUMN_LOGSUM[backend]
-    row_sweep = _ROW_SWEEP[backend]
     log_r, log_r_const, log_c, log_c_const = marginals
     acc = accumulate_dtype(scores.dtype)
     k = scores.shape[1]
+    if logsum is None:
+        logsum = torch.empty(k, dtype=acc, device=scores.device)
+    iterate = _ITERATE[backend]
+    if iterate is not None and tol is None and combine is None:
+        u_history, v_history = history if history is not None else (None, None)
+        iterate(scores, scale, n_iters, log_r, log_r_const, log_c, log_c_const, plan, logsum,
+                u_history, v_history)
+        return n_iters, logsum
+    column_logsum = _COLUMN_LOGSUM[backend]
+    row_sweep = _ROW_SWEEP[backend]
     potentials = history[1] if history is not None else torch.empty((2, k), dtype=acc,
                                                                        device=scores.device)
 
@@ -70,8 +84,6 @@ def _iterate(backend: str, scores: Tensor, scale: float, n_iters: int, marginals
     def u_of(t: int) -> Tensor | None:
         return history[0][t] if history is not None else None
 
-    if logsum is None:
-        logsum = torch.empty(k, dtype=acc, device=scores.device)
     column_logsum(scores, scale, log_c, log_c_const, logsum, None if combine else v_of(0))
     if combine:
         logsum = combine(logsum)
