@@ -92,9 +92,12 @@ _AUTO_ORDER = {
     # K3000 0.061 vs 0.474 ms, B1024 0.090 vs 0.285, B4096 0.270 vs 0.267 and 0.269 vs 0.446
     # (two runs: Triton's eager time there swings with its host cost; GPU time 0.265 vs 0.242).
     # Triton above: beyond 8192 columns CUDA runs sweep by sweep (B65536 K16384: 128 vs 31.6 ms).
-    # RESULTS.md "Sinkhorn in one launch". sinkhorn_plan's iterations are the same sweeps.
+    # RESULTS.md "Sinkhorn in one launch". A call that must stop between the iterations (a
+    # tolerance check, a cross-rank all-reduce: "stepwise") runs sweep by sweep on any backend,
+    # and there Triton's sweeps win (above). sinkhorn_plan's iterations are the same sweeps.
     **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes: (
-        CUDA_FIRST if sizes["m"] <= 8192 and sizes["n"] * sizes["m"] <= 2**24
+        CUDA_FIRST if (not sizes.get("stepwise") and sizes["m"] <= 8192
+                       and sizes["n"] * sizes["m"] <= 2**24)
         else TRITON_FIRST)),
 }
 

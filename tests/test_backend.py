@@ -252,6 +252,8 @@ def test_auto_takes_cuda_where_sinkhorn_is_one_launch(monkeypatch, op):
         assert _backend.resolve(op, cuda, torch.float32, n=n, m=m) == "cuda"
     for n, m in ((8192, 3000), (16, 8193), (65536, 16384)):
         assert _backend.resolve(op, cuda, torch.float32, n=n, m=m) == "triton"
+    # a tolerance check or a process group runs sweep by sweep: Triton's sweeps
+    assert _backend.resolve(op, cuda, torch.float32, n=256, m=3000, stepwise=True) == "triton"
 
 
 def test_triton_kernels_reducing_sums_of_squares_compile_without_fma_contraction():
@@ -285,3 +287,20 @@ def test_triton_kernels_reducing_sums_of_squares_compile_without_fma_contraction
                 checked.append((launch.kernel.__name__, needs))
     assert ("_sqdist_kernel", True) in checked and ("_search_kernel", True) in checked
     assert ("_sqdist_grad_kernel", False) in checked
+
+
+def test_sinkhorn_wrappers_say_when_they_run_sweep_by_sweep(monkeypatch):
+    """A tolerance or a process group stops between the iterations: the wrappers tell the size
+    table (stepwise), which then takes Triton's sweeps over CUDA's one-launch iteration."""
+    seen = []
+    resolve = _backend.resolve
+
+    def spy(op, *args, **sizes):
+        seen.append((op, sizes.get("stepwise")))
+        return resolve(op, *args, **sizes)
+    monkeypatch.setattr(_backend, "resolve", spy)
+    cost = torch.rand(6, 5)
+    protokernels.sinkhorn(cost, n_iters=2)
+    protokernels.sinkhorn_plan(cost, eps=0.5, n_iters=3)
+    protokernels.sinkhorn_plan(cost, eps=0.5, n_iters=3, tol=1e-3)
+    assert seen == [("sinkhorn", False), ("sinkhorn_plan", False), ("sinkhorn_plan", True)]

@@ -244,7 +244,8 @@ def sinkhorn(scores: Tensor, *, eps: float = 0.05, n_iters: int = 3,
     rows, columns = _validate.matrix(op, "scores", scores, "(B samples, K prototypes)")
     eps = _validate.positive_number(op, "eps", eps)
     n_iters = _validate.positive_int(op, "n_iters", n_iters)
-    backend = _backend.resolve(op, scores.device, scores.dtype, n=rows, m=columns)
+    backend = _backend.resolve(op, scores.device, scores.dtype, n=rows, m=columns,
+                               stepwise=process_group is not None)
     scores = scores.detach()
     if process_group is None:
         return _sinkhorn(scores, eps, n_iters, backend)
@@ -299,7 +300,8 @@ def sinkhorn_plan(cost: Tensor, r: Tensor | None = None, c: Tensor | None = None
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
                             or not tol >= 0):
         raise ValueError(f"{op}: argument 'tol' must be None or a number >= 0, got {tol!r}")
-    backend = _backend.resolve(op, cost.device, cost.dtype, n=rows, m=columns)
+    backend = _backend.resolve(op, cost.device, cost.dtype, n=rows, m=columns,
+                               stepwise=tol is not None)
     keep_history = torch.is_grad_enabled() and cost.requires_grad
     plan, _, _, iterations, logsum = _sinkhorn_plan(
         cost, r, c, eps, n_iters, None if tol is None else float(tol), keep_history, backend)
