@@ -6,6 +6,9 @@
 // takes the row's log-sum-exp (per-thread online (max, sum), then a block reduction), pass 2
 // re-reads the row (from L1/L2) and folds each column's log-term into the block's own row of
 // partial column log-sums. No atomics: every result is the same each run.
+//
+// sinkhorn_iterate_cuda runs all the sweeps of a call in one cooperative launch where the
+// columns fit (below, "the whole iteration"), and these sweeps one by one from C++ otherwise.
 #include <cooperative_groups.h>
 
 #include <cmath>
