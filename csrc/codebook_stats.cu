@@ -105,9 +105,8 @@ std::tuple<Tensor, Tensor> codebook_stats_cuda(Tensor x, Tensor idx, int64_t siz
     auto* count = static_cast<unsigned long long*>(counts.mutable_data_ptr());
     auto* sum = static_cast<Acc*>(sums.mutable_data_ptr());
     if (deterministic) {
-      int sms = 0;
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device_index());
-      const int64_t blocks_per_group = std::max<int64_t>(1, std::min(size, 2 * sms / groups));
+      const int64_t blocks_per_group =
+          std::max<int64_t>(1, std::min<int64_t>(size, 2 * sm_count(x) / groups));
       const int64_t codes_per_block = (size + blocks_per_group - 1) / blocks_per_group;
       const int64_t blocks = groups * ((size + codes_per_block - 1) / codes_per_block);
       PK_CHECK(blocks < (int64_t{1} << 31), op, "too many groups (", groups, ")");

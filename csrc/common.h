@@ -15,6 +15,7 @@
 #include <torch/csrc/stable/tensor.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 namespace protokernels {
@@ -66,6 +67,23 @@ constexpr int64_t kMaxBlocks = 65536;
 inline unsigned blocks_for(int64_t work, int per_block = kThreads) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+inline int sm_count(const Tensor& t) {
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device_index());
+  return sms;
+}
+
+// Runs setup() the first time it is reached for `device`: per-device work whose host cost should
+// not recur on every call (a kernel's attributes). Keyed by the lambda's type, so each lambda
+// expression, in each template instantiation, has its own record.
+template <typename Setup>
+void once_per_device(int device, Setup&& setup) {
+  constexpr int kDevices = 64;
+  static std::once_flag done[kDevices];
+  if (device >= 0 && device < kDevices) std::call_once(done[device], setup);
+  else setup();
 }
 
 inline cudaStream_t current_stream(const Tensor& t) {

@@ -411,12 +411,6 @@ void check_history(const char* op, const char* name, const Tensor& t, const Tens
            ") tensor of the accumulate dtype on the scores' device");
 }
 
-int sm_count(const Tensor& t) {
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device_index());
-  return sms;
-}
-
 template <typename A>
 const A* optional_data(const std::optional<Tensor>& t) {
   return t ? static_cast<const A*>(t->const_data_ptr()) : nullptr;
