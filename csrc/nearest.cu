@@ -1,14 +1,22 @@
 // Nearest-prototype search in CUDA (nearest, nearest_k, exclude, by label, both ways) and the
 // gradient scatter into the winners. The (N, M) distance matrix is never written.
 //
-// A block owns a tile of x's rows and walks all of y's column tiles: the distance tile is the
-// sqdist tile product (tile_product.cuh) plus the two norms, and one thread per row folds it into
-// that row's running best. Bests are packed int64 keys (rank bits << 32 | index), so that one
-// integer comparison orders by distance, then index (ties go to the smaller index). Ranking, as in
-// every backend: a pair involving a row with NaN ranks first (torch.argmin's NaN propagation), a
-// pair involving a row with an infinite (or overflowing) squared norm after every finite distance.
-// A second kernel decodes the keys and recomputes the winners' distances exactly as
-// sum((x - y)^2), into outputs allocated by the caller (any row strides, unit slot stride).
+// A block owns a tile of x's rows and walks y's column tiles, scoring each pair as
+// ||x||^2 + ||y||^2 - 2 x.y and folding the tile into each row's running best. Two searches:
+// - tensor_search_kernel (k = 1, labels, both ways; float32 at "tf32"/"tf32x3", float16,
+//   bfloat16): the product on mma.sync with operands streamed by cp.async (mma_pipeline.cuh),
+//   folded straight from the accumulator registers; a thread keeps the best of its 4 rows over
+//   its columns, and the threads of a row meet once at the end. The norms come from one
+//   prepare_kernel launch. Column tiles are split over blocks when there are too few row tiles
+//   to fill the GPU; the splits meet by atomicMin on the keys.
+// - search_kernel (top k, float32 "ieee"): the tile product of tile_product.cuh into shared
+//   memory, one thread per row folding it.
+// Bests are packed int64 keys (rank bits << 32 | index), so that one integer comparison orders by
+// distance, then index (ties go to the smaller index). Ranking, as in every backend: a pair
+// involving a row with NaN ranks first (torch.argmin's NaN propagation), a pair involving a row
+// with an infinite (or overflowing) squared norm after every finite distance. A last kernel
+// decodes the keys and recomputes the winners' distances exactly as sum((x - y)^2), into outputs
+// allocated by the caller (any row strides, unit slot stride).
 //
 // Keys rank by float32 scores and hold 31-bit indices: float64 is ranked by the reference backend
 // (nearest_cuda_capabilities() declares this to the Python dispatch).
@@ -17,6 +25,7 @@
 #include <optional>
 #include <tuple>
 
+#include "mma_pipeline.cuh"
 #include "tile_product.cuh"
 
 namespace protokernels {
@@ -143,6 +152,246 @@ __global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs
     const int slots = s.x_labels ? 2 : 1;
     s.keys[row_index * slots] = best.best;
     if (s.x_labels) s.keys[row_index * 2 + 1] = best.other;
+  }
+}
+
+// ---- The tensor-core search ----
+
+// Squared norms of x's and y's rows into norms (B, N + M) (x's rows first), accumulated in float
+// from the elements as the product sees them; and the keys that the search atomically min-s,
+// filled with kNoKey. One warp per row.
+template <typename T>
+__global__ void prepare_kernel(Matrix<const T> x, Matrix<const T> y, int64_t batches,
+                               int64_t rows, int64_t cols, int64_t depth, float* norms,
+                               long long* keys, int slots, long long* col_keys) {
+  const int lane = threadIdx.x % 32;
+  const int64_t per_batch = rows + cols;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t w = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; w < batches * per_batch;
+       w += warps) {
+    const int64_t batch = w / per_batch, r = w % per_batch;
+    const bool is_x = r < rows;
+    const T* row = is_x ? x.data + batch * x.batch + r * x.row
+                        : y.data + batch * y.batch + (r - rows) * y.row;
+    const int64_t step = is_x ? x.col : y.col;
+    float sum = 0.0f;
+    for (int64_t d = lane; d < depth; d += 32) {
+      const float v = widen(row[d * step]);
+      sum += v * v;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFF, sum, offset);
+    if (lane < slots && is_x) keys[(batch * rows + r) * slots + lane] = kNoKey;
+    if (lane == 0) {
+      norms[w] = sum;
+      if (!is_x && col_keys) col_keys[batch * cols + r - rows] = kNoKey;
+    }
+  }
+}
+
+template <typename T>
+struct TensorSearchArgs {
+  mma::Operand<T> x, y;      // batch 0
+  int64_t x_batch, y_batch;  // batch strides
+  int64_t depth;
+  int rows, cols, depth_steps;
+  const float* norms;        // prepare_kernel's
+  int row_tiles, col_tiles, tiles_per_split, splits;
+  Search search;
+};
+
+// The fold of one (row, column) pair into a running best: strictly smaller ranks only, so that
+// the first column of a tie (columns arrive in increasing order per thread) stays.
+struct Best {
+  float rank = INFINITY;  // above every candidate's rank (at most FLT_MAX)
+  int index = -1;
+  __device__ __forceinline__ void fold(float r, int i) {
+    if (r < rank) rank = r, index = i;
+  }
+  __device__ __forceinline__ long long key() const { return index < 0 ? kNoKey : pack(rank, index); }
+};
+
+__device__ __forceinline__ long long warp_min(long long key, int lane_mask) {
+  return min(key, __shfl_xor_sync(0xFFFFFFFF, key, lane_mask));
+}
+
+// What a tensor-core search keeps per row: the best column (nearest, with an optional excluded
+// column per row), the best of the row's label and of the others (labels), or the best column per
+// row and the best row per column (both). Separate instantiations: the column fold of kBoth costs
+// the others registers.
+enum class Fold { kNearest, kLabels, kBoth };
+
+// The shared memory of tensor_search_kernel: the pipeline's stages; a ring of the column tiles'
+// norms (and labels), loaded with each tile's first stage; the block's rows' norms, excluded
+// columns (and labels), which the fold reads from here rather than holding them in registers
+// through the products. The ring is one slot longer than the pipeline is deep: a tile's slot is
+// refilled only after every thread has folded it.
+template <Fold FOLD>
+struct TensorSearchSmem {
+  using Tile = mma::Tile;
+  static constexpr bool kLabels = FOLD == Fold::kLabels;
+  static constexpr int kRing = Tile::kStages + 1;
+  static constexpr size_t kColNorms = Tile::kStages * sizeof(mma::Stage);
+  static constexpr size_t kColLabels = kColNorms + kRing * Tile::kCols * sizeof(float);
+  static constexpr size_t kRowLabels = kColLabels + (kLabels ? kRing * Tile::kCols * sizeof(int64_t) : 0);
+  static constexpr size_t kRowNorms = kRowLabels + (kLabels ? Tile::kRows * sizeof(int64_t) : 0);
+  static constexpr size_t kRowExcluded = kRowNorms + Tile::kRows * sizeof(float);
+  static constexpr size_t kBytes = kRowExcluded + Tile::kRows * sizeof(int);
+};
+
+// Rows of each thread: 4 = 2 m16 tiles x rows g and g + 8. Row i of the thread is accumulator
+// tile i / 2, elements 2 (i % 2) + e for its columns 2t + e, at row offset kRowOffset[i] from the
+// thread's first row.
+constexpr int kThreadRows = 4;
+__device__ __forceinline__ constexpr int row_offset(int i) { return 16 * (i / 2) + 8 * (i % 2); }
+
+// Indices here are int: rows and columns are below 2**31 (check_rows), and the host keeps a
+// block's (column tile, depth step) walk below 2**31 too. The register budget is 128 a thread
+// (2 blocks per SM, so that one block's fold overlaps the other's products).
+template <typename T, Precision P, Fold FOLD>
+__global__ void __launch_bounds__(mma::Tile::kThreads, 2)
+tensor_search_kernel(const TensorSearchArgs<T> args) {
+  using Tile = mma::Tile;
+  using Smem = TensorSearchSmem<FOLD>;
+  constexpr bool kLabels = FOLD == Fold::kLabels;
+  extern __shared__ __align__(16) unsigned char smem[];
+  auto* stages = reinterpret_cast<mma::Stage*>(smem);
+  auto* col_norms = reinterpret_cast<float(*)[Tile::kCols]>(smem + Smem::kColNorms);
+  auto* col_labels = reinterpret_cast<int64_t(*)[Tile::kCols]>(smem + Smem::kColLabels);
+  auto* row_labels = reinterpret_cast<int64_t*>(smem + Smem::kRowLabels);
+  auto* row_norms = reinterpret_cast<float*>(smem + Smem::kRowNorms);
+  auto* row_excluded = reinterpret_cast<int*>(smem + Smem::kRowExcluded);
+
+  const int split = static_cast<int>(blockIdx.x % args.splits);
+  const int row_block = static_cast<int>(blockIdx.x / args.splits);
+  const int batch = row_block / args.row_tiles;
+  const int row0 = row_block % args.row_tiles * Tile::kRows;
+  const int tile0 = split * args.tiles_per_split;
+  const int tiles = min(args.tiles_per_split, args.col_tiles - tile0);
+  const int rows = args.rows, cols = args.cols;
+  mma::Operand<T> x = args.x, y = args.y;
+  x.data += batch * args.x_batch;
+  y.data += batch * args.y_batch;
+  const float* x_norms = args.norms + int64_t{batch} * (rows + cols);
+  const float* y_norms = x_norms + rows;
+  const int64_t* y_labels = kLabels ? args.search.y_labels + int64_t{batch} * cols : nullptr;
+
+  const int steps = args.depth_steps, total = tiles * steps;
+  // Stage `it` of the walk over (column tile, depth step); the norms (and labels) of a tile come
+  // with its first stage.
+  auto issue = [&](int it) {
+    if (it < total) {
+      const int tile = it / steps, step = it % steps;
+      const int col0 = (tile0 + tile) * Tile::kCols;
+      mma::load_stage(stages[it % Tile::kStages], x, y, args.depth, row0, col0,
+                      int64_t{step} * mma::stage_depth<T>());
+      if (step == 0 && threadIdx.x < Tile::kCols) {
+        const int c = threadIdx.x;
+        const bool in = col0 + c < cols;
+        mma::copy_async<4>(&col_norms[tile % Smem::kRing][c], y_norms + (in ? col0 + c : 0),
+                           in ? 4 : 0);
+        if constexpr (kLabels)
+          mma::copy_async<8>(&col_labels[tile % Smem::kRing][c], y_labels + (in ? col0 + c : 0),
+                             in ? 8 : 0);
+      }
+    }
+    mma::commit_async();  // empty groups too: wait_async counts groups
+  };
+
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int first_row = row0 + mma::Product<T, P>::warp_row() + g;
+  const int warp_col = mma::Product<T, P>::warp_col();
+  auto row_in = [&](int i) { return first_row + row_offset(i) < rows; };
+  const int64_t row_index = int64_t{batch} * rows + first_row;  // of the thread's first row
+  if (threadIdx.x < Tile::kRows) {  // read by the first fold, after the main loop's barrier
+    const int r = row0 + threadIdx.x;
+    const int64_t at = int64_t{batch} * rows + r;
+    row_norms[threadIdx.x] = r < rows ? x_norms[r] : 0.0f;
+    const int64_t e = r < rows && args.search.exclude ? args.search.exclude[at] : -1;
+    row_excluded[threadIdx.x] = e >= 0 && e < cols ? static_cast<int>(e) : -1;
+    if constexpr (kLabels) row_labels[threadIdx.x] = r < rows ? args.search.x_labels[at] : 0;
+  }
+  Best best[kThreadRows], other[kLabels ? kThreadRows : 1];
+
+  mma::Product<T, P> product;
+  // The rank of a pair: the clamped distance where both norms are finite (almost always), else
+  // pair_rank's rules for NaN and infinite rows.
+  auto fold = [&](int tile) {
+    const int col0 = (tile0 + tile) * Tile::kCols;
+    const int slot = tile % Smem::kRing;
+    const int local_row = first_row - row0;
+    float row_norm[kThreadRows];
+    int excluded[kThreadRows];
+    int64_t label[kLabels ? kThreadRows : 1];
+#pragma unroll
+    for (int i = 0; i < kThreadRows; ++i) {
+      row_norm[i] = row_norms[local_row + row_offset(i)];
+      excluded[i] = row_excluded[local_row + row_offset(i)];
+      if constexpr (kLabels) label[i] = row_labels[local_row + row_offset(i)];
+    }
+    auto rank = [&](int i, float col_norm, float p) {
+      if (fabsf(row_norm[i]) <= FLT_MAX && fabsf(col_norm) <= FLT_MAX) {
+        const float d = fmaf(-2.0f, p, row_norm[i] + col_norm);
+        return fminf(d > 0.0f ? d : 0.0f, FLT_MAX);
+      }
+      return pair_rank(row_norm[i], col_norm, p);
+    };
+#pragma unroll
+    for (int j = 0; j < Tile::kFragCols; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = warp_col + 8 * j + 2 * t + e, col = col0 + c;
+        const float col_norm = col_norms[slot][c];
+        if constexpr (FOLD == Fold::kBoth) {  // the column's best row: the lanes of a column meet
+          Best col_best;
+#pragma unroll
+          for (int i = 0; i < kThreadRows; ++i)  // rows in increasing order
+            if (row_in(i) && col < cols)
+              col_best.fold(rank(i, col_norm, product.acc[i / 2][j][2 * (i % 2) + e]),
+                            first_row + row_offset(i));
+          const long long key = warp_min(warp_min(warp_min(col_best.key(), 4), 8), 16);
+          if (g == 0 && key != kNoKey)
+            atomicMin(args.search.col_keys + int64_t{batch} * cols + col, key);
+        }
+        if (col >= cols) continue;
+        const int64_t col_label = kLabels ? col_labels[slot][c] : 0;
+#pragma unroll
+        for (int i = 0; i < kThreadRows; ++i) {
+          const float r = rank(i, col_norm, product.acc[i / 2][j][2 * (i % 2) + e]);
+          if constexpr (kLabels) {
+            if (col_label == label[i]) best[i].fold(r, col);
+            else other[i].fold(r, col);
+          } else if (col != excluded[i]) {
+            best[i].fold(r, col);
+          }
+        }
+      }
+  };
+
+  for (int i = 0; i < Tile::kStages - 1; ++i) issue(i);
+  product.clear();
+  for (int it = 0; it < total; ++it) {
+    mma::wait_async<Tile::kStages - 2>();
+    __syncthreads();  // stage `it` is visible to all; stage it - 1 is free for the next issue
+    issue(it + Tile::kStages - 1);  // in flight during this stage's products and the next's
+    product.step(stages[it % Tile::kStages]);
+    if ((it + 1) % steps == 0) {
+      fold(it / steps);
+      product.clear();
+    }
+  }
+
+  constexpr int kSlots = kLabels ? 2 : 1;
+#pragma unroll
+  for (int i = 0; i < kThreadRows; ++i) {
+    // The 4 threads of a row (lanes 4g .. 4g + 3) meet here; the other column warp and the
+    // splits by atomicMin.
+    long long* row_keys = args.search.keys + (row_index + row_offset(i)) * kSlots;
+    const long long key = warp_min(warp_min(best[i].key(), 1), 2);
+    if (t == 0 && row_in(i) && key != kNoKey) atomicMin(row_keys, key);
+    if constexpr (kLabels) {
+      const long long other_key = warp_min(warp_min(other[i].key(), 1), 2);
+      if (t == 0 && row_in(i) && other_key != kNoKey) atomicMin(row_keys + 1, other_key);
+    }
   }
 }
 
@@ -333,15 +582,106 @@ void finish(const char* op, const Tensor& keys, const Tensor& a, const Tensor& b
 
 // Runs the search on x's rows against y's and returns its keys (B, N, slots); col_keys, if given,
 // receives the best row per column.
+// x (or y) as an operand of the tensor-core search: copied by 16-byte chunks where its rows
+// allow it.
+template <typename T>
+mma::Operand<T> tensor_operand(const Tensor& t) {
+  const int64_t per_chunk = 16 / sizeof(T);
+  const bool vector = (t.size(2) <= 1 || t.stride(2) == 1) &&
+                      (t.size(1) <= 1 || t.stride(1) % per_chunk == 0) &&
+                      (t.size(0) <= 1 || t.stride(0) % per_chunk == 0) &&
+                      reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  return {static_cast<const T*>(t.const_data_ptr()), t.stride(1), t.stride(2), t.size(1), vector};
+}
+
+// Enough blocks for this many waves of the GPU (2 blocks per SM fit at once): column tiles are
+// split over blocks when the row tiles alone are fewer.
+constexpr int64_t kSearchWaves = 2;
+
+// The tensor-core search's launch, or false where its int bookkeeping cannot hold the walk (a
+// block's column tiles x depth steps, or the blocks, at 2**31): search_kernel takes those.
+template <typename T, Precision P, Fold FOLD>
+bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search, int slots,
+                          cudaStream_t stream) {
+  using Tile = mma::Tile;
+  constexpr int64_t kIntLimit = int64_t{1} << 31;
+  const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
+  const int64_t row_tiles = (rows + Tile::kRows - 1) / Tile::kRows;
+  const int64_t col_tiles = (cols + Tile::kCols - 1) / Tile::kCols;
+  const int64_t steps = std::max<int64_t>(1, (depth + mma::stage_depth<T>() - 1) / mma::stage_depth<T>());
+  const int64_t row_blocks = batch * row_tiles;
+  const int64_t wanted = 2 * kSearchWaves * sm_count(x);
+  int64_t splits = std::min(col_tiles, std::max<int64_t>(1, wanted / std::max<int64_t>(1, row_blocks)));
+  const int64_t tiles_per_split = std::max<int64_t>(1, (col_tiles + splits - 1) / std::max<int64_t>(1, splits));
+  splits = std::max<int64_t>(1, (col_tiles + tiles_per_split - 1) / tiles_per_split);
+  if (tiles_per_split * steps >= kIntLimit || row_blocks * splits >= kIntLimit) return false;
+
+  Tensor norms = torch::stable::new_empty(x, {batch, rows + cols}, ScalarType::Float);
+  auto* norm_data = static_cast<float*>(norms.mutable_data_ptr());
+  prepare_kernel<T><<<blocks_for(batch * (rows + cols), kThreads / 32), kThreads, 0, stream>>>(
+      input<T>(x, 1, 2), input<T>(y, 1, 2), batch, rows, cols, depth, norm_data, search.keys,
+      slots, search.col_keys);
+  PK_CHECK_LAUNCH();
+  if (cols == 0) return true;  // every key stays "none"
+
+  const TensorSearchArgs<T> args{
+      tensor_operand<T>(x), tensor_operand<T>(y), x.stride(0), y.stride(0), depth,
+      static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(steps), norm_data,
+      static_cast<int>(row_tiles), static_cast<int>(col_tiles), static_cast<int>(tiles_per_split),
+      static_cast<int>(splits), search};
+  constexpr auto kernel = tensor_search_kernel<T, P, FOLD>;
+  constexpr size_t bytes = TensorSearchSmem<FOLD>::kBytes;
+  once_per_device(x.get_device_index(), [&] {  // above the 48 KB default
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  });
+  kernel<<<static_cast<unsigned>(row_blocks * splits), Tile::kThreads, bytes, stream>>>(args);
+  PK_CHECK_LAUNCH();
+  return true;
+}
+
+// The tensor-core search for one best per row (k = 1, labels, both ways) on tensor-core products
+// (float32 at "tf32"/"tf32x3", the half types); false where it does not apply.
+template <typename T>
+bool tensor_search(const Tensor& x, const Tensor& y, const Search& search, int slots,
+                   Precision precision, cudaStream_t stream) {
+  if (search.k != 1 || (std::is_same_v<T, float> && precision == Precision::kIeee)) return false;
+  auto launch = [&](auto precision_tag) {
+    constexpr Precision kP = decltype(precision_tag)::value;
+    if (search.x_labels) return launch_tensor_search<T, kP, Fold::kLabels>(x, y, search, slots, stream);
+    if (search.col_keys) return launch_tensor_search<T, kP, Fold::kBoth>(x, y, search, slots, stream);
+    return launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (precision == Precision::kTf32x3)
+      return launch(std::integral_constant<Precision, Precision::kTf32x3>{});
+    return launch(std::integral_constant<Precision, Precision::kTf32>{});
+  } else {
+    return launch(std::integral_constant<Precision, Precision::kIeee>{});
+  }
+}
+
+// Runs the search on x's rows against y's and returns its keys (B, N, slots); col_keys, if given,
+// receives the best row per column.
 Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search search, int64_t slots,
                    const std::string& precision, cudaStream_t stream) {
   const Precision p = parse_precision(precision, op);
   Tensor keys = torch::stable::new_empty(x, {x.size(0), x.size(1), slots}, ScalarType::Long);
-  if (keys.numel() == 0) return keys;
   search.keys = static_cast<long long*>(keys.mutable_data_ptr());
+  auto fill_col_keys = [&] {
+    const int64_t count = y.size(0) * y.size(1);
+    if (!search.col_keys || count == 0) return;
+    fill_kernel<<<blocks_for(count), kThreads, 0, stream>>>(search.col_keys, count, kNoKey);
+    PK_CHECK_LAUNCH();
+  };
+  if (keys.numel() == 0) {
+    fill_col_keys();
+    return keys;
+  }
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {  // check_search refused it
+      if (tensor_search<T>(x, y, search, static_cast<int>(slots), p, stream)) return;
+      fill_col_keys();
       SearchArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), x.size(1), y.size(1), x.size(2),
                          0, search};
       ::protokernels::search<T>(args, x.size(0), p, stream);
@@ -391,11 +731,6 @@ void nearest_both_cuda(Tensor x, Tensor y, std::string precision, Tensor row_dis
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const cudaStream_t stream = current_stream(x);
   Tensor col_keys = torch::stable::new_empty(x, {y.size(0), y.size(1), 1}, ScalarType::Long);
-  if (col_keys.numel() > 0) {
-    fill_kernel<<<blocks_for(col_keys.numel()), kThreads, 0, stream>>>(
-        static_cast<long long*>(col_keys.mutable_data_ptr()), col_keys.numel(), kNoKey);
-    PK_CHECK_LAUNCH();
-  }
   Search search{nullptr, nullptr, nullptr, nullptr,
                 static_cast<long long*>(col_keys.mutable_data_ptr()), 1};
   Tensor keys = search_keys(op, x, y, search, 1, precision, stream);
