@@ -46,6 +46,11 @@ def _backend_by_work(sizes, keys: str, cuda_up_to: int):
     return CUDA_FIRST if work <= cuda_up_to else TRITON_FIRST
 
 
+def _ffma_search_order(sizes):
+    """CUDA's FFMA search (top k, float32 "ieee") against Triton's: see _AUTO_ORDER."""
+    return _backend_by_work(sizes, "batch n m d", 2**28 if _wants_grad(sizes) else 2**26)
+
+
 def _wants_grad(sizes) -> bool:
     return bool(sizes.get("grad", False))
 
@@ -71,21 +76,29 @@ _AUTO_ORDER = {
     # D128 fwd+bwd: 0.178 vs 0.448 ms) and lose at 2^28 (N4096 M512 D128: 0.611 vs 0.579).
     "sqdist": lambda dtype, precision, sizes: _backend_by_work(
         sizes, "batch n m d", 2**24 if _wants_grad(sizes) else 0),
-    # The nearest family (one search kernel per backend): CUDA up to N*M*D = 2^26 (N8192 M100
-    # D64: 0.074 vs 0.181 ms; labels: 0.062 vs 0.131), Triton from 2^28 (N4096 M512 D128: 0.097
-    # vs 0.213); with a backward CUDA up to 2^28 (N4096 M512 D128 fwd+bwd 0.560 vs 0.720).
-    **dict.fromkeys(("nearest", "nearest_k", "nearest_by_label", "nearest_both"),
-                    lambda dtype, precision, sizes: _backend_by_work(
-                        sizes, "batch n m d", 2**28 if _wants_grad(sizes) else 2**26)),
+    # The nearest family. One best per row on tensor cores (nearest, nearest_by_label,
+    # nearest_both, dw_nearest at "tf32"/"tf32x3" or in half precision) runs CUDA's mma.sync
+    # search: CUDA up to N*M*D = 2^30 (N4096 M512 D128 tf32: 0.024-0.038 vs 0.074-0.099 ms; dw
+    # N8192 K512 Dg64: 0.036-0.049 vs 0.090-0.116), Triton's wgmma kernel above (N65536 M1024
+    # D64: 0.175 vs 0.090-0.12; the spec size 2.4 vs 1.35). Top k and float32 "ieee" run CUDA's
+    # FFMA search: CUDA up to 2^26 (N8192 M100 D64: 0.074 vs 0.181 ms; labels: 0.062 vs 0.131),
+    # Triton from 2^28 (N4096 M512 D128: 0.097 vs 0.213); with a backward CUDA up to 2^28
+    # (N4096 M512 D128 fwd+bwd 0.560 vs 0.720). RESULTS.md "The tensor-core CUDA search".
+    "nearest_k": lambda dtype, precision, sizes: _ffma_search_order(sizes),
+    **dict.fromkeys(("nearest", "nearest_by_label", "nearest_both", "dw_nearest"),
+                    lambda dtype, precision, sizes: (
+                        _backend_by_work(sizes, "batch n m d", 2**30)
+                        if dtype != torch.float32 or precision != "ieee"
+                        else _ffma_search_order(sizes))),
     # kp_conv: CUDA up to B*P*H*W*C*kh*kw = 2^21, H*W the input's (B64 C1 8x8 P16: fwd 0.0165
     # vs 0.0203 ms, fwd+bwd 0.185 vs 0.477), Triton above (B64 C1 28x28 P32: fwd 0.028 vs
     # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
         sizes, "batch p pixels c taps", 2**21)),
-    # dw_nearest + codebook_lookup: Triton at every in-model size (N8192 G1 K512 Dg64: 0.197 vs
-    # 0.248 ms; N65536 G8 K1024 Dg32: 0.831 vs 4.66); the VQ training step 2.7 vs 7.4 ms
-    # (RESULTS.md "dw_nearest, codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24").
-    **dict.fromkeys(("dw_nearest", "codebook_lookup", "codebook_stats"),
+    # codebook_lookup and codebook_stats: Triton at every in-model size (dw_nearest + lookup
+    # N65536 G8 K1024 Dg32: 0.831 vs 4.66 ms); the VQ training step 2.7 vs 7.4 ms (RESULTS.md
+    # "dw_nearest, codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24").
+    **dict.fromkeys(("codebook_lookup", "codebook_stats"),
                     lambda dtype, precision, sizes: TRITON_FIRST),
     # sinkhorn: CUDA up to B*K = 2^24 with K <= 8192, where its whole iteration is one
     # cooperative launch (36-69 us of host time against Triton's ~300 for eight launches): B256

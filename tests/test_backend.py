@@ -235,7 +235,24 @@ def test_auto_chooses_by_size(monkeypatch, op, small, large):
     assert _backend.resolve(op, cuda, torch.float32, **large) == "triton"
 
 
-@pytest.mark.parametrize("op", ["dw_nearest", "codebook_lookup"])
+@pytest.mark.parametrize("op", ["nearest", "nearest_by_label", "nearest_both", "dw_nearest"])
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32"), (torch.float32, "tf32x3"),
+                                             (torch.bfloat16, "ieee")], ids=str)
+def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, op, dtype,
+                                                                   precision):
+    """One best per row on tensor cores: CUDA's mma.sync search up to N*M*D = 2^30, Triton's
+    above (RESULTS.md "The tensor-core CUDA search"); top k and float32 "ieee" keep the FFMA
+    search's boundary (test_auto_chooses_by_size)."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    cuda = torch.device("cuda")
+    assert _backend.resolve(op, cuda, dtype, precision, n=4096, m=512, d=128) == "cuda"
+    assert _backend.resolve(op, cuda, dtype, precision, n=8192, m=512, d=64, batch=1) == "cuda"
+    assert _backend.resolve(op, cuda, dtype, precision, n=65536, m=1024, d=64) == "triton"
+    assert _backend.resolve(op, cuda, dtype, precision, n=65536, m=1024, d=64, batch=8) == "triton"
+    assert _backend.resolve("nearest_k", cuda, dtype, precision, n=4096, m=512, d=128) == "triton"
+
+
+@pytest.mark.parametrize("op", ["codebook_lookup", "codebook_stats"])
 def test_auto_takes_triton_at_every_size(monkeypatch, op):
     _pretend(monkeypatch, triton=True, cuda=True)
     for n in (1, 256, 65536):
