@@ -14,8 +14,8 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include <atomic>
 #include <cstdint>
-#include <mutex>
 #include <string>
 
 namespace protokernels {
@@ -75,15 +75,19 @@ inline int sm_count(const Tensor& t) {
   return sms;
 }
 
-// Runs setup() the first time it is reached for `device`: per-device work whose host cost should
-// not recur on every call (a kernel's attributes). Keyed by the lambda's type, so each lambda
-// expression, in each template instantiation, has its own record.
+// Runs setup() until it has run once for `device`: per-device work whose host cost should not
+// recur on every call (a kernel's attributes). Keyed by the lambda's type, so each lambda
+// expression, in each template instantiation, has its own record. Two threads arriving first
+// together may both run it: setup must be idempotent. (Not std::call_once: it binds
+// pthread_once@GLIBC_2.34 where glibc is newer, and the wheel promises glibc 2.28.)
 template <typename Setup>
 void once_per_device(int device, Setup&& setup) {
   constexpr int kDevices = 64;
-  static std::once_flag done[kDevices];
-  if (device >= 0 && device < kDevices) std::call_once(done[device], setup);
-  else setup();
+  static std::atomic<bool> done[kDevices] = {};
+  if (device < 0 || device >= kDevices) return setup();
+  if (done[device].load(std::memory_order_acquire)) return;
+  setup();
+  done[device].store(true, std::memory_order_release);
 }
 
 inline cudaStream_t current_stream(const Tensor& t) {
