@@ -580,8 +580,6 @@ void finish(const char* op, const Tensor& keys, const Tensor& a, const Tensor& b
   });
 }
 
-// Runs the search on x's rows against y's and returns its keys (B, N, slots); col_keys, if given,
-// receives the best row per column.
 // x (or y) as an operand of the tensor-core search: copied by 16-byte chunks where its rows
 // allow it.
 template <typename T>
@@ -609,11 +607,11 @@ bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search
   const int64_t row_tiles = (rows + Tile::kRows - 1) / Tile::kRows;
   const int64_t col_tiles = (cols + Tile::kCols - 1) / Tile::kCols;
   const int64_t steps = std::max<int64_t>(1, (depth + mma::stage_depth<T>() - 1) / mma::stage_depth<T>());
-  const int64_t row_blocks = batch * row_tiles;
-  const int64_t wanted = 2 * kSearchWaves * sm_count(x);
-  int64_t splits = std::min(col_tiles, std::max<int64_t>(1, wanted / std::max<int64_t>(1, row_blocks)));
-  const int64_t tiles_per_split = std::max<int64_t>(1, (col_tiles + splits - 1) / std::max<int64_t>(1, splits));
-  splits = std::max<int64_t>(1, (col_tiles + tiles_per_split - 1) / tiles_per_split);
+  const int64_t row_blocks = batch * row_tiles;  // >= 1: the caller has rows
+  const int64_t wanted_splits = 2 * kSearchWaves * sm_count(x) / row_blocks;
+  const int64_t splits_at_most = std::max<int64_t>(1, std::min(col_tiles, wanted_splits));
+  const int64_t tiles_per_split = (col_tiles + splits_at_most - 1) / splits_at_most;
+  const int64_t splits = tiles_per_split > 0 ? (col_tiles + tiles_per_split - 1) / tiles_per_split : 0;
   if (tiles_per_split * steps >= kIntLimit || row_blocks * splits >= kIntLimit) return false;
 
   Tensor norms = torch::stable::new_empty(x, {batch, rows + cols}, ScalarType::Float);
@@ -644,20 +642,21 @@ bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search
 template <typename T>
 bool tensor_search(const Tensor& x, const Tensor& y, const Search& search, int slots,
                    Precision precision, cudaStream_t stream) {
-  if (search.k != 1 || (std::is_same_v<T, float> && precision == Precision::kIeee)) return false;
-  auto launch = [&](auto precision_tag) {
-    constexpr Precision kP = decltype(precision_tag)::value;
-    if (search.x_labels) return launch_tensor_search<T, kP, Fold::kLabels>(x, y, search, slots, stream);
-    if (search.col_keys) return launch_tensor_search<T, kP, Fold::kBoth>(x, y, search, slots, stream);
-    return launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
-  };
-  if constexpr (std::is_same_v<T, float>) {
-    if (precision == Precision::kTf32x3)
-      return launch(std::integral_constant<Precision, Precision::kTf32x3>{});
-    return launch(std::integral_constant<Precision, Precision::kTf32>{});
-  } else {
-    return launch(std::integral_constant<Precision, Precision::kIeee>{});
-  }
+  if (search.k != 1) return false;
+  bool launched = false;
+  // dispatch_tile's rule: tensor-core tiles for every precision but float32 "ieee" (and float64).
+  dispatch_tile<T>(precision, [&](auto tile, auto product) {
+    constexpr Precision kP = decltype(product)::value;
+    if constexpr (std::is_same_v<decltype(tile), MmaTile>) {
+      if (search.x_labels)
+        launched = launch_tensor_search<T, kP, Fold::kLabels>(x, y, search, slots, stream);
+      else if (search.col_keys)
+        launched = launch_tensor_search<T, kP, Fold::kBoth>(x, y, search, slots, stream);
+      else
+        launched = launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
+    }
+  });
+  return launched;
 }
 
 // Runs the search on x's rows against y's and returns its keys (B, N, slots); col_keys, if given,
