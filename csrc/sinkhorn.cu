@@ -225,6 +225,17 @@ __device__ __forceinline__ void block_reduce_rows(A (&value)[R]) {
   }
 }
 
+// A column's log-sum: group 0's partial (max, sum) combined with the other groups' in shared
+// memory.
+template <typename A>
+__device__ __forceinline__ A with_other_groups(LogSum<A> group0,
+                                               const A (*tops)[kColumnsPerChunk],
+                                               const A (*masses)[kColumnsPerChunk], int lane) {
+  for (int g = 1; g < kPersistentWarps; ++g)
+    group0 = combine(group0, LogSum<A>{tops[g][lane], masses[g][lane]});
+  return group0.top + log(group0.mass);
+}
+
 // After a sweep's partials are written (and a grid barrier): the column log-sums l, combined
 // over the parts in a fixed order (a row step's underflowed columns redone exactly); then
 // v <- v + log c - l (first sweep: v = log c - l), or, after the last sweep, l_out <- l.
@@ -249,11 +260,7 @@ __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int 
     tops[group][lane] = total.top;
     masses[group][lane] = total.mass;
     __syncthreads();
-    if (group == 0) {
-      for (int g = 1; g < kPersistentWarps; ++g)
-        total = combine(total, LogSum<A>{tops[g][lane], masses[g][lane]});
-      logsums[lane] = total.top + log(total.mass);
-    }
+    if (group == 0) logsums[lane] = with_other_groups(total, tops, masses, lane);
     __syncthreads();
     A logsum = logsums[lane];
     // logsum < limit is false for NaN: a NaN column stays NaN.
@@ -267,12 +274,8 @@ __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int 
     }
     __syncthreads();
     if (group == 0 && real) {
-      if (sweep > 0 && logsum < underflow_logsum<A>()) {
-        LogSum<A> exact{tops[0][lane], masses[0][lane]};
-        for (int g = 1; g < kPersistentWarps; ++g)
-          exact = combine(exact, LogSum<A>{tops[g][lane], masses[g][lane]});
-        logsum = exact.top + log(exact.mass);
-      }
+      if (sweep > 0 && logsum < underflow_logsum<A>())
+        logsum = with_other_groups(LogSum<A>{tops[0][lane], masses[0][lane]}, tops, masses, lane);
       if (last) {
         p.l_out[j] = logsum;
       } else {
