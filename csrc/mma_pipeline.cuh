@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "async_copy.cuh"
 #include "common.h"
 
 namespace protokernels {
@@ -38,27 +39,6 @@ struct Stage {
 // Elements of T per pipeline stage (along the depth).
 template <typename T>
 constexpr int64_t stage_depth() { return Tile::kWords * 4 / sizeof(T); }
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Copies BYTES (4, 8 or 16) from global to shared memory asynchronously; of them, the first
-// `valid` are read and the rest zero-filled.
-template <int BYTES>
-__device__ __forceinline__ void copy_async(void* dst, const void* src, int valid) {
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
-                 "l"(src), "r"(valid));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(shared_address(dst)),
-                 "l"(src), "n"(BYTES), "r"(valid));
-  }
-}
-__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // An operand: a (rows x depth) strided matrix. `vector`: rows start 16-byte aligned with unit
 // column stride, so that the loader copies 16-byte chunks asynchronously; otherwise it reads

@@ -287,14 +287,14 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
       if (step == 0 && threadIdx.x < Tile::kCols) {
         const int c = threadIdx.x;
         const bool in = col0 + c < cols;
-        mma::copy_async<4>(&col_norms[tile % Smem::kRing][c], y_norms + (in ? col0 + c : 0),
-                           in ? 4 : 0);
+        copy_async<4>(&col_norms[tile % Smem::kRing][c], y_norms + (in ? col0 + c : 0),
+                      in ? 4 : 0);
         if constexpr (kLabels)
-          mma::copy_async<8>(&col_labels[tile % Smem::kRing][c], y_labels + (in ? col0 + c : 0),
-                             in ? 8 : 0);
+          copy_async<8>(&col_labels[tile % Smem::kRing][c], y_labels + (in ? col0 + c : 0),
+                        in ? 8 : 0);
       }
     }
-    mma::commit_async();  // empty groups too: wait_async counts groups
+    commit_async();  // empty groups too: wait_async counts groups
   };
 
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -370,7 +370,7 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
   for (int i = 0; i < Tile::kStages - 1; ++i) issue(i);
   product.clear();
   for (int it = 0; it < total; ++it) {
-    mma::wait_async<Tile::kStages - 2>();
+    wait_async<Tile::kStages - 2>();
     __syncthreads();  // stage `it` is visible to all; stage it - 1 is free for the next issue
     issue(it + Tile::kStages - 1);  // in flight during this stage's products and the next's
     product.step(stages[it % Tile::kStages]);
