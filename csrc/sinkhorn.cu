@@ -15,6 +15,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "async_copy.cuh"
 #include "common.h"
 
 namespace protokernels {
@@ -30,6 +31,18 @@ struct LogSum {
 // scale * s clamped to +-kScoreLimit (SCORE_LIMIT in protokernels/_numerics.py), NaN kept: an
 // infinite score acts as an overwhelming finite one instead of making inf - inf = NaN.
 constexpr double kScoreLimit = 1e30;
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+
+// 2^x, results below 2^-126 flushed to zero: one MUFU.EX2 (exp2f adds ~3 instructions for
+// subnormal results). The persistent kernel's terms are relative to a row's or column's maximum;
+// one this small is far below float32's resolution of the sums it joins, and a column made only
+// of such terms is redone exactly anyway (underflow_logsum).
+__device__ __forceinline__ float exp2_flushed(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ double exp2_flushed(double x) { return exp2(x); }
 
 template <typename A>
 __device__ __forceinline__ A scaled(A s, A scale) {
@@ -152,9 +165,17 @@ row_sweep_kernel(const T* __restrict__ s, int64_t ss_b, int64_t ss_k, int64_t ro
 // launching the sweeps one by one (two kernels each, eight for three iterations) costs more
 // host time than the GPU needs (RESULTS.md, "In-model sizes": sinkhorn B256 K3000 took 0.26 ms
 // eager for 0.04 ms of GPU time). Here the whole iteration is one persistent kernel: every block
-// owns a range of rows and every column of them, each thread kPersistentThreads apart along the
-// row (coalesced loads) with its columns' potentials and running sums in registers; the blocks'
-// partial column sums meet through global memory between two grid barriers per sweep.
+// owns a range of rows and every column of them, the column potentials and running sums of a
+// thread's columns in registers; the blocks' partial column sums meet through global memory
+// between two grid barriers per sweep.
+//
+// The scores reach a block through a ring of shared-memory stages, a step of rows each, filled
+// by cp.async (stages - 1) steps ahead: the loads stay in flight across the steps' block barriers
+// and the grid barriers between sweeps (the previous version loaded a step into registers and
+// waited for it: ncu on the H200, B4096 K3000, 0.26 ms at 20 % of HBM bandwidth, 40 % of the
+// warps' stalls on those loads). A thread copies and reads back only its own columns, so the
+// ring needs no barrier of its own. Where all of a block's steps fit in the ring (B up to ~1500
+// at K = 3000 on 132 SMs) they stay there: the scores are read from HBM once per call.
 //
 // One exp per element: a row step takes the row's maximum, then e = exp(z - max) and its sum S,
 // and adds e * r / S (the plan's entry) to the column's linear sum. Plan entries are at most r,
@@ -165,10 +186,44 @@ row_sweep_kernel(const T* __restrict__ s, int64_t ss_b, int64_t ss_k, int64_t ro
 // log-sums of a s, which do overflow) keeps a running maximum per column, rescaled once a step.
 constexpr int kPersistentThreads = 512;
 constexpr int kPersistentWarps = kPersistentThreads / 32;
-// Elements of the scores a thread holds per step (rows x its columns): enough loads in flight
-// to cover the HBM latency, few enough registers for the column state beside them.
+// Elements of the scores a thread takes per step (rows x its columns): the step's barriers are
+// paid once for all of them, and they fit in registers beside the column state.
 constexpr int kElementsPerThread = 16;
 constexpr int kColumnsPerChunk = 32;  // columns a block combines at a time in the reduction
+
+// The launch shape of columns-per-thread class C (K <= C * kPersistentThreads) for scores of T.
+template <typename T, typename A, int C>
+struct Persistent {
+  static constexpr int kRows = kElementsPerThread / C > 0 ? kElementsPerThread / C : 1;  // a step
+  // A thread's columns come in runs of kVector adjacent ones (one copy of up to 16 bytes each:
+  // the largest power of two dividing C), the runs kVector * kPersistentThreads apart: a warp's
+  // copy covers 32 runs side by side.
+  static constexpr int kVector = (C & -C) < 16 / int(sizeof(T)) ? (C & -C) : 16 / int(sizeof(T));
+  static constexpr int kStageElements = kRows * C * kPersistentThreads;
+  static constexpr int kStageBytes = kStageElements * int(sizeof(T));
+  // Stages: as many as the device's shared memory per block holds (6 of 32 KB on the H100's
+  // 227 KB, 4 on the A100's 163), at most kMaxStages (wait_async's count is 0-7); at least 2,
+  // one in flight beside the one in use, or the sweeps run one by one.
+  static constexpr int kMaxStages = 8;
+
+  // Position of the thread's column c in a row (and in a stage's row).
+  static __device__ __forceinline__ int column(int c) {
+    return (c / kVector) * (kVector * kPersistentThreads) + int(threadIdx.x) * kVector +
+           c % kVector;
+  }
+  // Whether rows of this layout can be copied kVector elements at a time.
+  static bool vectorizable(const void* data, int64_t row_stride, int64_t col_stride,
+                           int64_t cols) {
+    constexpr int bytes = kVector * int(sizeof(T));
+    return bytes >= 4 && col_stride == 1 && row_stride % kVector == 0 &&
+           cols % kVector == 0 && reinterpret_cast<uintptr_t>(data) % bytes == 0;
+  }
+};
+
+template <typename T, int W>
+struct alignas(W * sizeof(T)) Run {
+  T v[W];
+};
 
 template <typename T, typename A>
 struct IterationArgs {
@@ -187,8 +242,10 @@ struct IterationArgs {
   A* v_history;  // (n_iters, cols) or null
   A* v;          // (cols,): the current column potentials
   A* u;          // (rows,): the current row potentials (for the exact fallback)
-  A* part_top;   // (blocks, cols): each block's partial column log-sums
-  A* part_mass;
+  A* part_top;   // (blocks, cols): each block's partial column log-sums (first sweep)
+  A* part_mass;  // (blocks, cols): and sums
+  int stages;    // of the ring (Persistent)
+  bool vector_scores, vector_plan;  // Persistent::vectorizable
 };
 
 // Below this a column's linear sum may have lost every term (exp(-69) in float32, exp(-690) in
@@ -197,32 +254,29 @@ template <typename A>
 __device__ __forceinline__ A underflow_logsum() { return sizeof(A) == 4 ? A(-69) : A(-690); }
 
 // For each of R rows: the maximum over the block of each thread's value, and (second call) the
-// sum; every thread gets the same results (each adds the warps' values in the same order).
-// One block barrier per call; the two calls use different shared arrays, so a fast thread's
-// next write never meets a slow thread's read.
+// sum; every thread gets the same results (xor butterflies: a + b == b + a, so every lane of
+// every warp ends with the same bits). One block barrier per call; the two calls use different
+// shared arrays, so a fast thread's next write never meets a slow thread's read.
 template <typename A, int R, bool MAX>
 __device__ __forceinline__ void block_reduce_rows(A (&value)[R]) {
   __shared__ A warp_values[R][kPersistentWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    A x = value[r];
-    for (int offset = 16; offset > 0; offset /= 2) {
+  auto butterfly = [](A x, int from) {
+    for (int offset = from; offset > 0; offset /= 2) {
       const A other = __shfl_xor_sync(0xffffffffu, x, offset);
       x = MAX ? (other > x ? other : x) : x + other;
     }
+    return x;
+  };
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const A x = butterfly(value[r], 16);
     if (lane == 0) warp_values[r][warp] = x;
   }
   __syncthreads();
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    A x = warp_values[r][0];
-    for (int w = 1; w < kPersistentWarps; ++w) {
-      const A other = warp_values[r][w];
-      x = MAX ? (other > x ? other : x) : x + other;
-    }
-    value[r] = x;
-  }
+  for (int r = 0; r < R; ++r) value[r] = butterfly(warp_values[r][lane % kPersistentWarps],
+                                                   kPersistentWarps / 2);
 }
 
 // A column's log-sum: group 0's partial (max, sum) combined with the other groups' in shared
@@ -239,6 +293,7 @@ __device__ __forceinline__ A with_other_groups(LogSum<A> group0,
 // After a sweep's partials are written (and a grid barrier): the column log-sums l, combined
 // over the parts in a fixed order (a row step's underflowed columns redone exactly); then
 // v <- v + log c - l (first sweep: v = log c - l), or, after the last sweep, l_out <- l.
+// The first sweep's parts are (max, sum) log-sums; a row step's are linear sums (top 0).
 template <typename T, typename A>
 __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int sweep,
                                bool last) {
@@ -250,8 +305,12 @@ __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int 
     const int64_t j = chunk * kColumnsPerChunk + lane;
     const bool real = j < p.cols;
     const A v_j = real && sweep > 0 ? p.v[j] : A(0);
-    LogSum<A> total{A(-INFINITY), A(0)};
-    if (real) {
+    LogSum<A> total{sweep > 0 ? A(0) : A(-INFINITY), A(0)};
+    if (real && sweep > 0) {
+#pragma unroll 4
+      for (int64_t part = group; part < parts; part += kPersistentWarps)
+        total.mass += p.part_mass[part * p.cols + j];
+    } else if (real) {
 #pragma unroll 4
       for (int64_t part = group; part < parts; part += kPersistentWarps)
         total = combine(total, LogSum<A>{p.part_top[part * p.cols + j],
@@ -289,101 +348,234 @@ __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int 
   }
 }
 
+// Copies the thread's columns of `rows` rows from i0 into a stage: asynchronously where the rows
+// allow whole runs, element by element otherwise. `runs`: how many of the thread's runs start
+// inside the row. (The address math is a few adds a copy: the first version worked out every
+// copy's 64-bit address and branches, ~25 instructions per element, 40 % of the kernel's.)
+template <typename T, typename A, int C>
+__device__ __forceinline__ void load_step(const IterationArgs<T, A>& p, T* stage, int64_t i0,
+                                          int rows, int runs) {
+  using Shape = Persistent<T, A, C>;
+  constexpr int W = Shape::kVector, kRunStride = W * kPersistentThreads;
+  const int first_column = Shape::column(0);
+  stage += first_column;
+  if constexpr (W * sizeof(T) >= 4) {
+    if (p.vector_scores) {
+      const T* row = p.s + i0 * p.ss_b + first_column;
+#pragma unroll
+      for (int r = 0; r < Shape::kRows; ++r, row += p.ss_b) {
+        if (r >= rows) break;
+#pragma unroll
+        for (int run = 0; run < C / W; ++run)
+          if (run < runs)
+            copy_async<W * sizeof(T)>(stage + r * C * kPersistentThreads + run * kRunStride,
+                                      row + run * kRunStride, W * sizeof(T));
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < Shape::kRows; ++r) {
+    if (r >= rows) break;
+    const T* row = p.s + (i0 + r) * p.ss_b;
+#pragma unroll
+    for (int run = 0; run < C / W; ++run) {
+      const int j = first_column + run * kRunStride;
+#pragma unroll
+      for (int w = 0; w < W; ++w)
+        if (run < runs && j + w < p.cols)
+          stage[r * C * kPersistentThreads + run * kRunStride + w] = row[(j + w) * p.ss_k];
+    }
+  }
+}
+
+// Writes the thread's columns of plan row i.
+template <typename T, typename A, int C>
+__device__ __forceinline__ void store_plan_row(const IterationArgs<T, A>& p, const A (&entry)[C],
+                                               int64_t i) {
+  using Shape = Persistent<T, A, C>;
+  constexpr int W = Shape::kVector;
+  T* row = p.plan + i * p.sp_b;
+#pragma unroll
+  for (int c = 0; c < C; c += W) {
+    const int j = Shape::column(c);
+    if (j >= p.cols) continue;
+    if (p.vector_plan) {
+      Run<T, W> run;
+#pragma unroll
+      for (int w = 0; w < W; ++w) run.v[w] = narrow<T>(entry[c + w]);
+      *reinterpret_cast<Run<T, W>*>(row + j) = run;
+    } else {
+#pragma unroll
+      for (int w = 0; w < W; ++w)
+        if (j + w < p.cols) row[(j + w) * p.sp_k] = narrow<T>(entry[c + w]);
+    }
+  }
+}
+
 // Sweep 0: the column log-sums of scale s. Sweep t = 1..n_iters: row step t - 1 with the column
 // potentials v (its row potentials to u_history), the column log-sums of its plan; the last one
-// writes the plan. C: columns per thread (K <= C * kPersistentThreads); R: rows per step.
-// Two blocks per SM (at most 64 registers; 16-byte spills) in float32 up to 4096 columns: one
-// block's barriers overlap the other's loads.
+// writes the plan.
 template <typename T, typename A, int C>
-__global__ void __launch_bounds__(kPersistentThreads, sizeof(A) == 4 && C <= 8 ? 2 : 1)
+// One block per SM at up to 128 registers, none spilled: with two (64 registers, spilling up to
+// 170 bytes) B4096 K3000 took 194 us against 159 (H200, RESULTS.md).
+__global__ void __launch_bounds__(kPersistentThreads, 1)
 iteration_kernel(const IterationArgs<T, A> p) {
-  constexpr int R = kElementsPerThread / C > 0 ? kElementsPerThread / C : 1;
+  using Shape = Persistent<T, A, C>;
+  constexpr int R = Shape::kRows, W = Shape::kVector;
+  const int S = p.stages;
+  extern __shared__ __align__(16) unsigned char ring_bytes[];
+  T* const ring = reinterpret_cast<T*>(ring_bytes);
+  // The sweeps work in base 2 (z = log2 e * scale * s + ..., 2^z): 2^z is one multifunction
+  // instruction where exp takes about eight; the potentials stay natural logs.
+  const A scale2 = p.scale * A(kLog2e);
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int64_t first = blockIdx.x * p.rows_per_block;
   const int64_t stop = first + p.rows_per_block < p.rows ? first + p.rows_per_block : p.rows;
   const int64_t parts = (p.rows + p.rows_per_block - 1) / p.rows_per_block;
-  for (int sweep = 0; sweep <= p.n_iters; ++sweep) {
-    const bool row_step = sweep > 0, last = sweep == p.n_iters;
-    A v[C], top[C], mass[C];  // top: the first sweep's running maxima (row steps: 0, linear)
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const int64_t j = threadIdx.x + int64_t{c} * kPersistentThreads;
-      v[c] = row_step && j < p.cols ? p.v[j] : A(0);
-      top[c] = row_step ? A(0) : A(-INFINITY);
-      mass[c] = A(0);
+  // Counts of steps fit 32 bits: a block's rows are at most (rows / blocks) + 1.
+  const int steps = stop > first ? static_cast<int>((stop - first + R - 1) / R) : 0;  // a sweep
+  // Of the thread's runs of columns, how many start inside a row.
+  const int runs = Shape::column(0) < p.cols
+                       ? min(C / W, int((p.cols - 1 - Shape::column(0)) / (W * kPersistentThreads)) + 1)
+                       : 0;
+  auto rows_from = [&](int64_t i0) { return int(stop - i0 < R ? stop - i0 : R); };
+  // The loads in order: step by step, sweep after sweep, stage after stage of the ring.
+  // Resident (steps <= S): the ring holds every step, loaded once.
+  const bool resident = steps <= S;
+  const int loads = resident ? steps : (p.n_iters + 1) * steps;
+  int issued = 0, load_step_index = 0, load_stage = 0;
+  auto issue = [&]() {
+    asm volatile("" ::: "memory");  // the stage's reads before (in program order) its refill
+    if (issued < loads) {
+      const int64_t i0 = first + int64_t{load_step_index} * R;
+      load_step<T, A, C>(p, ring + load_stage * Shape::kStageElements, i0, rows_from(i0), runs);
+      load_step_index = load_step_index + 1 == steps ? 0 : load_step_index + 1;
+      load_stage = load_stage + 1 == S ? 0 : load_stage + 1;
     }
-    for (int64_t i0 = first; i0 < stop; i0 += R) {
+    ++issued;
+    commit_async();  // empty groups too: wait_async counts groups
+  };
+#pragma unroll 1
+  for (int load = 0; load < S - 1; ++load) issue();
+  int use_stage = 0;
+  // Runs consume(z, i0, rows) on each of the block's steps, z[r][c] = log2 e * scale * s (-inf
+  // outside the scores) of row i0 + r and the thread's column c.
+  auto each_step = [&](auto&& consume) {
+    if (resident) use_stage = 0;
+    for (int step = 0; step < steps; ++step) {
+      issue();              // into the stage the previous step used
+      wait_async(S - 1);    // this step's copies have landed
+      const T* stage = ring + use_stage * Shape::kStageElements + Shape::column(0);
+      use_stage = use_stage + 1 == S ? 0 : use_stage + 1;
+      const int64_t i0 = first + int64_t{step} * R;
+      const int rows = rows_from(i0);
       A z[R][C];
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-          const int64_t i = i0 + r, j = threadIdx.x + int64_t{c} * kPersistentThreads;
-          z[r][c] = i < stop && j < p.cols
-                        ? scaled(widen(p.s[i * p.ss_b + j * p.ss_k]), p.scale) + v[c]
-                        : A(-INFINITY);
+        for (int run = 0; run < C / W; ++run) {
+          const int j = Shape::column(run * W);
+          const bool in = r < rows && run < runs;
+          Run<T, W> values{};
+          if (in) {
+            values = *reinterpret_cast<const Run<T, W>*>(
+                stage + r * C * kPersistentThreads + run * W * kPersistentThreads);
+          }
+#pragma unroll
+          for (int w = 0; w < W; ++w)
+            z[r][run * W + w] = in && j + w < p.cols ? scaled(widen(values.v[w]), scale2)
+                                                     : A(-INFINITY);
         }
-      if (!row_step) {  // running log-sums per column, rescaled once per step
+      consume(z, i0, rows);
+    }
+  };
+  // The sweeps have their own loops: the first sweep's running maxima take no registers from
+  // the row steps (the version with one loop spilled ~170 bytes at 8 columns a thread).
+  for (int sweep = 0; sweep <= p.n_iters; ++sweep) {
+    const bool last = sweep == p.n_iters;
+    A mass[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) mass[c] = A(0);
+    if (sweep == 0) {  // the column log-sums of scale s, rescaled once a step
+      A top[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) top[c] = A(-INFINITY);
+      each_step([&](A (&z)[R][C], int64_t, int) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           A high = top[c];
 #pragma unroll
           for (int r = 0; r < R; ++r) high = z[r][c] > high ? z[r][c] : high;
           const A shift = high == A(-INFINITY) ? A(0) : high;  // nothing yet: nothing to scale
-          A sum = mass[c] * exp(top[c] - shift);
+          A sum = mass[c] * exp2_flushed(top[c] - shift);
 #pragma unroll
-          for (int r = 0; r < R; ++r) sum += exp(z[r][c] - shift);  // a NaN z makes it NaN
+          for (int r = 0; r < R; ++r) sum += exp2_flushed(z[r][c] - shift);  // NaN z: NaN sum
           top[c] = high;
           mass[c] = sum;
         }
-        continue;
-      }
-      A row_max[R], row_sum[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        row_max[r] = A(-INFINITY);
-#pragma unroll
-        for (int c = 0; c < C; ++c) row_max[r] = z[r][c] > row_max[r] ? z[r][c] : row_max[r];
-      }
-      block_reduce_rows<A, R, true>(row_max);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        row_sum[r] = A(0);
+      });
+      if (blockIdx.x < parts) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-          z[r][c] = exp(z[r][c] - row_max[r]);  // from here on z holds e
-          row_sum[r] += z[r][c];
+          const int j = Shape::column(c);
+          if (j < p.cols) p.part_top[blockIdx.x * p.cols + j] = top[c] * A(kLn2);
         }
       }
-      block_reduce_rows<A, R, false>(row_sum);
+    } else {  // row step sweep - 1, the linear column sums of its plan
+      A v[C];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int64_t i = i0 + r;
-        if (i >= stop) continue;
-        const A lr = p.log_r != nullptr ? p.log_r[i] : p.log_r_const;
-        const A weight = exp(lr) / row_sum[r];  // the plan's entry is e * r / S
-        if (threadIdx.x == 0) {
-          const A u = lr - row_max[r] - log(row_sum[r]);
-          p.u[i] = u;
-          if (p.u_history != nullptr) p.u_history[(sweep - 1) * p.rows + i] = u;
-        }
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          const int64_t j = threadIdx.x + int64_t{c} * kPersistentThreads;
-          const A entry = z[r][c] * weight;
-          mass[c] += entry;
-          if (last && j < p.cols) p.plan[i * p.sp_b + j * p.sp_k] = narrow<T>(entry);
-        }
+      for (int c = 0; c < C; ++c) {
+        const int j = Shape::column(c);
+        v[c] = j < p.cols ? p.v[j] * A(kLog2e) : A(0);
       }
+      each_step([&](A (&z)[R][C], int64_t i0, int rows) {
+        A row_max[R], row_sum[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          row_max[r] = A(-INFINITY);
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            z[r][c] += v[c];
+            row_max[r] = z[r][c] > row_max[r] ? z[r][c] : row_max[r];
+          }
+        }
+        block_reduce_rows<A, R, true>(row_max);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          row_sum[r] = A(0);
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            z[r][c] = exp2_flushed(z[r][c] - row_max[r]);  // from here on z holds e
+            row_sum[r] += z[r][c];
+          }
+        }
+        block_reduce_rows<A, R, false>(row_sum);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (r >= rows) continue;
+          const int64_t i = i0 + r;
+          const A lr = p.log_r != nullptr ? p.log_r[i] : p.log_r_const;
+          const A weight = exp(lr) / row_sum[r];  // the plan's entry is e * r / S
+          if (threadIdx.x == 0) {
+            const A u = lr - row_max[r] * A(kLn2) - log(row_sum[r]);
+            p.u[i] = u;
+            if (p.u_history != nullptr) p.u_history[(sweep - 1) * p.rows + i] = u;
+          }
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            z[r][c] *= weight;
+            mass[c] += z[r][c];
+          }
+          if (last) store_plan_row<T, A, C>(p, z[r], i);
+        }
+      });
     }
     if (blockIdx.x < parts) {
 #pragma unroll
       for (int c = 0; c < C; ++c) {
-        const int64_t j = threadIdx.x + int64_t{c} * kPersistentThreads;
-        if (j < p.cols) {
-          p.part_top[blockIdx.x * p.cols + j] = top[c];
-          p.part_mass[blockIdx.x * p.cols + j] = mass[c];
-        }
+        const int j = Shape::column(c);
+        if (j < p.cols) p.part_mass[blockIdx.x * p.cols + j] = mass[c];
       }
     }
     grid.sync();  // every part (and row potential) written
@@ -488,22 +680,38 @@ constexpr int max_columns_per_thread() { return sizeof(A) == 4 ? 16 : 8; }
 // false, launching nothing, where the device cannot run it (no cooperative launch).
 template <typename T, typename A, int C>
 bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream_t stream) {
-  // Blocks per SM (0: cannot launch cooperatively), asked once per device: the occupancy query
-  // costs more host time than the rest of the launch.
+  using Shape = Persistent<T, A, C>;
+  const auto kernel = iteration_kernel<T, A, C>;
+  // Blocks per SM (0: cannot launch cooperatively) and the ring's stages, asked once per device:
+  // the queries cost more host time than the rest of the launch.
+  struct Launch {
+    int per_sm = 0, stages = 0;
+  };
   constexpr int kDevices = 64;
-  static int resident[kDevices] = {};  // + 1, so that 0 means "not asked yet"
+  static Launch known[kDevices] = {};  // per_sm + 1, so that 0 means "not asked yet"
   const int device = scores.get_device_index();
-  int per_sm = device < kDevices ? resident[device] - 1 : -1;
-  if (per_sm < 0) {
-    int cooperative = 0;
+  Launch launch = device < kDevices ? known[device] : Launch{};
+  if (launch.per_sm == 0) {
+    int cooperative = 0, shared = 0;
     cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
-    per_sm = 0;
-    if (cooperative) {
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, iteration_kernel<T, A, C>,
-                                                    kPersistentThreads, 0);
+    cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaFuncAttributes attributes{};
+    cudaFuncGetAttributes(&attributes, kernel);
+    const int64_t stages =
+        (shared - static_cast<int64_t>(attributes.sharedSizeBytes)) / Shape::kStageBytes;
+    launch.stages = static_cast<int>(stages < Shape::kMaxStages ? stages : Shape::kMaxStages);
+    int per_sm = 0;
+    if (cooperative && launch.stages >= 2 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             launch.stages * Shape::kStageBytes) == cudaSuccess) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads,
+                                                    launch.stages * Shape::kStageBytes);
     }
-    if (device < kDevices) resident[device] = per_sm + 1;
+    cudaGetLastError();  // a device that cannot run it: the sweeps run one by one
+    launch.per_sm = per_sm + 1;
+    if (device < kDevices) known[device] = launch;
   }
+  const int per_sm = launch.per_sm - 1;
   if (per_sm < 1) return false;
   const int64_t blocks = int64_t{per_sm} * sm_count(scores);
   args.rows_per_block = (args.rows + blocks - 1) / blocks;
@@ -513,22 +721,27 @@ bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream
   args.u = args.v + args.cols;
   args.part_top = args.u + args.rows;
   args.part_mass = args.part_top + blocks * args.cols;
+  args.stages = launch.stages;
+  args.vector_scores = Shape::vectorizable(args.s, args.ss_b, args.ss_k, args.cols);
+  args.vector_plan = Shape::vectorizable(args.plan, args.sp_b, args.sp_k, args.cols);
   void* params[] = {&args};
   const cudaError_t error = cudaLaunchCooperativeKernel(
-      reinterpret_cast<const void*>(iteration_kernel<T, A, C>), dim3(blocks),
-      dim3(kPersistentThreads), params, 0, stream);
+      reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(kPersistentThreads), params,
+      launch.stages * Shape::kStageBytes, stream);
   STD_TORCH_CHECK(error == cudaSuccess, "protokernels: CUDA kernel launch failed: ",
                   cudaGetErrorString(error));
   return true;
 }
 
-// Calls f(std::integral_constant<int, C>{}) with the fewest columns per thread C (a power of
-// two up to MAX) covering `cols`; false if none does.
+// Calls f(std::integral_constant<int, C>{}) with the fewest columns per thread C (1, 2, 4, 6, 8
+// or 16, up to MAX) covering `cols`; false if none does. 6: SwAV's K = 3000 would leave 27 % of
+// the 8-column class idle.
 template <int MAX, typename F>
 bool dispatch_columns_per_thread(int64_t cols, F&& f) {
   if (cols <= kPersistentThreads) return f(std::integral_constant<int, 1>{});
   if constexpr (MAX >= 2) if (cols <= 2 * kPersistentThreads) return f(std::integral_constant<int, 2>{});
   if constexpr (MAX >= 4) if (cols <= 4 * kPersistentThreads) return f(std::integral_constant<int, 4>{});
+  if constexpr (MAX >= 8) if (cols <= 6 * kPersistentThreads) return f(std::integral_constant<int, 6>{});
   if constexpr (MAX >= 8) if (cols <= 8 * kPersistentThreads) return f(std::integral_constant<int, 8>{});
   if constexpr (MAX >= 16) if (cols <= 16 * kPersistentThreads) return f(std::integral_constant<int, 16>{});
   return false;

@@ -125,10 +125,13 @@ def test_chunked_rows(backend, monkeypatch):
     assert relative_error(plan, plan_reference(cost, r, None, 0.05, 12)) <= 1e-5
 
 
-# Sizes for each class of CUDA's whole-iteration kernel (1, 2, 4, 8 and 16 columns a thread of
-# 512; a block's rows in several steps) and for its sweep-by-sweep fallback beyond 8192 columns
-# (4096 in float64); every backend runs them.
-WIDE_SHAPES = [(2300, 20), (5, 700), (2, 1500), (300, 2500), (3, 4097), (3, 8193)]
+# Sizes for each class of CUDA's whole-iteration kernel (1, 2, 4, 6, 8 and 16 columns a thread
+# of 512; a block's rows in several steps), for its two ways through the shared-memory ring (a
+# block's steps resident in it, or streamed through it: the last three, more steps than stages
+# on 132 SMs; rows copied in runs or, at odd K, element by element) and for its sweep-by-sweep
+# fallback beyond 8192 columns (4096 in float64); every backend runs them.
+WIDE_SHAPES = [(2300, 20), (5, 700), (2, 1500), (300, 2500), (40, 3500), (3, 4097), (3, 8193),
+               (13000, 20), (2500, 3000), (6400, 801)]
 
 
 @pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
