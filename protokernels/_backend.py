@@ -102,10 +102,11 @@ _AUTO_ORDER = {
                     lambda dtype, precision, sizes: TRITON_FIRST),
     # sinkhorn: CUDA up to B*K = 2^24 with K <= 8192, where its whole iteration is one
     # cooperative launch (36-69 us of host time against Triton's ~300 for eight launches): B256
-    # K3000 0.061 vs 0.474 ms, B1024 0.090 vs 0.285, B4096 0.270 vs 0.267 and 0.269 vs 0.446
-    # (two runs: Triton's eager time there swings with its host cost; GPU time 0.265 vs 0.242).
+    # K3000 0.038 vs 0.447 ms, B1024 0.060 vs 0.432, B4096 0.157 vs 0.403 (H100; GPU time at
+    # B4096 0.154 vs Triton's 0.242). RESULTS.md "Sinkhorn's persistent kernel through a
+    # shared-memory ring" and "Sinkhorn in one launch".
     # Triton above: beyond 8192 columns CUDA runs sweep by sweep (B65536 K16384: 128 vs 31.6 ms).
-    # RESULTS.md "Sinkhorn in one launch". A call that must stop between the iterations (a
+    # A call that must stop between the iterations (a
     # tolerance check, a cross-rank all-reduce: "stepwise") runs sweep by sweep on any backend,
     # and there Triton's sweeps win (above). sinkhorn_plan's iterations are the same sweeps.
     **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes: (
