@@ -49,6 +49,14 @@ __device__ __forceinline__ A scaled(A s, A scale) {
   const A z = s * scale;
   return z > A(kScoreLimit) ? A(kScoreLimit) : (z < A(-kScoreLimit) ? A(-kScoreLimit) : z);
 }
+// The same in float32 on the NaN-keeping max and min (sm_80): 2 instructions where the
+// comparisons take 3, once per element of every sweep.
+__device__ __forceinline__ float scaled(float s, float scale) {
+  float z = s * scale, low;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(low) : "f"(z), "f"(-float(kScoreLimit)));
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(z) : "f"(low), "f"(float(kScoreLimit)));
+  return z;
+}
 
 template <typename A>
 __device__ __forceinline__ LogSum<A> add_term(LogSum<A> acc, A z) {
@@ -383,8 +391,9 @@ __device__ __forceinline__ void load_step(const IterationArgs<T, A>& p, T* stage
       const int j = first_column + run * kRunStride;
 #pragma unroll
       for (int w = 0; w < W; ++w)
-        if (run < runs && j + w < p.cols)
-          stage[r * C * kPersistentThreads + run * kRunStride + w] = row[(j + w) * p.ss_k];
+        if (run < runs)  // a run's columns past the row read as 0 (see iteration_kernel)
+          stage[r * C * kPersistentThreads + run * kRunStride + w] =
+              j + w < p.cols ? row[(j + w) * p.ss_k] : narrow<T>(A(0));
     }
   }
 }
@@ -456,11 +465,23 @@ iteration_kernel(const IterationArgs<T, A> p) {
     ++issued;
     commit_async();  // empty groups too: wait_async counts groups
   };
+  // The thread's runs past the row are never loaded: zeros in every stage, so that the steps
+  // read every run without a test (the row steps' potentials of those columns are -inf, which
+  // keeps them out of the row sums; the first sweep's sums of them are never written).
+  for (int stage = 0; stage < S; ++stage)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int run = 0; run < C / W; ++run)
+        if (run >= runs)
+          *reinterpret_cast<Run<T, W>*>(ring + stage * Shape::kStageElements + Shape::column(0) +
+                                         r * C * kPersistentThreads +
+                                         run * W * kPersistentThreads) = Run<T, W>{};
 #pragma unroll 1
   for (int load = 0; load < S - 1; ++load) issue();
   int use_stage = 0;
-  // Runs consume(z, i0, rows) on each of the block's steps, z[r][c] = log2 e * scale * s (-inf
-  // outside the scores) of row i0 + r and the thread's column c.
+  // Runs consume(z, i0, rows) on each of the block's steps, z[r][c] = log2 e * scale * s of row
+  // i0 + r and the thread's column c (-inf past the block's rows, 0 past the row's columns).
   auto each_step = [&](auto&& consume) {
     if (resident) use_stage = 0;
     for (int step = 0; step < steps; ++step) {
@@ -472,21 +493,20 @@ iteration_kernel(const IterationArgs<T, A> p) {
       const int rows = rows_from(i0);
       A z[R][C];
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) {  // the same for the whole block
+#pragma unroll
+          for (int c = 0; c < C; ++c) z[r][c] = A(-INFINITY);
+          continue;
+        }
 #pragma unroll
         for (int run = 0; run < C / W; ++run) {
-          const int j = Shape::column(run * W);
-          const bool in = r < rows && run < runs;
-          Run<T, W> values{};
-          if (in) {
-            values = *reinterpret_cast<const Run<T, W>*>(
-                stage + r * C * kPersistentThreads + run * W * kPersistentThreads);
-          }
+          const Run<T, W> values = *reinterpret_cast<const Run<T, W>*>(
+              stage + r * C * kPersistentThreads + run * W * kPersistentThreads);
 #pragma unroll
-          for (int w = 0; w < W; ++w)
-            z[r][run * W + w] = in && j + w < p.cols ? scaled(widen(values.v[w]), scale2)
-                                                     : A(-INFINITY);
+          for (int w = 0; w < W; ++w) z[r][run * W + w] = scaled(widen(values.v[w]), scale2);
         }
+      }
       consume(z, i0, rows);
     }
   };
@@ -527,7 +547,7 @@ iteration_kernel(const IterationArgs<T, A> p) {
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const int j = Shape::column(c);
-        v[c] = j < p.cols ? p.v[j] * A(kLog2e) : A(0);
+        v[c] = j < p.cols ? p.v[j] * A(kLog2e) : A(-INFINITY);  // -inf: no column
       }
       each_step([&](A (&z)[R][C], int64_t i0, int rows) {
         A row_max[R], row_sum[R];
