@@ -102,8 +102,8 @@ _AUTO_ORDER = {
                     lambda dtype, precision, sizes: TRITON_FIRST),
     # sinkhorn: CUDA up to B*K = 2^24 with K <= 8192, where its whole iteration is one
     # cooperative launch (36-69 us of host time against Triton's ~300 for eight launches): B256
-    # K3000 0.038 vs 0.447 ms, B1024 0.060 vs 0.432, B4096 0.157 vs 0.403 (H100; GPU time at
-    # B4096 0.154 vs Triton's 0.242). RESULTS.md "Sinkhorn's persistent kernel through a
+    # K3000 0.034 vs 0.308 ms, B1024 0.051 vs 0.350, B4096 0.148 vs 0.268 (H100; GPU time at
+    # B4096 0.144 vs Triton's 0.242). RESULTS.md "Sinkhorn's persistent kernel through a
     # shared-memory ring" and "Sinkhorn in one launch".
     # Triton above: beyond 8192 columns CUDA runs sweep by sweep (B65536 K16384: 128 vs 31.6 ms).
     # A call that must stop between the iterations (a
