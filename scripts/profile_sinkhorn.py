@@ -1,10 +1,14 @@
 """Time sinkhorn's sweeps alone (Triton and CUDA) and try row-sweep configs of the Triton kernel
 (BLOCK_K, rows per step, warps, programs per SM), reporting the HBM bandwidth each reaches.
-    python scripts/profile_sinkhorn.py [--quick]"""
+--iterate: only CUDA's whole iteration (one cooperative launch) at SwAV's sizes, for 1, 2, 3
+and 5 iterations: the cost of an iteration and the fixed cost (RESULTS.md, "Sinkhorn's
+persistent kernel through a shared-memory ring").
+    python scripts/profile_sinkhorn.py [--quick] [--iterate]"""
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 
 import torch
 import triton.testing
@@ -18,10 +22,32 @@ def bench(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=60)
 
 
+def iterate():
+    """GPU microseconds of sinkhorn_iterate_cuda (uniform marginals, scale 20) by n_iters."""
+    protokernels.available_backends()  # loads the extension
+    for b in (256, 1024, 4096):
+        k = 3000
+        scores = torch.randn(b, k, device="cuda") * 0.3
+        plan, logsum = torch.empty_like(scores), torch.empty(k, device="cuda")
+        times = []
+        for iters in (1, 2, 3, 5):
+            times.append(1000 * bench(lambda: torch.ops.protokernels.sinkhorn_iterate_cuda(
+                scores, 20.0, iters, None, -math.log(b), None, -math.log(k), plan, logsum,
+                None, None)))
+        moved = (2 + 3) * scores.numel() * 4 / 1e6  # 4 reads and the plan's write, MB
+        print(f"B{b} K{k} iterate_cuda n_iters 1/2/3/5: "
+              + " / ".join(f"{t:.1f}" for t in times)
+              + f" us; per iteration {(times[3] - times[1]) / 3:.1f} us; "
+              f"{moved / times[2]:.2f} TB/s at 3 iterations (4 reads + the plan)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--iterate", action="store_true")
     args = parser.parse_args()
+    if args.iterate:
+        return iterate()
     shapes = [(4096, 3000), (4096, 4096), (65536, 16384)]
     for b, k in shapes[:1] if args.quick else shapes:
         scores = torch.randn(b, k, device="cuda") * 0.3

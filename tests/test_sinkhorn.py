@@ -158,6 +158,22 @@ def test_whole_iteration_sizes(backend, shape, dtype):
     assert relative_error(grads[0], grads[1]) <= 1e-4
 
 
+# Half-type scores through CUDA's ring, each with more steps than stages: copied in runs of 2
+# elements (6 columns a thread) or 8 (8 columns: 16 bytes), or element by element (odd K 801;
+# K 20, where a run would be one 2-byte element).
+HALF_SHAPES = [(2500, 3000), (2200, 3504), (9000, 801), (17000, 20)]
+
+
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=str)
+def test_whole_iteration_half_types(backend, shape):
+    if backend == "triton" and not HAS_GPU:
+        pytest.skip("minutes in Triton's interpreter; the shapes are for CUDA's ring")
+    scores = randn(*shape, dtype=torch.bfloat16)
+    codes = protokernels.sinkhorn(scores, eps=0.1, n_iters=3)
+    assert codes.dtype == torch.bfloat16
+    assert relative_error(codes, swav_reference(scores, 0.1, 3)) <= tolerance(torch.bfloat16)
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 def test_cuda_graph_capture(backend):
     """CUDA's whole iteration is one cooperative launch: it must capture and replay too."""
