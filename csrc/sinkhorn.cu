@@ -510,8 +510,9 @@ iteration_kernel(const IterationArgs<T, A> p) {
       consume(z, i0, rows);
     }
   };
-  // The sweeps have their own loops: the first sweep's running maxima take no registers from
-  // the row steps (the version with one loop spilled ~170 bytes at 8 columns a thread).
+  // The first sweep and the row steps have their own loops over the steps (each_step), so the
+  // first sweep's running maxima are not live during the row steps, nor the potentials during
+  // the first sweep.
   for (int sweep = 0; sweep <= p.n_iters; ++sweep) {
     const bool last = sweep == p.n_iters;
     A mass[C];
