@@ -412,10 +412,12 @@ struct Results {
 
 // One warp per (row, slot) pair: idx = the key's index (-1 for none), dist = sum((a_r - b_idx)^2)
 // exactly in the accumulate type (inf for none). Lanes stride over D for coalesced reads.
+// `gathered` (B, R, D), if its data is set (one slot): receives the winner b_idx, read here anyway
+// (dw_quantize's codes, without a lookup launch); a row without a winner is left as it is.
 template <typename T>
 __global__ void pair_distance_kernel(const long long* keys, Matrix<const T> a, Matrix<const T> b,
-                                     Results<typename Accumulate<T>::type> out, int64_t pairs,
-                                     int64_t rows, int64_t slots, int64_t depth) {
+                                     Results<typename Accumulate<T>::type> out, Matrix<T> gathered,
+                                     int64_t pairs, int64_t rows, int64_t slots, int64_t depth) {
   using Acc = typename Accumulate<T>::type;
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
@@ -430,10 +432,13 @@ __global__ void pair_distance_kernel(const long long* keys, Matrix<const T> a, M
     const int64_t j = key & 0xFFFFFFFFLL;
     const T* ar = a.data + batch * a.batch + r * a.row;
     const T* bj = b.data + batch * b.batch + j * b.row;
+    T* gj = gathered.data + batch * gathered.batch + r * gathered.row;
     Acc sum = 0;
     for (int64_t d = lane; d < depth; d += 32) {
-      const Acc diff = widen(ar[d * a.col]) - widen(bj[d * b.col]);
+      const T bv = bj[d * b.col];
+      const Acc diff = widen(ar[d * a.col]) - widen(bv);
       sum += diff * diff;
+      if (gathered.data) gj[d * gathered.col] = bv;
     }
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFF, sum, offset);
     if (lane == 0) out.dist[o] = sum, out.idx[o] = j;
@@ -557,19 +562,27 @@ Results<Acc> results(const char* op, const Tensor& dist, const Tensor& idx, int6
 }
 
 // Keys (B, R, slots) -> (dist, idx) with exact distances between a's rows and b's chosen rows;
-// `ranked` slots (top k) sorted by them.
+// `ranked` slots (top k) sorted by them; `gathered` (B, R, D), one slot: the chosen rows of b.
 void finish(const char* op, const Tensor& keys, const Tensor& a, const Tensor& b, const Tensor& dist,
-            const Tensor& idx, bool ranked, cudaStream_t stream) {
+            const Tensor& idx, bool ranked, cudaStream_t stream,
+            const std::optional<Tensor>& gathered = std::nullopt) {
   const int64_t batch = keys.size(0), rows = keys.size(1), slots = keys.size(2);
   const int64_t pairs = batch * rows * slots;
   Results<float> out = results<float>(op, dist, idx, batch, rows, slots);
+  if (gathered) {
+    PK_CHECK(slots == 1 && gathered->is_cuda() && gathered->scalar_type() == b.scalar_type() &&
+                 gathered->dim() == 3 && gathered->size(0) == batch && gathered->size(1) == rows &&
+                 gathered->size(2) == b.size(2),
+             op, "argument 'gathered' must be a (B, N, D) CUDA tensor of y's dtype, for k = 1");
+  }
   if (pairs == 0) return;
   dispatch_floating(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {
       pair_distance_kernel<T><<<blocks_for(pairs, kThreads / 32), kThreads, 0, stream>>>(
           static_cast<const long long*>(keys.const_data_ptr()), input<T>(a, 1, 2),
-          input<T>(b, 1, 2), out, pairs, rows, slots, a.size(2));
+          input<T>(b, 1, 2), out, gathered ? output<T>(*gathered) : Matrix<T>{nullptr, 0, 0, 0},
+          pairs, rows, slots, a.size(2));
       PK_CHECK_LAUNCH();
       if (ranked) {
         sort_slots_kernel<float><<<blocks_for(batch * rows), kThreads, 0, stream>>>(
@@ -691,9 +704,10 @@ Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search sear
 
 }  // namespace
 
-// x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k) ascending, filled.
+// x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k) ascending, filled;
+// gathered (B, N, D) or None (k = 1): the winners' rows of y.
 void nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude, int64_t k,
-                  std::string precision, Tensor dist, Tensor idx) {
+                  std::string precision, Tensor dist, Tensor idx, std::optional<Tensor> gathered) {
   const char* op = "nearest_cuda";
   check_search(op, x, y);
   PK_CHECK(k >= 1 && k <= kMaxK && k <= y.size(1), op, "k must be in [1, min(M, ", kMaxK,
@@ -704,7 +718,7 @@ void nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude, int64_t k,
   Search search{exclude ? static_cast<const int64_t*>(exclude->const_data_ptr()) : nullptr,
                 nullptr, nullptr, nullptr, nullptr, static_cast<int>(k)};
   Tensor keys = search_keys(op, x, y, search, k, precision, stream);
-  finish(op, keys, x, y, dist, idx, k > 1, stream);
+  finish(op, keys, x, y, dist, idx, k > 1, stream, gathered);
 }
 
 // -> dist, idx (B, N, 2): slot 0 the nearest y of x's label, slot 1 of any other label.
@@ -792,7 +806,7 @@ std::tuple<Tensor, Tensor> gather_sqdist_grad_cuda(Tensor grad, Tensor a, Tensor
 
 STABLE_TORCH_LIBRARY_FRAGMENT(protokernels, m) {
   m.def("nearest_cuda(Tensor x, Tensor y, Tensor? exclude, int k, str precision, "
-        "Tensor(a!) dist, Tensor(b!) idx) -> ()");
+        "Tensor(a!) dist, Tensor(b!) idx, Tensor(c!)? gathered=None) -> ()");
   m.def("nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y, Tensor y_labels, "
         "str precision, Tensor(a!) dist, Tensor(b!) idx) -> ()");
   m.def("nearest_both_cuda(Tensor x, Tensor y, str precision, Tensor(a!) row_dist, "

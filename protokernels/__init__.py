@@ -7,7 +7,7 @@ from ._backend import (BackendStatus, BackendUnavailableError, available_backend
                        current_backend, use_backend)
 from .ops.codebook_lookup import codebook_lookup
 from .ops.codebook_stats import codebook_stats
-from .ops.dw_nearest import dw_nearest
+from .ops.dw_nearest import dw_nearest, dw_quantize
 from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
 from .ops.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_plan
@@ -17,6 +17,7 @@ from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 from ._version import __version__  # noqa: E402
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
-           "codebook_stats", "current_backend", "dw_nearest", "kp_conv1d", "kp_conv2d",
+           "codebook_stats", "current_backend", "dw_nearest", "dw_quantize",
+           "kp_conv1d", "kp_conv2d",
            "nearest", "nearest_both", "nearest_by_label", "nearest_k", "SinkhornInfo", "sinkhorn",
            "sinkhorn_plan", "sqdist", "use_backend"]

@@ -235,7 +235,8 @@ def test_auto_chooses_by_size(monkeypatch, op, small, large):
     assert _backend.resolve(op, cuda, torch.float32, **large) == "triton"
 
 
-@pytest.mark.parametrize("op", ["nearest", "nearest_by_label", "nearest_both", "dw_nearest"])
+@pytest.mark.parametrize("op", ["nearest", "nearest_by_label", "nearest_both", "dw_nearest",
+                                "dw_quantize"])
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32"), (torch.float32, "tf32x3"),
                                              (torch.bfloat16, "ieee")], ids=str)
 def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, op, dtype,

@@ -1,5 +1,6 @@
-"""dw_nearest in every backend against float64 ground truth: each group's winner judged by its
-true distance, exact distances, gradients, registration, bad input."""
+"""dw_nearest and dw_quantize in every backend against float64 ground truth: each group's winner
+judged by its true distance, exact distances, the quantized vectors, gradients, registration, bad
+input."""
 import pytest
 import torch
 
@@ -165,3 +166,152 @@ def test_more_than_2_to_the_31_elements(backend):
     assert idx[-1, -1] == 2 and dist[-1, -1] == 0
     rows = torch.tensor([0, 1, n // 2, n - 1], device=DEVICE)
     assert_groups(x[rows], codebooks, dist[rows], idx[rows], dtype=torch.float16)
+
+
+# -- dw_quantize: dw_nearest + codebook_lookup in one call --------------------------------------
+
+def assert_quantized(x, codebooks, quantized, idx, dist, dtype=torch.float32, precision="ieee"):
+    """idx and dist judged as dw_nearest's, quantized exactly the chosen codes."""
+    assert_groups(x, codebooks, dist, idx, dtype=dtype, precision=precision)
+    groups = codebooks.shape[0]
+    codes = codebooks[torch.arange(groups, device=idx.device), idx.reshape(-1, groups)]
+    assert quantized.shape == x.shape and quantized.dtype == codebooks.dtype
+    assert torch.equal(quantized.reshape(-1, groups, codebooks.shape[2]), codes)
+
+
+# N 3000 with K 700 at Dg 1100: Triton splits the columns (M*D >= 2**20), so its separate finish
+# kernel writes the codes (the search kernel writes them when a program owns whole rows).
+QUANTIZE_SHAPES = SHAPES + [(3000, 1, 700, 1100)] if HAS_GPU else SHAPES
+
+
+@pytest.mark.parametrize("dtype,precision", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("shape", QUANTIZE_SHAPES, ids=str)
+def test_dw_quantize_matches_float64(backend, shape, dtype, precision):
+    skip_unless_capable(backend, "dw_quantize", dtype)
+    n, groups, size, depth = shape
+    x, codebooks = randn(n, groups * depth, dtype=dtype), randn(groups, size, depth, dtype=dtype)
+    quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision=precision)
+    assert_quantized(x, codebooks, quantized, idx, dist, dtype=dtype, precision=precision)
+    # The same search as dw_nearest's, so the same winners and distances, bit for bit.
+    ref_dist, ref_idx = protokernels.dw_nearest(x, codebooks, precision=precision)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist.nan_to_num(), ref_dist.nan_to_num())
+
+
+def test_dw_quantize_batch_dimensions_and_strided_inputs(backend):
+    x = randn(2, 3, 24, 7).transpose(-1, -2)[:, ::2]  # (2, 2, 7, 24), non-contiguous
+    codebooks = randn(4, 6, 11).transpose(1, 2)  # (4, 11, 6), non-contiguous
+    quantized, idx, dist = protokernels.dw_quantize(x, codebooks)
+    assert idx.shape == (2, 2, 7, 4) and quantized.shape == x.shape
+    assert_quantized(x, codebooks, quantized, idx, dist)
+    quantized, idx, dist = protokernels.dw_quantize(randn(1, 24).expand(5, 24), codebooks)
+    assert (quantized == quantized[:1]).all()
+    quantized, idx, dist = protokernels.dw_quantize(randn(24), codebooks)  # one vector
+    assert quantized.shape == (24,) and idx.shape == dist.shape == (4,)
+
+
+def test_dw_quantize_nan_slice(backend):
+    """A NaN slice ranks every code first (torch.argmin's rule): code 0 and a NaN distance, in
+    its group only; the other groups are quantized as usual."""
+    x, codebooks = randn(6, 3 * 5), randn(3, 9, 5)
+    x[2, 7] = float("nan")  # group 1 of row 2
+    quantized, idx, dist = protokernels.dw_quantize(x, codebooks)
+    assert dist[2, 1].isnan() and dist.isnan().sum() == 1 and idx[2, 1] == 0
+    assert torch.equal(quantized[2, 5:10], codebooks[1, 0]) and not quantized.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_ids)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("outputs", ["both", "quantized", "dist"])
+def test_dw_quantize_gradients_match_float64(monkeypatch, backend, dtype, deterministic, outputs):
+    """Each output's gradient as its two-call form's: dist's reaches x and the winning codes,
+    quantized's is scatter-added into the chosen codes. An unused output runs no gradient op."""
+    from protokernels.ops import dw_nearest as module
+    if outputs == "dist":
+        monkeypatch.setattr(module, "_codebook_stats", None)  # calling it would raise
+    if outputs == "quantized":
+        monkeypatch.setattr(module, "pair_grads", None)
+    x, codebooks = randn(90, 3 * 21, dtype=dtype), randn(3, 13, 21, dtype=dtype)
+    g_quantized, g_dist = randn(90, 3 * 21), randn(90, 3)
+    xg, cg = x.clone().requires_grad_(), codebooks.clone().requires_grad_()
+    quantized, idx, dist = protokernels.dw_quantize(xg, cg, deterministic=deterministic)
+    use_q, use_d = outputs in ("both", "quantized"), outputs in ("both", "dist")
+    torch.autograd.backward([t for t, use in ((quantized, use_q), (dist, use_d)) if use],
+                            [g for g, use in ((g_quantized.to(dtype), use_q), (g_dist, use_d))
+                             if use])
+    xr, cr = x.double().requires_grad_(), codebooks.double().requires_grad_()
+    loss = 0
+    if use_d:
+        ref_dist = truth(by_group(xr, 3), cr).gather(-1, idx.t()[..., None])[..., 0].t()
+        loss = loss + (ref_dist * g_dist.double()).sum()
+    if use_q:
+        ref_q = cr[torch.arange(3, device=idx.device), idx].reshape(90, -1)
+        loss = loss + (ref_q * g_quantized.to(dtype).double()).sum()
+    loss.backward()
+    if use_d:
+        assert relative_error(xg.grad, xr.grad) <= tolerance(dtype)
+    else:
+        assert xg.grad is None
+    assert relative_error(cg.grad, cr.grad) <= tolerance(dtype)
+
+
+def test_dw_quantize_gradcheck_float64(backend):
+    skip_unless_capable(backend, "dw_quantize", torch.float64)
+    x = randn(6, 2 * 3, dtype=torch.float64).requires_grad_()
+    codebooks = randn(2, 3, 3, dtype=torch.float64).requires_grad_()
+
+    def both(x, c):
+        quantized, _, dist = protokernels.dw_quantize(x, c)
+        return quantized, dist
+    assert torch.autograd.gradcheck(both, (x, codebooks))
+
+
+def test_dw_quantize_opcheck(backend):
+    x, codebooks = randn(9, 12).requires_grad_(), randn(3, 7, 4).requires_grad_()
+    scatter = "reference" if backend == "reference" else "triton"
+    torch.library.opcheck(torch.ops.protokernels.dw_quantize.default,
+                          (x, codebooks, "ieee", False, backend, scatter))
+
+
+@pytest.mark.parametrize("use", ["quantized", "dist"])
+def test_dw_quantize_compile_fullgraph(backend, use):
+    def model(x, codebooks):
+        quantized, idx, dist = protokernels.dw_quantize(x * 2, codebooks)
+        return (quantized.sum() if use == "quantized" else dist.sum()) + idx.sum()
+
+    x, codebooks = randn(21, 12), randn(3, 10, 4).requires_grad_()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if not HAS_GPU else "inductor")
+    out = compiled(x, codebooks)
+    out.backward()
+    grad, codebooks.grad = codebooks.grad, None
+    expected = model(x, codebooks)
+    expected.backward()
+    assert relative_error(out, expected) <= 1e-6
+    assert relative_error(grad, codebooks.grad) <= 1e-6
+
+
+@pytest.mark.parametrize("x_shape,books_shape", [((0, 12), (3, 5, 4)), ((4, 0), (2, 5, 0)),
+                                                 ((4, 0), (0, 5, 7))], ids=str)
+def test_dw_quantize_empty(backend, x_shape, books_shape):
+    x, codebooks = randn(*x_shape).requires_grad_(), randn(*books_shape).requires_grad_()
+    quantized, idx, dist = protokernels.dw_quantize(x, codebooks)
+    assert quantized.shape == x.shape and idx.shape == (x_shape[0], books_shape[0])
+    (quantized.sum() + dist.sum()).backward()
+    assert (codebooks.grad == 0).all()
+
+
+@pytest.mark.parametrize("make,error,message", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
+def test_dw_quantize_bad_input(make, error, message):
+    with pytest.raises(error, match=message.replace("dw_nearest", "dw_quantize")):
+        protokernels.dw_quantize(**make())
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_dw_quantize_cuda_graph_capture(backend):
+    x, codebooks = randn(300, 64), randn(4, 200, 16)
+    protokernels.dw_quantize(x, codebooks)  # warm up (compiles the Triton kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision="ieee")
+    x.copy_(randn(300, 64))
+    graph.replay()
+    assert_quantized(x, codebooks, quantized, idx, dist)

@@ -140,9 +140,11 @@ def _load_dot(acc, X, Y, X_LO, Y_LO, x_base, y_base, rows64, row_ok, cols, ds, s
 
 @triton.jit
 def _exact_distance(A, B, A_LO, B_LO, a_base, b_base, rows64, idx, valid, sa_r, sa_d, sb_r, sb_d,
-                    D, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+                    D, GATHER, g_rows, sg_d, SPLIT: tl.constexpr, GATHERED: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     """sum_d (a[rows, d] - b[idx, d])^2 in float32 for a block of pairs; with SPLIT the operands
-    are their hi + lo parts (exactly the inputs)."""
+    are their hi + lo parts (exactly the inputs). GATHERED: b[idx] is also stored to GATHER at
+    element offsets g_rows + d * sg_d (dw_quantize's codes: the rows are read here anyway)."""
     total = tl.zeros(rows64.shape, tl.float32)
     a_rows = a_base + rows64 * sa_r
     b_rows = b_base + idx.to(tl.int64) * sb_r
@@ -156,6 +158,9 @@ def _exact_distance(A, B, A_LO, B_LO, a_base, b_base, rows64, idx, valid, sa_r, 
         if SPLIT:
             av += tl.load(A_LO + a_offsets, mask=mask, other=0.0)
             bv += tl.load(B_LO + b_offsets, mask=mask, other=0.0)
+        if GATHERED:
+            tl.store(GATHER + g_rows[:, None] + ds[None, :] * sg_d,
+                     bv.to(GATHER.dtype.element_ty), mask=mask)
         diff = av - bv
         total += tl.sum(diff * diff, 1)
     return total
@@ -163,29 +168,32 @@ def _exact_distance(A, B, A_LO, B_LO, a_base, b_base, rows64, idx, valid, sa_r, 
 
 @triton.jit
 def _store_pair(DIST, IDX, out, key, valid, A, B, A_LO, B_LO, a_base, b_base, rows64, sa_r, sa_d,
-                sb_r, sb_d, D, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+                sb_r, sb_d, D, GATHER, g_rows, sg_d, SPLIT: tl.constexpr,
+                GATHERED: tl.constexpr, BLOCK_D: tl.constexpr):
     """Decode keys of a block of rows and store (exact distance, index); none: (inf, -1)."""
     found = key != _NO_KEY
     idx = tl.where(found, key & 0xFFFFFFFF, 0)
     dist = _exact_distance(A, B, A_LO, B_LO, a_base, b_base, rows64, idx, valid & found, sa_r,
-                           sa_d, sb_r, sb_d, D, SPLIT, BLOCK_D)
+                           sa_d, sb_r, sb_d, D, GATHER, g_rows, sg_d, SPLIT, GATHERED, BLOCK_D)
     tl.store(DIST + out, tl.where(found, dist, float("inf")), mask=valid)
     tl.store(IDX + out, tl.where(found, idx, -1), mask=valid)
 
 
 @triton.jit
 def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, TILE_FLAGS, EXCLUDE, X_LABELS, Y_LABELS, KEYS,
-                   COL_KEYS, DIST, IDX,
+                   COL_KEYS, DIST, IDX, GATHER,
                    N, M, D, tiles_n, tiles_per_split, splits,
                    sx_b, sx_n, sx_d, sy_b, sy_m, sy_d, snx_b, sny_b, sf_b, so_b, so_n,
+                   sg_b, sg_n, sg_d,
                    PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
                    SPLIT: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                    HAS_EXCLUDE: tl.constexpr, HAS_LABELS: tl.constexpr, COLUMNS: tl.constexpr,
-                   FINISH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   FINISH: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """KEYS (B, N, splits, SLOTS): per split, the best K keys (SLOTS = K), or the best key of x's
     label and of other labels (SLOTS = 2). FINISH (one split, K = 1 or labels): instead, the exact
-    distances and indices into DIST, IDX (B, N, SLOTS) with strides (so_b, so_n, 1). COLUMNS: also
+    distances and indices into DIST, IDX (B, N, SLOTS) with strides (so_b, so_n, 1), and with
+    GATHERED (K = 1) the winners' rows of Y into GATHER (B, N, D), strides (sg_b, sg_n, sg_d). COLUMNS: also
     the best row per column, atomically min-ed into COL_KEYS (B, M). Norms (B, rows) with batch
     strides snx_b, sny_b (0: broadcast); TILE_FLAGS (B, column tiles), batch stride sf_b, marks
     the tiles holding a non-finite y row."""
@@ -236,10 +244,12 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, TILE_FLAGS, EXCLUDE, X_LABE
     if FINISH:
         out = b * so_b + rows64 * so_n
         _store_pair(DIST, IDX, out, best, row_ok, X, Y, X_LO, Y_LO, x_base, y_base, rows64, sx_n,
-                    sx_d, sy_m, sy_d, D, SPLIT, BLOCK_D)
+                    sx_d, sy_m, sy_d, D, GATHER, b * sg_b + rows64 * sg_n, sg_d, SPLIT, GATHERED,
+                    BLOCK_D)
         if HAS_LABELS:
             _store_pair(DIST, IDX, out + 1, best_other, row_ok, X, Y, X_LO, Y_LO, x_base, y_base,
-                        rows64, sx_n, sx_d, sy_m, sy_d, D, SPLIT, BLOCK_D)
+                        rows64, sx_n, sx_d, sy_m, sy_d, D, GATHER, rows64, sg_d, SPLIT, False,
+                        BLOCK_D)
     else:
         out = KEYS + ((b * N + rows64) * splits + split) * (2 if HAS_LABELS else K)
         if HAS_LABELS:
@@ -253,12 +263,13 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, TILE_FLAGS, EXCLUDE, X_LABE
 
 
 @triton.jit
-def _finish_kernel(KEYS, A, B, A_LO, B_LO, DIST, IDX, R, D, sa_b, sa_r, sa_d, sb_b, sb_r, sb_d,
-                   so_b, so_r, SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                   RANKED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+def _finish_kernel(KEYS, A, B, A_LO, B_LO, DIST, IDX, GATHER, R, D, sa_b, sa_r, sa_d, sb_b, sb_r,
+                   sb_d, so_b, so_r, sg_b, sg_r, sg_d, SLOTS: tl.constexpr,
+                   SLOTS_PAD: tl.constexpr, RANKED: tl.constexpr, SPLIT: tl.constexpr,
+                   GATHERED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """For keys (B, R, SLOTS) contiguous: IDX = each key's index (-1 for none) and DIST its exact
     distance sum((a_r - b_idx)^2) (inf for none), into (B, R, SLOTS) with strides (so_b, so_r, 1).
+    GATHERED (one slot): b_idx into GATHER (B, R, D), strides (sg_b, sg_r, sg_d).
     RANKED (top-k): the slots in ascending order of (exact distance, index), NaN first, "none"
     last: sorted as packed keys of the exact distances."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -275,7 +286,8 @@ def _finish_kernel(KEYS, A, B, A_LO, B_LO, DIST, IDX, R, D, sa_b, sa_r, sa_d, sb
         found = key != _NO_KEY
         idx = tl.where(found, key & 0xFFFFFFFF, 0)
         d = _exact_distance(A, B, A_LO, B_LO, b * sa_b, b * sb_b, rows64, idx, row_ok & found,
-                            sa_r, sa_d, sb_r, sb_d, D, SPLIT, BLOCK_D)
+                            sa_r, sa_d, sb_r, sb_d, D, GATHER, b * sg_b + rows64 * sg_r, sg_d,
+                            SPLIT, GATHERED, BLOCK_D)
         dist = tl.where((slots[None, :] == s) & found[:, None], d[:, None], dist)
     idx = tl.where(keys != _NO_KEY, keys & 0xFFFFFFFF, -1)
     if RANKED:
@@ -448,9 +460,10 @@ def _prepare(x, y, split, block_m):
 
 
 def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, columns=False,
-            out=None, config=None):
+            out=None, gathered=None, config=None):
     """The search. With `out` = (dist, idx) views (B, N, slots) and one split (K = 1 or labels,
-    not columns), finishes into them and returns None. Otherwise returns the packed keys
+    not columns), finishes into them (and the winners' rows into `gathered` (B, N, D), if
+    given) and returns None. Otherwise returns the packed keys
     (B, N, slots) of the best columns per row (slots = k, unordered, or 2 for labels), the best
     row per column (B, M) with `columns`, and the operands for _finish."""
     batch, n, d = x.shape
@@ -481,12 +494,14 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
         x, y, x_lo, y_lo, x_norm, y_norm, flags,
         exclude if exclude is not None else keys,
         x_labels if x_labels is not None else keys, y_labels if y_labels is not None else keys,
-        keys, col_keys, dist, idx, n, m, d, tiles_n, tiles_per_split, splits, *x.stride(),
-        *y.stride(), *(t.stride(0) if t.shape[0] > 1 else 0 for t in (x_norm, y_norm, flags)),
-        dist.stride(0), dist.stride(1),
+        keys, col_keys, dist, idx, gathered if gathered is not None else dist, n, m, d, tiles_n,
+        tiles_per_split, splits, *x.stride(), *y.stride(),
+        *(t.stride(0) if t.shape[0] > 1 else 0 for t in (x_norm, y_norm, flags)),
+        dist.stride(0), dist.stride(1), *(gathered.stride() if gathered is not None else (0,) * 3),
         PRECISION="tf32" if split else precision, UPCAST_BF16=UPCAST_BF16, SPLIT=split, K=k,
         K_PAD=next_power_of_2(k), HAS_EXCLUDE=exclude is not None,
-        HAS_LABELS=x_labels is not None, COLUMNS=columns, FINISH=finish, **config)
+        HAS_LABELS=x_labels is not None, COLUMNS=columns, FINISH=finish,
+        GATHERED=finish and gathered is not None, **config)
     if finish:
         return None
     if splits == 1:
@@ -498,26 +513,31 @@ def _search(x, y, precision, k=1, exclude=None, x_labels=None, y_labels=None, co
     return keys, (col_keys if columns else None), (split, (x, x_lo), (y, y_lo))
 
 
-def _finish(keys, a, b, out, split=False, ranked=False):
+def _finish(keys, a, b, out, split=False, ranked=False, gathered=None):
     """Indices and exact distances of keys (B, R, S) into out = (dist, idx) (B, R, S), strides
-    (any, any, 1); `ranked` (top-k) slots in ascending order of the exact distances."""
+    (any, any, 1); `ranked` (top-k) slots in ascending order of the exact distances; `gathered`
+    (B, R, D), one slot: the chosen rows of b."""
     batch, r, slots = keys.shape
     dist, idx = out
     (a, a_lo), (b, b_lo) = a, b
     block_r = max(1, min(64, 4096 // next_power_of_2(slots)))
-    _launch_finish((cdiv(r, block_r), batch), keys.contiguous(), a, b, a_lo, b_lo, dist, idx, r,
-                   a.shape[-1], *a.stride(), *b.stride(), dist.stride(0), dist.stride(1),
+    _launch_finish((cdiv(r, block_r), batch), keys.contiguous(), a, b, a_lo, b_lo, dist, idx,
+                   gathered if gathered is not None else dist, r, a.shape[-1], *a.stride(),
+                   *b.stride(), dist.stride(0), dist.stride(1),
+                   *(gathered.stride() if gathered is not None else (0,) * 3),
                    SLOTS=slots, SLOTS_PAD=next_power_of_2(slots), RANKED=ranked, SPLIT=split,
-                   BLOCK_R=block_r, BLOCK_D=block(a.shape[-1], 64), num_warps=4)
+                   GATHERED=gathered is not None, BLOCK_R=block_r,
+                   BLOCK_D=block(a.shape[-1], 64), num_warps=4)
 
 
-def nearest(x, y, exclude, k, precision, dist, idx):
+def nearest(x, y, exclude, k, precision, dist, idx, gathered=None):
     """x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k), ascending, filled
-    (any strides with a unit slot stride)."""
-    searched = _search(x, y, precision, k=k, exclude=exclude, out=(dist, idx))
+    (any strides with a unit slot stride); gathered (B, N, D) or None (k = 1): the winners' rows
+    of y (a row without a winner is left as it is)."""
+    searched = _search(x, y, precision, k=k, exclude=exclude, out=(dist, idx), gathered=gathered)
     if searched is not None:
         keys, _, (split, xs, ys) = searched
-        _finish(keys, xs, ys, (dist, idx), split, ranked=k > 1)
+        _finish(keys, xs, ys, (dist, idx), split, ranked=k > 1, gathered=gathered)
 
 
 def nearest_by_label(x, x_labels, y, y_labels, precision, dist, idx):

@@ -1,7 +1,7 @@
 """VectorQuantizer: (depthwise) vector quantization with a straight-through estimator, VQ-VAE's
 losses, EMA codebooks and k-means initialization (VQ-VAE eq. 2-4 and its EMA appendix;
-depthwise-vector-quantization..., §3), on the fused ops dw_nearest, codebook_lookup and
-codebook_stats: no (N, K) distance matrix, no one-hot matrix.
+depthwise-vector-quantization..., §3), on the fused ops dw_quantize (dw_nearest and
+codebook_lookup in one call), codebook_stats: no (N, K) distance matrix, no one-hot matrix.
 
 A batch holding NaN or infinity never reaches the codebook: its statistics are dropped on the
 device (no sync), the codebook and EMA state keep their values, and a warning follows at the next
@@ -26,7 +26,7 @@ from .. import _validate
 from .._numerics import FLOAT_DTYPES
 from ..ops.codebook_lookup import codebook_lookup, lookup_checked_indices
 from ..ops.codebook_stats import stats_of_checked_indices
-from ..ops.dw_nearest import dw_nearest
+from ..ops.dw_nearest import dw_nearest, dw_quantize
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -253,9 +253,12 @@ class VectorQuantizer(nn.Module):
         # In training it is a snapshot (G*K*Dg elements), which the backward needs after the
         # updates below have changed the codebook in place.
         codes = self.codebook.detach()
-        dist, idx = dw_nearest(flat, codes.clone() if self.training else codes,
-                               precision=self.precision)
-        quantized = lookup_checked_indices(idx, self.codebook, self.deterministic)
+        codes = codes.clone() if self.training else codes
+        if self.ema:  # no gradient reaches the codebook: the search writes the codes out too
+            quantized, idx, dist = dw_quantize(flat, codes, precision=self.precision)
+        else:
+            dist, idx = dw_nearest(flat, codes, precision=self.precision)
+            quantized = lookup_checked_indices(idx, self.codebook, self.deterministic)
         loss = self.commitment_weight * dist.sum() / max(flat.numel(), 1)
         if not self.ema:  # the codebook loss moves the chosen codes towards their (finite) vectors
             # A non-finite row's target is its own code (error 0, gradient 0; masking the squared

@@ -147,14 +147,23 @@ def _finish(x, y, idx, ranked=False):
 
 
 def nearest(x: torch.Tensor, y: torch.Tensor, exclude: torch.Tensor | None, k: int,
-            precision: str, dist: torch.Tensor, idx: torch.Tensor) -> None:
-    """x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k), ascending."""
+            precision: str, dist: torch.Tensor, idx: torch.Tensor,
+            gathered: torch.Tensor | None = None) -> None:
+    """x (B, N, D), y (B, M, D), exclude (B, N) or None -> dist, idx (B, N, k), ascending;
+    gathered (B, N, D) or None (k = 1): the winners' rows of y (a row without a winner, idx -1,
+    is left as it is)."""
     def allowed(b0, b1, n0, n1, m0, m1):
         if exclude is None:
             return None
         columns = torch.arange(m0, m1, device=x.device)
         return exclude[b0:b1, n0:n1, None] != columns
-    _store(_finish(x, y, _search(x, y, k, allowed, precision), ranked=k > 1), dist, idx)
+    found = _finish(x, y, _search(x, y, k, allowed, precision), ranked=k > 1)
+    _store(found, dist, idx)
+    if gathered is not None:
+        winners = found[1][..., 0]
+        has = winners >= 0
+        batches = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(winners)
+        gathered[has] = y[batches[has], winners[has]]
 
 
 def nearest_by_label(x: torch.Tensor, x_labels: torch.Tensor, y: torch.Tensor,
