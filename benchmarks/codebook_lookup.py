@@ -6,6 +6,8 @@ import torch
 
 import protokernels
 
+from . import dw_nearest
+
 OP = "codebook_lookup"
 
 
@@ -26,6 +28,12 @@ def cases(quick: bool):
     sizes = {"N": 512, "G": 4, "K": 64, "Dg": 16} if quick else {"N": 65536, "G": 8, "K": 1024,
                                                                    "Dg": 64}
     return [("fp32", "high", torch.float32, sizes), ("bf16", "high", torch.bfloat16, sizes)]
+
+
+
+def model_cases(quick: bool):
+    """The lookup at the VQ sizes of models: dw_nearest's in-model grid (N, G, K, Dg)."""
+    return dw_nearest.model_cases(quick)
 
 
 def make_inputs(sizes, dtype, device):

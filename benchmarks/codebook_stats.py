@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import protokernels
 
+from . import dw_nearest
+
 OP = "codebook_stats"
 
 
@@ -40,6 +42,12 @@ def cases(quick: bool):
     sizes = {"N": 512, "G": 4, "K": 64, "Dg": 16} if quick else {"N": 65536, "G": 8, "K": 1024,
                                                                    "Dg": 64}
     return [("fp32", "high", torch.float32, sizes)]
+
+
+
+def model_cases(quick: bool):
+    """The statistics at the VQ sizes of models: dw_nearest's in-model grid (N, G, K, Dg)."""
+    return dw_nearest.model_cases(quick)
 
 
 def make_inputs(sizes, dtype, device):

@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 namespace protokernels {
@@ -88,6 +89,16 @@ void once_per_device(int device, Setup&& setup) {
   if (done[device].load(std::memory_order_acquire)) return;
   setup();
   done[device].store(true, std::memory_order_release);
+}
+
+// A view of t with these sizes and strides (t's storage offset): what torch.as_strided does, through
+// the C shim (torch::stable has no as_strided in 2.10).
+inline Tensor as_strided(const Tensor& t, std::initializer_list<int64_t> sizes,
+                         std::initializer_list<int64_t> strides) {
+  STD_TORCH_CHECK(sizes.size() == strides.size(), "as_strided: one stride per size");
+  AtenTensorHandle view = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_as_strided(t.get(), sizes.begin(), strides.begin(), &view));
+  return Tensor(view);
 }
 
 inline cudaStream_t current_stream(const Tensor& t) {

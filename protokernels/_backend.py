@@ -354,6 +354,10 @@ class Implementations(dict):
             source = importlib.import_module(f"protokernels.{package}.{self.op_file}")
             name = self.function
         implementation = getattr(source, name, None) if self.optional else getattr(source, name)
+        if backend == "cuda" and implementation is not None:
+            # The operator's one overload, bound directly: calling the packet resolves the
+            # overload from the arguments on every call.
+            implementation = implementation.default
         self[backend] = implementation
         return implementation
 

@@ -1,6 +1,6 @@
 """Where a call's host time goes, on the GPU machine: dispatch layers, Triton launch paths, the
 pieces of a nearest call, and the in-model cases whose host cost exceeded the naive expression's
-(dw_nearest + codebook_lookup, sinkhorn). Host microseconds per call (no sync inside the loop;
+(VQ's quantization step: dw_quantize and its two-call form; sinkhorn). Host microseconds per call (no sync inside the loop;
 small shapes, so the GPU keeps up). `--profile` adds a cProfile of the Triton calls.
 
     python scripts/probe_host_cost.py [--profile]
@@ -17,6 +17,7 @@ import protokernels
 from protokernels import bench
 from protokernels.benchmarks import dw_nearest as dw_bench
 from protokernels.benchmarks import sinkhorn as sinkhorn_bench
+from protokernels.ops import dw_nearest as dw_op
 from protokernels.ops import nearest as nearest_op
 from protokernels.triton_kernels import _common
 from protokernels.triton_kernels import nearest as nearest_kernels
@@ -79,25 +80,36 @@ def main():
     vq_sizes = dw_bench._sizes(8192, 1, 512, 64)
     vq = dw_bench.make_inputs(vq_sizes, torch.float32, torch.device("cuda"))
     _, vq_idx = protokernels.dw_nearest(*vq)
+
+    def two_calls():
+        _, idx = protokernels.dw_nearest(*vq)
+        return protokernels.codebook_lookup(idx, vq[1])
+
     in_model = {
-        "dw_nearest + lookup N8192 K512 D64": lambda: dw_bench.fused(vq_sizes, *vq),
+        "dw_quantize N8192 K512 D64": lambda: protokernels.dw_quantize(*vq),
+        "  dw_nearest + codebook_lookup": two_calls,
         "  of which dw_nearest": lambda: protokernels.dw_nearest(*vq),
         "  of which codebook_lookup": lambda: protokernels.codebook_lookup(vq_idx, vq[1]),
     }
-    naive = {"dw_nearest + lookup N8192 K512 D64": lambda: dw_bench.naive(vq_sizes, *vq)}
+    for backend in ("triton", "cuda"):  # the op without its public wrapper
+        rows[f"  dw_quantize's op alone, {backend}"] = (
+            lambda b=backend: dw_op._dw_quantize(vq[0], vq[1], "tf32", False, b, "triton"))
+    naive = {"dw_quantize N8192 K512 D64": lambda: dw_bench.naive(vq_sizes, *vq)}
     for b in (256, 1024):
         scores = torch.randn(b, 3000, device="cuda")
         in_model[f"sinkhorn B{b} K3000"] = (
             lambda s=scores: protokernels.sinkhorn(s, eps=0.05, n_iters=3))
         naive[f"sinkhorn B{b} K3000"] = lambda s=scores: sinkhorn_bench.swav_sinkhorn(s, 0.05, 3)
     for name, fn in in_model.items():
-        for backend in ("triton", "cuda"):
+        for backend in ("triton", "cuda", "auto"):
             rows[f"{name}, {backend}"] = fn
         if name in naive:
             rows[f"{name}, naive"] = naive[name]
     results = {}
     for name, fn in rows.items():
-        with protokernels.use_backend("triton" if "cuda" not in name else "cuda"):
+        # The backend a row names after its last comma (triton for rows naming none).
+        backend = name.rsplit(", ", 1)[-1]
+        with protokernels.use_backend(backend if backend in ("cuda", "auto") else "triton"):
             results[name] = bench.host_us(fn, torch.device("cuda"), repeats=30)
     if args.profile:
         profiled = {"nearest": lambda: protokernels.nearest(x, y, precision="tf32"),

@@ -130,12 +130,13 @@ def test_every_op_and_backend_resolves_to_an_implementation():
         ("kp_conv", "kp_conv2d_grad_input"), ("kp_conv", "kp_conv2d_grad_weight"),
         ("codebook_lookup", "codebook_lookup"), ("codebook_stats", "codebook_stats"),
         ("sinkhorn", "sinkhorn_column_logsum"), ("sinkhorn", "sinkhorn_row_sweep"),
-        ("sinkhorn", "sinkhorn_iterate")}
+        ("sinkhorn", "sinkhorn_iterate"), ("nearest", "dw_nearest")}
     statuses = protokernels.available_backends()
     for table in tables:
         for name in _backend.BACKENDS:
             if statuses[name].available:
-                if table.optional and name != "cuda":  # only CUDA has the fused iteration
+                # Only CUDA has the fused iteration and the whole dw_nearest call.
+                if table.optional and name != "cuda":
                     assert table[name] is None, (table.function, name)
                 else:
                     assert callable(table[name]), (table.function, name)

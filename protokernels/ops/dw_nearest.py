@@ -31,15 +31,38 @@ def _grouped(x: Tensor, groups: int, depth: int) -> Tensor:
     return x.as_strided((groups, x.shape[0], depth), (depth * col, row, col), x.storage_offset())
 
 
+def _new_quantized(x: Tensor, codebooks: Tensor, quantize: bool = True) -> Tensor:
+    rows = x.shape[0] if quantize else 0
+    return codebooks.new_empty((rows, codebooks.shape[0] * codebooks.shape[2]))
+
+
+# A backend's whole dw_nearest / dw_quantize call where it has one (CUDA: one C++ call that makes
+# the group views and allocates the outputs itself); the others run their nearest kernel below.
+_WHOLE_CALL = _backend.Implementations("nearest", "dw_nearest", optional=True)
+
+
+def _search(x: Tensor, codebooks: Tensor, precision: str, backend: str,
+            quantize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """x (N, G*Dg), codebooks (G, K >= 1, Dg) -> quantized (N, G*Dg) (the winning codes; (0,
+    G*Dg) without `quantize`), dist, idx (N, G)."""
+    whole = _WHOLE_CALL[backend]
+    if whole is not None:
+        return whole(x, codebooks, precision, quantize)
+    groups, _, depth = codebooks.shape
+    quantized = _new_quantized(x, codebooks, quantize)
+    dist, idx = new_results(x, (x.shape[0], groups))
+    if dist.numel() > 0:  # nearest's kernels fill the (G, N, .) views of the (N, G, .) outputs
+        _NEAREST[backend](_grouped(x, groups, depth), codebooks, None, 1, precision,
+                          _grouped(dist, groups, 1), _grouped(idx, groups, 1),
+                          _grouped(quantized, groups, depth) if quantize else None)
+    return quantized, dist, idx
+
+
 @custom_op("dw_nearest")
 def _dw_nearest(x: Tensor, codebooks: Tensor, precision: str,
                 backend: str) -> tuple[Tensor, Tensor]:
     """x (N, G*Dg), codebooks (G, K >= 1, Dg) -> dist, idx (N, G)."""
-    groups, _, depth = codebooks.shape
-    dist, idx = new_results(x, (x.shape[0], groups))
-    if dist.numel() > 0:  # nearest's kernels fill the (G, N, 1) views of the (N, G) results
-        _NEAREST[backend](_grouped(x, groups, depth), codebooks, None, 1, precision,
-                          _grouped(dist, groups, 1), _grouped(idx, groups, 1))
+    _, dist, idx = _search(x, codebooks, precision, backend, quantize=False)
     return dist, idx
 
 
@@ -97,24 +120,13 @@ def dw_nearest(x: Tensor, codebooks: Tensor, *,
     return dist.view(shape), _validate.produced_in_range(idx.view(shape), size)
 
 
-def _new_quantized(x: Tensor, codebooks: Tensor) -> Tensor:
-    return codebooks.new_empty((x.shape[0], codebooks.shape[0] * codebooks.shape[2]))
-
-
 @custom_op("dw_quantize")
 def _dw_quantize(x: Tensor, codebooks: Tensor, precision: str, deterministic: bool,
                  backend: str, scatter_backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """x (N, G*Dg), codebooks (G, K >= 1, Dg) -> quantized (N, G*Dg), dist, idx (N, G).
     `deterministic` and `scatter_backend` are the backward's (the codebook gradient's
     scatter-add, codebook_stats)."""
-    groups, _, depth = codebooks.shape
-    quantized = _new_quantized(x, codebooks)
-    dist, idx = new_results(x, (x.shape[0], groups))
-    if dist.numel() > 0:
-        _NEAREST[backend](_grouped(x, groups, depth), codebooks, None, 1, precision,
-                          _grouped(dist, groups, 1), _grouped(idx, groups, 1),
-                          _grouped(quantized, groups, depth))
-    return quantized, dist, idx
+    return _search(x, codebooks, precision, backend, quantize=True)
 
 
 @_dw_quantize.register_fake
@@ -174,8 +186,10 @@ def dw_quantize(x: Tensor, codebooks: Tensor, *, precision: str | None = None,
                                batch=groups)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    scatter_backend = _backend.resolve("codebook_stats", x.device, x.dtype, n=n, m=size,
-                                       batch=groups)
+    # The scatter of the codes' gradient (codebook_stats), when one will run.
+    scatter_backend = (_backend.resolve("codebook_stats", x.device, x.dtype, n=n, m=size,
+                                        batch=groups)
+                       if _backend.wants_grad(codebooks) else backend)
     quantized, dist, idx = _dw_quantize(flat, codebooks, precision, bool(deterministic), backend,
                                         scatter_backend)
     if x.dim() != 2:  # (views cost host time: none for the usual (N, G*Dg) input)
