@@ -91,13 +91,15 @@ void once_per_device(int device, Setup&& setup) {
   done[device].store(true, std::memory_order_release);
 }
 
-// A view of t with these sizes and strides (t's storage offset): what torch.as_strided does, through
-// the C shim (torch::stable has no as_strided in 2.10).
-inline Tensor as_strided(const Tensor& t, std::initializer_list<int64_t> sizes,
-                         std::initializer_list<int64_t> strides) {
-  STD_TORCH_CHECK(sizes.size() == strides.size(), "as_strided: one stride per size");
+// t's elements (from its storage offset) seen with these sizes and strides, of any rank: a view
+// for the kernels, not tracked by autograd, made without the dispatcher (the C shim's
+// _reinterpret_tensor, as inductor's generated code uses; its as_strided keeps t's rank).
+inline Tensor reinterpret(const Tensor& t, std::initializer_list<int64_t> sizes,
+                          std::initializer_list<int64_t> strides) {
+  STD_TORCH_CHECK(sizes.size() == strides.size(), "reinterpret: one stride per size");
   AtenTensorHandle view = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_as_strided(t.get(), sizes.begin(), strides.begin(), &view));
+  TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(
+      t.get(), static_cast<int64_t>(sizes.size()), sizes.begin(), strides.begin(), 0, &view));
   return Tensor(view);
 }
 

@@ -772,10 +772,10 @@ std::tuple<Tensor, Tensor, Tensor> dw_nearest_cuda(Tensor x, Tensor codebooks, s
   if (rows * groups == 0) return {quantized, dist, idx};
   const int64_t row = x.stride(0), col = x.stride(1);
   std::optional<Tensor> codes;
-  if (quantize) codes = as_strided(quantized, {groups, rows, depth}, {depth, groups * depth, 1});
-  nearest_cuda(as_strided(x, {groups, rows, depth}, {depth * col, row, col}), codebooks,
-               std::nullopt, 1, precision, as_strided(dist, {groups, rows, 1}, {1, groups, 1}),
-               as_strided(idx, {groups, rows, 1}, {1, groups, 1}), codes);
+  if (quantize) codes = reinterpret(quantized, {groups, rows, depth}, {depth, groups * depth, 1});
+  nearest_cuda(reinterpret(x, {groups, rows, depth}, {depth * col, row, col}), codebooks,
+               std::nullopt, 1, precision, reinterpret(dist, {groups, rows, 1}, {1, groups, 1}),
+               reinterpret(idx, {groups, rows, 1}, {1, groups, 1}), codes);
   return {quantized, dist, idx};
 }
 

@@ -315,3 +315,14 @@ def test_dw_quantize_cuda_graph_capture(backend):
     x.copy_(randn(300, 64))
     graph.replay()
     assert_quantized(x, codebooks, quantized, idx, dist)
+
+
+@pytest.mark.skipif(not protokernels.available_backends()["cuda"].available,
+                    reason="needs the CUDA extension and a GPU")
+def test_cuda_op_checks_its_arguments():
+    """A direct call of the CUDA operator with bad arguments raises an error naming the op and
+    the argument (a check's exception crosses the stable ABI's boxed call)."""
+    with pytest.raises(RuntimeError, match=r"dw_nearest_cuda: argument 'x' must be 2-D"):
+        torch.ops.protokernels.dw_nearest_cuda(randn(2, 3, 4), randn(1, 5, 4), "ieee", True)
+    with pytest.raises(RuntimeError, match=r"dw_nearest_cuda: x must be \(N, G\*Dg\)"):
+        torch.ops.protokernels.dw_nearest_cuda(randn(2, 7), randn(2, 5, 4), "ieee", True)
