@@ -159,11 +159,11 @@ def nearest(x: torch.Tensor, y: torch.Tensor, exclude: torch.Tensor | None, k: i
         return exclude[b0:b1, n0:n1, None] != columns
     found = _finish(x, y, _search(x, y, k, allowed, precision), ranked=k > 1)
     _store(found, dist, idx)
-    if gathered is not None:
+    if gathered is not None:  # without a boolean mask's device sync (CUDA graphs capture it)
         winners = found[1][..., 0]
-        has = winners >= 0
-        batches = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(winners)
-        gathered[has] = y[batches[has], winners[has]]
+        batches = torch.arange(y.shape[0], device=y.device)[:, None]
+        codes = y[batches, winners.clamp_min(0)]
+        gathered.copy_(torch.where((winners >= 0)[..., None], codes, gathered))
 
 
 def nearest_by_label(x: torch.Tensor, x_labels: torch.Tensor, y: torch.Tensor,
