@@ -98,7 +98,8 @@ def stats_of_checked_indices(x: Tensor, idx: Tensor, size: int,
     in range: e.g. dw_nearest's), without the range check's device sync."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = _backend.resolve("codebook_stats", x.device, x.dtype, n=x.shape[0],
-                               m=size, batch=idx.shape[1])
+    groups = idx.shape[1]
+    backend = _backend.resolve("codebook_stats", x.device, x.dtype, n=x.shape[0], m=size,
+                               batch=groups, d=x.shape[1] // groups if groups else 0)
     sums, counts = _codebook_stats(x, idx, size, bool(deterministic), backend)
     return counts, sums

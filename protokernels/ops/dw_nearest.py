@@ -188,7 +188,7 @@ def dw_quantize(x: Tensor, codebooks: Tensor, *, precision: str | None = None,
         deterministic = torch.are_deterministic_algorithms_enabled()
     # The scatter of the codes' gradient (codebook_stats), when one will run.
     scatter_backend = (_backend.resolve("codebook_stats", x.device, x.dtype, n=n, m=size,
-                                        batch=groups)
+                                        batch=groups, d=depth)
                        if _backend.wants_grad(codebooks) else backend)
     quantized, dist, idx = _dw_quantize(flat, codebooks, precision, bool(deterministic), backend,
                                         scatter_backend)
