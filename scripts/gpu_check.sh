@@ -6,7 +6,8 @@
 # INSTALL=source (default: build the extension from this tree against the machine's torch, which
 #   proves the source build on that torch version) or wheel (the wheel built on the CPU machine,
 #   wheelhouse/protokernels*.whl, named in the device tool's `carry`); INSTALL="wheel source"
-#   installs the wheel, runs the tests, then builds from source and runs them again.
+#   installs the wheel, runs the tests, then builds from source and runs them again. The source
+#   build uses /usr/bin/gcc and g++ where they exist (BUILD_CC / BUILD_CXX choose others).
 # TESTS (file names under tests/, default all; one pytest process per file, JOBS (default 6) at a
 #   time, each cut at TEST_TIMEOUT seconds), PYTEST_ARGS and BENCH_ARGS pass extra arguments
 #   through; SKIP_TESTS=1 / SKIP_BENCH=1 leave a part out.
@@ -47,8 +48,13 @@ install() {  # $1: source or wheel
       "$REPO"/wheelhouse/protokernels_cu"$major"-*.whl || return 1
   else
     local start=$(date +%s)
-    MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -v --no-deps --no-build-isolation "$REPO" \
-      > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
+    # The system compilers where they exist: the H100 machine's default CC/CXX (a g++ wrapper
+    # in /opt/gcc) builds an extension whose C++ exceptions crash the process (RESULTS.md "One
+    # call for the VQ step"). BUILD_CC / BUILD_CXX pick others.
+    local cc=${BUILD_CC:-$([ -x /usr/bin/gcc ] && echo /usr/bin/gcc || echo "${CC:-gcc}")}
+    local cxx=${BUILD_CXX:-$([ -x /usr/bin/g++ ] && echo /usr/bin/g++ || echo "${CXX:-g++}")}
+    CC=$cc CXX=$cxx MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -v --no-deps --no-build-isolation \
+      "$REPO" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
     echo "source build against torch $($PY -c 'import torch; print(torch.__version__)'): $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
   fi
 }

@@ -321,15 +321,12 @@ def test_dw_quantize_cuda_graph_capture(backend):
     assert_quantized(x, codebooks, quantized, idx, dist)
 
 
-# On the H100 machine, a failing check inside the extension ends the process with a segmentation
-# fault instead of raising. A one-function stable-ABI extension shows the same when built there
-# with the machine's CC/CXX (/opt/gcc, a g++ 13.3 wrapper; nvcc -ccbin it) and raises when built
-# with the system g++ (RESULTS.md "One call for the VQ step"). Run in a child process, so that a
-# crash fails this test alone.
+# Run in a child process, so that a crash fails this test alone: on the H100 machine an extension
+# built by its default CC/CXX (a g++ wrapper in /opt/gcc) ended the process with a segmentation
+# fault at any failing check; built with the system g++ it raises (RESULTS.md "One call for the
+# VQ step").
 @pytest.mark.skipif(not protokernels.available_backends()["cuda"].available,
                     reason="needs the CUDA extension and a GPU")
-@pytest.mark.xfail(reason="extensions built by the GPU machine's /opt/gcc compiler wrapper crash "
-                          "on a C++ exception", strict=False)
 @pytest.mark.parametrize("call", [
     ("torch.ops.protokernels.dw_nearest_cuda(torch.randn(2, 3, 4, device='cuda'), "
      "torch.randn(1, 5, 4, device='cuda'), 'ieee', True)", r"dw_nearest_cuda: argument 'x' must be 2-D"),
