@@ -27,16 +27,22 @@ def assert_groups(x, codebooks, dist, idx, dtype=torch.float32, precision="ieee"
 
 SHAPES = [(1, 1, 1, 1), (17, 3, 13, 1), (31, 2, 37, 7), (65, 4, 129, 33), (130, 1, 5, 129),
           (3, 2, 40, 1025)]  # (N, G, K, Dg)
+# N 3000 with K 700 at Dg 1100: Triton splits the columns (M*D >= 2**20), so its separate finish
+# kernel writes the codes (the search kernel writes them when a program owns whole rows).
+SHAPES += [(3000, 1, 700, 1100)] if HAS_GPU else []
 
 
 @pytest.mark.parametrize("dtype,precision", DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_dw_nearest_matches_float64(backend, shape, dtype, precision):
-    skip_unless_capable(backend, "dw_nearest", dtype)
+def test_dw_nearest_and_dw_quantize_match_float64(backend, shape, dtype, precision):
+    skip_unless_capable(backend, "dw_quantize", dtype)
     n, groups, size, depth = shape
     x, codebooks = randn(n, groups * depth, dtype=dtype), randn(groups, size, depth, dtype=dtype)
-    dist, idx = protokernels.dw_nearest(x, codebooks, precision=precision)
-    assert_groups(x, codebooks, dist, idx, dtype=dtype, precision=precision)
+    quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision=precision)
+    assert_quantized(x, codebooks, quantized, idx, dist, dtype=dtype, precision=precision)
+    # The same search as dw_nearest's, so the same winners and distances, bit for bit.
+    ref_dist, ref_idx = protokernels.dw_nearest(x, codebooks, precision=precision)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist.nan_to_num(), ref_dist.nan_to_num())
 
 
 def test_one_group_is_nearest(backend):
@@ -142,22 +148,29 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.parametrize("op", ["dw_nearest", "dw_quantize"])
 @pytest.mark.parametrize("make,error,message", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input(make, error, message):
+def test_bad_input(op, make, error, message):
     with pytest.raises(error, match=message):
-        protokernels.dw_nearest(**make())
+        getattr(protokernels, op)(**make())
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
-def test_cuda_graph_capture(backend):
+@pytest.mark.parametrize("op", ["dw_nearest", "dw_quantize"])
+def test_cuda_graph_capture(backend, op):
+    search = getattr(protokernels, op)
     x, codebooks = randn(300, 64), randn(4, 200, 16)
-    protokernels.dw_nearest(x, codebooks)  # warm up (compiles the Triton kernels)
+    search(x, codebooks)  # warm up (compiles the Triton kernels)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        dist, idx = protokernels.dw_nearest(x, codebooks, precision="ieee")
+        out = search(x, codebooks, precision="ieee")
     x.copy_(randn(300, 64))
     graph.replay()
-    assert_groups(x, codebooks, dist, idx)
+    if op == "dw_quantize":
+        quantized, idx, dist = out
+        assert_quantized(x, codebooks, quantized, idx, dist)
+    else:
+        assert_groups(x, codebooks, *out)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
@@ -181,24 +194,6 @@ def assert_quantized(x, codebooks, quantized, idx, dist, dtype=torch.float32, pr
     codes = codebooks[torch.arange(groups, device=idx.device), idx.reshape(-1, groups)]
     assert quantized.shape == x.shape and quantized.dtype == codebooks.dtype
     assert torch.equal(quantized.reshape(-1, groups, codebooks.shape[2]), codes)
-
-
-# N 3000 with K 700 at Dg 1100: Triton splits the columns (M*D >= 2**20), so its separate finish
-# kernel writes the codes (the search kernel writes them when a program owns whole rows).
-QUANTIZE_SHAPES = SHAPES + [(3000, 1, 700, 1100)] if HAS_GPU else SHAPES
-
-
-@pytest.mark.parametrize("dtype,precision", DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("shape", QUANTIZE_SHAPES, ids=str)
-def test_dw_quantize_matches_float64(backend, shape, dtype, precision):
-    skip_unless_capable(backend, "dw_quantize", dtype)
-    n, groups, size, depth = shape
-    x, codebooks = randn(n, groups * depth, dtype=dtype), randn(groups, size, depth, dtype=dtype)
-    quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision=precision)
-    assert_quantized(x, codebooks, quantized, idx, dist, dtype=dtype, precision=precision)
-    # The same search as dw_nearest's, so the same winners and distances, bit for bit.
-    ref_dist, ref_idx = protokernels.dw_nearest(x, codebooks, precision=precision)
-    assert torch.equal(idx, ref_idx) and torch.equal(dist.nan_to_num(), ref_dist.nan_to_num())
 
 
 def test_dw_quantize_batch_dimensions_and_strided_inputs(backend):
@@ -301,24 +296,6 @@ def test_dw_quantize_empty(backend, x_shape, books_shape):
     assert quantized.shape == x.shape and idx.shape == (x_shape[0], books_shape[0])
     (quantized.sum() + dist.sum()).backward()
     assert (codebooks.grad == 0).all()
-
-
-@pytest.mark.parametrize("make,error,message", BAD_INPUTS, ids=lambda v: v if isinstance(v, str) else "")
-def test_dw_quantize_bad_input(make, error, message):
-    with pytest.raises(error, match=message.replace("dw_nearest", "dw_quantize")):
-        protokernels.dw_quantize(**make())
-
-
-@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
-def test_dw_quantize_cuda_graph_capture(backend):
-    x, codebooks = randn(300, 64), randn(4, 200, 16)
-    protokernels.dw_quantize(x, codebooks)  # warm up (compiles the Triton kernels)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision="ieee")
-    x.copy_(randn(300, 64))
-    graph.replay()
-    assert_quantized(x, codebooks, quantized, idx, dist)
 
 
 # Run in a child process, so that a crash fails this test alone: on the H100 machine an extension
