@@ -76,19 +76,33 @@ inline int sm_count(const Tensor& t) {
   return sms;
 }
 
-// Runs setup() until it has run once for `device`: per-device work whose host cost should not
-// recur on every call (a kernel's attributes). Keyed by the lambda's type, so each lambda
-// expression, in each template instantiation, has its own record. Two threads arriving first
-// together may both run it: setup must be idempotent. (Not std::call_once: it binds
-// pthread_once@GLIBC_2.34 where glibc is newer, and the wheel promises glibc 2.28.)
+// compute()'s value for `device`, computed on the first call for that device and kept: per-device
+// facts whose queries cost more host time than the launch they serve (a kernel's attributes, its
+// occupancy). Keyed by the lambda's type, so each lambda expression, in each template
+// instantiation, has its own record. Two threads arriving first together may both compute it:
+// compute must be idempotent. (Not std::call_once: it binds pthread_once@GLIBC_2.34 where glibc
+// is newer, and the wheel promises glibc 2.28.)
+template <typename Compute>
+auto per_device(int device, Compute&& compute) -> decltype(compute()) {
+  using Value = decltype(compute());
+  constexpr int kDevices = 64;
+  static Value values[kDevices] = {};
+  static std::atomic<bool> known[kDevices] = {};
+  if (device < 0 || device >= kDevices) return compute();
+  if (!known[device].load(std::memory_order_acquire)) {
+    values[device] = compute();
+    known[device].store(true, std::memory_order_release);
+  }
+  return values[device];
+}
+
+// Runs setup() once per device (a kernel's attributes), as per_device computes a value.
 template <typename Setup>
 void once_per_device(int device, Setup&& setup) {
-  constexpr int kDevices = 64;
-  static std::atomic<bool> done[kDevices] = {};
-  if (device < 0 || device >= kDevices) return setup();
-  if (done[device].load(std::memory_order_acquire)) return;
-  setup();
-  done[device].store(true, std::memory_order_release);
+  per_device(device, [&] {
+    setup();
+    return true;
+  });
 }
 
 // t's elements (from its storage offset) seen with these sizes and strides, of any rank: a view

@@ -708,11 +708,8 @@ bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream
   struct Launch {
     int per_sm = 0, stages = 0;
   };
-  constexpr int kDevices = 64;
-  static Launch known[kDevices] = {};  // per_sm + 1, so that 0 means "not asked yet"
   const int device = scores.get_device_index();
-  Launch launch = device < kDevices ? known[device] : Launch{};
-  if (launch.per_sm == 0) {
+  const Launch launch = per_device(device, [&] {
     int cooperative = 0, shared = 0;
     cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
     cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -720,21 +717,19 @@ bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream
     cudaFuncGetAttributes(&attributes, kernel);
     const int64_t stages =
         (shared - static_cast<int64_t>(attributes.sharedSizeBytes)) / Shape::kStageBytes;
-    launch.stages = static_cast<int>(stages < Shape::kMaxStages ? stages : Shape::kMaxStages);
-    int per_sm = 0;
-    if (cooperative && launch.stages >= 2 &&
+    Launch found;
+    found.stages = static_cast<int>(stages < Shape::kMaxStages ? stages : Shape::kMaxStages);
+    if (cooperative && found.stages >= 2 &&
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             launch.stages * Shape::kStageBytes) == cudaSuccess) {
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads,
-                                                    launch.stages * Shape::kStageBytes);
+                             found.stages * Shape::kStageBytes) == cudaSuccess) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&found.per_sm, kernel, kPersistentThreads,
+                                                    found.stages * Shape::kStageBytes);
     }
     cudaGetLastError();  // a device that cannot run it: the sweeps run one by one
-    launch.per_sm = per_sm + 1;
-    if (device < kDevices) known[device] = launch;
-  }
-  const int per_sm = launch.per_sm - 1;
-  if (per_sm < 1) return false;
-  const int64_t blocks = int64_t{per_sm} * sm_count(scores);
+    return found;
+  });
+  if (launch.per_sm < 1) return false;
+  const int64_t blocks = int64_t{launch.per_sm} * sm_count(scores);
   args.rows_per_block = (args.rows + blocks - 1) / blocks;
   Tensor scratch = torch::stable::new_empty(
       scores, {(2 * blocks + 1) * args.cols + args.rows}, accumulate_type(scores));
