@@ -96,17 +96,15 @@ _AUTO_ORDER = {
     # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
         sizes, "batch p pixels c taps", 2**21)),
-    # codebook_lookup: Triton at every in-model size (dw_nearest + lookup N65536 G8 K1024 Dg32:
-    # 0.831 vs 4.66 ms); the VQ training step 2.7 vs 7.4 ms (RESULTS.md "dw_nearest,
-    # codebook_lookup, codebook_stats, VectorQuantizer, 2026-11-24").
-    "codebook_lookup": lambda dtype, precision, sizes: TRITON_FIRST,
     # codebook_stats (also the scatter of the codes' gradient in dw_quantize's and
-    # codebook_lookup's backward): CUDA up to N*G*Dg = 2^22, where the call is host-bound and
-    # CUDA's one C++ call wins (N8192 G1 K512 Dg64: 0.099 vs 0.112 ms; N65536 G1 K1024 Dg64:
-    # 0.119 vs 0.130; dw_quantize's fwd+bwd at N65536 G1 K1024 Dg64 0.538 vs 0.902), Triton above
-    # (N65536 G8 K1024 Dg32: 0.147 vs 0.187; GPU time 0.048 vs 0.107). RESULTS.md "One call for
-    # the VQ step".
-    "codebook_stats": lambda dtype, precision, sizes: _backend_by_work(sizes, "n batch d", 2**22),
+    # codebook_lookup's backward) and codebook_lookup: CUDA up to N*G*Dg = 2^22, where the call
+    # is host-bound and CUDA's one C++ call wins (stats N8192 G1 K512 Dg64: 0.099 vs 0.112 ms,
+    # N65536 G1 K1024 Dg64: 0.119 vs 0.130, dw_quantize's fwd+bwd there 0.538 vs 0.902; lookup
+    # N8192 G1 K512 Dg64: 0.115 vs 0.139, N65536 G1 K1024 Dg64: 0.111 vs 0.133), Triton above
+    # (stats N65536 G8 K1024 Dg32: 0.147 vs 0.187, GPU time 0.048 vs 0.107; lookup there 0.111
+    # vs 0.187). RESULTS.md "One call for the VQ step".
+    **dict.fromkeys(("codebook_lookup", "codebook_stats"),
+                    lambda dtype, precision, sizes: _backend_by_work(sizes, "n batch d", 2**22)),
     # sinkhorn: CUDA up to B*K = 2^24 with K <= 8192, where its whole iteration is one
     # cooperative launch (36-69 us of host time against Triton's ~300 for eight launches): B256
     # K3000 0.034 vs 0.308 ms, B1024 0.051 vs 0.350, B4096 0.148 vs 0.268 (H100; GPU time at

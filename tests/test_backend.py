@@ -254,22 +254,14 @@ def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, o
     assert _backend.resolve("nearest_k", cuda, dtype, precision, n=4096, m=512, d=128) == "triton"
 
 
-def test_auto_takes_triton_for_every_lookup(monkeypatch):
-    _pretend(monkeypatch, triton=True, cuda=True)
-    for n in (1, 256, 65536):
-        assert _backend.resolve("codebook_lookup", torch.device("cuda"), torch.float32, n=n,
-                                m=3000) == "triton"
-
-
-def test_auto_takes_cuda_for_small_codebook_stats(monkeypatch):
-    """Host-bound statistics (N*G*Dg <= 2^22) on CUDA, larger ones on Triton (RESULTS.md "One
-    call for the VQ step")."""
+@pytest.mark.parametrize("op", ["codebook_lookup", "codebook_stats"])
+def test_auto_takes_cuda_for_small_codebook_ops(monkeypatch, op):
+    """Host-bound lookups and statistics (N*G*Dg <= 2^22) on CUDA, larger ones on Triton
+    (RESULTS.md "One call for the VQ step")."""
     _pretend(monkeypatch, triton=True, cuda=True)
     cuda = torch.device("cuda")
-    assert _backend.resolve("codebook_stats", cuda, torch.float32, n=65536, m=1024, batch=1,
-                            d=64) == "cuda"
-    assert _backend.resolve("codebook_stats", cuda, torch.float32, n=65536, m=1024, batch=8,
-                            d=32) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, n=65536, m=1024, batch=1, d=64) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, n=65536, m=1024, batch=8, d=32) == "triton"
 
 
 @pytest.mark.parametrize("op", ["sinkhorn", "sinkhorn_plan"])
