@@ -35,20 +35,30 @@ def _loop_over_groups(sizes, x, codebooks):
     return torch.cat(parts, -1), torch.stack(indices, -1)
 
 
-def _two_calls(sizes, x, codebooks):
-    """The package's two-call form of the step, dw_nearest then codebook_lookup, as `auto` runs
-    it (baselines otherwise run under the reference backend)."""
+def two_calls(sizes, x, codebooks):
+    """The package's two-call form of the step: dw_nearest, then codebook_lookup (what
+    VectorQuantizer runs without EMA)."""
+    _, idx = protokernels.dw_nearest(x, codebooks)
+    return protokernels.codebook_lookup(idx, codebooks), idx
+
+
+def _two_calls_under_auto(sizes, x, codebooks):
+    """two_calls as `auto` runs it (baselines otherwise run under the reference backend)."""
     with protokernels.use_backend("auto"):
-        _, idx = protokernels.dw_nearest(x, codebooks)
-        return protokernels.codebook_lookup(idx, codebooks), idx
+        return two_calls(sizes, x, codebooks)
 
 
-BASELINES = {"loop over groups": _loop_over_groups, "two calls": _two_calls}
+BASELINES = {"loop over groups": _loop_over_groups, "two calls": _two_calls_under_auto}
 
 
 def fused(sizes, x, codebooks):
     quantized, idx, _ = protokernels.dw_quantize(x, codebooks)
     return quantized, idx
+
+
+# What `python -m protokernels.warmup` compiles for this op: both forms, so that dw_nearest's and
+# the lookup's kernels are warm too (dw_quantize's search kernel is another specialization).
+WARMUP = (fused, two_calls)
 
 
 def _sizes(n, g, k, d):

@@ -40,14 +40,16 @@ def _cases(module, which: str):
 
 
 def _run(module, sizes, dtype, precision, backend) -> None:
+    """The op's calls (the module's WARMUP, else its fused call), forward and backward."""
     inputs = module.make_inputs(sizes, dtype, torch.device("cuda"))
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
     torch.set_float32_matmul_precision(precision)
     with protokernels.use_backend(backend):
-        out = module.fused(sizes, *leaves)
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        if first.requires_grad:
-            first.sum().backward()
+        for call in getattr(module, "WARMUP", (module.fused,)):
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+            out = call(sizes, *leaves)
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if first.requires_grad:
+                first.sum().backward()
 
 
 def warmup(ops, which, dtypes, precisions, shapes, log=print) -> int:
