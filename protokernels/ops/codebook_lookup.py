@@ -37,13 +37,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(idx)
 
 
-def _backward(ctx, grad):
-    (idx,) = ctx.saved_tensors
+def codes_gradient(grad: Tensor, idx: Tensor, shape, dtype: torch.dtype, deterministic: bool,
+                   backend: str) -> Tensor:
+    """The lookup's adjoint: the gradient w.r.t. codebooks of `shape` and `dtype` of a lookup by
+    idx (N, G) whose output received `grad` (N, G*Dg): each code's sum of its rows' gradients
+    (codebook_stats' sums, run on `backend`). Also dw_quantize's, for its quantized vectors."""
     from .codebook_stats import _codebook_stats  # each op's backward is the other op
 
-    sums, _ = _codebook_stats(grad, idx, ctx.shape[1], ctx.deterministic, ctx.backend)
+    sums, _ = _codebook_stats(grad, idx, shape[1], deterministic, backend)
     # reshape: with G = 0 groups the statistics cannot know Dg (their (0, K, 0) is empty too)
-    return None, sums.to(ctx.dtype).reshape(ctx.shape), None, None
+    return sums.to(dtype).reshape(shape)
+
+
+def _backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return (None, codes_gradient(grad, idx, ctx.shape, ctx.dtype, ctx.deterministic, ctx.backend),
+            None, None)
 
 
 _codebook_lookup.register_autograd(_backward, setup_context=_setup_context)

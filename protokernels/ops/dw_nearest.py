@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ._registry import custom_op
-from .codebook_stats import _codebook_stats
+from .codebook_lookup import codes_gradient
 from .nearest import _NEAREST, new_results, pair_grads
 
 
@@ -149,10 +149,8 @@ def _backward_quantize(ctx, grad_quantized, grad_dist, _grad_idx):
     if grad_dist is not None:
         grad_x, grad_codebooks = _distance_grads(grad_dist, x, codebooks, idx, ctx.backend)
     if grad_quantized is not None and ctx.needs_input_grad[1]:
-        # The lookup's adjoint: each code receives the sum of its rows' gradients.
-        sums, _ = _codebook_stats(grad_quantized, idx, codebooks.shape[1], ctx.deterministic,
-                                  ctx.scatter_backend)
-        sums = sums.to(codebooks.dtype).reshape(codebooks.shape)
+        sums = codes_gradient(grad_quantized, idx, codebooks.shape, codebooks.dtype,
+                              ctx.deterministic, ctx.scatter_backend)
         grad_codebooks = sums if grad_codebooks is None else grad_codebooks + sums
     return grad_x, grad_codebooks, None, None, None, None
 
