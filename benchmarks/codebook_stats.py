@@ -44,7 +44,6 @@ def cases(quick: bool):
     return [("fp32", "high", torch.float32, sizes)]
 
 
-
 def model_cases(quick: bool):
     """The statistics at the VQ sizes of models: dw_nearest's in-model grid (N, G, K, Dg)."""
     return dw_nearest.model_cases(quick)

@@ -1,7 +1,8 @@
 """Where a call's host time goes, on the GPU machine: dispatch layers, Triton launch paths, the
 pieces of a nearest call, and the in-model cases whose host cost exceeded the naive expression's
-(VQ's quantization step: dw_quantize and its two-call form; sinkhorn). Host microseconds per call (no sync inside the loop;
-small shapes, so the GPU keeps up). `--profile` adds a cProfile of the Triton calls.
+(VQ's quantization step: dw_quantize and its two-call form; sinkhorn). Host microseconds per call
+(no sync inside the loop; small shapes, so the GPU keeps up). `--profile` adds a cProfile of the
+Triton calls.
 
     python scripts/probe_host_cost.py [--profile]
 """
@@ -80,14 +81,9 @@ def main():
     vq_sizes = dw_bench._sizes(8192, 1, 512, 64)
     vq = dw_bench.make_inputs(vq_sizes, torch.float32, torch.device("cuda"))
     _, vq_idx = protokernels.dw_nearest(*vq)
-
-    def two_calls():
-        _, idx = protokernels.dw_nearest(*vq)
-        return protokernels.codebook_lookup(idx, vq[1])
-
     in_model = {
         "dw_quantize N8192 K512 D64": lambda: protokernels.dw_quantize(*vq),
-        "  dw_nearest + codebook_lookup": two_calls,
+        "  dw_nearest + codebook_lookup": lambda: dw_bench.two_calls(vq_sizes, *vq),
         "  of which dw_nearest": lambda: protokernels.dw_nearest(*vq),
         "  of which codebook_lookup": lambda: protokernels.codebook_lookup(vq_idx, vq[1]),
     }

@@ -193,8 +193,8 @@ def _search_kernel(X, Y, X_LO, Y_LO, X_NORM, Y_NORM, TILE_FLAGS, EXCLUDE, X_LABE
     """KEYS (B, N, splits, SLOTS): per split, the best K keys (SLOTS = K), or the best key of x's
     label and of other labels (SLOTS = 2). FINISH (one split, K = 1 or labels): instead, the exact
     distances and indices into DIST, IDX (B, N, SLOTS) with strides (so_b, so_n, 1), and with
-    GATHERED (K = 1) the winners' rows of Y into GATHER (B, N, D), strides (sg_b, sg_n, sg_d). COLUMNS: also
-    the best row per column, atomically min-ed into COL_KEYS (B, M). Norms (B, rows) with batch
+    GATHERED (K = 1) the winners' rows of Y into GATHER (B, N, D), strides (sg_b, sg_n, sg_d).
+    COLUMNS: also the best row per column, atomically min-ed into COL_KEYS (B, M). Norms (B, rows) with batch
     strides snx_b, sny_b (0: broadcast); TILE_FLAGS (B, column tiles), batch stride sf_b, marks
     the tiles holding a non-finite y row."""
     pid = tl.program_id(0)
