@@ -8,6 +8,7 @@ from ._backend import (BackendStatus, BackendUnavailableError, available_backend
 from .ops.codebook_lookup import codebook_lookup
 from .ops.codebook_stats import codebook_stats
 from .ops.dw_nearest import dw_nearest, dw_quantize
+from .ops.glvq_loss import glvq_loss
 from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
 from .ops.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_plan
@@ -18,6 +19,6 @@ from ._version import __version__  # noqa: E402
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
            "codebook_stats", "current_backend", "dw_nearest", "dw_quantize",
-           "kp_conv1d", "kp_conv2d",
+           "glvq_loss", "kp_conv1d", "kp_conv2d",
            "nearest", "nearest_both", "nearest_by_label", "nearest_k", "SinkhornInfo", "sinkhorn",
            "sinkhorn_plan", "sqdist", "use_backend"]

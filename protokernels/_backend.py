@@ -28,6 +28,8 @@ OP_FILES = {
     "sqdist": "sqdist", "nearest": "nearest", "nearest_k": "nearest",
     "nearest_by_label": "nearest", "nearest_both": "nearest", "dw_nearest": "nearest",
     "dw_quantize": "nearest",
+    # glvq_loss: nearest_by_label's search (its capabilities) and an epilogue in glvq_loss.*
+    "glvq_loss": "nearest",
     "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
     "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
 }
@@ -86,7 +88,9 @@ _AUTO_ORDER = {
     # Triton from 2^28 (N4096 M512 D128: 0.097 vs 0.213); with a backward CUDA up to 2^28
     # (N4096 M512 D128 fwd+bwd 0.560 vs 0.720). RESULTS.md "The tensor-core CUDA search".
     "nearest_k": lambda dtype, precision, sizes: _ffma_search_order(sizes),
-    **dict.fromkeys(("nearest", "nearest_by_label", "nearest_both", "dw_nearest", "dw_quantize"),
+    # glvq_loss is nearest_by_label's search with an epilogue launch: the search's rule.
+    **dict.fromkeys(("nearest", "nearest_by_label", "nearest_both", "dw_nearest", "dw_quantize",
+                     "glvq_loss"),
                     lambda dtype, precision, sizes: (
                         _backend_by_work(sizes, "batch n m d", 2**30)
                         if dtype != torch.float32 or precision != "ieee"

@@ -307,3 +307,27 @@ def feature_rows(owner: str, name: str, t, dim: int, layout: str) -> None:
                         f"{got}")
     if t.shape[1] != dim:
         raise ValueError(f"{owner}: '{name}' must have {dim} features, got {t.shape[1]}")
+
+
+def labelled(op: str, x: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+             prototype_labels: torch.Tensor) -> None:
+    """x (N, D) and prototypes (M, D) floating, with 1-D integer labels of N and M entries (the
+    LVQ losses' arguments)."""
+    for name, t, dims in (("x", x, 2), ("prototypes", prototypes, 2)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != dims:
+            raise TypeError(f"{op}: '{name}' must be a 2-D floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__} "
+                            f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
+    for name, t, rows in (("labels", labels, x.shape[0]),
+                          ("prototype_labels", prototype_labels, prototypes.shape[0])):
+        if (not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex()
+                or t.dim() != 1):
+            raise TypeError(f"{op}: '{name}' must be a 1-D integer tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.shape[0] != rows:
+            raise ValueError(f"{op}: '{name}' must have {rows} entries, got {t.shape[0]}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: '{name}' must be on x's device ({x.device}), got {t.device}")
+    if x.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"{op}: 'x' and 'prototypes' must have the same feature size, got "
+                         f"{x.shape[1]} and {prototypes.shape[1]}")

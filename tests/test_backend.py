@@ -130,7 +130,8 @@ def test_every_op_and_backend_resolves_to_an_implementation():
         ("kp_conv", "kp_conv2d_grad_input"), ("kp_conv", "kp_conv2d_grad_weight"),
         ("codebook_lookup", "codebook_lookup"), ("codebook_stats", "codebook_stats"),
         ("sinkhorn", "sinkhorn_column_logsum"), ("sinkhorn", "sinkhorn_row_sweep"),
-        ("sinkhorn", "sinkhorn_iterate"), ("nearest", "dw_nearest")}
+        ("sinkhorn", "sinkhorn_iterate"), ("nearest", "dw_nearest"),
+        ("glvq_loss", "glvq_epilogue")}
     statuses = protokernels.available_backends()
     for table in tables:
         for name in _backend.BACKENDS:

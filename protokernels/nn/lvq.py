@@ -15,30 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
-from .._numerics import FLOAT_DTYPES, accumulate_dtype
-from ..ops.nearest import nearest, nearest_by_label
+from .._numerics import accumulate_dtype
+from ..ops.glvq_loss import glvq_loss
+from ..ops.nearest import nearest
 from ..ops.sqdist import sqdist
-
-_TRANSFERS = ("identity", "sigmoid", "swish")
-
-
-def _check_labelled(op: str, x: Tensor, labels: Tensor, prototypes: Tensor,
-                    prototype_labels: Tensor) -> None:
-    for name, t, dims in (("x", x, 2), ("prototypes", prototypes, 2)):
-        if not isinstance(t, Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != dims:
-            raise TypeError(f"{op}: '{name}' must be a 2-D floating-point tensor, got "
-                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__} "
-                            f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
-    for name, t, rows in (("labels", labels, x.shape[0]),
-                          ("prototype_labels", prototype_labels, prototypes.shape[0])):
-        if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dim() != 1:
-            raise TypeError(f"{op}: '{name}' must be a 1-D integer tensor, got "
-                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-        if t.shape[0] != rows:
-            raise ValueError(f"{op}: '{name}' must have {rows} entries, got {t.shape[0]}")
-    if x.shape[1] != prototypes.shape[1]:
-        raise ValueError(f"{op}: 'x' and 'prototypes' must have the same feature size, got "
-                         f"{x.shape[1]} and {prototypes.shape[1]}")
+from ..reference.glvq_loss import TRANSFERS
 
 
 def _mean_over(values: Tensor, counted: Tensor, reduction: str) -> Tensor:
@@ -62,43 +43,25 @@ class GLVQLoss(nn.Module):
     function: "identity", "sigmoid" (1 / (1 + exp(-beta mu))) or "swish" (mu * sigmoid(beta mu)),
     as in prototorch. mu < 0 is a correct classification; mu is in [-1, 1].
 
-    forward(x (N, D), labels (N,), prototypes (M, D), prototype_labels (M,)) -> loss, one search
-    (protokernels.nearest_by_label: d+ and d- without the (N, M) matrix); gradients reach x and
-    the two winning prototypes of each sample. A sample whose class has no prototype is left out;
-    one with no prototype of another class has d- = inf and mu = -1 (nothing to confuse it with).
+    forward(x (N, D), labels (N,), prototypes (M, D), prototype_labels (M,)) -> loss:
+    protokernels.glvq_loss (one nearest_by_label search for d+ and d- without the (N, M) matrix,
+    one epilogue kernel); gradients reach x and the two winning prototypes of each sample. A
+    sample whose class has no prototype is left out; one with no prototype of another class has
+    d- = inf and mu = -1 (nothing to confuse it with).
     """
 
     def __init__(self, transfer: str = "identity", beta: float = 10.0, reduction: str = "mean"):
         super().__init__()
-        if transfer not in _TRANSFERS:
-            raise ValueError(f"GLVQLoss: 'transfer' must be one of {_TRANSFERS}, got {transfer!r}")
+        if transfer not in TRANSFERS:
+            raise ValueError(f"GLVQLoss: 'transfer' must be one of {TRANSFERS}, got {transfer!r}")
         _validate.settings("GLVQLoss", positive=dict(beta=beta))
         self.transfer, self.beta = transfer, float(beta)
         self.reduction = _check_reduction("GLVQLoss", reduction)
 
-    def mu(self, x: Tensor, labels: Tensor, prototypes: Tensor,
-           prototype_labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu (N,), counted (N,)): the relative distance and whether the sample counts."""
-        _check_labelled("GLVQLoss", x, labels, prototypes, prototype_labels)
-        d_plus, i_plus, d_minus, i_minus = nearest_by_label(x, labels, prototypes,
-                                                            prototype_labels)
-        counted = i_plus >= 0
-        rival = i_minus >= 0
-        # No rival: mu = -1 (d- infinite). Both 0 (x on a prototype of each class): mu = 0.
-        d_minus = torch.where(rival, d_minus, d_plus + 1.0)
-        d_plus = torch.where(counted, d_plus, 0.0)
-        total = d_plus + d_minus
-        mu = torch.where(total > 0, (d_plus - d_minus) / torch.where(total > 0, total, 1.0), 0.0)
-        return torch.where(rival, mu, -1.0), counted
-
     def forward(self, x: Tensor, labels: Tensor, prototypes: Tensor,
                 prototype_labels: Tensor) -> Tensor:
-        mu, counted = self.mu(x, labels, prototypes, prototype_labels)
-        if self.transfer == "sigmoid":
-            mu = torch.sigmoid(self.beta * mu)
-        elif self.transfer == "swish":
-            mu = mu * torch.sigmoid(self.beta * mu)
-        return _mean_over(mu, counted, self.reduction)
+        return glvq_loss(x, labels, prototypes, prototype_labels, transfer=self.transfer,
+                         beta=self.beta, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"transfer={self.transfer!r}, beta={self.beta}, reduction={self.reduction!r}"
@@ -122,7 +85,7 @@ class RSLVQLoss(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor, prototypes: Tensor,
                 prototype_labels: Tensor) -> Tensor:
-        _check_labelled("RSLVQLoss", x, labels, prototypes, prototype_labels)
+        _validate.labelled("RSLVQLoss", x, labels, prototypes, prototype_labels)
         logits = sqdist(x, prototypes).to(accumulate_dtype(x.dtype)) / (-2.0 * self.sigma ** 2)
         same = labels[:, None] == prototype_labels[None, :]
         counted = same.any(1)

@@ -1,0 +1,174 @@
+// glvq_loss's epilogue in CUDA: one launch turns nearest_by_label's (d+, i+, d-, i-) into GLVQ's
+// transfer values, their derivatives w.r.t. (d+, d-) and the loss (formulas:
+// protokernels/reference/glvq_loss.py). At the heads' in-model sizes a training step is host
+// time, and this replaces ~50 launches of torch ops (RESULTS.md "GLVQ in one op").
+//
+// The sum is deterministic: each block writes its partial sum and count, and the block that
+// arrives last (a ticket taken with an atomic add after a fence) adds the partials in block order.
+#include <cmath>
+#include <string>
+
+#include "common.h"
+
+namespace protokernels {
+namespace {
+
+constexpr int kEpilogueThreads = 256;
+constexpr int kRowsPerThread = 4;
+constexpr int kRowsPerBlock = kEpilogueThreads * kRowsPerThread;
+
+enum Transfer { kIdentity = 0, kSigmoid = 1, kSwish = 2 };
+enum Reduction { kNone = 0, kSum = 1, kMean = 2 };
+
+// Sum over the block in a fixed order (the same result for the same input every run).
+template <typename V>
+__device__ V block_sum(V v, V* shared) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xFFFFFFFF, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : V(0);
+  if (warp == 0) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xFFFFFFFF, v, offset);
+  }
+  __syncthreads();  // shared may be reused by the caller
+  return v;         // valid in thread 0
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    epilogue_kernel(const A* __restrict__ dist, const int64_t* __restrict__ idx, int64_t n,
+                    int transfer, A beta, int reduction, A* __restrict__ loss,
+                    A* __restrict__ coef, A* __restrict__ scale, A* partial,
+                    long long* tickets) {
+  __shared__ A shared_sums[kEpilogueThreads / 32];
+  __shared__ long long shared_counts[kEpilogueThreads / 32];
+  __shared__ bool last;
+  A sum = 0;
+  long long count = 0;
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    const int64_t i = int64_t{blockIdx.x} * kRowsPerBlock + r * kEpilogueThreads + threadIdx.x;
+    if (i >= n) break;
+    const A d_plus = dist[2 * i], d_minus = dist[2 * i + 1];
+    const bool counted = idx[2 * i] >= 0, rival = idx[2 * i + 1] >= 0;
+    const A total = d_plus + d_minus;
+    const bool live = rival && total != A(0);  // NaN != 0: a NaN total stays live
+    const A safe = live ? total : A(1);
+    A mu = live ? (d_plus - d_minus) / safe : A(0);
+    if (!rival) mu = d_plus * A(0) - A(1);  // NaN d+ stays NaN
+    A value = mu, slope = 1;
+    if (transfer != kIdentity) {
+      const A s = A(1) / (A(1) + exp(-beta * mu));
+      slope = beta * s * (A(1) - s);
+      value = transfer == kSigmoid ? s : mu * s;
+      if (transfer == kSwish) slope = s + mu * slope;
+    }
+    const bool grad = counted && live;
+    const A twice = A(2) / (safe * safe);
+    coef[2 * i] = grad ? slope * d_minus * twice : A(0);
+    coef[2 * i + 1] = grad ? -slope * d_plus * twice : A(0);
+    value = counted ? value : A(0);
+    if (reduction == kNone) {
+      loss[i] = value;
+    } else {
+      sum += value;
+      count += counted;
+    }
+  }
+  if (reduction == kNone) return;
+  sum = block_sum(sum, shared_sums);
+  count = block_sum(count, shared_counts);
+  if (threadIdx.x == 0) {
+    partial[blockIdx.x] = sum;
+    tickets[1 + blockIdx.x] = count;
+    __threadfence();  // the partials are visible before the ticket
+    last = atomicAdd(reinterpret_cast<unsigned long long*>(tickets), 1ULL) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  sum = 0;
+  count = 0;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {  // block order: deterministic
+    sum += __ldcg(partial + b);
+    count += __ldcg(tickets + 1 + b);
+  }
+  sum = block_sum(sum, shared_sums);
+  count = block_sum(count, shared_counts);
+  if (threadIdx.x == 0) {
+    const A factor = reduction == kMean ? A(1) / A(count > 0 ? count : 1) : A(1);
+    *loss = sum * factor;
+    *scale = factor;
+  }
+}
+
+int parse_choice(const std::string& value, std::initializer_list<const char*> names,
+                 const char* op, const char* argument) {
+  int index = 0;
+  for (const char* name : names) {
+    if (value == name) return index;
+    ++index;
+  }
+  STD_TORCH_CHECK(false, op, ": unknown ", argument, " '", value, "'");
+}
+
+}  // namespace
+
+// dist (N >= 1, 2) float32/float64 and idx (N, 2) int64, contiguous, from nearest_by_label ->
+// (loss, coef (N, 2), scale).
+std::tuple<Tensor, Tensor, Tensor> glvq_epilogue_cuda(Tensor dist, Tensor idx,
+                                                       std::string transfer, double beta,
+                                                       std::string reduction) {
+  const char* op = "glvq_epilogue_cuda";
+  PK_CHECK_CUDA(op, "dist", dist);
+  PK_CHECK_CUDA(op, "idx", idx);
+  PK_CHECK((dist.scalar_type() == ScalarType::Float || dist.scalar_type() == ScalarType::Double) &&
+               dist.dim() == 2 && dist.size(1) == 2 && dist.size(0) >= 1 && dist.is_contiguous(),
+           op, "argument 'dist' must be a contiguous float32 or float64 tensor (N >= 1, 2)");
+  PK_CHECK(idx.scalar_type() == ScalarType::Long && idx.dim() == 2 && idx.size(0) == dist.size(0) &&
+               idx.size(1) == 2 && idx.is_contiguous(),
+           op, "argument 'idx' must be a contiguous int64 tensor shaped like 'dist'");
+  const int transfer_code = parse_choice(transfer, {"identity", "sigmoid", "swish"}, op, "transfer");
+  const int reduction_code = parse_choice(reduction, {"none", "sum", "mean"}, op, "reduction");
+  torch::stable::accelerator::DeviceGuard guard(dist.get_device_index());
+  const cudaStream_t stream = current_stream(dist);
+  const int64_t n = dist.size(0);
+  const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+  PK_CHECK(blocks < (int64_t{1} << 31), op, "too many rows: ", n);
+  Tensor coef = torch::stable::new_empty(dist, {n, 2});
+  Tensor loss = reduction_code == kNone ? torch::stable::new_empty(dist, {n})
+                                        : torch::stable::new_empty(dist, {});
+  Tensor scale = torch::stable::new_empty(dist, {});
+  // Per block: a partial sum, and (int64) the ticket then a count each; zeroed for the tickets.
+  Tensor partial = torch::stable::new_empty(dist, {reduction_code == kNone ? 0 : blocks});
+  Tensor tickets = torch::stable::new_zeros(idx, {reduction_code == kNone ? 0 : blocks + 1});
+  if (reduction_code == kNone) torch::stable::fill_(scale, 1.0);
+  auto launch = [&](auto tag) {
+    using A = decltype(tag);
+    epilogue_kernel<A><<<static_cast<unsigned>(blocks), kEpilogueThreads, 0, stream>>>(
+        static_cast<const A*>(dist.const_data_ptr()),
+        static_cast<const int64_t*>(idx.const_data_ptr()), n, transfer_code, static_cast<A>(beta),
+        reduction_code, static_cast<A*>(loss.mutable_data_ptr()),
+        static_cast<A*>(coef.mutable_data_ptr()), static_cast<A*>(scale.mutable_data_ptr()),
+        static_cast<A*>(partial.mutable_data_ptr()),
+        static_cast<long long*>(tickets.mutable_data_ptr()));
+    PK_CHECK_LAUNCH();
+  };
+  if (dist.scalar_type() == ScalarType::Double) {
+    launch(double{});
+  } else {
+    launch(float{});
+  }
+  return {loss, coef, scale};
+}
+
+}  // namespace protokernels
+
+STABLE_TORCH_LIBRARY_FRAGMENT(protokernels, m) {
+  m.def("glvq_epilogue_cuda(Tensor dist, Tensor idx, str transfer, float beta, str reduction) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(protokernels, CUDA, m) {
+  m.impl("glvq_epilogue_cuda", TORCH_BOX(&protokernels::glvq_epilogue_cuda));
+}
