@@ -2,13 +2,12 @@
 // transfer values, their derivatives w.r.t. (d+, d-) and the loss (formulas:
 // protokernels/reference/glvq_loss.py). At the heads' in-model sizes a training step is host
 // time, and this replaces ~50 launches of torch ops (RESULTS.md "GLVQ in one op").
-//
-// The sum is deterministic: each block writes its partial sum and count, and the block that
-// arrives last (a ticket taken with an atomic add after a fence) adds the partials in block order.
+// The sum is deterministic (losses.cuh's finish_sum).
 #include <cmath>
 #include <string>
 
 #include "common.h"
+#include "losses.cuh"
 
 namespace protokernels {
 namespace {
@@ -18,22 +17,6 @@ constexpr int kRowsPerThread = 4;
 constexpr int kRowsPerBlock = kEpilogueThreads * kRowsPerThread;
 
 enum Transfer { kIdentity = 0, kSigmoid = 1, kSwish = 2 };
-enum Reduction { kNone = 0, kSum = 1, kMean = 2 };
-
-// Sum over the block in a fixed order (the same result for the same input every run).
-template <typename V>
-__device__ V block_sum(V v, V* shared) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xFFFFFFFF, v, offset);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : V(0);
-  if (warp == 0) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xFFFFFFFF, v, offset);
-  }
-  __syncthreads();  // shared may be reused by the caller
-  return v;         // valid in thread 0
-}
 
 template <typename A>
 __global__ void __launch_bounds__(kEpilogueThreads)
@@ -41,9 +24,6 @@ __global__ void __launch_bounds__(kEpilogueThreads)
                     int transfer, A beta, int reduction, A* __restrict__ loss,
                     A* __restrict__ coef, A* __restrict__ scale, A* partial,
                     long long* tickets) {
-  __shared__ A shared_sums[kEpilogueThreads / 32];
-  __shared__ long long shared_counts[kEpilogueThreads / 32];
-  __shared__ bool last;
   A sum = 0;
   long long count = 0;
   for (int r = 0; r < kRowsPerThread; ++r) {
@@ -75,41 +55,15 @@ __global__ void __launch_bounds__(kEpilogueThreads)
       count += counted;
     }
   }
-  if (reduction == kNone) return;
-  sum = block_sum(sum, shared_sums);
-  count = block_sum(count, shared_counts);
-  if (threadIdx.x == 0) {
-    partial[blockIdx.x] = sum;
-    tickets[1 + blockIdx.x] = count;
-    __threadfence();  // the partials are visible before the ticket
-    last = atomicAdd(reinterpret_cast<unsigned long long*>(tickets), 1ULL) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  sum = 0;
-  count = 0;
-  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {  // block order: deterministic
-    sum += __ldcg(partial + b);
-    count += __ldcg(tickets + 1 + b);
-  }
-  sum = block_sum(sum, shared_sums);
-  count = block_sum(count, shared_counts);
-  if (threadIdx.x == 0) {
-    const A factor = reduction == kMean ? A(1) / A(count > 0 ? count : 1) : A(1);
-    *loss = sum * factor;
-    *scale = factor;
-  }
+  if (reduction != kNone) finish_sum(sum, count, reduction, loss, scale, partial, tickets);
 }
 
-int parse_choice(const std::string& value, std::initializer_list<const char*> names,
-                 const char* op, const char* argument) {
-  int index = 0;
-  for (const char* name : names) {
-    if (value == name) return index;
-    ++index;
-  }
-  STD_TORCH_CHECK(false, op, ": unknown ", argument, " '", value, "'");
+int parse_transfer(const std::string& transfer, const char* op) {
+  if (transfer == "identity") return kIdentity;
+  if (transfer == "sigmoid") return kSigmoid;
+  if (transfer == "swish") return kSwish;
+  STD_TORCH_CHECK(false, op, ": transfer must be 'identity', 'sigmoid' or 'swish', got '",
+                  transfer, "'");
 }
 
 }  // namespace
@@ -128,8 +82,8 @@ std::tuple<Tensor, Tensor, Tensor> glvq_epilogue_cuda(Tensor dist, Tensor idx,
   PK_CHECK(idx.scalar_type() == ScalarType::Long && idx.dim() == 2 && idx.size(0) == dist.size(0) &&
                idx.size(1) == 2 && idx.is_contiguous(),
            op, "argument 'idx' must be a contiguous int64 tensor shaped like 'dist'");
-  const int transfer_code = parse_choice(transfer, {"identity", "sigmoid", "swish"}, op, "transfer");
-  const int reduction_code = parse_choice(reduction, {"none", "sum", "mean"}, op, "reduction");
+  const int transfer_code = parse_transfer(transfer, op);
+  const int reduction_code = parse_reduction(reduction, op);
   torch::stable::accelerator::DeviceGuard guard(dist.get_device_index());
   const cudaStream_t stream = current_stream(dist);
   const int64_t n = dist.size(0);
@@ -139,9 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> glvq_epilogue_cuda(Tensor dist, Tensor idx,
   Tensor loss = reduction_code == kNone ? torch::stable::new_empty(dist, {n})
                                         : torch::stable::new_empty(dist, {});
   Tensor scale = torch::stable::new_empty(dist, {});
-  // Per block: a partial sum, and (int64) the ticket then a count each; zeroed for the tickets.
-  Tensor partial = torch::stable::new_empty(dist, {reduction_code == kNone ? 0 : blocks});
-  Tensor tickets = torch::stable::new_zeros(idx, {reduction_code == kNone ? 0 : blocks + 1});
+  SumBuffers sums(dist, idx, reduction_code, blocks);
   if (reduction_code == kNone) torch::stable::fill_(scale, 1.0);
   auto launch = [&](auto tag) {
     using A = decltype(tag);
@@ -150,8 +102,8 @@ std::tuple<Tensor, Tensor, Tensor> glvq_epilogue_cuda(Tensor dist, Tensor idx,
         static_cast<const int64_t*>(idx.const_data_ptr()), n, transfer_code, static_cast<A>(beta),
         reduction_code, static_cast<A*>(loss.mutable_data_ptr()),
         static_cast<A*>(coef.mutable_data_ptr()), static_cast<A*>(scale.mutable_data_ptr()),
-        static_cast<A*>(partial.mutable_data_ptr()),
-        static_cast<long long*>(tickets.mutable_data_ptr()));
+        static_cast<A*>(sums.partial.mutable_data_ptr()),
+        static_cast<long long*>(sums.tickets.mutable_data_ptr()));
     PK_CHECK_LAUNCH();
   };
   if (dist.scalar_type() == ScalarType::Double) {

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .._numerics import accumulate_dtype
+from ..reference._losses import REDUCTIONS  # noqa: F401  (the kernels' REDUCTION codes)
 
 # Triton's interpreter (3.8) returns garbage from tl.dot on bfloat16 operands (float16 is right);
 # there the operands go through float32 instead, which gives the same exact products.
@@ -190,3 +191,48 @@ def split_operands(x: torch.Tensor, y: torch.Tensor, precision: str):
     if precision == "tf32x3" and x.dtype == torch.float32:
         return True, "tf32", _split_tf32(x), _split_tf32(y)
     return False, precision, (x, x), (y, y)
+
+
+# -- losses: a deterministic sum over programs ---------------------------------------------------
+
+BLOCK_PARTIALS = 1024
+
+
+def reduction_buffers(like: torch.Tensor, rows: int, programs: int, reduction: str):
+    """(loss, scale, partial, tickets) for a loss kernel over `rows` samples in `programs`
+    programs that ends in `finish_sum` (reduction "sum"/"mean": a 0-d loss and scale, a partial
+    sum per program, the int32 ticket and a count per program, zeroed) or writes per-sample
+    values ("none": loss (rows,), scale 1; the other two are unused stand-ins)."""
+    if reduction == "none":
+        return like.new_empty((rows,)), like.new_ones(()), like, like
+    return (like.new_empty(()), like.new_empty(()), like.new_empty((programs,)),
+            torch.zeros(programs + 1, dtype=torch.int32, device=like.device))
+
+
+@triton.jit
+def finish_sum(total, count, LOSS, SCALE, PARTIAL, TICKETS, MEAN: tl.constexpr,
+               BLOCK_PARTIALS: tl.constexpr):
+    """The loss of a kernel whose program holds `total` (its samples' values) and `count` (how many
+    count): LOSS = the sum, or the mean over the counted samples for MEAN (0 when none count), and
+    SCALE = what the backward multiplies the per-sample derivatives by (1 or 1 / count). Each
+    program writes its partials; the one that arrives last (an acq_rel ticket: the partials are
+    visible before it) adds them in program order, so the sum is the same every run."""
+    pid = tl.program_id(0)
+    tl.store(PARTIAL + pid, total)
+    tl.store(TICKETS + 1 + pid, count)
+    programs = tl.num_programs(0)
+    if tl.atomic_add(TICKETS, 1) == programs - 1:
+        sums = tl.zeros((BLOCK_PARTIALS,), PARTIAL.dtype.element_ty)
+        counts = tl.zeros((BLOCK_PARTIALS,), tl.int64)
+        for p0 in range(0, programs, BLOCK_PARTIALS):
+            p = p0 + tl.arange(0, BLOCK_PARTIALS)
+            sums += tl.load(PARTIAL + p, mask=p < programs, other=0.0, volatile=True)
+            counts += tl.load(TICKETS + 1 + p, mask=p < programs, other=0, volatile=True)
+        counted = tl.sum(counts, 0)
+        sum_all = tl.sum(sums, 0)
+        scale = (counted * 0 + 1).to(sum_all.dtype)
+        if MEAN:
+            scale = scale / tl.maximum(counted, 1).to(sum_all.dtype)
+        tl.store(LOSS, sum_all * scale)
+        tl.store(SCALE, scale)
+

@@ -6,8 +6,7 @@ Why a kernel: written in torch ops, the epilogue and its autograd graph were ~50
 training step, and at the heads' in-model sizes the step is host time (RESULTS.md "In-model
 sizes": GLVQ's step 1.2-2.1 ms against 0.6-1.0 compiled).
 
-The sum is deterministic: each program writes its partial sum and count, and the program that
-arrives last (a ticket taken with an atomic add) adds the partials in program order.
+The sum is deterministic (_common.finish_sum).
 """
 from __future__ import annotations
 
@@ -15,20 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, launcher
-from ..reference.glvq_loss import REDUCTIONS, TRANSFERS
+from ._common import BLOCK_PARTIALS, REDUCTIONS, cdiv, finish_sum, launcher, reduction_buffers
+from ..reference.glvq_loss import TRANSFERS
 
 BLOCK = 1024
-BLOCK_PARTIALS = 1024
 
 
 @triton.jit
 def _epilogue_kernel(DIST, IDX, LOSS, COEF, SCALE, PARTIAL, TICKETS, N, beta,
                      TRANSFER: tl.constexpr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
                      BLOCK_PARTIALS: tl.constexpr):
-    """DIST, IDX, COEF (N, 2) contiguous; REDUCTION 0 none (LOSS (N,)), 1 sum, 2 mean (LOSS and
-    SCALE 0-d, PARTIAL (programs,), TICKETS (1 + programs,) int32 zeros: the ticket, then each
-    program's count)."""
+    """DIST, IDX, COEF (N, 2) contiguous; REDUCTION 0 none (LOSS (N,)), 1 sum, 2 mean (finish_sum's
+    buffers)."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
@@ -60,25 +57,8 @@ def _epilogue_kernel(DIST, IDX, LOSS, COEF, SCALE, PARTIAL, TICKETS, N, beta,
     if REDUCTION == 0:
         tl.store(LOSS + rows, value, mask=ok)
     else:
-        tl.store(PARTIAL + pid, tl.sum(value, 0))
-        tl.store(TICKETS + 1 + pid, tl.sum(counted.to(tl.int32), 0))
-        # acq_rel: this program's partials are visible before its ticket; the last program's
-        # reads come after every ticket.
-        programs = tl.num_programs(0)
-        if tl.atomic_add(TICKETS, 1) == programs - 1:
-            sums = tl.zeros((BLOCK_PARTIALS,), PARTIAL.dtype.element_ty)
-            counts = tl.zeros((BLOCK_PARTIALS,), tl.int64)
-            for p0 in range(0, programs, BLOCK_PARTIALS):
-                p = p0 + tl.arange(0, BLOCK_PARTIALS)
-                sums += tl.load(PARTIAL + p, mask=p < programs, other=0.0, volatile=True)
-                counts += tl.load(TICKETS + 1 + p, mask=p < programs, other=0, volatile=True)
-            count = tl.sum(counts, 0)
-            total_value = tl.sum(sums, 0)
-            scale = (count * 0 + 1).to(total_value.dtype)
-            if REDUCTION == 2:
-                scale = scale / tl.maximum(count, 1).to(total_value.dtype)
-            tl.store(LOSS, total_value * scale)
-            tl.store(SCALE, scale)
+        finish_sum(tl.sum(value, 0), tl.sum(counted.to(tl.int32), 0), LOSS, SCALE, PARTIAL,
+                   TICKETS, REDUCTION == 2, BLOCK_PARTIALS)
 
 
 _launch_epilogue = launcher(_epilogue_kernel)
@@ -89,14 +69,8 @@ def glvq_epilogue(dist, idx, transfer, beta, reduction):
     n = dist.shape[0]
     programs = cdiv(n, BLOCK)
     coef = torch.empty_like(dist)
-    code = REDUCTIONS.index(reduction)
-    if code == 0:
-        loss, scale, partial, tickets = dist.new_empty((n,)), dist.new_ones(()), dist, idx
-    else:
-        loss, scale = dist.new_empty(()), dist.new_empty(())
-        partial = dist.new_empty((programs,))
-        tickets = torch.zeros(programs + 1, dtype=torch.int32, device=dist.device)
+    loss, scale, partial, tickets = reduction_buffers(dist, n, programs, reduction)
     _launch_epilogue((programs,), dist, idx, loss, coef, scale, partial, tickets, n, beta,
-                     TRANSFER=TRANSFERS.index(transfer), REDUCTION=code, BLOCK=BLOCK,
-                     BLOCK_PARTIALS=BLOCK_PARTIALS, num_warps=4)
+                     TRANSFER=TRANSFERS.index(transfer), REDUCTION=REDUCTIONS.index(reduction),
+                     BLOCK=BLOCK, BLOCK_PARTIALS=BLOCK_PARTIALS, num_warps=4)
     return loss, coef, scale

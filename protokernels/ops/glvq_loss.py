@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _validate
-from ..reference.glvq_loss import REDUCTIONS, TRANSFERS
+from ..reference._losses import REDUCTIONS
+from ..reference.glvq_loss import TRANSFERS
 from ._registry import custom_op
 from .nearest import new_results, pair_grads
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from ._losses import reduce_values
+
 TRANSFERS = ("identity", "sigmoid", "swish")
-REDUCTIONS = ("none", "sum", "mean")
 
 
 def transfer_values(mu: torch.Tensor, transfer: str, beta: float):
@@ -47,8 +48,5 @@ def glvq_epilogue(dist: torch.Tensor, idx: torch.Tensor, transfer: str, beta: fl
     value = torch.where(counted, value, 0.0)
     coef = torch.stack((slope * d_minus * twice, -slope * d_plus * twice), -1)
     coef = torch.where((counted & live)[:, None], coef, 0.0)
-    if reduction == "none":
-        return value, coef, dist.new_ones(())
-    count = counted.sum()
-    scale = count.clamp_min(1).to(dist.dtype).reciprocal() if reduction == "mean" else dist.new_ones(())
-    return value.sum() * scale, coef, scale
+    loss, scale = reduce_values(value, counted, reduction)
+    return loss, coef, scale

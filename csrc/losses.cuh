@@ -1,0 +1,84 @@
+// The loss ops' reduction (glvq_loss, rslvq_loss): per-sample values, their sum, or their mean
+// over the samples that count, formed deterministically in the kernel that computes the values
+// (the same rule as protokernels/reference/_losses.py and triton_kernels/_common.finish_sum).
+#pragma once
+
+#include <initializer_list>
+#include <string>
+
+#include "common.h"
+
+namespace protokernels {
+
+enum Reduction { kNone = 0, kSum = 1, kMean = 2 };
+
+inline int parse_reduction(const std::string& reduction, const char* op) {
+  if (reduction == "none") return kNone;
+  if (reduction == "sum") return kSum;
+  if (reduction == "mean") return kMean;
+  STD_TORCH_CHECK(false, op, ": reduction must be 'none', 'sum' or 'mean', got '", reduction, "'");
+}
+
+// Sum over the block in a fixed order (the same result for the same input every run); valid in
+// thread 0. `shared` holds one value per warp.
+template <typename V>
+__device__ V block_sum(V v, V* shared) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xFFFFFFFF, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : V(0);
+  if (warp == 0) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xFFFFFFFF, v, offset);
+  }
+  __syncthreads();  // the caller may reuse `shared`
+  return v;
+}
+
+// The buffers of finish_sum: a partial sum per block, and (int64, zeroed) the ticket then a count
+// per block. Empty for reduction "none".
+struct SumBuffers {
+  Tensor partial, tickets;
+  SumBuffers(const Tensor& values_like, const Tensor& int64_like, int reduction, int64_t blocks)
+      : partial(torch::stable::new_empty(values_like, {reduction == kNone ? 0 : blocks})),
+        tickets(torch::stable::new_zeros(int64_like, {reduction == kNone ? 0 : blocks + 1})) {}
+};
+
+// Called by every thread of every block with its own (sum, count): the loss and the scale the
+// backward multiplies the per-sample derivatives by (1, or 1 / count for kMean). Each block writes
+// its partials; the block that arrives last (its ticket taken after a fence, so every partial is
+// visible) adds them in block order.
+template <typename A>
+__device__ void finish_sum(A sum, long long count, int reduction, A* loss, A* scale, A* partial,
+                           long long* tickets) {
+  constexpr int kMaxWarps = 32;
+  __shared__ A shared_sums[kMaxWarps];
+  __shared__ long long shared_counts[kMaxWarps];
+  __shared__ bool last;
+  sum = block_sum(sum, shared_sums);
+  count = block_sum(count, shared_counts);
+  if (threadIdx.x == 0) {
+    partial[blockIdx.x] = sum;
+    tickets[1 + blockIdx.x] = count;
+    __threadfence();
+    last = atomicAdd(reinterpret_cast<unsigned long long*>(tickets), 1ULL) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  sum = 0;
+  count = 0;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {  // L2 reads, block order
+    sum += __ldcg(partial + b);
+    count += __ldcg(tickets + 1 + b);
+  }
+  sum = block_sum(sum, shared_sums);
+  count = block_sum(count, shared_counts);
+  if (threadIdx.x == 0) {
+    const A factor = reduction == kMean ? A(1) / A(count > 0 ? count : 1) : A(1);
+    *loss = sum * factor;
+    *scale = factor;
+  }
+}
+
+}  // namespace protokernels
