@@ -11,6 +11,7 @@ from .ops.dw_nearest import dw_nearest, dw_quantize
 from .ops.glvq_loss import glvq_loss
 from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
+from .ops.rslvq_loss import rslvq_loss
 from .ops.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_plan
 from .ops.sqdist import sqdist
 from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
@@ -18,7 +19,6 @@ from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 from ._version import __version__  # noqa: E402
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
-           "codebook_stats", "current_backend", "dw_nearest", "dw_quantize",
-           "glvq_loss", "kp_conv1d", "kp_conv2d",
-           "nearest", "nearest_both", "nearest_by_label", "nearest_k", "SinkhornInfo", "sinkhorn",
-           "sinkhorn_plan", "sqdist", "use_backend"]
+           "codebook_stats", "current_backend", "dw_nearest", "dw_quantize", "glvq_loss",
+           "kp_conv1d", "kp_conv2d", "nearest", "nearest_both", "nearest_by_label", "nearest_k",
+           "rslvq_loss", "SinkhornInfo", "sinkhorn", "sinkhorn_plan", "sqdist", "use_backend"]

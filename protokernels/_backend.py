@@ -30,6 +30,8 @@ OP_FILES = {
     "dw_quantize": "nearest",
     # glvq_loss: nearest_by_label's search (its capabilities) and an epilogue in glvq_loss.*
     "glvq_loss": "nearest",
+    # rslvq_loss: sqdist's kernels (its capabilities) and an epilogue in rslvq_loss.*
+    "rslvq_loss": "sqdist",
     "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
     "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
 }
@@ -77,8 +79,9 @@ _AUTO_ORDER = {
     # sqdist: Triton's forward wins every in-model row (N256 M10 D64: 0.0058 ms vs CUDA 0.0166);
     # with a backward, CUDA's cheaper gradient launches win up to N*M*D = 2^24 (N1024 M100
     # D128 fwd+bwd: 0.178 vs 0.448 ms) and lose at 2^28 (N4096 M512 D128: 0.611 vs 0.579).
-    "sqdist": lambda dtype, precision, sizes: _backend_by_work(
-        sizes, "batch n m d", 2**24 if _wants_grad(sizes) else 0),
+    # rslvq_loss is sqdist with an epilogue launch: sqdist's rule.
+    **dict.fromkeys(("sqdist", "rslvq_loss"), lambda dtype, precision, sizes: _backend_by_work(
+        sizes, "batch n m d", 2**24 if _wants_grad(sizes) else 0)),
     # The nearest family. One best per row on tensor cores (nearest, nearest_by_label,
     # nearest_both, dw_nearest at "tf32"/"tf32x3" or in half precision) runs CUDA's mma.sync
     # search: CUDA up to N*M*D = 2^30 (N4096 M512 D128 tf32: 0.024-0.038 vs 0.074-0.099 ms; dw

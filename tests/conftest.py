@@ -81,3 +81,15 @@ def skip_unless_capable(backend, op, dtype, rows=0, k=1):
     reasons = protokernels._backend.capabilities(op, backend).not_supported_reasons(dtype, rows, k)
     if reasons:
         pytest.skip(f"{backend} cannot take it: {'; '.join(reasons)}")
+
+
+def labelled_data(n, m, d, classes, dtype=torch.float32, seed=0):
+    """(x, labels, prototypes, prototype_labels) for the LVQ losses: prototypes labelled
+    0..classes-1 in turn, labels over one class more, so that some samples have no prototype."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    protos = torch.randn(m, d, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    labels = torch.randint(0, classes + 1, (n,), generator=g).to(DEVICE)
+    plabels = (torch.arange(m) % classes).to(DEVICE)
+    return x, labels, protos, plabels
+

@@ -7,20 +7,11 @@ import pytest
 import torch
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, skip_unless_capable, tolerance
+from conftest import (DEVICE, HAS_GPU, labelled_data as data, relative_error,
+                      skip_unless_capable, tolerance)
 
 TRANSFERS = ["identity", "sigmoid", "swish"]
 REDUCTIONS = ["none", "sum", "mean"]
-
-
-def data(n, m, d, classes, dtype=torch.float32, seed=0):
-    """Labels run over one class more than the prototypes have: some samples are left out."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    protos = torch.randn(m, d, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    labels = torch.randint(0, classes + 1, (n,), generator=g).to(DEVICE)
-    plabels = (torch.arange(m) % classes).to(DEVICE)
-    return x, labels, protos, plabels
 
 
 def truth(x, labels, protos, plabels, transfer, beta, reduction, grad):

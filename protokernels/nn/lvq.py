@@ -1,6 +1,6 @@
 """Learning vector quantization heads (prototype-layers-and-kernel-prototype-convolution, §6.1):
-GLVQ's relative-distance loss (eq. 20) on the fused nearest_by_label, RSLVQ's Gaussian-mixture
-likelihood ratio (eq. 19) on the fused sqdist, and a prototype classifier holding labelled
+GLVQ's relative-distance loss (eq. 20) and RSLVQ's Gaussian-mixture likelihood ratio (eq. 19),
+each one fused op (protokernels.glvq_loss, rslvq_loss), and a prototype classifier holding labelled
 prototypes.
 
 Conventions shared by both losses: distances are squared Euclidean; a sample whose class has no
@@ -9,26 +9,14 @@ taken over the samples that count; a batch where none counts gives 0), never a N
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from .. import _validate
-from .._numerics import accumulate_dtype
 from ..ops.glvq_loss import glvq_loss
 from ..ops.nearest import nearest
-from ..ops.sqdist import sqdist
+from ..ops.rslvq_loss import rslvq_loss
 from ..reference.glvq_loss import TRANSFERS
-
-
-def _mean_over(values: Tensor, counted: Tensor, reduction: str) -> Tensor:
-    values = torch.where(counted, values, 0.0)
-    if reduction == "none":
-        return values
-    if reduction == "sum":
-        return values.sum()
-    return values.sum() / counted.sum().clamp_min(1)
 
 
 def _check_reduction(op: str, reduction: str) -> str:
@@ -73,8 +61,9 @@ class RSLVQLoss(nn.Module):
 
         -log( sum_{j: c_j = y} exp(-d_j / 2 sigma^2) / sum_j exp(-d_j / 2 sigma^2) )
 
-    with d_j the squared distances from protokernels.sqdist and the log-sum-exps taken stably
-    (no exp overflow for any sigma). A sample whose class has no prototype is left out.
+    with d_j the squared distances: protokernels.rslvq_loss (sqdist's kernel and one epilogue
+    kernel; the log-sum-exps taken stably, no exp overflow for any sigma). A sample whose class
+    has no prototype is left out.
     """
 
     def __init__(self, sigma: float = 1.0, reduction: str = "mean"):
@@ -85,13 +74,8 @@ class RSLVQLoss(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor, prototypes: Tensor,
                 prototype_labels: Tensor) -> Tensor:
-        _validate.labelled("RSLVQLoss", x, labels, prototypes, prototype_labels)
-        logits = sqdist(x, prototypes).to(accumulate_dtype(x.dtype)) / (-2.0 * self.sigma ** 2)
-        same = labels[:, None] == prototype_labels[None, :]
-        counted = same.any(1)
-        correct = torch.logsumexp(logits.masked_fill(~same, -math.inf), dim=1)
-        whole = torch.logsumexp(logits, dim=1)
-        return _mean_over(torch.where(counted, whole - correct, 0.0), counted, self.reduction)
+        return rslvq_loss(x, labels, prototypes, prototype_labels, sigma=self.sigma,
+                          reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, reduction={self.reduction!r}"

@@ -72,15 +72,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, y)
 
 
+def sqdist_grads(grad: Tensor, x: Tensor, y: Tensor, precision: str, backend: str,
+                 needs=(True, True)) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_x, grad_y) of dist = sqdist(x, y) (B, N, M) receiving `grad`, each where `needs`
+    asks for it: the gradient kernels, as operators (so that a backward calling them traces)."""
+    grad_x = _sqdist_grad(grad, x, y, False, precision, backend) if needs[0] else None
+    grad_y = _sqdist_grad(grad, y, x, True, precision, backend) if needs[1] else None
+    return grad_x, grad_y
+
+
 def _backward(ctx, grad):
     # The clamp at 0 is taken as the identity: it only cuts rounding noise below 0.
     x, y = ctx.saved_tensors
-    grad_x = grad_y = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _sqdist_grad(grad, x, y, False, ctx.precision, ctx.backend)
-    if ctx.needs_input_grad[1]:
-        grad_y = _sqdist_grad(grad, y, x, True, ctx.precision, ctx.backend)
-    return grad_x, grad_y, None, None
+    return *sqdist_grads(grad, x, y, ctx.precision, ctx.backend, ctx.needs_input_grad[:2]), \
+        None, None
 
 
 _sqdist.register_autograd(_backward, setup_context=_setup_context)
