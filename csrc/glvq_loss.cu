@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> glvq_epilogue_cuda(Tensor dist, Tensor idx,
   Tensor loss = reduction_code == kNone ? torch::stable::new_empty(dist, {n})
                                         : torch::stable::new_empty(dist, {});
   Tensor scale = torch::stable::new_empty(dist, {});
-  SumBuffers sums(dist, idx, reduction_code, blocks);
+  SumBuffers sums(dist, reduction_code, blocks);
   if (reduction_code == kNone) torch::stable::fill_(scale, 1.0);
   auto launch = [&](auto tag) {
     using A = decltype(tag);

@@ -19,6 +19,22 @@ inline int parse_reduction(const std::string& reduction, const char* op) {
   STD_TORCH_CHECK(false, op, ": reduction must be 'none', 'sum' or 'mean', got '", reduction, "'");
 }
 
+// Over the 32 lanes of a warp (xor butterflies: every lane gets the result). fmax skips NaN; a
+// row's NaN reaches its value through the sums instead.
+template <typename A>
+__device__ A warp_max(A v) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v = fmax(v, __shfl_xor_sync(0xFFFFFFFF, v, offset));
+  }
+  return v;
+}
+
+template <typename V>
+__device__ V warp_sum(V v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFF, v, offset);
+  return v;
+}
+
 // Sum over the block in a fixed order (the same result for the same input every run); valid in
 // thread 0. `shared` holds one value per warp.
 template <typename V>
@@ -39,9 +55,10 @@ __device__ V block_sum(V v, V* shared) {
 // per block. Empty for reduction "none".
 struct SumBuffers {
   Tensor partial, tickets;
-  SumBuffers(const Tensor& values_like, const Tensor& int64_like, int reduction, int64_t blocks)
+  SumBuffers(const Tensor& values_like, int reduction, int64_t blocks)
       : partial(torch::stable::new_empty(values_like, {reduction == kNone ? 0 : blocks})),
-        tickets(torch::stable::new_zeros(int64_like, {reduction == kNone ? 0 : blocks + 1})) {}
+        tickets(torch::stable::new_zeros(values_like, {reduction == kNone ? 0 : blocks + 1},
+                                         ScalarType::Long)) {}
 };
 
 // Called by every thread of every block with its own (sum, count): the loss and the scale the

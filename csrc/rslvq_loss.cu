@@ -14,18 +14,6 @@ namespace {
 
 constexpr int kRowsPerBlock = 8;  // one warp each
 
-template <typename A>
-__device__ A warp_max(A v) {
-  for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xFFFFFFFF, v, offset));
-  return v;
-}
-
-template <typename V>
-__device__ V warp_sum(V v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFF, v, offset);
-  return v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kRowsPerBlock * 32)
     epilogue_kernel(const T* __restrict__ dist, int64_t sd_n, const int64_t* __restrict__ x_labels,
@@ -113,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor> rslvq_epilogue_cuda(Tensor dist, Tensor x_lab
   Tensor loss = reduction_code == kNone ? torch::stable::new_empty(dist, {n}, acc)
                                         : torch::stable::new_empty(dist, {}, acc);
   Tensor scale = torch::stable::new_empty(dist, {}, acc);
-  SumBuffers sums(weights, x_labels, reduction_code, blocks);
+  SumBuffers sums(weights, reduction_code, blocks);
   if (reduction_code == kNone) torch::stable::fill_(scale, 1.0);
   dispatch_floating(dist.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);

@@ -32,6 +32,7 @@ OP_FILES = {
     "glvq_loss": "nearest",
     # rslvq_loss: sqdist's kernels (its capabilities) and an epilogue in rslvq_loss.*
     "rslvq_loss": "sqdist",
+    "codes_cross_entropy": "codes_cross_entropy",
     "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
     "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
 }
@@ -103,6 +104,10 @@ _AUTO_ORDER = {
     # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
         sizes, "batch p pixels c taps", 2**21)),
+    # codes_cross_entropy: one row kernel either way; CUDA's launch is one C++ call. Its rows
+    # (the Sinkhorn head at B256-8192, K10-1000) were not measured per backend: CUDA first, as
+    # for the other host-bound one-launch ops.
+    "codes_cross_entropy": lambda dtype, precision, sizes: CUDA_FIRST,
     # codebook_stats (also the scatter of the codes' gradient in dw_quantize's and
     # codebook_lookup's backward) and codebook_lookup: CUDA up to N*G*Dg = 2^22, where the call
     # is host-bound and CUDA's one C++ call wins (stats N8192 G1 K512 Dg64: 0.099 vs 0.112 ms,

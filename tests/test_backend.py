@@ -131,7 +131,8 @@ def test_every_op_and_backend_resolves_to_an_implementation():
         ("codebook_lookup", "codebook_lookup"), ("codebook_stats", "codebook_stats"),
         ("sinkhorn", "sinkhorn_column_logsum"), ("sinkhorn", "sinkhorn_row_sweep"),
         ("sinkhorn", "sinkhorn_iterate"), ("nearest", "dw_nearest"),
-        ("glvq_loss", "glvq_epilogue"), ("rslvq_loss", "rslvq_epilogue")}
+        ("glvq_loss", "glvq_epilogue"), ("rslvq_loss", "rslvq_epilogue"),
+        ("codes_cross_entropy", "codes_cross_entropy_rows")}
     statuses = protokernels.available_backends()
     for table in tables:
         for name in _backend.BACKENDS:

@@ -193,6 +193,13 @@ def split_operands(x: torch.Tensor, y: torch.Tensor, precision: str):
     return False, precision, (x, x), (y, y)
 
 
+def float32_pair(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi and lo float32 (to ~2^-48 relative): Triton passes a Python float
+    as a float32 argument, and a float64 kernel rebuilds the value from the pair."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, value - hi
+
+
 # -- losses: a deterministic sum over programs ---------------------------------------------------
 
 BLOCK_PARTIALS = 1024

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_PARTIALS, REDUCTIONS, accumulator, block, finish_sum, launcher,
-                      reduction_buffers)
+from ._common import (BLOCK_PARTIALS, REDUCTIONS, accumulator, block, finish_sum, float32_pair,
+                      launcher, reduction_buffers)
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _epilogue_kernel(DIST, XL, YL, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, M, sd
                      ACC: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_PARTIALS: tl.constexpr):
     """DIST (N, M) with row stride sd_n, WEIGHTS (N, M) contiguous; -1 / (2 sigma^2) = factor_hi
-    + factor_lo, two float32 arguments (Triton passes a float as float32; float64 needs both)."""
+    + factor_lo (_common.float32_pair)."""
     row = tl.program_id(0).to(tl.int64)
     factor = tl.cast(factor_hi, ACC) + tl.cast(factor_lo, ACC)
     label = tl.load(XL + row)
@@ -69,12 +69,6 @@ def _epilogue_kernel(DIST, XL, YL, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, M, sd
 _launch_epilogue = launcher(_epilogue_kernel)
 
 
-def _float32_pair(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi, lo float32 (to ~2^-48 relative)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, value - hi
-
-
 def rslvq_epilogue(dist, x_labels, y_labels, sigma, reduction):
     """dist (N >= 1, M >= 1) -> (loss, weights (N, M), scale); see reference/rslvq_loss.py."""
     n, m = dist.shape
@@ -84,7 +78,7 @@ def rslvq_epilogue(dist, x_labels, y_labels, sigma, reduction):
     loss, scale, partial, tickets = reduction_buffers(weights, n, n, reduction)
     block_m = block(m, 1024)
     _launch_epilogue((n,), dist, x_labels, y_labels, weights, loss, scale, partial, tickets, m,
-                     dist.stride(0), *_float32_pair(-0.5 / sigma ** 2), ACC=acc,
+                     dist.stride(0), *float32_pair(-0.5 / sigma ** 2), ACC=acc,
                      REDUCTION=REDUCTIONS.index(reduction), BLOCK_M=block_m,
                      BLOCK_PARTIALS=BLOCK_PARTIALS, num_warps=4 if block_m >= 512 else 1)
     return loss, weights, scale

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
+from ..ops.codes_cross_entropy import codes_cross_entropy
 from ..ops.sinkhorn import sinkhorn
 from ..ops.sqdist import sqdist
 
@@ -23,10 +24,7 @@ def sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, *, temperature: float
         z, prototypes = F.normalize(z, dim=1), F.normalize(prototypes, dim=1)
     scores = z @ prototypes.t()
     codes = sinkhorn(scores, eps=eps, n_iters=n_iters)
-    if z.shape[0] == 0:
-        return scores.sum() * 0, codes, scores
-    log_p = F.log_softmax(scores / temperature, dim=1)
-    return -(codes * log_p).sum(1).mean(), codes, scores
+    return codes_cross_entropy(scores, codes, temperature=temperature), codes, scores
 
 
 class SinkhornPrototypes(nn.Module):
