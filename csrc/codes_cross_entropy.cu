@@ -81,27 +81,19 @@ std::tuple<Tensor, Tensor, Tensor> codes_cross_entropy_rows_cuda(Tensor scores, 
   const int64_t rows = scores.size(0), k = scores.size(1);
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   PK_CHECK(blocks < (int64_t{1} << 31), op, "too many rows: ", rows);
-  const ScalarType acc = scores.scalar_type() == ScalarType::Double ? ScalarType::Double
-                                                                    : ScalarType::Float;
-  Tensor weights = torch::stable::new_empty(scores, {rows, k}, acc);
-  Tensor loss = reduction_code == kNone ? torch::stable::new_empty(scores, {rows}, acc)
-                                        : torch::stable::new_empty(scores, {}, acc);
-  Tensor scale = torch::stable::new_empty(scores, {}, acc);
-  SumBuffers sums(weights, reduction_code, blocks);
-  if (reduction_code == kNone) torch::stable::fill_(scale, 1.0);
+  LossOutputs out(scores, {rows, k}, rows, reduction_code, blocks);
   dispatch_floating(scores.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Accumulate<T>::type;
     rows_kernel<T><<<static_cast<unsigned>(blocks), kRowsPerBlock * 32, 0, stream>>>(
         static_cast<const T*>(scores.const_data_ptr()), scores.stride(0),
         static_cast<const T*>(codes.const_data_ptr()), codes.stride(0), rows, k,
-        static_cast<A>(1.0 / temperature), reduction_code, static_cast<A*>(loss.mutable_data_ptr()),
-        static_cast<A*>(weights.mutable_data_ptr()), static_cast<A*>(scale.mutable_data_ptr()),
-        static_cast<A*>(sums.partial.mutable_data_ptr()),
-        static_cast<long long*>(sums.tickets.mutable_data_ptr()));
+        static_cast<A>(1.0 / temperature), reduction_code, out.data<A>(out.loss),
+        out.data<A>(out.derivatives), out.data<A>(out.scale), out.data<A>(out.partial),
+        out.ticket_data());
     PK_CHECK_LAUNCH();
   });
-  return {loss, weights, scale};
+  return {out.loss, out.derivatives, out.scale};
 }
 
 }  // namespace protokernels

@@ -89,21 +89,14 @@ std::tuple<Tensor, Tensor, Tensor> glvq_epilogue_cuda(Tensor dist, Tensor idx,
   const int64_t n = dist.size(0);
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
   PK_CHECK(blocks < (int64_t{1} << 31), op, "too many rows: ", n);
-  Tensor coef = torch::stable::new_empty(dist, {n, 2});
-  Tensor loss = reduction_code == kNone ? torch::stable::new_empty(dist, {n})
-                                        : torch::stable::new_empty(dist, {});
-  Tensor scale = torch::stable::new_empty(dist, {});
-  SumBuffers sums(dist, reduction_code, blocks);
-  if (reduction_code == kNone) torch::stable::fill_(scale, 1.0);
+  LossOutputs out(dist, {n, 2}, n, reduction_code, blocks);
   auto launch = [&](auto tag) {
     using A = decltype(tag);
     epilogue_kernel<A><<<static_cast<unsigned>(blocks), kEpilogueThreads, 0, stream>>>(
         static_cast<const A*>(dist.const_data_ptr()),
         static_cast<const int64_t*>(idx.const_data_ptr()), n, transfer_code, static_cast<A>(beta),
-        reduction_code, static_cast<A*>(loss.mutable_data_ptr()),
-        static_cast<A*>(coef.mutable_data_ptr()), static_cast<A*>(scale.mutable_data_ptr()),
-        static_cast<A*>(sums.partial.mutable_data_ptr()),
-        static_cast<long long*>(sums.tickets.mutable_data_ptr()));
+        reduction_code, out.data<A>(out.loss), out.data<A>(out.derivatives),
+        out.data<A>(out.scale), out.data<A>(out.partial), out.ticket_data());
     PK_CHECK_LAUNCH();
   };
   if (dist.scalar_type() == ScalarType::Double) {
@@ -111,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> glvq_epilogue_cuda(Tensor dist, Tensor idx,
   } else {
     launch(float{});
   }
-  return {loss, coef, scale};
+  return {out.loss, out.derivatives, out.scale};
 }
 
 }  // namespace protokernels

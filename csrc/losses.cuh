@@ -51,14 +51,29 @@ __device__ V block_sum(V v, V* shared) {
   return v;
 }
 
-// The buffers of finish_sum: a partial sum per block, and (int64, zeroed) the ticket then a count
-// per block. Empty for reduction "none".
-struct SumBuffers {
-  Tensor partial, tickets;
-  SumBuffers(const Tensor& values_like, int reduction, int64_t blocks)
-      : partial(torch::stable::new_empty(values_like, {reduction == kNone ? 0 : blocks})),
-        tickets(torch::stable::new_zeros(values_like, {reduction == kNone ? 0 : blocks + 1},
-                                         ScalarType::Long)) {}
+// The outputs of a loss kernel over `rows` samples in `blocks` blocks, in the accumulate dtype of
+// `like`: each sample's derivatives (derivative_sizes), the loss ((rows,) for "none", else 0-d),
+// the scale (1 for "none"; finish_sum writes it otherwise), and finish_sum's buffers: a partial
+// sum per block and (int64, zeroed) the ticket then a count per block (empty for "none").
+struct LossOutputs {
+  Tensor derivatives, loss, scale, partial, tickets;
+  LossOutputs(const Tensor& like, std::initializer_list<int64_t> derivative_sizes, int64_t rows,
+              int reduction, int64_t blocks)
+      : derivatives(torch::stable::new_empty(like, derivative_sizes, accumulate(like))),
+        loss(reduction == kNone ? torch::stable::new_empty(like, {rows}, accumulate(like))
+                                : torch::stable::new_empty(like, {}, accumulate(like))),
+        scale(torch::stable::new_empty(like, {}, accumulate(like))),
+        partial(torch::stable::new_empty(like, {reduction == kNone ? 0 : blocks},
+                                         accumulate(like))),
+        tickets(torch::stable::new_zeros(like, {reduction == kNone ? 0 : blocks + 1},
+                                         ScalarType::Long)) {
+    if (reduction == kNone) torch::stable::fill_(scale, 1.0);
+  }
+  static ScalarType accumulate(const Tensor& t) {
+    return t.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  }
+  template <typename A> A* data(Tensor& t) { return static_cast<A*>(t.mutable_data_ptr()); }
+  long long* ticket_data() { return static_cast<long long*>(tickets.mutable_data_ptr()); }
 };
 
 // Called by every thread of every block with its own (sum, count): the loss and the scale the

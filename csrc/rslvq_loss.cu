@@ -95,14 +95,7 @@ std::tuple<Tensor, Tensor, Tensor> rslvq_epilogue_cuda(Tensor dist, Tensor x_lab
   const int64_t n = dist.size(0), m = dist.size(1);
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
   PK_CHECK(blocks < (int64_t{1} << 31), op, "too many rows: ", n);
-  const ScalarType acc = dist.scalar_type() == ScalarType::Double ? ScalarType::Double
-                                                                  : ScalarType::Float;
-  Tensor weights = torch::stable::new_empty(dist, {n, m}, acc);
-  Tensor loss = reduction_code == kNone ? torch::stable::new_empty(dist, {n}, acc)
-                                        : torch::stable::new_empty(dist, {}, acc);
-  Tensor scale = torch::stable::new_empty(dist, {}, acc);
-  SumBuffers sums(weights, reduction_code, blocks);
-  if (reduction_code == kNone) torch::stable::fill_(scale, 1.0);
+  LossOutputs out(dist, {n, m}, n, reduction_code, blocks);
   dispatch_floating(dist.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Accumulate<T>::type;
@@ -110,13 +103,12 @@ std::tuple<Tensor, Tensor, Tensor> rslvq_epilogue_cuda(Tensor dist, Tensor x_lab
         static_cast<const T*>(dist.const_data_ptr()), dist.stride(0),
         static_cast<const int64_t*>(x_labels.const_data_ptr()),
         static_cast<const int64_t*>(y_labels.const_data_ptr()), n, m,
-        static_cast<A>(-0.5 / (sigma * sigma)), reduction_code,
-        static_cast<A*>(loss.mutable_data_ptr()), static_cast<A*>(weights.mutable_data_ptr()),
-        static_cast<A*>(scale.mutable_data_ptr()), static_cast<A*>(sums.partial.mutable_data_ptr()),
-        static_cast<long long*>(sums.tickets.mutable_data_ptr()));
+        static_cast<A>(-0.5 / (sigma * sigma)), reduction_code, out.data<A>(out.loss),
+        out.data<A>(out.derivatives), out.data<A>(out.scale), out.data<A>(out.partial),
+        out.ticket_data());
     PK_CHECK_LAUNCH();
   });
-  return {loss, weights, scale};
+  return {out.loss, out.derivatives, out.scale};
 }
 
 }  // namespace protokernels

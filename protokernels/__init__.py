@@ -20,6 +20,7 @@ from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 from ._version import __version__  # noqa: E402
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
-           "codebook_stats", "codes_cross_entropy", "current_backend", "dw_nearest", "dw_quantize", "glvq_loss",
-           "kp_conv1d", "kp_conv2d", "nearest", "nearest_both", "nearest_by_label", "nearest_k",
-           "rslvq_loss", "SinkhornInfo", "sinkhorn", "sinkhorn_plan", "sqdist", "use_backend"]
+           "codebook_stats", "codes_cross_entropy", "current_backend", "dw_nearest", "dw_quantize",
+           "glvq_loss", "kp_conv1d", "kp_conv2d", "nearest", "nearest_both", "nearest_by_label",
+           "nearest_k", "rslvq_loss", "SinkhornInfo", "sinkhorn", "sinkhorn_plan", "sqdist",
+           "use_backend"]

@@ -205,14 +205,19 @@ def float32_pair(value: float) -> tuple[float, float]:
 BLOCK_PARTIALS = 1024
 
 
-def reduction_buffers(like: torch.Tensor, rows: int, programs: int, reduction: str):
-    """(loss, scale, partial, tickets) for a loss kernel over `rows` samples in `programs`
-    programs that ends in `finish_sum` (reduction "sum"/"mean": a 0-d loss and scale, a partial
-    sum per program, the int32 ticket and a count per program, zeroed) or writes per-sample
-    values ("none": loss (rows,), scale 1; the other two are unused stand-ins)."""
+def loss_outputs(like: torch.Tensor, derivative_shape, rows: int, programs: int,
+                 reduction: str):
+    """The outputs of a loss kernel over `rows` samples in `programs` programs that ends in
+    `finish_sum`, in the accumulate dtype of `like`: (each sample's derivatives of
+    `derivative_shape`, the loss ((rows,) for "none", else 0-d), the scale (1 for "none";
+    finish_sum writes it otherwise), a partial sum per program, and the int32 ticket then a count
+    per program, zeroed; for "none" the last two are unused stand-ins)."""
+    derivatives = torch.empty(derivative_shape, dtype=accumulate_dtype(like.dtype),
+                              device=like.device)
     if reduction == "none":
-        return like.new_empty((rows,)), like.new_ones(()), like, like
-    return (like.new_empty(()), like.new_empty(()), like.new_empty((programs,)),
+        return derivatives, derivatives.new_empty((rows,)), derivatives.new_ones(()), like, like
+    return (derivatives, derivatives.new_empty(()), derivatives.new_empty(()),
+            derivatives.new_empty((programs,)),
             torch.zeros(programs + 1, dtype=torch.int32, device=like.device))
 
 

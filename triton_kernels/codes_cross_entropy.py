@@ -7,12 +7,11 @@ graph were most of the Sinkhorn head's host time at the in-model sizes.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ._common import (BLOCK_PARTIALS, REDUCTIONS, accumulator, block, finish_sum, float32_pair,
-                      launcher, reduction_buffers)
+                      launcher, loss_outputs)
 
 
 @triton.jit
@@ -62,13 +61,12 @@ def codes_cross_entropy_rows(scores, codes, temperature, reduction):
     """scores, codes (B >= 1, K >= 1) -> (loss, weights (B, K), scale); see
     reference/codes_cross_entropy.py."""
     rows, k = scores.shape
-    acc = accumulator(scores.dtype)
-    weights = torch.empty((rows, k), dtype=torch.float64 if acc == tl.float64 else torch.float32,
-                          device=scores.device)
-    loss, scale, partial, tickets = reduction_buffers(weights, rows, rows, reduction)
+    weights, loss, scale, partial, tickets = loss_outputs(scores, (rows, k), rows, rows,
+                                                          reduction)
     block_k = block(k, 1024)
     _launch_rows((rows,), scores, codes, weights, loss, scale, partial, tickets, k,
-                 scores.stride(0), codes.stride(0), *float32_pair(1 / temperature), ACC=acc,
+                 scores.stride(0), codes.stride(0), *float32_pair(1 / temperature),
+                 ACC=accumulator(scores.dtype),
                  REDUCTION=REDUCTIONS.index(reduction), BLOCK_K=block_k,
                  BLOCK_PARTIALS=BLOCK_PARTIALS, num_warps=4 if block_k >= 512 else 1)
     return loss, weights, scale

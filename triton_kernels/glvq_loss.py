@@ -10,11 +10,10 @@ The sum is deterministic (_common.finish_sum).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK_PARTIALS, REDUCTIONS, cdiv, finish_sum, launcher, reduction_buffers
+from ._common import BLOCK_PARTIALS, REDUCTIONS, cdiv, finish_sum, launcher, loss_outputs
 from ..reference.glvq_loss import TRANSFERS
 
 BLOCK = 1024
@@ -68,8 +67,7 @@ def glvq_epilogue(dist, idx, transfer, beta, reduction):
     """dist, idx (N >= 1, 2) -> (loss, coef (N, 2), scale); see reference/glvq_loss.py."""
     n = dist.shape[0]
     programs = cdiv(n, BLOCK)
-    coef = torch.empty_like(dist)
-    loss, scale, partial, tickets = reduction_buffers(dist, n, programs, reduction)
+    coef, loss, scale, partial, tickets = loss_outputs(dist, (n, 2), n, programs, reduction)
     _launch_epilogue((programs,), dist, idx, loss, coef, scale, partial, tickets, n, beta,
                      TRANSFER=TRANSFERS.index(transfer), REDUCTION=REDUCTIONS.index(reduction),
                      BLOCK=BLOCK, BLOCK_PARTIALS=BLOCK_PARTIALS, num_warps=4)

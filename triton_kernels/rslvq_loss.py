@@ -7,12 +7,11 @@ per training step with its autograd graph, at sizes where the step is host time.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ._common import (BLOCK_PARTIALS, REDUCTIONS, accumulator, block, finish_sum, float32_pair,
-                      launcher, reduction_buffers)
+                      launcher, loss_outputs)
 
 
 @triton.jit
@@ -72,13 +71,11 @@ _launch_epilogue = launcher(_epilogue_kernel)
 def rslvq_epilogue(dist, x_labels, y_labels, sigma, reduction):
     """dist (N >= 1, M >= 1) -> (loss, weights (N, M), scale); see reference/rslvq_loss.py."""
     n, m = dist.shape
-    acc = accumulator(dist.dtype)
-    weights = torch.empty((n, m), dtype=torch.float64 if acc == tl.float64 else torch.float32,
-                          device=dist.device)
-    loss, scale, partial, tickets = reduction_buffers(weights, n, n, reduction)
+    weights, loss, scale, partial, tickets = loss_outputs(dist, (n, m), n, n, reduction)
     block_m = block(m, 1024)
     _launch_epilogue((n,), dist, x_labels, y_labels, weights, loss, scale, partial, tickets, m,
-                     dist.stride(0), *float32_pair(-0.5 / sigma ** 2), ACC=acc,
+                     dist.stride(0), *float32_pair(-0.5 / sigma ** 2),
+                     ACC=accumulator(dist.dtype),
                      REDUCTION=REDUCTIONS.index(reduction), BLOCK_M=block_m,
                      BLOCK_PARTIALS=BLOCK_PARTIALS, num_warps=4 if block_m >= 512 else 1)
     return loss, weights, scale

@@ -1,7 +1,7 @@
 """Learning vector quantization heads (prototype-layers-and-kernel-prototype-convolution, §6.1):
 GLVQ's relative-distance loss (eq. 20) and RSLVQ's Gaussian-mixture likelihood ratio (eq. 19),
-each one fused op (protokernels.glvq_loss, rslvq_loss), and a prototype classifier holding labelled
-prototypes.
+each one fused op (protokernels.glvq_loss, rslvq_loss), and a prototype classifier holding
+labelled prototypes.
 
 Conventions shared by both losses: distances are squared Euclidean; a sample whose class has no
 prototype has nothing to be near and is left out of the loss (it contributes 0, and a mean is
@@ -16,12 +16,13 @@ from .. import _validate
 from ..ops.glvq_loss import glvq_loss
 from ..ops.nearest import nearest
 from ..ops.rslvq_loss import rslvq_loss
+from ..reference._losses import REDUCTIONS
 from ..reference.glvq_loss import TRANSFERS
 
 
 def _check_reduction(op: str, reduction: str) -> str:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{op}: 'reduction' must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: 'reduction' must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
 
 
