@@ -5,7 +5,8 @@ labelled prototypes.
 
 Conventions shared by both losses: distances are squared Euclidean; a sample whose class has no
 prototype has nothing to be near and is left out of the loss (it contributes 0, and a mean is
-taken over the samples that count; a batch where none counts gives 0), never a NaN.
+taken over the samples that count; a batch where none counts gives 0), never a NaN from that
+(NaN in x does give NaN).
 """
 from __future__ import annotations
 
