@@ -28,7 +28,7 @@ def _distances(x, y):
     return (x.square().sum(-1, keepdim=True) - 2 * x @ y.mT + y.square().sum(-1)).clamp_min(0)
 
 
-def _glvq_naive(x, labels, protos, plabels):
+def glvq_naive(x, labels, protos, plabels):
     d = _distances(x, protos)
     same = labels[:, None] == plabels[None]
     dp = d.masked_fill(~same, math.inf).min(1).values
@@ -36,7 +36,7 @@ def _glvq_naive(x, labels, protos, plabels):
     return torch.sigmoid(5.0 * (dp - dm) / (dp + dm)).mean()
 
 
-def _rslvq_naive(x, labels, protos, plabels):
+def rslvq_naive(x, labels, protos, plabels):
     logits = -_distances(x, protos) / 2.0
     same = labels[:, None] == plabels[None]
     return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~same, -math.inf),
@@ -59,7 +59,7 @@ def _case_based_naive(x, _labels, protos, _plabels):
     return d.min(0).values.mean() + d.min(1).values.mean() + d.sum() * 1e-6
 
 
-def _sinkhorn_naive(x, _labels, protos, _plabels):
+def sinkhorn_naive(x, _labels, protos, _plabels):
     from .sinkhorn import swav_sinkhorn
     scores = F.normalize(x, dim=1) @ F.normalize(protos, dim=1).t()
     with torch.no_grad():
@@ -67,8 +67,8 @@ def _sinkhorn_naive(x, _labels, protos, _plabels):
     return -(codes * F.log_softmax(scores / 0.1, dim=1)).sum(1).mean()
 
 
-NAIVE = {"glvq": _glvq_naive, "rslvq": _rslvq_naive, "dpnp": _dpnp_naive,
-         "case_based": _case_based_naive, "sinkhorn": _sinkhorn_naive}
+NAIVE = {"glvq": glvq_naive, "rslvq": rslvq_naive, "dpnp": _dpnp_naive,
+         "case_based": _case_based_naive, "sinkhorn": sinkhorn_naive}
 
 
 def naive(sizes, x, labels, protos, plabels):

@@ -1,0 +1,28 @@
+"""glvq_loss benchmark cases: the op against GLVQ written naively in PyTorch (the (N, M) distance
+matrix, masked minima, the transfer), forward and training step, at the prototype heads' sizes
+(benchmarks/heads.py's GLVQ rows, where the module's step is measured). Interface as
+benchmarks/sqdist.py."""
+from __future__ import annotations
+
+import protokernels
+
+from . import heads
+
+OP = "glvq_loss"
+BASELINES: dict = {}
+make_inputs, work = heads.make_inputs, heads.work
+
+
+def naive(sizes, x, labels, protos, plabels):
+    return heads.glvq_naive(x, labels, protos, plabels)
+
+
+def fused(sizes, x, labels, protos, plabels):
+    return protokernels.glvq_loss(x, labels, protos, plabels, transfer="sigmoid", beta=5.0)
+
+
+def model_cases(quick: bool):
+    return [case for case in heads.model_cases(quick) if case[0].startswith("glvq")]
+
+
+cases = model_cases

@@ -1,0 +1,28 @@
+"""rslvq_loss benchmark cases: the op against RSLVQ written naively in PyTorch (the (N, M) distance
+matrix, two log-sum-exps), forward and training step, at the prototype heads' sizes
+(benchmarks/heads.py's RSLVQ rows, where the module's step is measured). Interface as
+benchmarks/sqdist.py."""
+from __future__ import annotations
+
+import protokernels
+
+from . import heads
+
+OP = "rslvq_loss"
+BASELINES: dict = {}
+make_inputs, work = heads.make_inputs, heads.work
+
+
+def naive(sizes, x, labels, protos, plabels):
+    return heads.rslvq_naive(x, labels, protos, plabels)
+
+
+def fused(sizes, x, labels, protos, plabels):
+    return protokernels.rslvq_loss(x, labels, protos, plabels, sigma=1.0)
+
+
+def model_cases(quick: bool):
+    return [case for case in heads.model_cases(quick) if case[0].startswith("rslvq")]
+
+
+cases = model_cases
