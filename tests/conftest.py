@@ -93,3 +93,19 @@ def labelled_data(n, m, d, classes, dtype=torch.float32, seed=0):
     plabels = (torch.arange(m) % classes).to(DEVICE)
     return x, labels, protos, plabels
 
+
+def check_loss(loss, truth, inputs, bound):
+    """A loss op against float64: loss(*leaves) of fresh leaves cloned from the differentiable
+    `inputs` comes back in the accumulate dtype; its backward of a random gradient `grad` is
+    compared with truth(grad) -> (value, *gradients w.r.t. inputs): the value within `bound`,
+    each gradient within 10 * bound (it compounds the value's rounding)."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    value = loss(*leaves)
+    assert value.dtype == (torch.float64 if inputs[0].dtype == torch.float64 else torch.float32)
+    grad = torch.randn(value.shape, device=DEVICE, dtype=value.dtype)
+    value.backward(grad)
+    want, *want_grads = truth(grad)
+    assert relative_error(value, want) <= bound
+    for leaf, want_grad in zip(leaves, want_grads):
+        assert relative_error(leaf.grad, want_grad) <= 10 * bound
+

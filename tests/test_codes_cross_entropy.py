@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+from conftest import DEVICE, HAS_GPU, check_loss, relative_error, tolerance
 
 REDUCTIONS = ["none", "sum", "mean"]
 
@@ -29,16 +29,10 @@ def truth(scores, codes, temperature, reduction, grad):
 
 
 def check(scores, codes, temperature=0.1, reduction="mean", bound=None):
-    s = scores.clone().requires_grad_()
-    loss = protokernels.codes_cross_entropy(s, codes, temperature=temperature,
-                                            reduction=reduction)
-    assert loss.dtype == (torch.float64 if scores.dtype == torch.float64 else torch.float32)
-    grad = torch.randn(loss.shape, device=DEVICE, dtype=loss.dtype)
-    loss.backward(grad)
-    want, want_grad = truth(scores, codes, temperature, reduction, grad)
-    bound = bound or tolerance(scores.dtype)
-    assert relative_error(loss, want) <= bound
-    assert relative_error(s.grad, want_grad) <= 10 * bound
+    check_loss(lambda s: protokernels.codes_cross_entropy(s, codes, temperature=temperature,
+                                                          reduction=reduction),
+               lambda grad: truth(scores, codes, temperature, reduction, grad), (scores,),
+               bound or tolerance(scores.dtype))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

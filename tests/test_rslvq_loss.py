@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import protokernels
-from conftest import (DEVICE, HAS_GPU, labelled_data as data, relative_error,
+from conftest import (DEVICE, HAS_GPU, check_loss, labelled_data as data, relative_error,
                       skip_unless_capable, tolerance)
 
 REDUCTIONS = ["none", "sum", "mean"]
@@ -32,17 +32,10 @@ def truth(x, labels, protos, plabels, sigma, reduction, grad):
 def check(backend, x, labels, protos, plabels, sigma=1.0, reduction="mean", dtype=torch.float32,
           bound=None):
     skip_unless_capable(backend, "rslvq_loss", dtype)
-    xs, ps = x.clone().requires_grad_(), protos.clone().requires_grad_()
-    loss = protokernels.rslvq_loss(xs, labels, ps, plabels, sigma=sigma, reduction=reduction,
-                                   precision="ieee")
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    grad = torch.randn(loss.shape, device=DEVICE, dtype=loss.dtype)
-    loss.backward(grad)
-    want, want_x, want_p = truth(x, labels, protos, plabels, sigma, reduction, grad)
-    bound = bound or tolerance(dtype)
-    assert relative_error(loss, want) <= bound
-    assert relative_error(xs.grad, want_x) <= 10 * bound
-    assert relative_error(ps.grad, want_p) <= 10 * bound
+    check_loss(lambda xs, ps: protokernels.rslvq_loss(xs, labels, ps, plabels, sigma=sigma,
+                                                      reduction=reduction, precision="ieee"),
+               lambda grad: truth(x, labels, protos, plabels, sigma, reduction, grad),
+               (x, protos), bound or tolerance(dtype))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
