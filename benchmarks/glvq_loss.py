@@ -21,8 +21,4 @@ def fused(sizes, x, labels, protos, plabels):
     return protokernels.glvq_loss(x, labels, protos, plabels, transfer="sigmoid", beta=5.0)
 
 
-def model_cases(quick: bool):
-    return [case for case in heads.model_cases(quick) if case[0].startswith("glvq")]
-
-
-cases = model_cases
+model_cases = cases = heads.rows_of("glvq")

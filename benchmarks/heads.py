@@ -159,6 +159,11 @@ def model_cases(quick: bool):
 cases = model_cases
 
 
+def rows_of(head: str):
+    """model_cases restricted to one head's rows (the loss ops' own benchmark grids)."""
+    return lambda quick: [case for case in model_cases(quick) if case[0].startswith(head + " ")]
+
+
 def make_inputs(sizes, dtype, device):
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(sizes["N"], sizes["D"], device=device, dtype=dtype, generator=generator)

@@ -21,8 +21,4 @@ def fused(sizes, x, labels, protos, plabels):
     return protokernels.rslvq_loss(x, labels, protos, plabels, sigma=1.0)
 
 
-def model_cases(quick: bool):
-    return [case for case in heads.model_cases(quick) if case[0].startswith("rslvq")]
-
-
-cases = model_cases
+model_cases = cases = heads.rows_of("rslvq")
