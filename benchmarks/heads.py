@@ -13,10 +13,9 @@ import types
 import torch
 import torch.nn.functional as F
 
-from protokernels import sqdist
+from protokernels import dpnp_loss, sqdist
 from protokernels.bench import DoesNotApply
 from protokernels.nn import GLVQLoss, RSLVQLoss
-from protokernels.nn.dpnp import dpnp_loss
 from protokernels.nn.prototype_layer import prototype_regularizers
 from protokernels.nn.sinkhorn_prototypes import sinkhorn_prototype_loss
 
@@ -43,7 +42,7 @@ def rslvq_naive(x, labels, protos, plabels):
                                                          1)).mean()
 
 
-def _dpnp_naive(x, labels, protos, _plabels):
+def dpnp_naive(x, labels, protos, _plabels):
     d = _distances(x, protos)
     rival = d.scatter(1, labels[:, None], math.inf).argmin(1)
     neighbour = _distances(protos, protos).fill_diagonal_(math.inf).argmin(1)
@@ -67,7 +66,7 @@ def sinkhorn_naive(x, _labels, protos, _plabels):
     return -(codes * F.log_softmax(scores / 0.1, dim=1)).sum(1).mean()
 
 
-NAIVE = {"glvq": glvq_naive, "rslvq": rslvq_naive, "dpnp": _dpnp_naive,
+NAIVE = {"glvq": glvq_naive, "rslvq": rslvq_naive, "dpnp": dpnp_naive,
          "case_based": _case_based_naive, "sinkhorn": sinkhorn_naive}
 
 

@@ -8,6 +8,7 @@ from ._backend import (BackendStatus, BackendUnavailableError, available_backend
 from .ops.codebook_lookup import codebook_lookup
 from .ops.codebook_stats import codebook_stats
 from .ops.codes_cross_entropy import codes_cross_entropy
+from .ops.dpnp_loss import dpnp_loss
 from .ops.dw_nearest import dw_nearest, dw_quantize
 from .ops.glvq_loss import glvq_loss
 from .ops.kp_conv import kp_conv1d, kp_conv2d
@@ -20,7 +21,7 @@ from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 from ._version import __version__  # noqa: E402
 
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
-           "codebook_stats", "codes_cross_entropy", "current_backend", "dw_nearest", "dw_quantize",
-           "glvq_loss", "kp_conv1d", "kp_conv2d", "nearest", "nearest_both", "nearest_by_label",
+           "codebook_stats", "codes_cross_entropy", "current_backend", "dpnp_loss", "dw_nearest",
+           "dw_quantize", "glvq_loss", "kp_conv1d", "kp_conv2d", "nearest", "nearest_both", "nearest_by_label",
            "nearest_k", "rslvq_loss", "SinkhornInfo", "sinkhorn", "sinkhorn_plan", "sqdist",
            "use_backend"]

@@ -32,7 +32,7 @@ OP_FILES = {
     "glvq_loss": "nearest",
     # rslvq_loss: sqdist's kernels (its capabilities) and an epilogue in rslvq_loss.*
     "rslvq_loss": "sqdist",
-    "codes_cross_entropy": "codes_cross_entropy",
+    "codes_cross_entropy": "codes_cross_entropy", "dpnp_loss": "dpnp_loss",
     "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
     "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
 }
@@ -108,6 +108,9 @@ _AUTO_ORDER = {
     # (the Sinkhorn head at B256-8192, K10-1000) were not measured per backend: CUDA first, as
     # for the other host-bound one-launch ops.
     "codes_cross_entropy": lambda dtype, precision, sizes: CUDA_FIRST,
+    # dpnp_loss: two cuBLAS products and one row kernel either way; CUDA first as for
+    # codes_cross_entropy (per-backend rows: RESULTS.md "DPNP in one op").
+    "dpnp_loss": lambda dtype, precision, sizes: CUDA_FIRST,
     # codebook_stats (also the scatter of the codes' gradient in dw_quantize's and
     # codebook_lookup's backward) and codebook_lookup: CUDA up to N*G*Dg = 2^22, where the call
     # is host-bound and CUDA's one C++ call wins (stats N8192 G1 K512 Dg64: 0.099 vs 0.112 ms,

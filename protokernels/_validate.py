@@ -310,16 +310,18 @@ def feature_rows(owner: str, name: str, t, dim: int, layout: str) -> None:
 
 
 def labelled(op: str, x: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
-             prototype_labels: torch.Tensor) -> None:
+             prototype_labels: torch.Tensor | None, x_name: str = "x") -> None:
     """x (N, D) and prototypes (M, D) floating, with 1-D integer labels of N and M entries (the
-    LVQ losses' arguments)."""
-    for name, t, dims in (("x", x, 2), ("prototypes", prototypes, 2)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != dims:
+    prototype losses' arguments; prototype_labels None where the prototypes are the classes)."""
+    for name, t in ((x_name, x), ("prototypes", prototypes)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != 2:
             raise TypeError(f"{op}: '{name}' must be a 2-D floating-point tensor, got "
                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__} "
                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else ''}")
-    for name, t, rows in (("labels", labels, x.shape[0]),
-                          ("prototype_labels", prototype_labels, prototypes.shape[0])):
+    named = [("labels", labels, x.shape[0])]
+    if prototype_labels is not None:
+        named.append(("prototype_labels", prototype_labels, prototypes.shape[0]))
+    for name, t, rows in named:
         if (not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex()
                 or t.dim() != 1):
             raise TypeError(f"{op}: '{name}' must be a 1-D integer tensor, got "
@@ -327,7 +329,8 @@ def labelled(op: str, x: torch.Tensor, labels: torch.Tensor, prototypes: torch.T
         if t.shape[0] != rows:
             raise ValueError(f"{op}: '{name}' must have {rows} entries, got {t.shape[0]}")
         if t.device != x.device:
-            raise ValueError(f"{op}: '{name}' must be on x's device ({x.device}), got {t.device}")
+            raise ValueError(f"{op}: '{name}' must be on {x_name}'s device ({x.device}), got "
+                             f"{t.device}")
     if x.shape[1] != prototypes.shape[1]:
-        raise ValueError(f"{op}: 'x' and 'prototypes' must have the same feature size, got "
-                         f"{x.shape[1]} and {prototypes.shape[1]}")
+        raise ValueError(f"{op}: '{x_name}' and 'prototypes' must have the same feature size, "
+                         f"got {x.shape[1]} and {prototypes.shape[1]}")

@@ -24,7 +24,7 @@ def truth(h, labels, c, lp, ls, lc, eps):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_matches_eq_10(backend, dtype):
-    skip_unless_capable(backend, "nearest", dtype)
+    skip_unless_capable(backend, "dpnp_loss", dtype)
     torch.manual_seed(0)
     loss_fn = DPNPLoss(7, 5, alpha=2.0, lambda_pos=0.3, lambda_neg_sample=0.2,
                        lambda_neg_class=0.1, device=DEVICE, dtype=dtype)

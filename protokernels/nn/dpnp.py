@@ -1,41 +1,16 @@
 """Deep positive-negative prototypes (dpnp-positive-negative-prototypes, §IV, eq. 5-10): one
 set of class prototypes serves as the classifier's weights (positive prototypes) and, for the
-other classes, as negative prototypes: the nearest rival of each sample (eq. 6, the fused nearest
-with `exclude`) and of each prototype (eq. 8) push away.
+other classes, as negative prototypes: the nearest rival of each sample (eq. 6) and of each
+prototype (eq. 8) push away. The loss is protokernels.dpnp_loss (one op).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
-from ..ops.nearest import nearest
-
-
-def _half_norm(v: Tensor, eps: float) -> Tensor:
-    """||v||_{1/2}^{1/2} = sum_d |v_d|^(1/2) per row, as sqrt(|v| + eps) - sqrt(eps): the same
-    value to O(sqrt(eps)), with a finite gradient where a coordinate is 0."""
-    return (torch.sqrt(v.abs() + eps) - math.sqrt(eps)).sum(-1)
-
-
-def dpnp_loss(h: Tensor, labels: Tensor, prototypes: Tensor, *, lambda_pos: float,
-              lambda_neg_sample: float, lambda_neg_class: float, eps: float) -> Tensor:
-    """DPNP's loss (eq. 10) of features h (N, dim) with class prototypes (M, dim); see DPNPLoss."""
-    c = prototypes
-    loss = F.cross_entropy(h @ c.t(), labels)
-    n = max(h.shape[0], 1)
-    loss = loss + lambda_pos / (2 * n) * (h - c[labels]).square().sum()
-    if c.shape[0] > 1:
-        _, rival = nearest(h, c, exclude=labels)  # eq. 6: the nearest other class centre
-        loss = loss - lambda_neg_sample / (2 * n) * _half_norm(h - c[rival], eps).sum()
-        own = torch.arange(c.shape[0], device=h.device)
-        _, neighbour = nearest(c, c, exclude=own)  # eq. 8: each centre's nearest other
-        loss = loss - lambda_neg_class / (2 * c.shape[0]) * _half_norm(c - c[neighbour],
-                                                                       eps).sum()
-    return loss
+from ..ops.dpnp_loss import dpnp_loss
 
 
 class DPNPLoss(nn.Module):
@@ -48,8 +23,8 @@ class DPNPLoss(nn.Module):
                      - lambda_neg_class / 2M sum_j ||c_j - c_neg(j)||_{1/2}^{1/2}
 
     with c_neg(i) the nearest prototype of another class than y_i (eq. 6) and c_neg(j) the nearest
-    other prototype of c_j (eq. 8), both found by protokernels.nearest with `exclude`. `eps` keeps
-    the L_{1/2} terms' gradient finite. `renormalize_()` puts the prototypes back on the sphere
+    other prototype of c_j (eq. 8): protokernels.dpnp_loss. `eps` keeps the L_{1/2} terms'
+    gradient finite. `renormalize_()` puts the prototypes back on the sphere
     of radius `alpha` (the paper does so at the start of each epoch). With one class there is no
     rival: both negative terms are 0.
     """
