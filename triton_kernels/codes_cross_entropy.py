@@ -15,9 +15,10 @@ from ._common import (BLOCK_PARTIALS, REDUCTIONS, accumulator, block, finish_sum
 
 
 @triton.jit
-def _rows_kernel(S, C, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, K, ss_b, sc_b, inv_t_hi, inv_t_lo,
-                 ACC: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_PARTIALS: tl.constexpr):
+def _codes_cross_entropy_kernel(S, C, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, K, ss_b, sc_b,
+                                inv_t_hi, inv_t_lo,
+                                ACC: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_K: tl.constexpr,
+                                BLOCK_PARTIALS: tl.constexpr):
     """S, C (B, K) with unit column stride; WEIGHTS (B, K) contiguous; 1 / T = inv_t_hi +
     inv_t_lo (float32 arguments)."""
     row = tl.program_id(0).to(tl.int64)
@@ -54,7 +55,7 @@ def _rows_kernel(S, C, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, K, ss_b, sc_b, in
         finish_sum(value, 1, LOSS, SCALE, PARTIAL, TICKETS, REDUCTION == 2, BLOCK_PARTIALS)
 
 
-_launch_rows = launcher(_rows_kernel)
+_launch_rows = launcher(_codes_cross_entropy_kernel)
 
 
 def codes_cross_entropy_rows(scores, codes, temperature, reduction):

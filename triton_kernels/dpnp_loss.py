@@ -17,10 +17,11 @@ from ._common import (BLOCK_PARTIALS, accumulator, block, finish_sum, float32_pa
 
 
 @triton.jit
-def _epilogue_kernel(S, GRAM, H, C, LABELS, OWN, SCATTER, TARGETS, LOSS, SCALE, PARTIAL, TICKETS,
-                     N, M, D, lp_hi, lp_lo, ln_hi, ln_lo, lc_hi, lc_lo, eps_hi, eps_lo,
-                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_PARTIALS: tl.constexpr):
+def _dpnp_epilogue_kernel(S, GRAM, H, C, LABELS, OWN, SCATTER, TARGETS, LOSS, SCALE, PARTIAL,
+                          TICKETS, N, M, D, lp_hi, lp_lo, ln_hi, ln_lo, lc_hi, lc_lo, eps_hi,
+                          eps_lo,
+                          ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_PARTIALS: tl.constexpr):
     """S (N, M), GRAM (M, M), H (N, D), C (M, D), OWN (N + M, D), SCATTER (2N + M, D) contiguous;
     each lambda and eps a float32 pair (_common.float32_pair)."""
     row = tl.program_id(0).to(tl.int64)
@@ -39,6 +40,8 @@ def _epilogue_kernel(S, GRAM, H, C, LABELS, OWN, SCATTER, TARGETS, LOSS, SCALE, 
         logits = GRAM + own_col * M
         features = C + own_col * D
         negative = (tl.cast(lc_hi, ACC) + tl.cast(lc_lo, ACC)) / (2 * M).to(ACC)
+    # Read before any warp passes the reductions below: a sample's weights overwrite its logits.
+    own_logit = tl.load(logits + own_col).to(ACC)
     # The rival: the lowest-index minimum of ||c_k||^2 - 2 s_k over k != own_col (NaN never wins;
     # without a finite candidate, the first allowed column).
     best = tl.full((), float("inf"), ACC)
@@ -65,7 +68,7 @@ def _epilogue_kernel(S, GRAM, H, C, LABELS, OWN, SCATTER, TARGETS, LOSS, SCALE, 
             s = tl.load(logits + cols, mask=cols < M, other=float("-inf")).to(ACC)
             total += tl.where(cols < M, tl.exp(s - top_all), 0.0)
         lse = top_all + tl.log(tl.sum(total, 0))
-        value = (lse - tl.load(logits + own_col).to(ACC)) * per_sample
+        value = (lse - own_logit) * per_sample
         for m0 in range(0, M, BLOCK_M):
             cols = m0 + tl.arange(0, BLOCK_M)
             ok = cols < M
@@ -104,7 +107,7 @@ def _epilogue_kernel(S, GRAM, H, C, LABELS, OWN, SCATTER, TARGETS, LOSS, SCALE, 
                BLOCK_PARTIALS)
 
 
-_launch_epilogue = launcher(_epilogue_kernel)
+_launch_epilogue = launcher(_dpnp_epilogue_kernel)
 
 
 def dpnp_epilogue(scores, gram, h, c, labels, lambda_pos, lambda_neg_sample, lambda_neg_class,

@@ -20,9 +20,9 @@ BLOCK = 1024
 
 
 @triton.jit
-def _epilogue_kernel(DIST, IDX, LOSS, COEF, SCALE, PARTIAL, TICKETS, N, beta,
-                     TRANSFER: tl.constexpr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
-                     BLOCK_PARTIALS: tl.constexpr):
+def _glvq_epilogue_kernel(DIST, IDX, LOSS, COEF, SCALE, PARTIAL, TICKETS, N, beta,
+                          TRANSFER: tl.constexpr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_PARTIALS: tl.constexpr):
     """DIST, IDX, COEF (N, 2) contiguous; REDUCTION 0 none (LOSS (N,)), 1 sum, 2 mean (finish_sum's
     buffers)."""
     pid = tl.program_id(0)
@@ -60,7 +60,7 @@ def _epilogue_kernel(DIST, IDX, LOSS, COEF, SCALE, PARTIAL, TICKETS, N, beta,
                    TICKETS, REDUCTION == 2, BLOCK_PARTIALS)
 
 
-_launch_epilogue = launcher(_epilogue_kernel)
+_launch_epilogue = launcher(_glvq_epilogue_kernel)
 
 
 def glvq_epilogue(dist, idx, transfer, beta, reduction):

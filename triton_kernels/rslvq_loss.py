@@ -15,10 +15,10 @@ from ._common import (BLOCK_PARTIALS, REDUCTIONS, accumulator, block, finish_sum
 
 
 @triton.jit
-def _epilogue_kernel(DIST, XL, YL, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, M, sd_n, factor_hi,
-                     factor_lo,
-                     ACC: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_PARTIALS: tl.constexpr):
+def _rslvq_epilogue_kernel(DIST, XL, YL, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, M, sd_n, factor_hi,
+                           factor_lo,
+                           ACC: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_PARTIALS: tl.constexpr):
     """DIST (N, M) with row stride sd_n, WEIGHTS (N, M) contiguous; -1 / (2 sigma^2) = factor_hi
     + factor_lo (_common.float32_pair)."""
     row = tl.program_id(0).to(tl.int64)
@@ -65,7 +65,7 @@ def _epilogue_kernel(DIST, XL, YL, WEIGHTS, LOSS, SCALE, PARTIAL, TICKETS, M, sd
                    BLOCK_PARTIALS)
 
 
-_launch_epilogue = launcher(_epilogue_kernel)
+_launch_epilogue = launcher(_rslvq_epilogue_kernel)
 
 
 def rslvq_epilogue(dist, x_labels, y_labels, sigma, reduction):
