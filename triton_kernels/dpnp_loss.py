@@ -27,7 +27,7 @@ def _dpnp_epilogue_kernel(S, GRAM, H, C, LABELS, OWN, SCATTER, TARGETS, LOSS, SC
     row = tl.program_id(0).to(tl.int64)
     lambda_pos = tl.cast(lp_hi, ACC) + tl.cast(lp_lo, ACC)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
-    per_sample = 1 / tl.maximum(N, 1).to(ACC)
+    per_sample = 1 / tl.cast(tl.maximum(N, 1), ACC)  # N, M may come as constexpr 1
     has_rival = M > 1
     is_sample = row < N
     if is_sample:
@@ -39,7 +39,7 @@ def _dpnp_epilogue_kernel(S, GRAM, H, C, LABELS, OWN, SCATTER, TARGETS, LOSS, SC
         own_col = row - N
         logits = GRAM + own_col * M
         features = C + own_col * D
-        negative = (tl.cast(lc_hi, ACC) + tl.cast(lc_lo, ACC)) / (2 * M).to(ACC)
+        negative = (tl.cast(lc_hi, ACC) + tl.cast(lc_lo, ACC)) / tl.cast(2 * M, ACC)
     # Read before any warp passes the reductions below: a sample's weights overwrite its logits.
     own_logit = tl.load(logits + own_col).to(ACC)
     # The rival: the lowest-index minimum of ||c_k||^2 - 2 s_k over k != own_col (NaN never wins;
