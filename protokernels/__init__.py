@@ -13,8 +13,10 @@ from .ops.dw_nearest import dw_nearest, dw_quantize
 from .ops.glvq_loss import glvq_loss
 from .ops.kp_conv import kp_conv1d, kp_conv2d
 from .ops.nearest import nearest, nearest_both, nearest_by_label, nearest_k
+from .ops.prototype_layer import prototype_layer
 from .ops.rslvq_loss import rslvq_loss
 from .ops.sinkhorn import SinkhornInfo, sinkhorn, sinkhorn_plan
+from .ops.sinkhorn_prototype_loss import sinkhorn_prototype_loss
 from .ops.sqdist import sqdist
 from . import nn  # noqa: E402  (protokernels.nn, after the ops it wraps)
 
@@ -23,5 +25,6 @@ from ._version import __version__  # noqa: E402
 __all__ = ["BackendStatus", "BackendUnavailableError", "available_backends", "codebook_lookup",
            "codebook_stats", "codes_cross_entropy", "current_backend", "dpnp_loss", "dw_nearest",
            "dw_quantize", "glvq_loss", "kp_conv1d", "kp_conv2d", "nearest", "nearest_both", "nearest_by_label",
-           "nearest_k", "rslvq_loss", "SinkhornInfo", "sinkhorn", "sinkhorn_plan", "sqdist",
+           "nearest_k", "prototype_layer", "rslvq_loss", "SinkhornInfo", "sinkhorn", "sinkhorn_plan",
+           "sinkhorn_prototype_loss", "sqdist",
            "use_backend"]

@@ -32,9 +32,13 @@ OP_FILES = {
     "glvq_loss": "nearest",
     # rslvq_loss: sqdist's kernels (its capabilities) and an epilogue in rslvq_loss.*
     "rslvq_loss": "sqdist",
+    # prototype_layer: sqdist's kernels and two torch reductions
+    "prototype_layer": "sqdist",
     "codes_cross_entropy": "codes_cross_entropy", "dpnp_loss": "dpnp_loss",
     "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
     "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
+    # sinkhorn_prototype_loss: sinkhorn's iteration and codes_cross_entropy's row kernel
+    "sinkhorn_prototype_loss": "sinkhorn",
 }
 _FILES = tuple(dict.fromkeys(OP_FILES.values()))
 
@@ -80,9 +84,10 @@ _AUTO_ORDER = {
     # sqdist: Triton's forward wins every in-model row (N256 M10 D64: 0.0058 ms vs CUDA 0.0166);
     # with a backward, CUDA's cheaper gradient launches win up to N*M*D = 2^24 (N1024 M100
     # D128 fwd+bwd: 0.178 vs 0.448 ms) and lose at 2^28 (N4096 M512 D128: 0.611 vs 0.579).
-    # rslvq_loss is sqdist with an epilogue launch: sqdist's rule.
-    **dict.fromkeys(("sqdist", "rslvq_loss"), lambda dtype, precision, sizes: _backend_by_work(
-        sizes, "batch n m d", 2**24 if _wants_grad(sizes) else 0)),
+    # rslvq_loss and prototype_layer are sqdist with an epilogue: sqdist's rule.
+    **dict.fromkeys(("sqdist", "rslvq_loss", "prototype_layer"),
+                    lambda dtype, precision, sizes: _backend_by_work(
+                        sizes, "batch n m d", 2**24 if _wants_grad(sizes) else 0)),
     # The nearest family. One best per row on tensor cores (nearest, nearest_by_label,
     # nearest_both, dw_nearest at "tf32"/"tf32x3" or in half precision) runs CUDA's mma.sync
     # search: CUDA up to N*M*D = 2^30 (N4096 M512 D128 tf32: 0.024-0.038 vs 0.074-0.099 ms; dw
@@ -129,10 +134,12 @@ _AUTO_ORDER = {
     # A call that must stop between the iterations (a
     # tolerance check, a cross-rank all-reduce: "stepwise") runs sweep by sweep on any backend,
     # and there Triton's sweeps win (above). sinkhorn_plan's iterations are the same sweeps.
-    **dict.fromkeys(("sinkhorn", "sinkhorn_plan"), lambda dtype, precision, sizes: (
-        CUDA_FIRST if (not sizes.get("stepwise") and sizes["m"] <= 8192
-                       and sizes["n"] * sizes["m"] <= 2**24)
-        else TRITON_FIRST)),
+    # sinkhorn_prototype_loss runs sinkhorn's iteration: its rule.
+    **dict.fromkeys(("sinkhorn", "sinkhorn_plan", "sinkhorn_prototype_loss"),
+                    lambda dtype, precision, sizes: (
+                        CUDA_FIRST if (not sizes.get("stepwise") and sizes["m"] <= 8192
+                                       and sizes["n"] * sizes["m"] <= 2**24)
+                        else TRITON_FIRST)),
 }
 
 

@@ -36,7 +36,8 @@ import protokernels
 
 OPS = ("sqdist", "nearest", "kp_conv", "dw_nearest", "codebook_lookup", "codebook_stats",
        "vector_quantizer", "sinkhorn", "sinkhorn_plan", "glvq_loss", "rslvq_loss",
-       "dpnp_loss", "codes_cross_entropy", "heads")
+       "dpnp_loss", "codes_cross_entropy", "sinkhorn_prototype_loss", "prototype_layer",
+       "heads")
 # H100 ceilings, measured on the benchmark machine (README, "Benchmarks"): FFMA, TF32 (a third
 # of it for 3xTF32), bf16 tensor cores, device-to-device copy (bytes read + written).
 PEAK_FLOPS = {"ieee": 51.6e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "half": 679e12}

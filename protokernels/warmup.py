@@ -26,7 +26,8 @@ from protokernels.info import compiled_kernels, triton_cache_dir
 # Ops with their own benchmark module (benchmarks/<op>.py): its make_inputs and fused are the
 # one list of sample inputs and calls per op.
 OPS = ("sqdist", "nearest", "kp_conv", "dw_nearest", "codebook_lookup", "codebook_stats",
-       "sinkhorn", "sinkhorn_plan", "glvq_loss", "rslvq_loss", "dpnp_loss", "codes_cross_entropy")
+       "sinkhorn", "sinkhorn_plan", "glvq_loss", "rslvq_loss", "dpnp_loss", "codes_cross_entropy",
+       "sinkhorn_prototype_loss", "prototype_layer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -2,7 +2,8 @@
 (case-based-reasoning-prototype-layer, §2, eq. 3-7): the squared distances of each encoded input
 to m learned prototypes (the classifier's input), and the interpretability regularizers R1 (every
 prototype near some encoded input, eq. 5) and R2 (every encoded input near some prototype, eq. 6),
-both from one fused pass (protokernels.nearest_both).
+both from one fused pass (protokernels.nearest_both), or all three from one distance matrix
+(protokernels.prototype_layer).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from ..ops.nearest import nearest_both
+from ..ops.prototype_layer import prototype_layer
 from ..ops.sqdist import sqdist
 
 
@@ -29,7 +31,9 @@ class PrototypeLayer(nn.Module):
     """m prototypes in a `dim`-dimensional latent space. forward(z (N, dim)) -> (N, m) squared
     distances ||z_i - p_j||^2 (protokernels.sqdist). `regularizers(z)` -> (R1, R2):
     R1 = mean_j min_i ||p_j - z_i||^2, R2 = mean_i min_j ||z_i - p_j||^2 over the batch (the
-    paper relaxes R1's minimum to the minibatch too), one search for both."""
+    paper relaxes R1's minimum to the minibatch too), one search for both, without the (N, m)
+    matrix. `with_regularizers(z)` -> (distances, R1, R2) from one distance kernel: the training
+    step's form (forward and regularizers together, one backward)."""
 
     def __init__(self, dim: int, num_prototypes: int, device=None, dtype=None):
         super().__init__()
@@ -47,6 +51,10 @@ class PrototypeLayer(nn.Module):
     def regularizers(self, z: Tensor) -> tuple[Tensor, Tensor]:
         self._check(z)
         return prototype_regularizers(z, self.prototypes.to(z.dtype))
+
+    def with_regularizers(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self._check(z)
+        return prototype_layer(z, self.prototypes.to(z.dtype))
 
     def extra_repr(self) -> str:
         return f"dim={self.prototypes.shape[1]}, prototypes={self.prototypes.shape[0]}"

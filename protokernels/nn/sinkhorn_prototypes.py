@@ -7,24 +7,11 @@ scores (eq. 10), and each prototype anchors its cluster through an MMD term towa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
-from ..ops.codes_cross_entropy import codes_cross_entropy
-from ..ops.sinkhorn import sinkhorn
+from ..ops.sinkhorn_prototype_loss import sinkhorn_prototype_loss
 from ..ops.sqdist import sqdist
-
-
-def sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, *, temperature: float, eps: float,
-                            n_iters: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, codes, scores) of latent codes z (B, dim) and prototypes (K, dim) (eq. 10); see
-    SinkhornPrototypes."""
-    if normalize:
-        z, prototypes = F.normalize(z, dim=1), F.normalize(prototypes, dim=1)
-    scores = z @ prototypes.t()
-    codes = sinkhorn(scores, eps=eps, n_iters=n_iters)
-    return codes_cross_entropy(scores, codes, temperature=temperature), codes, scores
 
 
 class SinkhornPrototypes(nn.Module):
@@ -33,7 +20,8 @@ class SinkhornPrototypes(nn.Module):
     forward(z (B, dim)) -> (loss, codes, scores): scores = z V^T (with `normalize`, of the
     unit-normalized z and V, as SwAV), codes = protokernels.sinkhorn(scores, eps, n_iters) (the
     balanced assignment, no gradient), loss = -mean_b sum_k codes log softmax(scores / temperature)
-    (eq. 10: it moves the prototypes and the encoder towards the balanced assignment).
+    (eq. 10: it moves the prototypes and the encoder towards the balanced assignment); all three
+    from protokernels.sinkhorn_prototype_loss (one op).
 
     anchor_loss(z, codes) -> the prototype-anchored regularization (eq. 5): for every prototype k,
     the MMD between the codes assigned to it (argmax of codes) and samples of N(v_k, I), with a

@@ -130,13 +130,19 @@ def _equipartition(rows: int, columns: int) -> _Marginals:
     return _Marginals(None, 0.0, None, math.log(max(rows, 1)) - math.log(columns))
 
 
-@custom_op("sinkhorn")
-def _sinkhorn(scores: Tensor, eps: float, n_iters: int, backend: str) -> Tensor:
-    """scores (B, K) -> codes (B, K): SwAV's equipartition, rows summing to 1."""
+def equipartition_codes(scores: Tensor, eps: float, n_iters: int, backend: str) -> Tensor:
+    """scores (B, K) -> codes (B, K): SwAV's equipartition, rows summing to 1 (the body of
+    protokernels::sinkhorn, for the ops that run it inside theirs)."""
     codes = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
     if codes.numel() > 0:
         _iterate(backend, scores, 1.0 / eps, n_iters, _equipartition(*scores.shape), codes)
     return codes
+
+
+@custom_op("sinkhorn")
+def _sinkhorn(scores: Tensor, eps: float, n_iters: int, backend: str) -> Tensor:
+    """scores (B, K) -> codes (B, K): SwAV's equipartition, rows summing to 1."""
+    return equipartition_codes(scores, eps, n_iters, backend)
 
 
 @_sinkhorn.register_fake

@@ -1,0 +1,131 @@
+"""protokernels::sinkhorn_prototype_loss: the Sinkhorn prototypes' loss (prototypical-vae-sinkhorn,
+eq. 10; SwAV's swapped prediction with one view) in one op: normalize z and the prototypes, their
+product (cuBLAS), the equipartition codes (the sinkhorn op's iteration) and the codes'
+cross-entropy (codes_cross_entropy's row kernel); the backward is the two products' and the
+normalizations' gradients, formed here without the autograd engine.
+
+Why one op: at the in-model sizes the head's training step is host time, and the same
+computation through the public ops (two F.normalize, a matmul, sinkhorn, codes_cross_entropy)
+was ~12 autograd nodes: 0.62-0.78x the compiled naive head (RESULTS.md "DPNP in one op").
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _validate
+from .._numerics import accumulate_dtype
+from ._registry import custom_op
+from .sinkhorn import equipartition_codes
+
+_ROWS = _backend.Implementations("codes_cross_entropy", "codes_cross_entropy_rows")
+NORM_EPS = 1e-12  # F.normalize's: a row of norm below it is divided by it instead
+
+
+def _outputs(z: Tensor, prototypes: Tensor, normalize: bool):
+    """Empty (loss, codes, scores, weights, scale, z_norm, p_norm): the norms are (B,) and (K,)
+    with `normalize`, else (0,)."""
+    b, k = z.shape[0], prototypes.shape[0]
+    weights = z.new_empty((b, k), dtype=accumulate_dtype(z.dtype))
+    scores = z.new_empty((b, k))
+    return (weights.new_empty(()), scores.new_empty((b, k)), scores, weights,
+            weights.new_empty(()), z.new_empty((b if normalize else 0,)),
+            z.new_empty((k if normalize else 0,)))
+
+
+def _unit_rows(t: Tensor, norm: Tensor) -> Tensor:
+    return t / norm.clamp_min(NORM_EPS)[:, None]
+
+
+@custom_op("sinkhorn_prototype_loss")
+def _sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, temperature: float, eps: float,
+                             n_iters: int, normalize: bool, backend: str
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """z (B, D), prototypes (K, D) -> (loss, codes, scores, weights (the loss's derivative w.r.t.
+    the scores, before `scale`), scale, z_norm, p_norm)."""
+    if normalize:
+        z_norm = torch.linalg.vector_norm(z, dim=1)
+        p_norm = torch.linalg.vector_norm(prototypes, dim=1)
+        scores = _unit_rows(z, z_norm) @ _unit_rows(prototypes, p_norm).mT
+    else:
+        z_norm, p_norm = z.new_empty((0,)), z.new_empty((0,))
+        scores = z @ prototypes.mT
+    codes = equipartition_codes(scores, eps, n_iters, backend)
+    if scores.numel() == 0:  # no rows, or rows of zero prototypes: every value is 0
+        loss, _, _, weights, scale, _, _ = _outputs(z, prototypes, normalize)
+        return loss.zero_(), codes, scores, weights, scale.fill_(1 / max(z.shape[0], 1)), \
+            z_norm, p_norm
+    loss, weights, scale = _ROWS[backend](scores, codes, temperature, "mean")
+    return loss, codes, scores, weights, scale, z_norm, p_norm
+
+
+@_sinkhorn_prototype_loss.register_fake
+def _(z, prototypes, temperature, eps, n_iters, normalize, backend):
+    return _outputs(z, prototypes, normalize)
+
+
+def _setup_context(ctx, inputs, output):
+    z, prototypes, _, _, _, ctx.normalize, _ = inputs
+    _, codes, _, weights, scale, z_norm, p_norm = output
+    ctx.mark_non_differentiable(codes, weights, scale, z_norm, p_norm)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(z, prototypes, weights, scale, z_norm, p_norm)
+
+
+def _normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
+    """The gradient w.r.t. t of unit = t / max(||t||, NORM_EPS) per row."""
+    radial = (unit * grad).sum(1, keepdim=True)
+    return torch.where(norm[:, None] > NORM_EPS, (grad - unit * radial) / norm[:, None],
+                       grad / NORM_EPS)
+
+
+def _backward(ctx, grad_loss, _grad_codes, grad_scores, *_grad_rest):
+    z, prototypes, weights, scale, z_norm, p_norm = ctx.saved_tensors
+    grad = None if grad_loss is None else weights * (grad_loss * scale)
+    if grad_scores is not None:
+        grad = grad_scores if grad is None else grad + grad_scores
+    if grad is None:
+        return None, None, None, None, None, None, None
+    grad = grad.to(z.dtype)
+    if ctx.normalize:
+        zn, pn = _unit_rows(z, z_norm), _unit_rows(prototypes, p_norm)
+        grad_z = _normalize_backward(grad @ pn, zn, z_norm)
+        grad_p = _normalize_backward(grad.mT @ zn, pn, p_norm)
+    else:
+        grad_z, grad_p = grad @ prototypes, grad.mT @ z
+    return grad_z, grad_p, None, None, None, None, None
+
+
+_sinkhorn_prototype_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, *, temperature: float = 0.1,
+                            eps: float = 0.05, n_iters: int = 3,
+                            normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The Sinkhorn prototypes' loss (SwAV's, one view) of latent codes z (B, D) and prototypes
+    (K, D) -> (loss, codes, scores):
+
+        scores = z V^T (of the unit-normalized rows of z and V with `normalize`, as F.normalize),
+        codes  = protokernels.sinkhorn(scores, eps=eps, n_iters=n_iters) (no gradient),
+        loss   = -1/B sum_b sum_k codes_bk log softmax(scores_b / temperature)_k.
+
+    The loss is float32 (float64 for float64 input); codes and scores are in z's dtype, and a
+    gradient reaching `scores` from elsewhere flows back too. One op: two cuBLAS products, the
+    sinkhorn iteration and one row kernel forward; the products' and normalizations' gradients
+    backward, with one autograd node in all.
+    """
+    op = "sinkhorn_prototype_loss"
+    _validate.floating(op, z=z, prototypes=prototypes)
+    _validate.matrix(op, "z", z, "(B, D)")
+    _validate.matrix(op, "prototypes", prototypes, "(K, D)")
+    if z.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"{op}: 'z' and 'prototypes' must have the same feature size, got "
+                         f"{z.shape[1]} and {prototypes.shape[1]}")
+    _validate.settings(op, ints=dict(n_iters=n_iters),
+                       positive=dict(temperature=temperature, eps=eps))
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{op}: 'normalize' must be a bool, got {type(normalize).__name__}")
+    backend = _backend.resolve(op, z.device, z.dtype, n=z.shape[0], m=prototypes.shape[0])
+    loss, codes, scores, *_ = _sinkhorn_prototype_loss(
+        z, prototypes, float(temperature), float(eps), n_iters, normalize, backend)
+    return loss, codes, scores
