@@ -52,14 +52,16 @@ def _backward(ctx, grad_dist, grad_r1, grad_r2, _grad_row_arg, _grad_col_arg):
     z, prototypes, row_arg, col_arg = ctx.saved_tensors
     n, m = z.shape[0], prototypes.shape[0]
     grad = (torch.zeros((n, m), dtype=z.dtype, device=z.device) if grad_dist is None
-            else grad_dist.to(z.dtype, copy=True))
-    if grad_r2 is not None:  # R2's share: 1/N at each row's minimum
-        rows = torch.arange(n, device=z.device)
-        grad.index_put_((rows, row_arg), (grad_r2 / n).to(z.dtype).expand(n), accumulate=True)
-    if grad_r1 is not None:  # R1's share: 1/M at each column's minimum
-        columns = torch.arange(m, device=z.device)
-        grad.index_put_((col_arg, columns), (grad_r1 / m).to(z.dtype).expand(m),
-                        accumulate=True)
+            else grad_dist.to(z.dtype, memory_format=torch.contiguous_format, copy=True))
+    flat = grad.view(-1)
+    # Each row's and each column's minimum gets its regularizer's 1/N or 1/M: one index_add_
+    # into the flat matrix each (atomics, no sort: index_put_'s accumulate sorts).
+    if grad_r2 is not None:
+        at = torch.arange(0, n * m, m, device=z.device) + row_arg
+        flat.index_add_(0, at, (grad_r2 / n).to(z.dtype).expand(n))
+    if grad_r1 is not None:
+        at = col_arg * m + torch.arange(m, device=z.device)
+        flat.index_add_(0, at, (grad_r1 / m).to(z.dtype).expand(m))
     grad_z, grad_p = sqdist_grads(grad[None], z[None], prototypes[None], ctx.precision,
                                   ctx.backend, ctx.needs_input_grad[:2])
     return (None if grad_z is None else grad_z[0], None if grad_p is None else grad_p[0], None,

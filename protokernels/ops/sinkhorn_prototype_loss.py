@@ -23,8 +23,8 @@ NORM_EPS = 1e-12  # F.normalize's: a row of norm below it is divided by it inste
 
 
 def _outputs(z: Tensor, prototypes: Tensor, normalize: bool):
-    """Empty (loss, codes, scores, weights, scale, z_norm, p_norm): the norms are (B,) and (K,)
-    with `normalize`, else (0,)."""
+    """Empty (loss, codes, scores, weights, scale, z_norm, p_norm): the rows' norms (at least
+    NORM_EPS) are (B,) and (K,) with `normalize`, else (0,)."""
     b, k = z.shape[0], prototypes.shape[0]
     weights = z.new_empty((b, k), dtype=accumulate_dtype(z.dtype))
     scores = z.new_empty((b, k))
@@ -33,8 +33,8 @@ def _outputs(z: Tensor, prototypes: Tensor, normalize: bool):
             z.new_empty((k if normalize else 0,)))
 
 
-def _unit_rows(t: Tensor, norm: Tensor) -> Tensor:
-    return t / norm.clamp_min(NORM_EPS)[:, None]
+def _row_norms(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t, dim=1).clamp_min_(NORM_EPS)
 
 
 @custom_op("sinkhorn_prototype_loss")
@@ -44,9 +44,8 @@ def _sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, temperature: float, 
     """z (B, D), prototypes (K, D) -> (loss, codes, scores, weights (the loss's derivative w.r.t.
     the scores, before `scale`), scale, z_norm, p_norm)."""
     if normalize:
-        z_norm = torch.linalg.vector_norm(z, dim=1)
-        p_norm = torch.linalg.vector_norm(prototypes, dim=1)
-        scores = _unit_rows(z, z_norm) @ _unit_rows(prototypes, p_norm).mT
+        z_norm, p_norm = _row_norms(z), _row_norms(prototypes)
+        scores = (z / z_norm[:, None]) @ (prototypes / p_norm[:, None]).mT
     else:
         z_norm, p_norm = z.new_empty((0,)), z.new_empty((0,))
         scores = z @ prototypes.mT
@@ -73,10 +72,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
-    """The gradient w.r.t. t of unit = t / max(||t||, NORM_EPS) per row."""
-    radial = (unit * grad).sum(1, keepdim=True)
-    return torch.where(norm[:, None] > NORM_EPS, (grad - unit * radial) / norm[:, None],
-                       grad / NORM_EPS)
+    """The gradient w.r.t. t of unit = t / norm per row, norm = max(||t||, NORM_EPS): (grad -
+    unit (unit . grad)) / norm, without the radial part where the norm is the constant."""
+    radial = torch.linalg.vecdot(unit, grad).masked_fill_(norm <= NORM_EPS, 0)
+    return torch.addcmul(grad, unit, radial[:, None], value=-1).div_(norm[:, None])
 
 
 def _backward(ctx, grad_loss, _grad_codes, grad_scores, *_grad_rest):
@@ -88,7 +87,7 @@ def _backward(ctx, grad_loss, _grad_codes, grad_scores, *_grad_rest):
         return None, None, None, None, None, None, None
     grad = grad.to(z.dtype)
     if ctx.normalize:
-        zn, pn = _unit_rows(z, z_norm), _unit_rows(prototypes, p_norm)
+        zn, pn = z / z_norm[:, None], prototypes / p_norm[:, None]
         grad_z = _normalize_backward(grad @ pn, zn, z_norm)
         grad_p = _normalize_backward(grad.mT @ zn, pn, p_norm)
     else:
