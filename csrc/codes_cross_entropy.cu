@@ -30,11 +30,11 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     const T* s = scores + row * ss_b;
     const T* c = codes + row * sc_b;
     A top = -INFINITY;
-    for (int64_t j = lane; j < k; j += 32) top = fmax(top, widen(s[j]) * inv_t);
+    for (int64_t j = lane; j < k; j += 32) top = fmax(top, logit_product(widen(s[j]), inv_t));
     top = warp_max(top);
     A sum_exp = 0, total = 0, products = 0;
     for (int64_t j = lane; j < k; j += 32) {
-      const A logit = widen(s[j]) * inv_t, code = widen(c[j]);
+      const A logit = logit_product(widen(s[j]), inv_t), code = widen(c[j]);
       sum_exp += exp(logit - top);
       total += code;
       products += code * logit;
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     products = warp_sum(products);
     A* w = weights + row * k;
     for (int64_t j = lane; j < k; j += 32) {
-      const A logit = widen(s[j]) * inv_t;
+      const A logit = logit_product(widen(s[j]), inv_t);
       w[j] = (exp(logit - lse) * total - widen(c[j])) * inv_t;
     }
     if (lane == 0) {

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     A top_all = -INFINITY, top_same = -INFINITY;
     int same_count = 0;
     for (int64_t j = lane; j < m; j += 32) {  // fmax skips NaN; the sums below carry it
-      const A logit = widen(d[j]) * factor;
+      const A logit = logit_product(widen(d[j]), factor);
       top_all = fmax(top_all, logit);
       if (y_labels[j] == label) {
         top_same = fmax(top_same, logit);
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     const bool is_counted = warp_sum(same_count) > 0;
     A sum_all = 0, sum_same = 0;
     for (int64_t j = lane; j < m; j += 32) {
-      const A logit = widen(d[j]) * factor;
+      const A logit = logit_product(widen(d[j]), factor);
       sum_all += exp(logit - top_all);
       if (y_labels[j] == label) sum_same += exp(logit - top_same);
     }
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     for (int64_t j = lane; j < m; j += 32) {
       A weight = 0;
       if (is_counted) {
-        const A logit = widen(d[j]) * factor;
+        const A logit = logit_product(widen(d[j]), factor);
         const A within = y_labels[j] == label ? exp(logit - correct) : A(0);
         weight = (exp(logit - whole) - within) * factor;
       }

@@ -109,12 +109,14 @@ _AUTO_ORDER = {
     # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
         sizes, "batch p pixels c taps", 2**21)),
-    # codes_cross_entropy: one row kernel either way; CUDA's launch is one C++ call. Its rows
-    # (the Sinkhorn head at B256-8192, K10-1000) were not measured per backend: CUDA first, as
-    # for the other host-bound one-launch ops.
+    # codes_cross_entropy: one row kernel either way. Training steps (forward and backward) at
+    # SwAV's B256-4096 K3000: CUDA 0.19/0.20/0.23 ms against Triton 0.20/0.29/0.21; the forward
+    # alone favours Triton (0.017/0.033/0.083 against 0.060/0.059/0.123). CUDA first, for the
+    # step. RESULTS.md "DPNP in one op".
     "codes_cross_entropy": lambda dtype, precision, sizes: CUDA_FIRST,
-    # dpnp_loss: two cuBLAS products and one row kernel either way; CUDA first as for
-    # codes_cross_entropy (per-backend rows: RESULTS.md "DPNP in one op").
+    # dpnp_loss: two cuBLAS products and one row kernel either way. CUDA's forward wins the three
+    # head sizes (0.159/0.152/0.137 ms against Triton 0.188/0.179/0.336), its step two of them
+    # (0.85/1.14/0.79 against 0.94/0.96/1.07). RESULTS.md "DPNP in one op".
     "dpnp_loss": lambda dtype, precision, sizes: CUDA_FIRST,
     # codebook_stats (also the scatter of the codes' gradient in dw_quantize's and
     # codebook_lookup's backward) and codebook_lookup: CUDA up to N*G*Dg = 2^22, where the call
