@@ -2,8 +2,8 @@
 
 An autoencoder's latent codes go through a prototype layer (squared distances to 15 learned
 prototypes, protokernels.nn.PrototypeLayer) and a linear classifier; the four-term objective
-(case-based-reasoning..., eq. 7: cross-entropy, reconstruction, R1, R2 from one fused two-way
-search) makes the prototypes decodable into digit-like images. Prints the test accuracy and saves
+(case-based-reasoning..., eq. 7: cross-entropy, reconstruction, R1, R2 from the same distance
+kernel as the classifier's input) makes the prototypes decodable into digit-like images. Prints the test accuracy and saves
 the decoded prototypes as a PNG; runs on the CPU in seconds.
 
     python examples/digits_case_based.py [--epochs 60] [--out digits_case_based_prototypes.png]
@@ -28,8 +28,11 @@ class CaseBasedNet(nn.Module):
         self.classifier = nn.Linear(prototypes, 10)
 
     def forward(self, x):
+        """-> (logits, reconstruction, R1, R2): the distances and both regularizers from one
+        distance kernel (PrototypeLayer.with_regularizers)."""
         z = self.encoder(x)
-        return self.classifier(self.prototypes(z)), self.decoder(z), z
+        distances, r1, r2 = self.prototypes.with_regularizers(z)
+        return self.classifier(distances), self.decoder(z), r1, r2
 
 
 def save_prototypes(model: CaseBasedNet, path: str) -> None:
@@ -52,8 +55,7 @@ def main(argv=None) -> float:
     for epoch in range(args.epochs):
         for batch in minibatches(len(y_train), 128, generator):
             x = x_train[batch]
-            logits, reconstruction, z = model(x)
-            r1, r2 = model.prototypes.regularizers(z)
+            logits, reconstruction, r1, r2 = model(x)
             loss = objective(logits, y_train[batch], reconstruction, x, r1, r2)
             optimizer.zero_grad()
             loss.backward()
