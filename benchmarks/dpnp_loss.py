@@ -9,16 +9,9 @@ import protokernels
 from . import heads
 
 OP = "dpnp_loss"
-BASELINES: dict = {}
-make_inputs, work = heads.make_inputs, heads.work
-
-
-def naive(sizes, x, labels, protos, plabels):
-    return heads.dpnp_naive(x, labels, protos, plabels)
+BASELINES, make_inputs, work, naive, model_cases = heads.op_benchmark("dpnp")
+cases = model_cases
 
 
 def fused(sizes, x, labels, protos, plabels):
     return protokernels.dpnp_loss(x, labels, protos)
-
-
-model_cases = cases = heads.rows_of("dpnp")

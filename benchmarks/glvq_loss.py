@@ -9,16 +9,9 @@ import protokernels
 from . import heads
 
 OP = "glvq_loss"
-BASELINES: dict = {}
-make_inputs, work = heads.make_inputs, heads.work
-
-
-def naive(sizes, x, labels, protos, plabels):
-    return heads.glvq_naive(x, labels, protos, plabels)
+BASELINES, make_inputs, work, naive, model_cases = heads.op_benchmark("glvq")
+cases = model_cases
 
 
 def fused(sizes, x, labels, protos, plabels):
     return protokernels.glvq_loss(x, labels, protos, plabels, transfer="sigmoid", beta=5.0)
-
-
-model_cases = cases = heads.rows_of("glvq")

@@ -165,6 +165,14 @@ def rows_of(head: str):
     return lambda quick: [case for case in model_cases(quick) if case[0].startswith(head + " ")]
 
 
+def op_benchmark(head: str):
+    """What a head's op benchmark (benchmarks/<op>.py) shares with this file: (BASELINES,
+    make_inputs, work, naive, cases) for that head's rows; the op file adds OP and fused."""
+    def naive_head(sizes, x, labels, protos, plabels):
+        return NAIVE[head](x, labels, protos, plabels)
+    return {}, make_inputs, work, naive_head, rows_of(head)
+
+
 def make_inputs(sizes, dtype, device):
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(sizes["N"], sizes["D"], device=device, dtype=dtype, generator=generator)

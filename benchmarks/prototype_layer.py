@@ -10,16 +10,9 @@ import protokernels
 from . import heads
 
 OP = "prototype_layer"
-BASELINES: dict = {}
-make_inputs, work = heads.make_inputs, heads.work
-
-
-def naive(sizes, x, labels, protos, plabels):
-    return heads.case_based_naive(x, labels, protos, plabels)
+BASELINES, make_inputs, work, naive, model_cases = heads.op_benchmark("case_based")
+cases = model_cases
 
 
 def fused(sizes, x, labels, protos, plabels):
     return heads.case_based(*protokernels.prototype_layer(x, protos))
-
-
-model_cases = cases = heads.rows_of("case_based")

@@ -9,16 +9,9 @@ import protokernels
 from . import heads
 
 OP = "rslvq_loss"
-BASELINES: dict = {}
-make_inputs, work = heads.make_inputs, heads.work
-
-
-def naive(sizes, x, labels, protos, plabels):
-    return heads.rslvq_naive(x, labels, protos, plabels)
+BASELINES, make_inputs, work, naive, model_cases = heads.op_benchmark("rslvq")
+cases = model_cases
 
 
 def fused(sizes, x, labels, protos, plabels):
     return protokernels.rslvq_loss(x, labels, protos, plabels, sigma=1.0)
-
-
-model_cases = cases = heads.rows_of("rslvq")

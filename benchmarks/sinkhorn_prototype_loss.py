@@ -9,17 +9,10 @@ import protokernels
 from . import heads
 
 OP = "sinkhorn_prototype_loss"
-BASELINES: dict = {}
-make_inputs, work = heads.make_inputs, heads.work
-
-
-def naive(sizes, x, labels, protos, plabels):
-    return heads.sinkhorn_naive(x, labels, protos, plabels)
+BASELINES, make_inputs, work, naive, model_cases = heads.op_benchmark("sinkhorn")
+cases = model_cases
 
 
 def fused(sizes, x, labels, protos, plabels):
     return protokernels.sinkhorn_prototype_loss(x, protos, temperature=0.1, eps=0.05,
                                                 n_iters=3)[0]
-
-
-model_cases = cases = heads.rows_of("sinkhorn")
