@@ -4,11 +4,13 @@ prototypes' loss (prototypical-vae-sinkhorn, eq. 10; SwAV's swapped prediction) 
 
 Why one op: at the in-model sizes the Sinkhorn head's training step is host time, and the loss in
 torch ops (log_softmax, division, product, row sum, mean) was five autograd nodes and their
-launches. Here the forward is one row kernel (value and derivatives per row, a deterministic
-sum) and the backward one product. The codes get no gradient (they are targets).
+launches. Here the forward is one row kernel (one read of the row: its value, its statistics and
+a deterministic sum) and the backward one elementwise kernel from the statistics. The codes get
+no gradient (they are targets).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import _backend, _validate
@@ -17,23 +19,25 @@ from ..reference._losses import REDUCTIONS
 from ._registry import custom_op
 
 _ROWS = _backend.Implementations("codes_cross_entropy", "codes_cross_entropy_rows")
+_GRAD = _backend.Implementations("codes_cross_entropy", "codes_cross_entropy_grad")
 
 
 def _outputs(scores: Tensor, reduction: str):
-    weights = scores.new_empty(scores.shape, dtype=accumulate_dtype(scores.dtype))
-    loss = weights.new_empty((scores.shape[0],) if reduction == "none" else ())
-    return loss, weights, weights.new_empty(())
+    stats = scores.new_empty((scores.shape[0], 3), dtype=accumulate_dtype(scores.dtype))
+    loss = stats.new_empty((scores.shape[0],) if reduction == "none" else ())
+    return loss, stats, stats.new_empty(())
 
 
 @custom_op("codes_cross_entropy")
 def _codes_cross_entropy(scores: Tensor, codes: Tensor, temperature: float, reduction: str,
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """scores, codes (B, K) -> loss, weights (B, K) (each row's value's derivative w.r.t. its
-    scores), scale (what the backward multiplies them by)."""
+    """scores, codes (B, K) -> loss, stats (B, 3) (each row's max score, log-sum of the shifted
+    exponentials and codes' sum: what the backward needs), scale (what the backward multiplies
+    a row's gradient by)."""
     if scores.numel() == 0:  # no rows, or rows of zero codes: every value is 0
-        loss, weights, scale = _outputs(scores, reduction)
-        return loss.zero_(), weights, scale.fill_(1 / max(scores.shape[0], 1)
-                                                  if reduction == "mean" else 1)
+        loss, stats, scale = _outputs(scores, reduction)
+        return loss.zero_(), stats, scale.fill_(1 / max(scores.shape[0], 1)
+                                                if reduction == "mean" else 1)
     return _ROWS[backend](scores, codes, temperature, reduction)
 
 
@@ -42,18 +46,40 @@ def _(scores, codes, temperature, reduction, backend):
     return _outputs(scores, reduction)
 
 
+@custom_op("codes_cross_entropy_grad")
+def _codes_cross_entropy_grad(scores: Tensor, codes: Tensor, stats: Tensor, factor: Tensor,
+                              temperature: float, backend: str) -> Tensor:
+    """The gradient w.r.t. scores (B, K) of the rows' values weighted by factor (B,)."""
+    if scores.numel() == 0:
+        return torch.zeros_like(scores, memory_format=torch.contiguous_format)
+    return _GRAD[backend](scores, codes, stats, factor, temperature)
+
+
+@_codes_cross_entropy_grad.register_fake
+def _(scores, codes, stats, factor, temperature, backend):
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+def codes_cross_entropy_grad(scores: Tensor, codes: Tensor, stats: Tensor, grad_loss: Tensor,
+                             scale: Tensor, reduction: str, temperature: float,
+                             backend: str) -> Tensor:
+    """The gradient w.r.t. scores of protokernels::codes_cross_entropy's loss receiving
+    grad_loss (for the ops whose backward runs it: this op's and sinkhorn_prototype_loss's)."""
+    factor = grad_loss if reduction == "none" else (grad_loss * scale).expand(scores.shape[0])
+    return _codes_cross_entropy_grad(scores, codes, stats, factor, temperature, backend)
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[3]
-    ctx.dtype = inputs[0].dtype
-    _, weights, scale = output
-    ctx.mark_non_differentiable(weights, scale)
-    ctx.save_for_backward(weights, scale)
+    scores, codes, ctx.temperature, ctx.reduction, ctx.backend = inputs
+    _, stats, scale = output
+    ctx.mark_non_differentiable(stats, scale)
+    ctx.save_for_backward(scores, codes, stats, scale)
 
 
-def _backward(ctx, grad_loss, _grad_weights, _grad_scale):
-    weights, scale = ctx.saved_tensors
-    factor = grad_loss[:, None] if ctx.reduction == "none" else grad_loss * scale
-    return (weights * factor).to(ctx.dtype), None, None, None, None
+def _backward(ctx, grad_loss, _grad_stats, _grad_scale):
+    scores, codes, stats, scale = ctx.saved_tensors
+    return codes_cross_entropy_grad(scores, codes, stats, grad_loss, scale, ctx.reduction,
+                                    ctx.temperature, ctx.backend), None, None, None, None
 
 
 _codes_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -66,8 +92,9 @@ def codes_cross_entropy(scores: Tensor, codes: Tensor, *, temperature: float = 1
     the rows (0 for B = 0), "sum", or "none" ((B,) values). SwAV's swapped-prediction loss and the
     Sinkhorn prototypes' loss. The softmax is max-shifted (no overflow for any temperature); NaN in
     scores gives NaN. Returns float32 (float64 for float64 input). Differentiable w.r.t. scores:
-    (sum_k codes_bk softmax_bk - codes_bk) / temperature, one product in the backward; the codes
-    are targets and get no gradient. One row kernel, no (B, K) intermediates but the derivatives.
+    (sum_k codes_bk softmax_bk - codes_bk) / temperature, one elementwise kernel in the backward;
+    the codes are targets and get no gradient. One row kernel reading each row once, no (B, K)
+    intermediate.
     """
     op = "codes_cross_entropy"
     _validate.floating(op, scores=scores, codes=codes)

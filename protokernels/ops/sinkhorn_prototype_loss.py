@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import _backend, _validate
 from .._numerics import accumulate_dtype
 from ._registry import custom_op
+from .codes_cross_entropy import codes_cross_entropy_grad
 from .sinkhorn import equipartition_codes
 
 _ROWS = _backend.Implementations("codes_cross_entropy", "codes_cross_entropy_rows")
@@ -23,14 +24,14 @@ NORM_EPS = 1e-12  # F.normalize's: a row of norm below it is divided by it inste
 
 
 def _outputs(z: Tensor, prototypes: Tensor, normalize: bool):
-    """Empty (loss, codes, scores, weights, scale, z_norm, p_norm): the rows' norms (at least
-    NORM_EPS) are (B,) and (K,) with `normalize`, else (0,)."""
+    """Empty (loss, codes, scores, stats, scale, z_norm, p_norm): stats (B, 3) are the
+    cross-entropy's row statistics (codes_cross_entropy's), the rows' norms (at least NORM_EPS)
+    are (B,) and (K,) with `normalize`, else (0,)."""
     b, k = z.shape[0], prototypes.shape[0]
-    weights = z.new_empty((b, k), dtype=accumulate_dtype(z.dtype))
+    stats = z.new_empty((b, 3), dtype=accumulate_dtype(z.dtype))
     scores = z.new_empty((b, k))
-    return (weights.new_empty(()), scores.new_empty((b, k)), scores, weights,
-            weights.new_empty(()), z.new_empty((b if normalize else 0,)),
-            z.new_empty((k if normalize else 0,)))
+    return (stats.new_empty(()), scores.new_empty((b, k)), scores, stats, stats.new_empty(()),
+            z.new_empty((b if normalize else 0,)), z.new_empty((k if normalize else 0,)))
 
 
 def _row_norms(t: Tensor) -> Tensor:
@@ -41,8 +42,7 @@ def _row_norms(t: Tensor) -> Tensor:
 def _sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, temperature: float, eps: float,
                              n_iters: int, normalize: bool, backend: str
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """z (B, D), prototypes (K, D) -> (loss, codes, scores, weights (the loss's derivative w.r.t.
-    the scores, before `scale`), scale, z_norm, p_norm)."""
+    """z (B, D), prototypes (K, D) -> (loss, codes, scores, stats, scale, z_norm, p_norm)."""
     if normalize:
         z_norm, p_norm = _row_norms(z), _row_norms(prototypes)
         scores = (z / z_norm[:, None]) @ (prototypes / p_norm[:, None]).mT
@@ -51,11 +51,11 @@ def _sinkhorn_prototype_loss(z: Tensor, prototypes: Tensor, temperature: float, 
         scores = z @ prototypes.mT
     codes = equipartition_codes(scores, eps, n_iters, backend)
     if scores.numel() == 0:  # no rows, or rows of zero prototypes: every value is 0
-        loss, _, _, weights, scale, _, _ = _outputs(z, prototypes, normalize)
-        return loss.zero_(), codes, scores, weights, scale.fill_(1 / max(z.shape[0], 1)), \
+        loss, _, _, stats, scale, _, _ = _outputs(z, prototypes, normalize)
+        return loss.zero_(), codes, scores, stats, scale.fill_(1 / max(z.shape[0], 1)), \
             z_norm, p_norm
-    loss, weights, scale = _ROWS[backend](scores, codes, temperature, "mean")
-    return loss, codes, scores, weights, scale, z_norm, p_norm
+    loss, stats, scale = _ROWS[backend](scores, codes, temperature, "mean")
+    return loss, codes, scores, stats, scale, z_norm, p_norm
 
 
 @_sinkhorn_prototype_loss.register_fake
@@ -64,11 +64,11 @@ def _(z, prototypes, temperature, eps, n_iters, normalize, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    z, prototypes, _, _, _, ctx.normalize, _ = inputs
-    _, codes, _, weights, scale, z_norm, p_norm = output
-    ctx.mark_non_differentiable(codes, weights, scale, z_norm, p_norm)
+    z, prototypes, ctx.temperature, _, _, ctx.normalize, ctx.backend = inputs
+    _, codes, scores, stats, scale, z_norm, p_norm = output
+    ctx.mark_non_differentiable(codes, stats, scale, z_norm, p_norm)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(z, prototypes, weights, scale, z_norm, p_norm)
+    ctx.save_for_backward(z, prototypes, scores, codes, stats, scale, z_norm, p_norm)
 
 
 def _normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
@@ -79,13 +79,13 @@ def _normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
 
 
 def _backward(ctx, grad_loss, _grad_codes, grad_scores, *_grad_rest):
-    z, prototypes, weights, scale, z_norm, p_norm = ctx.saved_tensors
-    grad = None if grad_loss is None else weights * (grad_loss * scale)
+    z, prototypes, scores, codes, stats, scale, z_norm, p_norm = ctx.saved_tensors
+    grad = None if grad_loss is None else codes_cross_entropy_grad(
+        scores, codes, stats, grad_loss, scale, "mean", ctx.temperature, ctx.backend)
     if grad_scores is not None:
         grad = grad_scores if grad is None else grad + grad_scores
     if grad is None:
         return None, None, None, None, None, None, None
-    grad = grad.to(z.dtype)
     if ctx.normalize:
         zn, pn = z / z_norm[:, None], prototypes / p_norm[:, None]
         grad_z = _normalize_backward(grad @ pn, zn, z_norm)
