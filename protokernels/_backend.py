@@ -109,11 +109,12 @@ _AUTO_ORDER = {
     # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
         sizes, "batch p pixels c taps", 2**21)),
-    # codes_cross_entropy: one row kernel either way. Training steps (forward and backward) at
-    # SwAV's B256-4096 K3000: CUDA 0.19/0.20/0.23 ms against Triton 0.20/0.29/0.21; the forward
-    # alone favours Triton (0.017/0.033/0.083 against 0.060/0.059/0.123). CUDA first, for the
-    # step. RESULTS.md "DPNP in one op".
-    "codes_cross_entropy": lambda dtype, precision, sizes: CUDA_FIRST,
+    # codes_cross_entropy: one row kernel forward, one elementwise kernel backward, either way.
+    # CUDA up to B*K = 2^22, Triton above: at SwAV's K3000 the training step takes CUDA
+    # 0.225/0.216/0.357 ms at B256/1024/4096 against Triton 0.609/0.392/0.315, the forward
+    # 0.051/0.059/0.075 against 0.071/0.072/0.052 (H100, RESULTS.md "DPNP in one op", the
+    # one-pass kernels).
+    "codes_cross_entropy": lambda dtype, precision, sizes: _backend_by_work(sizes, "n m", 2**22),
     # dpnp_loss: two cuBLAS products and one row kernel either way. CUDA's forward wins the three
     # head sizes (0.159/0.152/0.137 ms against Triton 0.188/0.179/0.336), its step two of them
     # (0.85/1.14/0.79 against 0.94/0.96/1.07). RESULTS.md "DPNP in one op".

@@ -267,6 +267,17 @@ def test_auto_takes_cuda_for_small_codebook_ops(monkeypatch, op):
     assert _backend.resolve(op, cuda, torch.float32, n=65536, m=1024, batch=8, d=32) == "triton"
 
 
+def test_auto_takes_cuda_for_small_codes_cross_entropy(monkeypatch):
+    """SwAV's B <= 1024 at K3000 (B*K <= 2^22) on CUDA, B4096 on Triton (RESULTS.md "DPNP in one
+    op"); the losses of the heads: CUDA at every size."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    cuda = torch.device("cuda")
+    assert _backend.resolve("codes_cross_entropy", cuda, torch.float32, n=1024, m=3000) == "cuda"
+    assert _backend.resolve("codes_cross_entropy", cuda, torch.float32, n=4096, m=3000) == \
+        "triton"
+    assert _backend.resolve("dpnp_loss", cuda, torch.float32, n=65536, m=1000, d=512) == "cuda"
+
+
 @pytest.mark.parametrize("op", ["sinkhorn", "sinkhorn_plan"])
 def test_auto_takes_cuda_where_sinkhorn_is_one_launch(monkeypatch, op):
     """CUDA's whole iteration in one launch up to B*K = 2^24 with K <= 8192 (RESULTS.md
