@@ -76,6 +76,15 @@ def test_ties_go_to_the_lowest_index(backend):
     check(backend, h, labels, c)
 
 
+def test_strided_and_expanded_inputs(backend):
+    skip_unless_capable(backend, "dpnp_loss", torch.float32)
+    h, labels, c = data(13, 6, 20)
+    # strided columns; one row expanded to all (stride 0)
+    for hv, cv in ((h[:, ::4], c[:, 1::4]), (h[:1, :7].expand(13, 7), c[:, :7])):
+        want = eq_10(hv.double(), labels, cv.double(), **LAMBDAS)
+        assert relative_error(protokernels.dpnp_loss(hv, labels, cv, **LAMBDAS), want) <= 1e-5
+
+
 def test_gradcheck_float64(backend):
     h, labels, c = data(9, 5, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: protokernels.dpnp_loss(a, labels, b, **LAMBDAS),

@@ -39,7 +39,8 @@ def _dpnp_loss(h: Tensor, c: Tensor, labels: Tensor, lambda_pos: float, lambda_n
         loss, *buffers = _outputs(h, 0)
         return (loss.zero_(), *buffers)
     acc = accumulate_dtype(h.dtype)
-    ha, ca = h.to(acc), c.to(acc)
+    # the epilogue kernels read rows of h and c as contiguous (a copy only for strided input)
+    ha, ca = h.to(acc).contiguous(), c.to(acc).contiguous()
     scores, gram = ha @ ca.mT, ca @ ca.mT
     loss, own, scatter, targets = _EPILOGUE[backend](scores, gram, ha, ca, labels, lambda_pos,
                                                      lambda_neg_sample, lambda_neg_class, eps)
