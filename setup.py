@@ -5,7 +5,9 @@ The extension is written against PyTorch's stable ABI (torch/csrc/stable, TORCH_
 CPython >= 3.9. Build switches come from the environment, never from the build machine's GPU:
 
   PROTOKERNELS_SKIP_CUDA=1         build the pure-Python package (triton + reference backends)
-  PROTOKERNELS_CUDA_ARCH_LIST      e.g. "8.0;9.0+PTX" (the default), "9.0a", "80 90"
+  PROTOKERNELS_CUDA_ARCH_LIST      e.g. "8.0+PTX;9.0a" (the default), "9.0a", "80 90"; 9.0a
+                                   (not 9.0) carries the Hopper kernels (wgmma, TMA), which are
+                                   arch-specific: its code runs on 9.0 GPUs only
   CUDA_HOME                        the toolkit to build with (default /usr/local/cuda); its CUDA
                                    major names the distribution (scripts/build_wheels.sh builds
                                    the CUDA 12 wheel with nvcc 12 from PyPI this way)
@@ -26,7 +28,10 @@ from setuptools import setup
 
 with open(os.path.join("protokernels", "_version.py"), encoding="utf-8") as _f:
     VERSION = re.search(r'__version__ = "([^"]+)"', _f.read()).group(1)
-DEFAULT_ARCHS = "8.0;9.0+PTX"
+# sm_80 code for Ampere and Ada, sm_90a for Hopper (its wgmma kernels), and compute_80 PTX that
+# later GPUs compile at load time. Two device passes per file, as the old "8.0;9.0+PTX" was: the PTX
+# comes from the sm_80 pass, where compute_90 PTX would cost a third.
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
 # Oldest nvcc that knows each architecture; newer entries are dropped (with a note) on older nvcc.
 MIN_NVCC = {"80": (11, 0), "86": (11, 1), "89": (11, 8), "90": (11, 8), "90a": (12, 0),
             "100": (12, 8), "120": (12, 8)}
@@ -114,7 +119,9 @@ def _extension():
     defines = ["-DTORCH_TARGET_VERSION=0x020a000000000000",  # stable ABI of torch 2.10
                "-DUSE_CUDA",  # declares the CUDA part of the C shim (current stream)
                # Unquoted tokens (quotes do not survive ninja), stringized in protokernels.cpp.
-               f"-DPROTOKERNELS_BUILD=cuda{nvcc[0]}_{nvcc[1]}_sm{'_sm'.join(archs)}"]
+               f"-DPROTOKERNELS_BUILD=cuda{nvcc[0]}_{nvcc[1]}_sm{'_sm'.join(archs)}",
+               # The host launches the Hopper kernels only where their code was built.
+               *(["-DPROTOKERNELS_HAS_SM90A"] if "90a" in archs else [])]
     # csrc/compat: the extension needs no glibc newer than 2.28 whatever the build machine has
     # (manylinux_2_28; see csrc/compat/glibc_2_28.h).
     compat = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "compat")

@@ -2,7 +2,10 @@
 // gradient scatter into the winners. The (N, M) distance matrix is never written.
 //
 // A block owns a tile of x's rows and walks y's column tiles, scoring each pair as
-// ||x||^2 + ||y||^2 - 2 x.y and folding the tile into each row's running best. Two searches:
+// ||x||^2 + ||y||^2 - 2 x.y and folding the tile into each row's running best. Three searches:
+// - hopper_search_kernel (Hopper GPUs, sm_90a builds; k = 1 with an optional excluded column,
+//   float32 at "tf32", float16, bfloat16): x's block rows kept in shared memory, y's tiles
+//   streamed by TMA, wgmma products folded by two consumer warpgroups in turn (hopper.cuh).
 // - tensor_search_kernel (k = 1, labels, both ways; float32 at "tf32"/"tf32x3", float16,
 //   bfloat16): the product on mma.sync with operands streamed by cp.async (mma_pipeline.cuh),
 //   folded straight from the accumulator registers; a thread keeps the best of its 4 rows over
@@ -25,6 +28,7 @@
 #include <optional>
 #include <tuple>
 
+#include "hopper.cuh"
 #include "mma_pipeline.cuh"
 #include "tile_product.cuh"
 
@@ -52,6 +56,16 @@ __device__ __forceinline__ float pair_rank(Acc a_norm, Acc b_norm, Acc product) 
   if (a_norm != a_norm || b_norm != b_norm) return -1.0f;
   if (isinf(a_norm) || isinf(b_norm)) return FLT_MAX;
   return rank_of(a_norm + b_norm - Acc(2) * product);
+}
+
+// pair_rank for the tensor-core searches' float32 products: the clamped distance where both
+// norms are finite (almost always), pair_rank's rules for NaN and infinite rows otherwise.
+__device__ __forceinline__ float product_rank(float a_norm, float b_norm, float product) {
+  if (fabsf(a_norm) <= FLT_MAX && fabsf(b_norm) <= FLT_MAX) {
+    const float d = fmaf(-2.0f, product, a_norm + b_norm);
+    return fminf(d > 0.0f ? d : 0.0f, FLT_MAX);
+  }
+  return pair_rank(a_norm, b_norm, product);
 }
 
 __device__ __forceinline__ long long pack(float rank, int64_t index) {
@@ -313,8 +327,6 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
   Best best[kThreadRows], other[kLabels ? kThreadRows : 1];
 
   mma::Product<T, P> product;
-  // The rank of a pair: the clamped distance where both norms are finite (almost always), else
-  // pair_rank's rules for NaN and infinite rows.
   auto fold = [&](int tile) {
     const int col0 = (tile0 + tile) * Tile::kCols;
     const int slot = tile % Smem::kRing;
@@ -329,11 +341,7 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
       if constexpr (kLabels) label[i] = row_labels[local_row + row_offset(i)];
     }
     auto rank = [&](int i, float col_norm, float p) {
-      if (fabsf(row_norm[i]) <= FLT_MAX && fabsf(col_norm) <= FLT_MAX) {
-        const float d = fmaf(-2.0f, p, row_norm[i] + col_norm);
-        return fminf(d > 0.0f ? d : 0.0f, FLT_MAX);
-      }
-      return pair_rank(row_norm[i], col_norm, p);
+      return product_rank(row_norm[i], col_norm, p);
     };
 #pragma unroll
     for (int j = 0; j < Tile::kFragCols; ++j)
@@ -393,6 +401,229 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
       if (t == 0 && row_in(i) && other_key != kNoKey) atomicMin(row_keys + 1, other_key);
     }
   }
+}
+
+// ---- The Hopper search (sm_90a): TMA, wgmma, two producer-consumer pairs ----
+
+// A block owns kBoxRows (128) rows of x, loaded once by TMA and kept in shared memory for the
+// whole walk: y's column tiles stream past them, so x's rows are not re-read per column tile (a
+// 128 x 128 tile that re-streams both reads twice the bytes from L2). Warpgroups 1 and 2 are the
+// consumers and take the column tiles in turn (1 the even ones, 2 the odd ones): each multiplies
+// all 128 rows by its tile (two m64n128 wgmmas per 32 bytes of depth, accumulators in registers)
+// and then folds the tile into its rows' bests, while the other consumer's MMAs have the tensor
+// cores. Each consumer has a ring of its own, which one thread of warpgroup 0 fills with its
+// tiles' boxes (128 columns x 128 bytes of depth) by TMA: a ring shared in tile order would let a
+// consumer that skipped the other's tiles mistake a stage's phase parity two rounds on.
+// Shared memory: x's boxes (depth_boxes x 16 KB), the two rings (2 x stages x 16 KB), their
+// mbarriers, the rows' norms and excluded columns, the consumers' column norms; the host picks the
+// deepest rings that fit.
+struct HopperSearchArgs {
+  int rows, cols, depth_boxes, stages;  // stages per ring
+  const float* norms;  // prepare_kernel's
+  int row_tiles, col_tiles, tiles_per_split, splits;
+  const int64_t* exclude;
+  long long* keys;
+};
+
+constexpr int kHopperThreads = 384;  // producers, consumer, consumer
+constexpr int kHopperSmemAlign = 1024;  // the swizzle's pattern repeats every 1024 bytes
+
+inline size_t hopper_smem_bytes(int depth_boxes, int stages) {
+  return kHopperSmemAlign + size_t(depth_boxes + 2 * stages) * hopper::kBoxBytes +
+         (4 * stages + 1) * sizeof(uint64_t) + hopper::kBoxRows * (sizeof(float) + sizeof(int)) +
+         4 * hopper::kBoxRows * sizeof(float);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kHopperThreads, 1)
+hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
+                     const __grid_constant__ CUtensorMap y_map, const HopperSearchArgs args) {
+#if defined(PK_HOPPER_DEVICE)
+  using namespace hopper;
+  constexpr int kRows = kBoxRows, kCols = kBoxRows;
+  // Register budgets after the hand-over (multiples of 8; 128 x 40 + 256 x 232 = the 64512 that
+  // 384 threads at the launch bound's 168 hold).
+  constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + kHopperSmemAlign - 1) &
+      ~uintptr_t{kHopperSmemAlign - 1});
+  const int boxes = args.depth_boxes, stages = args.stages;
+  unsigned char* x_tile = smem;
+  unsigned char* rings = smem + size_t(boxes) * kBoxBytes;  // consumer c's: stages from c * stages
+  auto* full = reinterpret_cast<uint64_t*>(rings + size_t(2 * stages) * kBoxBytes);
+  uint64_t* empty = full + 2 * stages;
+  uint64_t* x_full = empty + 2 * stages;
+  auto* row_norms = reinterpret_cast<float*>(x_full + 1);
+  auto* row_excluded = reinterpret_cast<int*>(row_norms + kRows);
+  auto* col_norms = reinterpret_cast<float*>(row_excluded + kRows);  // [consumer][2][kCols]
+
+  const int split = static_cast<int>(blockIdx.x % args.splits);
+  const int row_block = static_cast<int>(blockIdx.x / args.splits);
+  const int batch = row_block / args.row_tiles;
+  const int row0 = row_block % args.row_tiles * kRows;
+  const int tile0 = split * args.tiles_per_split;
+  const int tiles = min(args.tiles_per_split, args.col_tiles - tile0);
+  const int rows = args.rows, cols = args.cols;
+  const float* x_norms = args.norms + int64_t{batch} * (rows + cols);
+  const float* y_norms = x_norms + rows;
+  const int warpgroup = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < 2 * stages; ++s) {
+      barrier_init(&full[s], 1);   // the producer's arrival; then the bytes
+      barrier_init(&empty[s], 4);  // the 4 warps of the consumer that read it
+    }
+    barrier_init(x_full, 1);
+    barrier_init_fence();
+  }
+  if (warpgroup == 1) {  // the rows' norms and excluded columns, read by both consumers' folds
+    const int r = threadIdx.x - 128, row = row0 + r;
+    const int64_t at = int64_t{batch} * rows + row;
+    row_norms[r] = row < rows ? x_norms[row] : 0.0f;
+    const int64_t e = row < rows && args.exclude ? args.exclude[at] : -1;
+    row_excluded[r] = e >= 0 && e < cols ? static_cast<int>(e) : -1;
+  }
+  __syncthreads();
+
+  // Consumer c's i-th stage (i counts its boxes over its tiles, c, c + 2, ...): slot i % stages of
+  // its ring, filled for the (i / stages)-th time.
+  if (warpgroup == 0) {
+    release_registers<kProducerRegisters>();
+    const int c = threadIdx.x / 32;  // warp 0's first thread fills ring 0 (and x), warp 1's ring 1
+    if (c < 2 && threadIdx.x % 32 == 0) {
+      if (c == 0) {
+        arrive_expecting(x_full, boxes * kBoxBytes);
+        for (int k = 0; k < boxes; ++k)
+          load_box(x_tile + size_t(k) * kBoxBytes, &x_map, x_full, k * box_depth<T>(), row0, batch);
+      }
+      int i = 0;
+      for (int tile = c; tile < tiles; tile += 2)
+        for (int k = 0; k < boxes; ++k, ++i) {
+          const int slot = c * stages + i % stages, round = i / stages;
+          if (round > 0) wait(&empty[slot], (round - 1) & 1);
+          arrive_expecting(&full[slot], kBoxBytes);
+          load_box(rings + size_t(slot) * kBoxBytes, &y_map, &full[slot], k * box_depth<T>(),
+                   (tile0 + tile) * kCols, batch);
+        }
+    }
+    return;
+  }
+
+  claim_registers<kConsumerRegisters>();
+  const int c = warpgroup - 1, thread = threadIdx.x % 128;
+  const int warp = thread / 32, lane = thread % 32, g = lane / 4, t = lane % 4;
+  // The thread's 4 rows: r = 2 m + h is row 64 m + 16 warp + g + 8 h of the tile, accumulator
+  // acc[m][4 j + 2 h + e] at column 8 j + 2 t + e (wgmma's m64nN layout).
+  auto local_row = [&](int r) { return 64 * (r / 2) + 16 * warp + g + 8 * (r % 2); };
+  float row_norm[kThreadRows];
+  int excluded[kThreadRows];
+  bool rows_finite = true;
+#pragma unroll
+  for (int r = 0; r < kThreadRows; ++r) {
+    row_norm[r] = row_norms[local_row(r)];
+    excluded[r] = row_excluded[local_row(r)];
+    rows_finite = rows_finite && fabsf(row_norm[r]) <= FLT_MAX;
+  }
+  // Named barriers 1 and 2: each consumer's 128 threads meet without the other's.
+  rows_finite = all_of(rows_finite, 1 + c, 128);
+  float acc[2][64];
+  Best best[kThreadRows];
+  wait(x_full, 0);
+  int i = 0;
+  for (int tile = c; tile < tiles; tile += 2) {
+    const int col0 = (tile0 + tile) * kCols;
+    // The tile's column norms, read now and stored after the products (double-buffered: the
+    // barrier before a fold keeps the consumer's warps within one tile of each other).
+    float* tile_norms = col_norms + (2 * c + tile / 2 % 2) * kCols;
+    const float my_norm = col0 + thread < cols ? y_norms[col0 + thread] : 0.0f;
+    for (int k = 0; k < boxes; ++k, ++i) {
+      const int slot = c * stages + i % stages;
+      wait(&full[slot], (i / stages) & 1);
+      mma_fence();
+      const unsigned char* b_box = rings + size_t(slot) * kBoxBytes;
+      const unsigned char* a_box = x_tile + size_t(k) * kBoxBytes;
+#pragma unroll
+      for (int step = 0; step < kRowBytes / 32; ++step) {
+        const uint64_t b = descriptor(b_box + 32 * step);
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+          mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b,
+                        k > 0 || step > 0);
+      }
+      mma_commit();
+      // The previous stage's MMAs are done reading it: hand it back to the producer.
+      mma_wait<1>();
+      if (k > 0 && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+    }
+    mma_wait<0>();
+    hold_registers(acc[0]);
+    hold_registers(acc[1]);
+    if (lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+    tile_norms[thread] = my_norm;
+    const bool fast = all_of(fabsf(my_norm) <= FLT_MAX, 1 + c, 128) && rows_finite &&
+                      col0 + kCols <= cols;
+
+    if (fast) {
+      // Finite norms and a whole tile: each pair's rank is its clamped distance with the low 7
+      // bits of the float replaced by its column's place among the thread's 32 (8 j + e), so that
+      // one unsigned min per pair picks the nearest column, ties to the smaller index; an
+      // excluded pair gets the largest key. 5 instructions a pair where the general fold below
+      // takes about 10 (the general fold, not the MMAs, bounded this kernel: RESULTS.md "The
+      // Hopper search").
+      // Ranks keep 16 bits of mantissa: pairs closer than 2^-16 relative count as ties.
+      uint32_t tile_best[kThreadRows][2];
+#pragma unroll
+      for (int r = 0; r < kThreadRows; ++r) tile_best[r][0] = tile_best[r][1] = 0xFFFFFFFFu;
+      int excluded_here[kThreadRows];  // the excluded column's place 8 j + e, if in the tile
+#pragma unroll
+      for (int r = 0; r < kThreadRows; ++r) excluded_here[r] = excluded[r] - col0 - 2 * t;
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float col_norm = tile_norms[8 * j + 2 * t + e];
+#pragma unroll
+          for (int r = 0; r < kThreadRows; ++r) {
+            const float d = fmaxf(fmaf(-2.0f, acc[r / 2][4 * j + 2 * (r % 2) + e],
+                                       row_norm[r] + col_norm), 0.0f);
+            uint32_t key = (__float_as_uint(d) & 0xFFFFFF80u) | uint32_t(8 * j + e);
+            if (excluded_here[r] == 8 * j + e) key = 0xFFFFFFFFu;
+            tile_best[r][e] = min(tile_best[r][e], key);
+          }
+        }
+#pragma unroll
+      for (int r = 0; r < kThreadRows; ++r) {
+        const uint32_t key = min(tile_best[r][0], tile_best[r][1]);
+        if (key != 0xFFFFFFFFu)
+          best[r].fold(fminf(__uint_as_float(key & 0xFFFFFF80u), FLT_MAX),
+                       col0 + 2 * t + int(key & 0x7F));
+      }
+    } else {
+      // The general fold: pair_rank's rules for NaN and infinite rows, columns past M.
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + 8 * j + 2 * t + e;
+          if (col >= cols) continue;
+          const float col_norm = tile_norms[8 * j + 2 * t + e];
+#pragma unroll
+          for (int r = 0; r < kThreadRows; ++r) {
+            const float p = acc[r / 2][4 * j + 2 * (r % 2) + e];
+            if (col != excluded[r]) best[r].fold(product_rank(row_norm[r], col_norm, p), col);
+          }
+        }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kThreadRows; ++r) {  // the 4 threads of a row meet; the other consumer and
+    const int row = row0 + local_row(r);    // the splits by atomicMin
+    const long long key = warp_min(warp_min(best[r].key(), 1), 2);
+    if (t == 0 && row < rows && key != kNoKey)
+      atomicMin(args.keys + int64_t{batch} * rows + row, key);
+  }
+#endif
 }
 
 __global__ void fill_kernel(long long* data, int64_t n, long long value) {
@@ -605,8 +836,35 @@ mma::Operand<T> tensor_operand(const Tensor& t) {
   return {static_cast<const T*>(t.const_data_ptr()), t.stride(1), t.stride(2), t.size(1), vector};
 }
 
-// Enough blocks for this many waves of the GPU (2 blocks per SM fit at once): column tiles are
-// split over blocks when the row tiles alone are fewer.
+// Column tiles split over blocks when the row blocks alone are fewer than `blocks_wanted`; the
+// splits meet by atomicMin on the keys.
+struct ColumnSplits {
+  int64_t tiles_per_split, splits;
+};
+ColumnSplits split_columns(int64_t col_tiles, int64_t row_blocks, int64_t blocks_wanted) {
+  const int64_t splits_at_most =
+      std::max<int64_t>(1, std::min(col_tiles, blocks_wanted / row_blocks));
+  const int64_t tiles_per_split = (col_tiles + splits_at_most - 1) / splits_at_most;
+  return {tiles_per_split,
+          tiles_per_split > 0 ? (col_tiles + tiles_per_split - 1) / tiles_per_split : 0};
+}
+
+// prepare_kernel's launch: the squared norms of x's and y's rows (B, N + M), and the keys filled.
+template <typename T>
+Tensor prepare(const Tensor& x, const Tensor& y, const Search& search, int slots,
+               cudaStream_t stream) {
+  const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
+  Tensor norms = torch::stable::new_empty(x, {batch, rows + cols}, ScalarType::Float);
+  prepare_kernel<T><<<blocks_for(batch * (rows + cols), kThreads / 32), kThreads, 0, stream>>>(
+      input<T>(x, 1, 2), input<T>(y, 1, 2), batch, rows, cols, depth,
+      static_cast<float*>(norms.mutable_data_ptr()), search.keys, slots, search.col_keys);
+  PK_CHECK_LAUNCH();
+  return norms;
+}
+
+constexpr int64_t kIntLimit = int64_t{1} << 31;
+
+// Enough blocks for this many waves of the GPU (2 blocks per SM fit at once).
 constexpr int64_t kSearchWaves = 2;
 
 // The tensor-core search's launch, or false where its int bookkeeping cannot hold the walk (a
@@ -615,37 +873,97 @@ template <typename T, Precision P, Fold FOLD>
 bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search, int slots,
                           cudaStream_t stream) {
   using Tile = mma::Tile;
-  constexpr int64_t kIntLimit = int64_t{1} << 31;
   const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
   const int64_t row_tiles = (rows + Tile::kRows - 1) / Tile::kRows;
   const int64_t col_tiles = (cols + Tile::kCols - 1) / Tile::kCols;
   const int64_t steps = std::max<int64_t>(1, (depth + mma::stage_depth<T>() - 1) / mma::stage_depth<T>());
   const int64_t row_blocks = batch * row_tiles;  // >= 1: the caller has rows
-  const int64_t wanted_splits = 2 * kSearchWaves * sm_count(x) / row_blocks;
-  const int64_t splits_at_most = std::max<int64_t>(1, std::min(col_tiles, wanted_splits));
-  const int64_t tiles_per_split = (col_tiles + splits_at_most - 1) / splits_at_most;
-  const int64_t splits = tiles_per_split > 0 ? (col_tiles + tiles_per_split - 1) / tiles_per_split : 0;
-  if (tiles_per_split * steps >= kIntLimit || row_blocks * splits >= kIntLimit) return false;
+  const ColumnSplits split = split_columns(col_tiles, row_blocks, 2 * kSearchWaves * sm_count(x));
+  if (split.tiles_per_split * steps >= kIntLimit || row_blocks * split.splits >= kIntLimit)
+    return false;
 
-  Tensor norms = torch::stable::new_empty(x, {batch, rows + cols}, ScalarType::Float);
-  auto* norm_data = static_cast<float*>(norms.mutable_data_ptr());
-  prepare_kernel<T><<<blocks_for(batch * (rows + cols), kThreads / 32), kThreads, 0, stream>>>(
-      input<T>(x, 1, 2), input<T>(y, 1, 2), batch, rows, cols, depth, norm_data, search.keys,
-      slots, search.col_keys);
-  PK_CHECK_LAUNCH();
+  Tensor norms = prepare<T>(x, y, search, slots, stream);
   if (cols == 0) return true;  // every key stays "none"
 
   const TensorSearchArgs<T> args{
       tensor_operand<T>(x), tensor_operand<T>(y), x.stride(0), y.stride(0), depth,
-      static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(steps), norm_data,
-      static_cast<int>(row_tiles), static_cast<int>(col_tiles), static_cast<int>(tiles_per_split),
-      static_cast<int>(splits), search};
+      static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(steps),
+      static_cast<const float*>(norms.const_data_ptr()), static_cast<int>(row_tiles),
+      static_cast<int>(col_tiles), static_cast<int>(split.tiles_per_split),
+      static_cast<int>(split.splits), search};
   constexpr auto kernel = tensor_search_kernel<T, P, FOLD>;
   constexpr size_t bytes = TensorSearchSmem<FOLD>::kBytes;
   once_per_device(x.get_device_index(), [&] {  // above the 48 KB default
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   });
-  kernel<<<static_cast<unsigned>(row_blocks * splits), Tile::kThreads, bytes, stream>>>(args);
+  kernel<<<static_cast<unsigned>(row_blocks * split.splits), Tile::kThreads, bytes, stream>>>(args);
+  PK_CHECK_LAUNCH();
+  return true;
+}
+
+// The ring depth of the Hopper search for x's rows of `boxes` 128-byte boxes on this device: the
+// most stages per ring (up to 4) that fit beside them, or 0 where fewer than 2 do (D > 288 in
+// float32, 576 in the half types, on a GPU with 227 KB of shared memory a block).
+int64_t hopper_stages(int device, int64_t boxes) {
+  const int64_t max_bytes = per_device(device, [&] {
+    int bytes = 0;
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return bytes;
+  });
+  constexpr int64_t kMaxStages = 4;  // per ring
+  for (int64_t stages = kMaxStages; stages >= 2; --stages)
+    if (int64_t(hopper_smem_bytes(int(boxes), int(stages))) <= max_bytes) return stages;
+  return 0;
+}
+
+// The deepest rows (bytes) the Hopper search takes on this device; 0 where it does not run.
+int64_t hopper_depth_bytes(int device) {
+  if (!hopper::hopper_available(device)) return 0;
+  int64_t boxes = 0;
+  while (hopper_stages(device, boxes + 1) > 0) ++boxes;
+  return boxes * hopper::kRowBytes;
+}
+
+// The Hopper search's launch (k = 1, with an optional excluded column), or false where it does not
+// apply: not a Hopper GPU or not an sm_90a build, x or y not addressable by TMA, x's 128 rows too
+// deep to stay in shared memory (hopper_stages), or nothing to search.
+template <typename T>
+bool launch_hopper_search(const Tensor& x, const Tensor& y, const Search& search,
+                          cudaStream_t stream) {
+  const int device = x.get_device_index();
+  if (!hopper::hopper_available(device)) return false;
+  const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
+  if (cols == 0 || depth == 0) return false;
+  const int64_t boxes = (depth + hopper::box_depth<T>() - 1) / hopper::box_depth<T>();
+  const int64_t stages = hopper_stages(device, boxes);
+  if (stages == 0) return false;
+  CUtensorMap x_map, y_map;
+  if (!hopper::tensor_map<T>(&x_map, x) || !hopper::tensor_map<T>(&y_map, y)) return false;
+
+  const int64_t row_tiles = (rows + hopper::kBoxRows - 1) / hopper::kBoxRows;
+  const int64_t col_tiles = (cols + hopper::kBoxRows - 1) / hopper::kBoxRows;
+  const int64_t row_blocks = batch * row_tiles;
+  // One block per SM; a second wave's worth of blocks evens out the tail.
+  const ColumnSplits split = split_columns(col_tiles, row_blocks, 2 * sm_count(x));
+  if (split.tiles_per_split * boxes >= kIntLimit || row_blocks * split.splits >= kIntLimit)
+    return false;
+
+  Tensor norms = prepare<T>(x, y, search, 1, stream);
+  const HopperSearchArgs args{static_cast<int>(rows), static_cast<int>(cols),
+                              static_cast<int>(boxes), static_cast<int>(stages),
+                              static_cast<const float*>(norms.const_data_ptr()),
+                              static_cast<int>(row_tiles), static_cast<int>(col_tiles),
+                              static_cast<int>(split.tiles_per_split),
+                              static_cast<int>(split.splits), search.exclude, search.keys};
+  constexpr auto kernel = hopper_search_kernel<T>;
+  const size_t bytes = hopper_smem_bytes(int(boxes), int(stages));
+  once_per_device(device, [&] {  // the most any launch asks for: x's rows and the rings
+    int max_bytes = 0;
+    cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_bytes);
+  });
+  kernel<<<static_cast<unsigned>(row_blocks * split.splits), kHopperThreads, bytes, stream>>>(
+      x_map, y_map, args);
   PK_CHECK_LAUNCH();
   return true;
 }
@@ -665,6 +983,9 @@ bool tensor_search(const Tensor& x, const Tensor& y, const Search& search, int s
         launched = launch_tensor_search<T, kP, Fold::kLabels>(x, y, search, slots, stream);
       else if (search.col_keys)
         launched = launch_tensor_search<T, kP, Fold::kBoth>(x, y, search, slots, stream);
+      else if (kP == Precision::kTf32 || !std::is_same_v<T, float>)  // the Hopper MMAs: TF32
+        launched = launch_hopper_search<T>(x, y, search, stream) ||
+                   launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
       else
         launched = launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
     }
@@ -780,9 +1101,15 @@ std::tuple<Tensor, Tensor, Tensor> dw_nearest_cuda(Tensor x, Tensor codebooks, s
 }
 
 // What these kernels can take, for the Python dispatch (protokernels/_capabilities.py).
+// hopper_depth_bytes: on the current device, one best per row (nearest, dw_nearest; with an
+// excluded column) at "tf32" or in half precision runs the Hopper search for rows up to this many
+// bytes (0: it does not run here), which _backend.py's `auto` table reads.
 std::string nearest_cuda_capabilities() {
+  int device = 0;
+  cudaGetDevice(&device);
   return "dtypes=float16,bfloat16,float32;max_rows=" + std::to_string(kMaxRows) +
          ";max_k=" + std::to_string(kMaxK) +
+         ";hopper_depth_bytes=" + std::to_string(hopper_depth_bytes(device)) +
          ";why=indices are packed in 31 bits and scores ranked as float32 keys; the reference "
          "backend takes float64";
 }

@@ -18,12 +18,12 @@
 # imports there too and explains that it was built for CUDA 12.
 #
 #   scripts/build_wheels.sh            # all three; ONLY="cu13 none" for a subset
-#   PROTOKERNELS_CUDA_ARCH_LIST=...    # default 8.0;9.0+PTX
+#   PROTOKERNELS_CUDA_ARCH_LIST=...    # default 8.0+PTX;9.0a
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=$(mkdir -p "${OUT:-wheelhouse}" && cd "${OUT:-wheelhouse}" && pwd)
-export PROTOKERNELS_CUDA_ARCH_LIST=${PROTOKERNELS_CUDA_ARCH_LIST:-8.0;9.0+PTX}
+export PROTOKERNELS_CUDA_ARCH_LIST=${PROTOKERNELS_CUDA_ARCH_LIST:-8.0+PTX;9.0a}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 step() { echo "== $* ($(date +%T))"; }

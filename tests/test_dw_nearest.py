@@ -10,7 +10,8 @@ import torch
 
 import protokernels
 from conftest import DEVICE, HAS_GPU, relative_error, skip_unless_capable, tolerance
-from test_nearest import DTYPES, assert_winners, dtype_ids, randn, truth
+from test_nearest import (DTYPES, assert_winners, cuda_kernels_run, dtype_ids, hopper_build, randn,
+                          truth)
 
 
 def by_group(x, groups):
@@ -183,6 +184,24 @@ def test_more_than_2_to_the_31_elements(backend):
     assert idx[-1, -1] == 2 and dist[-1, -1] == 0
     rows = torch.tensor([0, 1, n // 2, n - 1], device=DEVICE)
     assert_groups(x[rows], codebooks, dist[rows], idx[rows], dtype=torch.float16)
+
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("portable", [False, True], ids=["hopper", "portable"])
+def test_cuda_tensor_core_search_by_group(monkeypatch, portable):
+    """CUDA's Hopper search reads the groups' slices of x through one TMA map (group stride Dg,
+    row stride G*Dg); PROTOKERNELS_CUDA_PORTABLE=1 forces the portable search."""
+    if not protokernels.available_backends()["cuda"].available:
+        pytest.skip("no CUDA extension")
+    if portable:
+        monkeypatch.setenv("PROTOKERNELS_CUDA_PORTABLE", "1")
+    x, codebooks = randn(1000, 8 * 64), randn(8, 300, 64)
+    with protokernels.use_backend("cuda"):
+        quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision="tf32")
+        kernels = cuda_kernels_run(lambda: protokernels.dw_nearest(x, codebooks, precision="tf32"))
+    assert_quantized(x, codebooks, quantized, idx, dist, precision="tf32")
+    assert ("hopper_search_kernel" in kernels) == (hopper_build() and not portable), kernels
 
 
 # -- dw_quantize: dw_nearest + codebook_lookup in one call --------------------------------------

@@ -481,6 +481,92 @@ def test_more_than_2_to_the_31_pairs(backend):
 
 
 
+# CUDA's two tensor-core searches: the Hopper one (sm_90a: TMA, wgmma, x's 128 rows kept in shared
+# memory, two consumer warpgroups taking the column tiles in turn, each with a ring of its own)
+# and the portable one (mma.sync), which PROTOKERNELS_CUDA_PORTABLE=1 forces on a Hopper GPU. The
+# shapes: several column tiles per consumer with rings that wrap (N 12801: 101 row blocks, 2
+# column splits of 4 tiles; float32 D 256: 8 boxes of 128 bytes through 3 stages a ring), batches
+# with a partial last tile, the deepest x that fits beside two 2-stage rings (float32 D 288, 9
+# boxes) and one box more (D 320: the portable search in float32, Hopper's in the half types),
+# depth tails inside a box (36, 360), column splits over few row blocks (N 130, M 3000), rows TMA
+# cannot read (half D 36: 72 bytes, not a multiple of 16).
+HOPPER_SHAPES = [(1, 12801, 1000, 256), (3, 257, 650, 256), (1, 300, 400, 288), (1, 300, 400, 320),
+                 (1, 300, 400, 360), (1, 130, 3000, 36)]
+HOPPER_DEPTH_BOXES = 9  # float32 D <= 288 on a 227 KB GPU (csrc/nearest.cu, launch_hopper_search)
+
+
+def hopper_build():
+    if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
+        return False
+    return (torch.cuda.get_device_capability()[0] == 9
+            and "sm90a" in torch.ops.protokernels.cuda_build_info())
+
+
+def cuda_kernels_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(event.name for event in profile.events())
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("portable", [False, True], ids=["hopper", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_ids)
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=str)
+def test_cuda_tensor_core_searches(monkeypatch, shape, dtype, portable):
+    if not protokernels.available_backends()["cuda"].available:
+        pytest.skip("no CUDA extension")
+    if portable:
+        monkeypatch.setenv("PROTOKERNELS_CUDA_PORTABLE", "1")
+    batch, n, m, d = shape
+    x, y = randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype)
+    exclude = torch.randint(0, m, (batch, n), device=DEVICE)
+    with protokernels.use_backend("cuda"):
+        dist, idx = protokernels.nearest(x, y, exclude=exclude, precision="tf32")
+        kernels = cuda_kernels_run(lambda: protokernels.nearest(x, y, precision="tf32"))
+    allowed = torch.arange(m, device=DEVICE) != exclude[..., None]
+    rows = torch.arange(0, n, max(1, n // 300), device=DEVICE)  # a float64 truth of 300 rows
+    assert_winners(x[:, rows], y, dist[:, rows], idx[:, rows], allowed=allowed[:, rows],
+                   dtype=dtype, precision="tf32")
+    # TMA reads rows that start at multiples of 16 bytes; x's rows must fit in shared memory.
+    fits = d * x.element_size() % 16 == 0 and -(-d * x.element_size() // 128) <= HOPPER_DEPTH_BOXES
+    hopper = hopper_build() and not portable and fits
+    assert ("hopper_search_kernel" in kernels) == hopper, kernels
+    assert ("tensor_search_kernel" in kernels) == (not hopper), kernels
+
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("portable", [False, True], ids=["hopper", "portable"])
+def test_cuda_tensor_core_searches_non_finite(monkeypatch, portable):
+    """The Hopper search's folds: finite norms in whole tiles take the packed-key fold, a NaN or
+    infinite row or column the general one; both rank as every backend does."""
+    if not protokernels.available_backends()["cuda"].available:
+        pytest.skip("no CUDA extension")
+    if portable:
+        monkeypatch.setenv("PROTOKERNELS_CUDA_PORTABLE", "1")
+    x, y = randn(1, 300, 64), randn(1, 700, 64)
+    x[0, 7, 5], x[0, 9, 3], y[0, 400, 0] = float("nan"), INF, INF
+
+    def both(x, y):
+        with protokernels.use_backend("cuda"):
+            found = protokernels.nearest(x, y, precision="tf32")
+        with protokernels.use_backend("reference"):
+            return found, protokernels.nearest(x, y, precision="tf32")
+
+    (dist, idx), (ref_dist, ref_idx) = both(x, y)
+    assert idx[0, [7, 9]].tolist() == ref_idx[0, [7, 9]].tolist() == [0, 0]
+    assert dist[0, 7].isnan() and dist[0, 9] == INF
+    finite = torch.ones(300, dtype=torch.bool, device=DEVICE)
+    finite[[7, 9]] = False
+    allowed = (torch.arange(700, device=DEVICE) != 400).expand(1, 298, 700)
+    assert_winners(x[:, finite], y, dist[:, finite], idx[:, finite], allowed=allowed,
+                   precision="tf32")
+    y[0, 500, 1] = float("nan")  # a NaN prototype wins every row with finite values
+    (dist, idx), (ref_dist, ref_idx) = both(x, y)
+    assert torch.equal(idx, ref_idx) and (idx[0, finite] == 500).all()
+
+
 # Non-finite inputs (issue 15): every backend ranks a pair with a NaN row first, a pair with an
 # infinite row after every finite distance, never lets padding win, and never returns an index
 # outside [-1, M).

@@ -1,0 +1,285 @@
+// Hopper (sm_90a) building blocks: TMA tensor loads into shared memory, mbarriers that count the
+// bytes landing, and warpgroup MMAs (wgmma) that read both operands from shared memory laid out
+// with the 128-byte swizzle. The GEMM-shaped searches' fast path on H100/H200 (nearest.cu's
+// hopper_search_kernel); mma_pipeline.cuh is the portable (sm_80) one.
+//
+// The device code exists only in the compute_90a pass (__CUDA_ARCH_FEAT_SM90_ALL: wgmma and
+// setmaxnreg are arch-specific, not part of sm_90's forward-compatible PTX); elsewhere these
+// functions are empty. The host launches the kernels that use them only where hopper_available()
+// says so: a 9.x device and a build whose PROTOKERNELS_CUDA_ARCH_LIST held 9.0a.
+#pragma once
+
+#include <cuda.h>           // CUtensorMap and its enums (types only: no driver library is linked)
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "async_copy.cuh"
+#include "common.h"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PK_HOPPER_DEVICE 1
+#endif
+
+namespace protokernels {
+namespace hopper {
+
+// One TMA box: kBoxRows rows of 128 bytes (32 float32 or 64 half elements), stored with the
+// 128-byte swizzle. wgmma reads such a box as a K-major operand through descriptor(); 128 bytes is
+// the widest row the swizzle takes, and the fewest boxes per depth.
+constexpr int kBoxRows = 128, kRowBytes = 128, kBoxBytes = kBoxRows * kRowBytes;
+template <typename T>
+constexpr int box_depth() { return kRowBytes / static_cast<int>(sizeof(T)); }
+
+// ---- Host ----
+
+// The device is a Hopper GPU and this build carries sm_90a code for it.
+// PROTOKERNELS_CUDA_PORTABLE=1 (read per call, so that a test can set it) forces the portable
+// kernels, to test them on a Hopper GPU.
+inline bool hopper_available(int device) {
+#if defined(PROTOKERNELS_HAS_SM90A)
+  const char* portable = std::getenv("PROTOKERNELS_CUDA_PORTABLE");
+  if (portable && *portable && std::strcmp(portable, "0") != 0) return false;
+  return per_device(device, [&] {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    return major == 9;
+  });
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+// cuTensorMapEncodeTiled from the driver the runtime loaded: the extension links no driver library.
+inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* function = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault,
+                                     &found);
+#else
+    cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &function, cudaEnableDefault, &found);
+#endif
+    return found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function)
+               : nullptr;
+  }();
+  return encode;
+}
+
+template <typename T> constexpr CUtensorMapDataType tensor_map_type();
+template <> constexpr CUtensorMapDataType tensor_map_type<float>() {
+  return CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+}
+template <> constexpr CUtensorMapDataType tensor_map_type<__half>() {
+  return CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+template <> constexpr CUtensorMapDataType tensor_map_type<__nv_bfloat16>() {
+  return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+}
+
+// A TMA map of t (B, R, D) read in boxes of (one batch, kBoxRows rows, box_depth() elements),
+// zero-filled outside t: rows past R and depth past D read as 0. False where TMA cannot address t:
+// its start and its batch and row strides must be multiples of 16 bytes, its depth stride 1
+// (strides of size-1 dimensions do not matter), or the driver refuses the map.
+template <typename T>
+bool tensor_map(CUtensorMap* map, const Tensor& t) {
+  constexpr int64_t kSize = sizeof(T);
+  const int64_t batches = t.size(0), rows = t.size(1), depth = t.size(2);
+  const auto encode = encode_tiled();
+  if (encode == nullptr || batches * rows * depth == 0) return false;
+  if (depth > 1 && t.stride(2) != 1) return false;
+  // A size-1 dimension's stride is free: make it the dense one.
+  const int64_t row_bytes = rows > 1 ? t.stride(1) * kSize : ((depth * kSize + 15) / 16) * 16;
+  const int64_t batch_bytes = batches > 1 ? t.stride(0) * kSize : rows * row_bytes;
+  const auto address = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  if (address % 16 != 0 || row_bytes <= 0 || row_bytes % 16 != 0 || batch_bytes <= 0 ||
+      batch_bytes % 16 != 0)
+    return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(depth), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(batches)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_bytes),
+                                 static_cast<cuuint64_t>(batch_bytes)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_depth<T>()), kBoxRows, 1};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  return encode(map, tensor_map_type<T>(), 3, const_cast<void*>(t.const_data_ptr()), dims, strides,
+                box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) ==
+         CUDA_SUCCESS;
+}
+
+// ---- Device ----
+
+// mbarriers: a phase completes when its arrivals and its expected bytes are all in; waiters name
+// the parity of the phase they wait for.
+__device__ __forceinline__ void barrier_init(uint64_t* bar, int arrivals) {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)),
+               "r"(arrivals));
+#endif
+}
+// Makes the initializations visible to the TMA unit (the async proxy); a block barrier follows.
+__device__ __forceinline__ void barrier_init_fence() {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// One arrival, and `bytes` more to come from TMA in this phase.
+__device__ __forceinline__ void arrive_expecting(uint64_t* bar, uint32_t bytes) {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   shared_address(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void arrive(uint64_t* bar) {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
+#if defined(PK_HOPPER_DEVICE)
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+
+// TMA: the box of `map` at coordinates (depth c0, row c1, batch c2) into dst (1024-byte aligned,
+// for the swizzle), its bytes counted on bar.
+__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                         int c1, int c2) {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+#endif
+}
+
+// The wgmma descriptor of a K-major operand in a swizzled box, starting at `tile` (a row that is a
+// multiple of 8, plus a depth offset of a multiple of 32 bytes within the 128-byte row: the
+// swizzle is a function of the address bits, so stepping along the depth inside a row is adding
+// to the start). Fields: start >> 4; leading offset (unused with swizzling, 1); stride offset
+// 1024 bytes >> 4 (from one 8-row group to the next); layout 1 = 128-byte swizzle.
+__device__ __forceinline__ uint64_t descriptor(const void* tile) {
+  const uint64_t start = (shared_address(tile) & 0x3FFFF) >> 4;
+  return start | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// wgmma.fence: the accumulators' registers, written by other instructions, are ready for the MMAs.
+__device__ __forceinline__ void mma_fence() {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mma_commit() {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most N committed groups of this warpgroup's MMAs are in flight.
+template <int N>
+__device__ __forceinline__ void mma_wait() {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// The compiler does not know that wgmma writes its registers asynchronously: this ties each
+// accumulator register to this point, so that no read of it moves above the wait before it.
+template <int N>
+__device__ __forceinline__ void hold_registers(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define PK_WGMMA_64x128_OPERANDS                                                                 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "   \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "   \
+  "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1"
+#define PK_WGMMA_64x128_REGISTERS(d)                                                            \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),           \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),   \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),             \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),             \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),             \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),             \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),             \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),             \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),             \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),             \
+      "+f"(d[62]), "+f"(d[63])
+
+// d (64 x 128, float32, wgmma's accumulator layout) = A (64 rows x 32 bytes of depth) . B (128
+// rows x 32 bytes)^T, + d if `accumulate`: one k8 step for float32 (read as TF32: the tensor cores
+// take the top 19 bits), one k16 step for the half types.
+template <typename T>
+__device__ __forceinline__ void mma_64x128(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+#if defined(PK_HOPPER_DEVICE)
+  if constexpr (std::is_same_v<T, float>) {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 " PK_WGMMA_64x128_OPERANDS
+                 ";\n}\n"
+                 : PK_WGMMA_64x128_REGISTERS(d)
+                 : "l"(a), "l"(b), "r"(accumulate));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " PK_WGMMA_64x128_OPERANDS
+                 ", 0, 0;\n}\n"
+                 : PK_WGMMA_64x128_REGISTERS(d)
+                 : "l"(a), "l"(b), "r"(accumulate));
+  } else {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " PK_WGMMA_64x128_OPERANDS
+                 ", 0, 0;\n}\n"
+                 : PK_WGMMA_64x128_REGISTERS(d)
+                 : "l"(a), "l"(b), "r"(accumulate));
+  }
+#endif
+}
+#undef PK_WGMMA_64x128_OPERANDS
+#undef PK_WGMMA_64x128_REGISTERS
+
+// A barrier of `threads` threads (named barrier `id`, 1 to 15: 0 is __syncthreads') that returns
+// whether `value` holds in all of them: one warpgroup's threads meet here without the others.
+__device__ __forceinline__ bool all_of(bool value, int id, int threads) {
+  uint32_t all = 0;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 q, %1, 0;\n bar.red.and.pred p, %2, %3, q;\n"
+      " selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(all)
+      : "r"(uint32_t{value}), "r"(id), "r"(threads)
+      : "memory");
+  return all != 0;
+}
+
+// Moves registers between the warpgroups of a block (every thread of the warpgroup executes it):
+// a producer that only issues TMA gives its registers to the consumers' accumulators.
+template <int REGISTERS>
+__device__ __forceinline__ void release_registers() {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+#endif
+}
+template <int REGISTERS>
+__device__ __forceinline__ void claim_registers() {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+#endif
+}
+
+}  // namespace hopper
+}  // namespace protokernels
