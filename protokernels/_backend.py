@@ -61,6 +61,31 @@ def _ffma_search_order(sizes):
     return _backend_by_work(sizes, "batch n m d", 2**28 if _wants_grad(sizes) else 2**26)
 
 
+def _tensor_search_order(dtype, precision, sizes):
+    """CUDA's mma.sync search against Triton's wgmma kernel (float32 "ieee": the FFMA
+    searches'): see _AUTO_ORDER."""
+    if dtype == torch.float32 and precision == "ieee":
+        return _ffma_search_order(sizes)
+    return _backend_by_work(sizes, "batch n m d", 2**30)
+
+
+def _hopper_search_order(dtype, precision, sizes):
+    """Where CUDA runs its Hopper search (one best per row, "tf32" or half precision, rows of at
+    most the capability's hopper_depth_bytes): CUDA first for rows of 512 bytes or more (H200,
+    N65536 M8192 D256 tf32 1.09 ms against Triton's 1.35, bf16 0.68 against 0.81; N8192 M2000
+    D256 0.061 against 0.110), and for rows of 256 bytes up to N*M*D = 2^33 (N65536 M1024 D64
+    0.150 against 0.177; dw N65536 G4 K4096 Dg64, 2^36: 1.13 against 1.03). Shallower rows: the
+    fold, not the MMAs, bounds the kernel, so None (the mma.sync boundary; dw N65536 G8 K1024
+    Dg32: 0.74 against 0.47). RESULTS.md "The Hopper search"."""
+    declared = _CAPABILITIES.get(("cuda", "nearest"))
+    if declared is None or precision == "tf32x3" or (dtype == torch.float32 and precision != "tf32"):
+        return None
+    row_bytes = sizes.get("d", 0) * dtype.itemsize
+    if row_bytes > declared.hopper_depth_bytes or row_bytes < 256:
+        return None
+    return CUDA_FIRST if row_bytes >= 512 else _backend_by_work(sizes, "batch n m d", 2**33)
+
+
 def _wants_grad(sizes) -> bool:
     return bool(sizes.get("grad", False))
 
@@ -96,14 +121,16 @@ _AUTO_ORDER = {
     # FFMA search: CUDA up to 2^26 (N8192 M100 D64: 0.074 vs 0.181 ms; labels: 0.062 vs 0.131),
     # Triton from 2^28 (N4096 M512 D128: 0.097 vs 0.213); with a backward CUDA up to 2^28
     # (N4096 M512 D128 fwd+bwd 0.560 vs 0.720). RESULTS.md "The tensor-core CUDA search".
+    # On a Hopper GPU, nearest and dw_nearest at "tf32" or in half precision run CUDA's Hopper
+    # search where x's rows fit (the capability hopper_depth_bytes): _hopper_search_order.
     "nearest_k": lambda dtype, precision, sizes: _ffma_search_order(sizes),
-    # glvq_loss is nearest_by_label's search with an epilogue launch: the search's rule.
-    **dict.fromkeys(("nearest", "nearest_by_label", "nearest_both", "dw_nearest", "dw_quantize",
-                     "glvq_loss"),
+    **dict.fromkeys(("nearest", "dw_nearest", "dw_quantize"),
                     lambda dtype, precision, sizes: (
-                        _backend_by_work(sizes, "batch n m d", 2**30)
-                        if dtype != torch.float32 or precision != "ieee"
-                        else _ffma_search_order(sizes))),
+                        _hopper_search_order(dtype, precision, sizes)
+                        or _tensor_search_order(dtype, precision, sizes))),
+    # glvq_loss is nearest_by_label's search with an epilogue launch: the search's rule.
+    **dict.fromkeys(("nearest_by_label", "nearest_both", "glvq_loss"), lambda dtype, precision,
+                    sizes: _tensor_search_order(dtype, precision, sizes)),
     # kp_conv: CUDA up to B*P*H*W*C*kh*kw = 2^21, H*W the input's (B64 C1 8x8 P16: fwd 0.0165
     # vs 0.0203 ms, fwd+bwd 0.185 vs 0.477), Triton above (B64 C1 28x28 P32: fwd 0.028 vs
     # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).

@@ -19,11 +19,14 @@ _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 class Capabilities:
     """dtypes: the floating dtypes taken; max_rows: the most rows (N or M) an index can address
     (packed 31-bit indices); max_k: the most neighbours per row; why: what the limits come from,
-    for the error messages."""
+    for the error messages. hopper_depth_bytes (CUDA's nearest family): one best per row at
+    "tf32" or in half precision runs the Hopper (sm_90a) search on this GPU for rows of up to
+    this many bytes; 0 where it does not run. Not a limit: other inputs take another kernel."""
     dtypes: tuple = FLOAT_DTYPES
     max_rows: int | None = None
     max_k: int | None = None
     why: str = ""
+    hopper_depth_bytes: int = 0
 
     def not_supported_reasons(self, dtype: torch.dtype, rows: int = 0, k: int = 1) -> list[str]:
         reasons = []
@@ -45,6 +48,8 @@ class Capabilities:
             parts.append(f"rows <= {self.max_rows}")
         if self.max_k is not None:
             parts.append(f"k <= {self.max_k}")
+        if self.hopper_depth_bytes:
+            parts.append(f"Hopper search for rows <= {self.hopper_depth_bytes} bytes")
         return ", ".join(parts)
 
     @classmethod
@@ -60,7 +65,8 @@ class Capabilities:
             if "dtypes" in fields else FLOAT_DTYPES,
             max_rows=int(fields["max_rows"]) if "max_rows" in fields else None,
             max_k=int(fields["max_k"]) if "max_k" in fields else None,
-            why=fields.get("why", ""))
+            why=fields.get("why", ""),
+            hopper_depth_bytes=int(fields.get("hopper_depth_bytes", 0)))
 
 
 EVERYTHING = Capabilities()

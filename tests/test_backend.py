@@ -215,10 +215,10 @@ def test_backend_choice_is_guarded_under_compile(monkeypatch):
 
 def test_capabilities_parse_the_extensions_declaration():
     parsed = protokernels._capabilities.Capabilities.parse(
-        "dtypes=float16,bfloat16,float32;max_rows=2147483647;max_k=64;why=packed keys; ranked as "
-        "float32")
+        "dtypes=float16,bfloat16,float32;max_rows=2147483647;max_k=64;hopper_depth_bytes=1152;"
+        "why=packed keys; ranked as float32")
     assert parsed.dtypes == (torch.float16, torch.bfloat16, torch.float32)
-    assert (parsed.max_rows, parsed.max_k) == (2**31 - 1, 64)
+    assert (parsed.max_rows, parsed.max_k, parsed.hopper_depth_bytes) == (2**31 - 1, 64, 1152)
     assert parsed.why == "packed keys; ranked as float32"
     assert protokernels._capabilities.Capabilities.parse("") == _backend.EVERYTHING
 
@@ -255,6 +255,34 @@ def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, o
     assert _backend.resolve(op, cuda, dtype, precision, n=65536, m=1024, d=64) == "triton"
     assert _backend.resolve(op, cuda, dtype, precision, n=65536, m=1024, d=64, batch=8) == "triton"
     assert _backend.resolve("nearest_k", cuda, dtype, precision, n=4096, m=512, d=128) == "triton"
+
+
+
+@pytest.mark.parametrize("op", ["nearest", "dw_nearest", "dw_quantize"])
+def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
+    """Where CUDA declares its Hopper search (hopper_depth_bytes), one best per row at "tf32" or
+    in half precision runs on CUDA at every size for rows of 512 bytes or more, up to N*M*D =
+    2^33 for rows of 256 (RESULTS.md "The Hopper search"); shallower rows, "tf32x3", rows deeper
+    than declared and the label searches keep the mma.sync boundary (2^30)."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"),
+                        protokernels._capabilities.Capabilities(hopper_depth_bytes=1152))
+    cuda, large = torch.device("cuda"), dict(n=65536, m=8192, d=256)
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "cuda"
+    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", **large) == "cuda"
+    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=8192, d=576) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=64) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=4096, d=64,
+                            batch=4) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=32,
+                            batch=8) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=256, d=32,
+                            batch=8) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=8192, d=512) == "triton"
+    assert _backend.resolve("nearest_by_label", cuda, torch.float32, "tf32", **large) == "triton"
+    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"), _backend.EVERYTHING)
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "triton"
 
 
 @pytest.mark.parametrize("op", ["codebook_lookup", "codebook_stats"])
