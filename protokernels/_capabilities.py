@@ -49,7 +49,8 @@ class Capabilities:
         if self.max_k is not None:
             parts.append(f"k <= {self.max_k}")
         if self.hopper_depth_bytes:
-            parts.append(f"Hopper search for rows <= {self.hopper_depth_bytes} bytes")
+            parts.append(f"Hopper search (nearest, dw_nearest; one best per row) for rows <= "
+                         f"{self.hopper_depth_bytes} bytes")
         return ", ".join(parts)
 
     @classmethod

@@ -456,17 +456,18 @@ def test_nearest_both_needs_rows_on_both_sides():
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
-def test_cuda_graph_capture(backend):
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])  # CUDA: the FFMA and the Hopper search
+def test_cuda_graph_capture(backend, precision):
     x, y = randn(2, 300, 64), randn(2, 200, 64)
     exclude = torch.randint(0, 200, (2, 300), device=DEVICE)
-    protokernels.nearest(x, y, exclude=exclude)  # warm up (compiles the Triton kernels)
+    protokernels.nearest(x, y, exclude=exclude, precision=precision)  # warm up (Triton compiles)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        dist, idx = protokernels.nearest(x, y, exclude=exclude, precision="ieee")
+        dist, idx = protokernels.nearest(x, y, exclude=exclude, precision=precision)
     x.copy_(randn(2, 300, 64))
     graph.replay()
     allowed = torch.arange(200, device=DEVICE) != exclude[..., None]
-    assert_winners(x, y, dist, idx, allowed=allowed)
+    assert_winners(x, y, dist, idx, allowed=allowed, precision=precision)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
