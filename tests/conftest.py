@@ -75,6 +75,17 @@ def log_domain(scale_s, log_r, log_c, n_iters):
     return torch.exp(scale_s + u[:, None] + v[None, :])
 
 
+@pytest.fixture(params=[False, True], ids=["hopper", "portable"])
+def portable(request, monkeypatch):
+    """CUDA's tensor-core searches as a call gets them (the Hopper one on a Hopper GPU, where it
+    applies), or the portable one that PROTOKERNELS_CUDA_PORTABLE=1 forces."""
+    if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
+        pytest.skip("needs a GPU and the CUDA extension")
+    if request.param:
+        monkeypatch.setenv("PROTOKERNELS_CUDA_PORTABLE", "1")
+    return request.param
+
+
 def skip_unless_capable(backend, op, dtype, rows=0, k=1):
     """Skip when `backend` declares it cannot take this input (its capabilities, e.g. float64
     ranking in the nearest family); test_capabilities checks the error an explicit call gets."""

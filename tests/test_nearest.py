@@ -510,15 +510,9 @@ def cuda_kernels_run(fn):
     return " ".join(event.name for event in profile.events())
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("portable", [False, True], ids=["hopper", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_ids)
 @pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=str)
-def test_cuda_tensor_core_searches(monkeypatch, shape, dtype, portable):
-    if not protokernels.available_backends()["cuda"].available:
-        pytest.skip("no CUDA extension")
-    if portable:
-        monkeypatch.setenv("PROTOKERNELS_CUDA_PORTABLE", "1")
+def test_cuda_tensor_core_searches(shape, dtype, portable):
     batch, n, m, d = shape
     x, y = randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype)
     exclude = torch.randint(0, m, (batch, n), device=DEVICE)
@@ -536,16 +530,9 @@ def test_cuda_tensor_core_searches(monkeypatch, shape, dtype, portable):
     assert ("tensor_search_kernel" in kernels) == (not hopper), kernels
 
 
-
-@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("portable", [False, True], ids=["hopper", "portable"])
-def test_cuda_tensor_core_searches_non_finite(monkeypatch, portable):
+def test_cuda_tensor_core_searches_non_finite(portable):
     """The Hopper search's folds: finite norms in whole tiles take the packed-key fold, a NaN or
     infinite row or column the general one; both rank as every backend does."""
-    if not protokernels.available_backends()["cuda"].available:
-        pytest.skip("no CUDA extension")
-    if portable:
-        monkeypatch.setenv("PROTOKERNELS_CUDA_PORTABLE", "1")
     x, y = randn(1, 300, 64), randn(1, 700, 64)
     x[0, 7, 5], x[0, 9, 3], y[0, 400, 0] = float("nan"), INF, INF
 
