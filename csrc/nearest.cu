@@ -340,9 +340,6 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
       excluded[i] = row_excluded[local_row + row_offset(i)];
       if constexpr (kLabels) label[i] = row_labels[local_row + row_offset(i)];
     }
-    auto rank = [&](int i, float col_norm, float p) {
-      return product_rank(row_norm[i], col_norm, p);
-    };
 #pragma unroll
     for (int j = 0; j < Tile::kFragCols; ++j)
 #pragma unroll
@@ -354,7 +351,8 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
 #pragma unroll
           for (int i = 0; i < kThreadRows; ++i)  // rows in increasing order
             if (row_in(i) && col < cols)
-              col_best.fold(rank(i, col_norm, product.acc[i / 2][j][2 * (i % 2) + e]),
+              col_best.fold(product_rank(row_norm[i], col_norm,
+                                         product.acc[i / 2][j][2 * (i % 2) + e]),
                             first_row + row_offset(i));
           const long long key = warp_min(warp_min(warp_min(col_best.key(), 4), 8), 16);
           if (g == 0 && key != kNoKey)
@@ -364,7 +362,8 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
         const int64_t col_label = kLabels ? col_labels[slot][c] : 0;
 #pragma unroll
         for (int i = 0; i < kThreadRows; ++i) {
-          const float r = rank(i, col_norm, product.acc[i / 2][j][2 * (i % 2) + e]);
+          const float r =
+              product_rank(row_norm[i], col_norm, product.acc[i / 2][j][2 * (i % 2) + e]);
           if constexpr (kLabels) {
             if (col_label == label[i]) best[i].fold(r, col);
             else other[i].fold(r, col);
