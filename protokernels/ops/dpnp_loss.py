@@ -11,6 +11,8 @@ launches and the backward two products and one index_add.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -41,7 +43,11 @@ def _dpnp_loss(h: Tensor, c: Tensor, labels: Tensor, lambda_pos: float, lambda_n
     acc = accumulate_dtype(h.dtype)
     # the epilogue kernels read rows of h and c as contiguous (a copy only for strided input)
     ha, ca = h.to(acc).contiguous(), c.to(acc).contiguous()
-    scores, gram = ha @ ca.mT, ca @ ca.mT
+    # Autocast reaches inside the op: there the products would come out in bfloat16/float16,
+    # while the epilogue reads them in the accumulate dtype.
+    with (torch.autocast(h.device.type, enabled=False) if torch.is_autocast_enabled(h.device.type)
+          else contextlib.nullcontext()):
+        scores, gram = ha @ ca.mT, ca @ ca.mT
     loss, own, scatter, targets = _EPILOGUE[backend](scores, gram, ha, ca, labels, lambda_pos,
                                                      lambda_neg_sample, lambda_neg_class, eps)
     return loss, scores, own, scatter, targets
