@@ -14,6 +14,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <initializer_list>
@@ -74,6 +75,19 @@ inline int sm_count(const Tensor& t) {
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device_index());
   return sms;
+}
+
+// Column tiles split over blocks when the row blocks alone are fewer than `blocks_wanted` (each
+// block walks its row tiles over one split's column tiles; a search's splits meet by atomicMin).
+struct ColumnSplits {
+  int64_t tiles_per_split, splits;
+};
+inline ColumnSplits split_columns(int64_t col_tiles, int64_t row_blocks, int64_t blocks_wanted) {
+  const int64_t splits_at_most =
+      std::max<int64_t>(1, std::min(col_tiles, blocks_wanted / row_blocks));
+  const int64_t tiles_per_split = (col_tiles + splits_at_most - 1) / splits_at_most;
+  return {tiles_per_split,
+          tiles_per_split > 0 ? (col_tiles + tiles_per_split - 1) / tiles_per_split : 0};
 }
 
 // compute()'s value for `device`, computed on the first call for that device and kept: per-device

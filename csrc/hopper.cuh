@@ -112,6 +112,18 @@ bool tensor_map(CUtensorMap* map, const Tensor& t) {
          CUDA_SUCCESS;
 }
 
+// x (B, N, D) against one y that every batch shares (a 0 batch stride, as a broadcast leaves it):
+// where x's batches continue its rows, x becomes one batch of B N rows and y one batch, so that
+// tensor_map() can address both (it refuses a 0 batch stride) and one walk covers every batch. A
+// caller's (B, N, ...) outputs of unit-stride rows are laid out as (1, B N, ...) already.
+inline void fold_shared_batch(Tensor& x, Tensor& y) {
+  const int64_t batch = x.size(0), rows = x.size(1), depth = x.size(2);
+  const int64_t row_stride = rows > 1 ? x.stride(1) : x.stride(0);
+  if (batch <= 1 || y.stride(0) != 0 || (rows > 1 && x.stride(0) != rows * row_stride)) return;
+  x = reinterpret(x, {1, batch * rows, depth}, {batch * rows * row_stride, row_stride, x.stride(2)});
+  y = reinterpret(y, {1, y.size(1), depth}, {y.size(1) * y.stride(1), y.stride(1), y.stride(2)});
+}
+
 // ---- Device ----
 
 // mbarriers: a phase completes when its arrivals and its expected bytes are all in; waiters name
@@ -279,6 +291,207 @@ __device__ __forceinline__ void claim_registers() {
 #if defined(PK_HOPPER_DEVICE)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
 #endif
+}
+
+// ---- The row-block walk: x's 128 rows stay in shared memory, y's column tiles stream past ----
+
+// A block of kWalkThreads owns kBoxRows (128) rows of x, loaded once by TMA and kept in shared
+// memory for the whole walk: y's column tiles stream past them, so x's rows are not re-read per
+// column tile (a 128 x 128 tile that re-streams both reads twice the bytes from L2). Warpgroups 1
+// and 2 are the consumers and take the column tiles in turn (1 the even ones, 2 the odd ones):
+// each multiplies all 128 rows by its tile (two m64n128 wgmmas per 32 bytes of depth,
+// accumulators in registers) and then runs its op's epilogue on the tile (the search's fold,
+// sqdist's stores) while the other consumer's MMAs have the tensor cores. Each consumer has a ring
+// of its own, which one thread of warpgroup 0 fills with its tiles' boxes (128 columns x 128
+// bytes of depth) by TMA: a ring shared in tile order would let a consumer that skipped the
+// other's tiles mistake a stage's phase parity two rounds on (the first version hung so).
+// Shared memory: x's boxes (depth_boxes x 16 KB), the two rings (2 x stages x 16 KB), their
+// mbarriers, then the op's own bytes (extra()); walk_stages() picks the deepest rings that fit.
+constexpr int kWalkThreads = 384;  // producers, consumer, consumer
+constexpr int kWalkAlign = 1024;   // the swizzle's pattern repeats every 1024 bytes
+constexpr int kExtraAlign = 128;   // the op's own shared memory starts at a multiple of this
+constexpr int kMaxStages = 4;      // per ring
+// Register budgets after the hand-over (multiples of 8; 128 x 40 + 256 x 232 = the 64512 that 384
+// threads at a launch bound of 168 hold).
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+
+constexpr size_t walk_smem_bytes(int depth_boxes, int stages, size_t extra_bytes) {
+  return kWalkAlign + size_t(depth_boxes + 2 * stages) * kBoxBytes +
+         (4 * stages + 1) * sizeof(uint64_t) + kExtraAlign + extra_bytes;
+}
+
+// The ring depth for x's rows of `boxes` 128-byte boxes and an op's `extra_bytes` on this device:
+// the most stages per ring (up to kMaxStages) that fit, or 0 where fewer than 2 do (D > 288 in
+// float32, 576 in the half types, on a GPU with 227 KB of shared memory a block).
+inline int walk_stages(int device, int64_t boxes, size_t extra_bytes) {
+  const int64_t max_bytes = per_device(device, [&] {
+    int bytes = 0;
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return bytes;
+  });
+  for (int stages = kMaxStages; stages >= 2; --stages)
+    if (int64_t(walk_smem_bytes(int(boxes), stages, extra_bytes)) <= max_bytes) return stages;
+  return 0;
+}
+
+// The deepest rows (bytes) a walk with `extra_bytes` takes on this device; 0 where none runs.
+inline int64_t walk_depth_bytes(int device, size_t extra_bytes) {
+  if (!hopper_available(device)) return 0;
+  int64_t boxes = 0;
+  while (walk_stages(device, boxes + 1, extra_bytes) > 0) ++boxes;
+  return boxes * kRowBytes;
+}
+
+// Lets a walk kernel ask for the most shared memory the device gives a block (once per device and
+// kernel: a template argument, so that each kernel has a record of its own; kernels of one
+// signature share a type).
+template <auto kKernel>
+void allow_walk_smem(int device) {
+  once_per_device(device, [&] {
+    int max_bytes = 0;
+    cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_bytes);
+  });
+}
+
+// The walk's shared memory and its two roles. Consumer c's i-th stage (i counts its boxes over
+// its tiles c, c + 2, ...) is slot i % stages of its ring, filled for the (i / stages)-th time.
+struct RowBlockWalk {
+  unsigned char* x_tile;
+  unsigned char* rings;  // consumer c's: stages from c * stages
+  uint64_t* full;
+  uint64_t* empty;
+  uint64_t* x_full;
+  int boxes, stages;
+
+  __device__ RowBlockWalk(unsigned char* smem_raw, int depth_boxes, int ring_stages)
+      : boxes(depth_boxes), stages(ring_stages) {
+    x_tile = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(smem_raw) + kWalkAlign - 1) & ~uintptr_t{kWalkAlign - 1});
+    rings = x_tile + size_t(boxes) * kBoxBytes;
+    full = reinterpret_cast<uint64_t*>(rings + size_t(2 * stages) * kBoxBytes);
+    empty = full + 2 * stages;
+    x_full = empty + 2 * stages;
+  }
+  // The op's own shared memory, after the walk's (kExtraAlign-aligned).
+  __device__ unsigned char* extra() const {
+    return reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(x_full + 1) + kExtraAlign - 1) & ~uintptr_t{kExtraAlign - 1});
+  }
+
+  // Thread 0's; a block barrier follows before any role starts.
+  __device__ void init() const {
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < 2 * stages; ++s) {
+      barrier_init(&full[s], 1);   // the producer's arrival; then the bytes
+      barrier_init(&empty[s], 4);  // the 4 warps of the consumer that read it
+    }
+    barrier_init(x_full, 1);
+    barrier_init_fence();
+  }
+
+  // Warpgroup 0's role: it gives its registers away; warp c's first thread fills consumer c's
+  // ring with the boxes of tiles tile0 + c, tile0 + c + 2, ... (of `tiles`), warp 0's first loads
+  // x's rows too.
+  template <typename T>
+  __device__ void produce(const CUtensorMap* x_map, const CUtensorMap* y_map, int row0, int batch,
+                          int tile0, int tiles) const {
+    release_registers<kProducerRegisters>();
+    const int c = threadIdx.x / 32;
+    if (c >= 2 || threadIdx.x % 32 != 0) return;
+    if (c == 0) {
+      arrive_expecting(x_full, boxes * kBoxBytes);
+      for (int k = 0; k < boxes; ++k)
+        load_box(x_tile + size_t(k) * kBoxBytes, x_map, x_full, k * box_depth<T>(), row0, batch);
+    }
+    int i = 0;
+    for (int tile = c; tile < tiles; tile += 2)
+      for (int k = 0; k < boxes; ++k, ++i) {
+        const int slot = c * stages + i % stages, round = i / stages;
+        if (round > 0) wait(&empty[slot], (round - 1) & 1);
+        arrive_expecting(&full[slot], kBoxBytes);
+        load_box(rings + size_t(slot) * kBoxBytes, y_map, &full[slot], k * box_depth<T>(),
+                 (tile0 + tile) * kBoxRows, batch);
+      }
+  }
+
+  // A consumer's first step: its registers, then x's rows in shared memory.
+  __device__ void start_consumer() const {
+    claim_registers<kConsumerRegisters>();
+    wait(x_full, 0);
+  }
+
+  // Consumer c's next tile: acc[m] = x's rows 64 m .. 64 m + 63 times the tile's 128 columns
+  // (acc_row() below says which thread holds which). on_box(box, k) runs while the k-th box's MMAs are in flight, before
+  // the box goes back to the producer: it may read the box (128 columns x 128 bytes, swizzled).
+  // i: the consumer's box count, carried from tile to tile.
+  template <typename T, typename OnBox>
+  __device__ __forceinline__ void multiply(int c, int& i, float (&acc)[2][64], OnBox&& on_box) const {
+    const int lane = threadIdx.x % 32;
+    for (int k = 0; k < boxes; ++k, ++i) {
+      const int slot = c * stages + i % stages;
+      wait(&full[slot], (i / stages) & 1);
+      mma_fence();
+      const unsigned char* b_box = rings + size_t(slot) * kBoxBytes;
+      const unsigned char* a_box = x_tile + size_t(k) * kBoxBytes;
+#pragma unroll
+      for (int step = 0; step < kRowBytes / 32; ++step) {
+        const uint64_t b = descriptor(b_box + 32 * step);
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+          mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b,
+                        k > 0 || step > 0);
+      }
+      mma_commit();
+      on_box(b_box, k);
+      // The previous stage's MMAs are done reading it: hand it back to the producer.
+      mma_wait<1>();
+      if (k > 0 && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+    }
+    mma_wait<0>();
+    hold_registers(acc[0]);
+    hold_registers(acc[1]);
+    if (lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+  }
+};
+
+// A consumer thread's rows in its tile's accumulators (wgmma's m64nN layout, two m64 halves):
+// r = 2 m + h (kAccRows of them) is row 64 m + 16 warp + lane / 4 + 8 h, and acc[m][4 j + 2 h + e]
+// is its column 8 j + 2 (lane % 4) + e.
+constexpr int kAccRows = 4;
+__device__ __forceinline__ int acc_row(int r) {
+  const int thread = threadIdx.x % 128;
+  return 64 * (r / 2) + 16 * (thread / 32) + thread % 32 / 4 + 8 * (r % 2);
+}
+
+// The sum of squares of a box row's 128 bytes (in any order: the swizzle permutes a row's 16-byte
+// chunks), in float32.
+template <typename T>
+__device__ __forceinline__ float row_squares(const unsigned char* row) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int chunk = 0; chunk < kRowBytes / 16; ++chunk) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row + 16 * chunk);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if constexpr (std::is_same_v<T, float>) {
+        const float a = __uint_as_float(words[w]);
+        sum = fmaf(a, a, sum);
+      } else {
+        T pair[2];
+        memcpy(pair, &words[w], sizeof(pair));
+        const float a = widen(pair[0]), b = widen(pair[1]);
+        sum = fmaf(b, b, fmaf(a, a, sum));
+      }
+    }
+  }
+  return sum;
+}
+
+// A barrier of `threads` threads (named barrier `id`, 1 to 15).
+__device__ __forceinline__ void sync_threads(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 }  // namespace hopper

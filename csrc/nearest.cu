@@ -404,18 +404,8 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
 
 // ---- The Hopper search (sm_90a): TMA, wgmma, two producer-consumer pairs ----
 
-// A block owns kBoxRows (128) rows of x, loaded once by TMA and kept in shared memory for the
-// whole walk: y's column tiles stream past them, so x's rows are not re-read per column tile (a
-// 128 x 128 tile that re-streams both reads twice the bytes from L2). Warpgroups 1 and 2 are the
-// consumers and take the column tiles in turn (1 the even ones, 2 the odd ones): each multiplies
-// all 128 rows by its tile (two m64n128 wgmmas per 32 bytes of depth, accumulators in registers)
-// and then folds the tile into its rows' bests, while the other consumer's MMAs have the tensor
-// cores. Each consumer has a ring of its own, which one thread of warpgroup 0 fills with its
-// tiles' boxes (128 columns x 128 bytes of depth) by TMA: a ring shared in tile order would let a
-// consumer that skipped the other's tiles mistake a stage's phase parity two rounds on.
-// Shared memory: x's boxes (depth_boxes x 16 KB), the two rings (2 x stages x 16 KB), their
-// mbarriers, the rows' norms and excluded columns, the consumers' column norms; the host picks the
-// deepest rings that fit.
+// hopper.cuh's row-block walk, whose consumers fold each tile into their rows' bests. The search's
+// own shared memory: the rows' norms and excluded columns, the consumers' column norms.
 struct HopperSearchArgs {
   int rows, cols, depth_boxes, stages;  // stages per ring
   const float* norms;  // prepare_kernel's
@@ -424,36 +414,19 @@ struct HopperSearchArgs {
   long long* keys;
 };
 
-constexpr int kHopperThreads = 384;  // producers, consumer, consumer
-constexpr int kHopperSmemAlign = 1024;  // the swizzle's pattern repeats every 1024 bytes
-
-inline size_t hopper_smem_bytes(int depth_boxes, int stages) {
-  return kHopperSmemAlign + size_t(depth_boxes + 2 * stages) * hopper::kBoxBytes +
-         (4 * stages + 1) * sizeof(uint64_t) + hopper::kBoxRows * (sizeof(float) + sizeof(int)) +
-         4 * hopper::kBoxRows * sizeof(float);
-}
+constexpr size_t kHopperSearchBytes =
+    hopper::kBoxRows * (sizeof(float) + sizeof(int)) + 4 * hopper::kBoxRows * sizeof(float);
 
 template <typename T>
-__global__ void __launch_bounds__(kHopperThreads, 1)
+__global__ void __launch_bounds__(hopper::kWalkThreads, 1)
 hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
                      const __grid_constant__ CUtensorMap y_map, const HopperSearchArgs args) {
 #if defined(PK_HOPPER_DEVICE)
   using namespace hopper;
   constexpr int kRows = kBoxRows, kCols = kBoxRows;
-  // Register budgets after the hand-over (multiples of 8; 128 x 40 + 256 x 232 = the 64512 that
-  // 384 threads at the launch bound's 168 hold).
-  constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + kHopperSmemAlign - 1) &
-      ~uintptr_t{kHopperSmemAlign - 1});
-  const int boxes = args.depth_boxes, stages = args.stages;
-  unsigned char* x_tile = smem;
-  unsigned char* rings = smem + size_t(boxes) * kBoxBytes;  // consumer c's: stages from c * stages
-  auto* full = reinterpret_cast<uint64_t*>(rings + size_t(2 * stages) * kBoxBytes);
-  uint64_t* empty = full + 2 * stages;
-  uint64_t* x_full = empty + 2 * stages;
-  auto* row_norms = reinterpret_cast<float*>(x_full + 1);
+  const RowBlockWalk walk(smem_raw, args.depth_boxes, args.stages);
+  auto* row_norms = reinterpret_cast<float*>(walk.extra());
   auto* row_excluded = reinterpret_cast<int*>(row_norms + kRows);
   auto* col_norms = reinterpret_cast<float*>(row_excluded + kRows);  // [consumer][2][kCols]
 
@@ -468,14 +441,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   const float* y_norms = x_norms + rows;
   const int warpgroup = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < 2 * stages; ++s) {
-      barrier_init(&full[s], 1);   // the producer's arrival; then the bytes
-      barrier_init(&empty[s], 4);  // the 4 warps of the consumer that read it
-    }
-    barrier_init(x_full, 1);
-    barrier_init_fence();
-  }
+  walk.init();
   if (warpgroup == 1) {  // the rows' norms and excluded columns, read by both consumers' folds
     const int r = threadIdx.x - 128, row = row0 + r;
     const int64_t at = int64_t{batch} * rows + row;
@@ -484,51 +450,24 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
     row_excluded[r] = e >= 0 && e < cols ? static_cast<int>(e) : -1;
   }
   __syncthreads();
+  if (warpgroup == 0) return walk.produce<T>(&x_map, &y_map, row0, batch, tile0, tiles);
 
-  // Consumer c's i-th stage (i counts its boxes over its tiles, c, c + 2, ...): slot i % stages of
-  // its ring, filled for the (i / stages)-th time.
-  if (warpgroup == 0) {
-    release_registers<kProducerRegisters>();
-    const int c = threadIdx.x / 32;  // warp 0's first thread fills ring 0 (and x), warp 1's ring 1
-    if (c < 2 && threadIdx.x % 32 == 0) {
-      if (c == 0) {
-        arrive_expecting(x_full, boxes * kBoxBytes);
-        for (int k = 0; k < boxes; ++k)
-          load_box(x_tile + size_t(k) * kBoxBytes, &x_map, x_full, k * box_depth<T>(), row0, batch);
-      }
-      int i = 0;
-      for (int tile = c; tile < tiles; tile += 2)
-        for (int k = 0; k < boxes; ++k, ++i) {
-          const int slot = c * stages + i % stages, round = i / stages;
-          if (round > 0) wait(&empty[slot], (round - 1) & 1);
-          arrive_expecting(&full[slot], kBoxBytes);
-          load_box(rings + size_t(slot) * kBoxBytes, &y_map, &full[slot], k * box_depth<T>(),
-                   (tile0 + tile) * kCols, batch);
-        }
-    }
-    return;
-  }
-
-  claim_registers<kConsumerRegisters>();
+  walk.start_consumer();
   const int c = warpgroup - 1, thread = threadIdx.x % 128;
-  const int warp = thread / 32, lane = thread % 32, g = lane / 4, t = lane % 4;
-  // The thread's 4 rows: r = 2 m + h is row 64 m + 16 warp + g + 8 h of the tile, accumulator
-  // acc[m][4 j + 2 h + e] at column 8 j + 2 t + e (wgmma's m64nN layout).
-  auto local_row = [&](int r) { return 64 * (r / 2) + 16 * warp + g + 8 * (r % 2); };
-  float row_norm[kThreadRows];
-  int excluded[kThreadRows];
+  const int t = threadIdx.x % 4;
+  float row_norm[kAccRows];
+  int excluded[kAccRows];
   bool rows_finite = true;
 #pragma unroll
-  for (int r = 0; r < kThreadRows; ++r) {
-    row_norm[r] = row_norms[local_row(r)];
-    excluded[r] = row_excluded[local_row(r)];
+  for (int r = 0; r < kAccRows; ++r) {
+    row_norm[r] = row_norms[acc_row(r)];
+    excluded[r] = row_excluded[acc_row(r)];
     rows_finite = rows_finite && fabsf(row_norm[r]) <= FLT_MAX;
   }
   // Named barriers 1 and 2: each consumer's 128 threads meet without the other's.
   rows_finite = all_of(rows_finite, 1 + c, 128);
   float acc[2][64];
-  Best best[kThreadRows];
-  wait(x_full, 0);
+  Best best[kAccRows];
   int i = 0;
   for (int tile = c; tile < tiles; tile += 2) {
     const int col0 = (tile0 + tile) * kCols;
@@ -536,29 +475,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
     // barrier before a fold keeps the consumer's warps within one tile of each other).
     float* tile_norms = col_norms + (2 * c + tile / 2 % 2) * kCols;
     const float my_norm = col0 + thread < cols ? y_norms[col0 + thread] : 0.0f;
-    for (int k = 0; k < boxes; ++k, ++i) {
-      const int slot = c * stages + i % stages;
-      wait(&full[slot], (i / stages) & 1);
-      mma_fence();
-      const unsigned char* b_box = rings + size_t(slot) * kBoxBytes;
-      const unsigned char* a_box = x_tile + size_t(k) * kBoxBytes;
-#pragma unroll
-      for (int step = 0; step < kRowBytes / 32; ++step) {
-        const uint64_t b = descriptor(b_box + 32 * step);
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-          mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b,
-                        k > 0 || step > 0);
-      }
-      mma_commit();
-      // The previous stage's MMAs are done reading it: hand it back to the producer.
-      mma_wait<1>();
-      if (k > 0 && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
-    }
-    mma_wait<0>();
-    hold_registers(acc[0]);
-    hold_registers(acc[1]);
-    if (lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+    walk.multiply<T>(c, i, acc, [](const unsigned char*, int) {});
     tile_norms[thread] = my_norm;
     const bool fast = all_of(fabsf(my_norm) <= FLT_MAX, 1 + c, 128) && rows_finite &&
                       col0 + kCols <= cols;
@@ -571,19 +488,19 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
       // takes about 10 (the general fold, not the MMAs, bounded this kernel: RESULTS.md "The
       // Hopper search").
       // Ranks keep 16 bits of mantissa: pairs closer than 2^-16 relative count as ties.
-      uint32_t tile_best[kThreadRows][2];
+      uint32_t tile_best[kAccRows][2];
 #pragma unroll
-      for (int r = 0; r < kThreadRows; ++r) tile_best[r][0] = tile_best[r][1] = 0xFFFFFFFFu;
-      int excluded_here[kThreadRows];  // the excluded column's place 8 j + e, if in the tile
+      for (int r = 0; r < kAccRows; ++r) tile_best[r][0] = tile_best[r][1] = 0xFFFFFFFFu;
+      int excluded_here[kAccRows];  // the excluded column's place 8 j + e, if in the tile
 #pragma unroll
-      for (int r = 0; r < kThreadRows; ++r) excluded_here[r] = excluded[r] - col0 - 2 * t;
+      for (int r = 0; r < kAccRows; ++r) excluded_here[r] = excluded[r] - col0 - 2 * t;
 #pragma unroll
       for (int j = 0; j < kCols / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float col_norm = tile_norms[8 * j + 2 * t + e];
 #pragma unroll
-          for (int r = 0; r < kThreadRows; ++r) {
+          for (int r = 0; r < kAccRows; ++r) {
             const float d = fmaxf(fmaf(-2.0f, acc[r / 2][4 * j + 2 * (r % 2) + e],
                                        row_norm[r] + col_norm), 0.0f);
             uint32_t key = (__float_as_uint(d) & 0xFFFFFF80u) | uint32_t(8 * j + e);
@@ -592,7 +509,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
           }
         }
 #pragma unroll
-      for (int r = 0; r < kThreadRows; ++r) {
+      for (int r = 0; r < kAccRows; ++r) {
         const uint32_t key = min(tile_best[r][0], tile_best[r][1]);
         if (key != 0xFFFFFFFFu)
           best[r].fold(fminf(__uint_as_float(key & 0xFFFFFF80u), FLT_MAX),
@@ -608,7 +525,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
           if (col >= cols) continue;
           const float col_norm = tile_norms[8 * j + 2 * t + e];
 #pragma unroll
-          for (int r = 0; r < kThreadRows; ++r) {
+          for (int r = 0; r < kAccRows; ++r) {
             const float p = acc[r / 2][4 * j + 2 * (r % 2) + e];
             if (col != excluded[r]) best[r].fold(product_rank(row_norm[r], col_norm, p), col);
           }
@@ -616,8 +533,8 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
     }
   }
 #pragma unroll
-  for (int r = 0; r < kThreadRows; ++r) {  // the 4 threads of a row meet; the other consumer and
-    const int row = row0 + local_row(r);    // the splits by atomicMin
+  for (int r = 0; r < kAccRows; ++r) {  // the 4 threads of a row meet; the other consumer and
+    const int row = row0 + acc_row(r);    // the splits by atomicMin
     const long long key = warp_min(warp_min(best[r].key(), 1), 2);
     if (t == 0 && row < rows && key != kNoKey)
       atomicMin(args.keys + int64_t{batch} * rows + row, key);
@@ -835,19 +752,6 @@ mma::Operand<T> tensor_operand(const Tensor& t) {
   return {static_cast<const T*>(t.const_data_ptr()), t.stride(1), t.stride(2), t.size(1), vector};
 }
 
-// Column tiles split over blocks when the row blocks alone are fewer than `blocks_wanted`; the
-// splits meet by atomicMin on the keys.
-struct ColumnSplits {
-  int64_t tiles_per_split, splits;
-};
-ColumnSplits split_columns(int64_t col_tiles, int64_t row_blocks, int64_t blocks_wanted) {
-  const int64_t splits_at_most =
-      std::max<int64_t>(1, std::min(col_tiles, blocks_wanted / row_blocks));
-  const int64_t tiles_per_split = (col_tiles + splits_at_most - 1) / splits_at_most;
-  return {tiles_per_split,
-          tiles_per_split > 0 ? (col_tiles + tiles_per_split - 1) / tiles_per_split : 0};
-}
-
 // prepare_kernel's launch: the squared norms of x's and y's rows (B, N + M), and the keys filled.
 template <typename T>
 Tensor prepare(const Tensor& x, const Tensor& y, const Search& search, int slots,
@@ -900,41 +804,18 @@ bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search
   return true;
 }
 
-// The ring depth of the Hopper search for x's rows of `boxes` 128-byte boxes on this device: the
-// most stages per ring (up to 4) that fit beside them, or 0 where fewer than 2 do (D > 288 in
-// float32, 576 in the half types, on a GPU with 227 KB of shared memory a block).
-int64_t hopper_stages(int device, int64_t boxes) {
-  const int64_t max_bytes = per_device(device, [&] {
-    int bytes = 0;
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    return bytes;
-  });
-  constexpr int64_t kMaxStages = 4;  // per ring
-  for (int64_t stages = kMaxStages; stages >= 2; --stages)
-    if (int64_t(hopper_smem_bytes(int(boxes), int(stages))) <= max_bytes) return stages;
-  return 0;
-}
-
-// The deepest rows (bytes) the Hopper search takes on this device; 0 where it does not run.
-int64_t hopper_depth_bytes(int device) {
-  if (!hopper::hopper_available(device)) return 0;
-  int64_t boxes = 0;
-  while (hopper_stages(device, boxes + 1) > 0) ++boxes;
-  return boxes * hopper::kRowBytes;
-}
-
 // The Hopper search's launch (k = 1, with an optional excluded column), or false where it does not
 // apply: not a Hopper GPU or not an sm_90a build, x or y not addressable by TMA, x's 128 rows too
-// deep to stay in shared memory (hopper_stages), or nothing to search.
+// deep to stay in shared memory (walk_stages), or nothing to search.
 template <typename T>
-bool launch_hopper_search(const Tensor& x, const Tensor& y, const Search& search,
-                          cudaStream_t stream) {
+bool launch_hopper_search(Tensor x, Tensor y, const Search& search, cudaStream_t stream) {
   const int device = x.get_device_index();
   if (!hopper::hopper_available(device)) return false;
+  hopper::fold_shared_batch(x, y);  // the keys (B, N, 1) and exclude (B, N) are contiguous
   const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
   if (cols == 0 || depth == 0) return false;
   const int64_t boxes = (depth + hopper::box_depth<T>() - 1) / hopper::box_depth<T>();
-  const int64_t stages = hopper_stages(device, boxes);
+  const int stages = hopper::walk_stages(device, boxes, kHopperSearchBytes);
   if (stages == 0) return false;
   CUtensorMap x_map, y_map;
   if (!hopper::tensor_map<T>(&x_map, x) || !hopper::tensor_map<T>(&y_map, y)) return false;
@@ -955,13 +836,9 @@ bool launch_hopper_search(const Tensor& x, const Tensor& y, const Search& search
                               static_cast<int>(split.tiles_per_split),
                               static_cast<int>(split.splits), search.exclude, search.keys};
   constexpr auto kernel = hopper_search_kernel<T>;
-  const size_t bytes = hopper_smem_bytes(int(boxes), int(stages));
-  once_per_device(device, [&] {  // the most any launch asks for: x's rows and the rings
-    int max_bytes = 0;
-    cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_bytes);
-  });
-  kernel<<<static_cast<unsigned>(row_blocks * split.splits), kHopperThreads, bytes, stream>>>(
+  hopper::allow_walk_smem<kernel>(device);  // the most any launch asks for: x's rows and the rings
+  kernel<<<static_cast<unsigned>(row_blocks * split.splits), hopper::kWalkThreads,
+           hopper::walk_smem_bytes(int(boxes), stages, kHopperSearchBytes), stream>>>(
       x_map, y_map, args);
   PK_CHECK_LAUNCH();
   return true;
@@ -1108,7 +985,8 @@ std::string nearest_cuda_capabilities() {
   cudaGetDevice(&device);
   return "dtypes=float16,bfloat16,float32;max_rows=" + std::to_string(kMaxRows) +
          ";max_k=" + std::to_string(kMaxK) +
-         ";hopper_depth_bytes=" + std::to_string(hopper_depth_bytes(device)) +
+         ";hopper_depth_bytes=" +
+         std::to_string(hopper::walk_depth_bytes(device, kHopperSearchBytes)) +
          ";why=indices are packed in 31 bits and scores ranked as float32 keys; the reference "
          "backend takes float64";
 }

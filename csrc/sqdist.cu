@@ -8,6 +8,10 @@
 // Products: WMMA tensor cores for half types and float32 "tf32"/"tf32x3" (3 TF32 products of the
 // split hi + lo operands, ~1e-6 relative), FFMA for float32 "ieee" and float64. At most
 // kDirectDepth features: the direct sum((x - y)^2) instead (no cancellation).
+// On a Hopper GPU (sm_90a builds) the distance at "tf32" and in half precision runs
+// hopper_distance_kernel instead: hopper.cuh's row-block walk (TMA, wgmma), one consumer storing
+// its tile while the other multiplies the next.
+#include "hopper.cuh"
 #include "tile_product.cuh"
 
 namespace protokernels {
@@ -80,6 +84,211 @@ __global__ void sqdist_direct_kernel(Matrix<const T> x, Matrix<const T> y, Matri
   }
 }
 
+// ---- The Hopper distance (sm_90a): the row-block walk, whose consumers store their tiles ----
+
+// The output is 4 bytes per pair in float32 (537 MB at the spec size, B8 N4096 M4096 D128): one
+// consumer's stores drain while the other's MMAs run. The rows' and the columns' squared norms
+// come from the boxes already in shared memory (x's once, each column tile's as it passes), so
+// the call is one launch. What bounds it (ncu, H200, spec size): not DRAM (22 % busy; the
+// stores run at 1.6 TB/s where a plain fill writes 4.5), but the consumer warps' waits on shared
+// memory (60 % of their cycles), 8 warps an SM being too few to hide them.
+template <typename T>
+struct HopperDistanceArgs {
+  int rows, cols, depth_boxes, stages;  // stages per ring
+  int row_tiles, col_tiles, tiles_per_split, splits;
+  T* out;  // (batch, rows, cols), unit column stride
+  int64_t out_batch, out_row;
+};
+
+// Where the stores go. wgmma's layout gives a thread two adjacent columns of a row, so a warp
+// instruction storing straight from the registers writes 8 rows x 2 columns x 4 threads: whole
+// 32-byte sectors in float32, half sectors in the half types. There a warp stages 8 rows x 64
+// columns in its own shared slice (rows kStagePitch elements apart: the pairs land in distinct
+// banks) and stores them back as 16-byte chunks, 4 rows per instruction. Measured on the H200,
+// B8 N4096 M4096 (RESULTS.md "The Hopper distance"): staged, bfloat16 D128 0.215 ms against
+// 0.237 straight, float32 0.365 against 0.343 (there staging only adds shared-memory traffic).
+// TMA bulk copies out of the staged rows measured slower still (float32 0.399, bfloat16 0.298).
+template <typename T>
+constexpr bool kStaged = sizeof(T) == 2;
+constexpr int kStageRows = 8, kStageCols = 64, kStagePitch = kStageCols + 8;
+constexpr int kConsumerWarps = 8;
+constexpr size_t kDistanceNormBytes = 2 * 3 * hopper::kBoxRows * sizeof(float);
+// Each consumer's row norms (128) and column norms (2 tiles x 128, double-buffered), then the
+// consumer warps' staging slices.
+template <typename T>
+constexpr size_t hopper_distance_bytes() {
+  return kDistanceNormBytes +
+         (kStaged<T> ? kConsumerWarps * kStageRows * kStagePitch * sizeof(T) : 0);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* at, float a, float b) {
+  if constexpr (std::is_same_v<T, float>)
+    *reinterpret_cast<float2*>(at) = make_float2(a, b);
+  else if constexpr (std::is_same_v<T, __half>)
+    *reinterpret_cast<__half2*>(at) = __floats2half2_rn(a, b);
+  else
+    *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(a, b);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(hopper::kWalkThreads, 1)
+hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
+                       const __grid_constant__ CUtensorMap y_map, const HopperDistanceArgs<T> args) {
+#if defined(PK_HOPPER_DEVICE)
+  using namespace hopper;
+  constexpr int kRows = kBoxRows, kCols = kBoxRows;
+  extern __shared__ unsigned char smem_raw[];
+  const RowBlockWalk walk(smem_raw, args.depth_boxes, args.stages);
+
+  const int split = static_cast<int>(blockIdx.x % args.splits);
+  const int row_block = static_cast<int>(blockIdx.x / args.splits);
+  const int batch = row_block / args.row_tiles;
+  const int row0 = row_block % args.row_tiles * kRows;
+  const int tile0 = split * args.tiles_per_split;
+  const int tiles = min(args.tiles_per_split, args.col_tiles - tile0);
+  const int rows = args.rows, cols = args.cols;
+  const int warpgroup = threadIdx.x / 128;
+
+  walk.init();
+  __syncthreads();
+  if (warpgroup == 0) return walk.produce<T>(&x_map, &y_map, row0, batch, tile0, tiles);
+
+  walk.start_consumer();
+  const int c = warpgroup - 1, thread = threadIdx.x % 128;
+  const int warp = thread / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  auto* row_norms = reinterpret_cast<float*>(walk.extra()) + 3 * kRows * c;
+  float* col_norms = row_norms + kRows;  // [2][kCols]
+  T* stage = kStaged<T> ? reinterpret_cast<T*>(walk.extra() + kDistanceNormBytes) +
+                             (4 * c + warp) * kStageRows * kStagePitch
+                       : nullptr;
+  // Thread `thread` sums row `thread` of x's boxes (rows past N and depth past D read as 0).
+  float squares = 0.0f;
+  for (int k = 0; k < walk.boxes; ++k)
+    squares += row_squares<T>(walk.x_tile + size_t(k) * kBoxBytes + thread * kRowBytes);
+  row_norms[thread] = squares;
+  sync_threads(1 + c, 128);  // named barriers 1 and 2: one consumer's 128 threads
+  float row_norm[kAccRows];
+#pragma unroll
+  for (int r = 0; r < kAccRows; ++r) row_norm[r] = row_norms[acc_row(r)];
+  T* out = args.out + batch * args.out_batch;
+  // Staged chunks need rows that start at 16-byte boundaries; else (and in a partial chunk) each
+  // thread stores its pairs, or single columns where rows start at odd columns.
+  const bool chunks = cols * sizeof(T) % 16 == 0, pairs = cols % 2 == 0;
+  constexpr int kChunkElements = 16 / sizeof(T);
+  constexpr int kChunksPerRow = kStageCols / kChunkElements;  // 16 in float32, 8 in half
+  constexpr int kRowsPerStore = 32 / kChunksPerRow;
+
+  float acc[2][64];
+  int i = 0;
+  for (int tile = c; tile < tiles; tile += 2) {
+    const int col0 = (tile0 + tile) * kCols;
+    // Column `thread`'s squares, from each box while its MMAs run; double-buffered: the barrier
+    // before the stores keeps the consumer's warps within one tile of each other.
+    float* tile_norms = col_norms + (tile / 2 % 2) * kCols;
+    squares = 0.0f;
+    walk.multiply<T>(c, i, acc, [&](const unsigned char* box, int) {
+      squares += row_squares<T>(box + thread * kRowBytes);
+    });
+    tile_norms[thread] = squares;
+    sync_threads(1 + c, 128);
+    // The distances in place of the products; each of the thread's 32 column norms read once.
+#pragma unroll
+    for (int j = 0; j < kCols / 8; ++j) {
+      const float2 col_norm = *reinterpret_cast<const float2*>(tile_norms + 8 * j + 2 * t);
+#pragma unroll
+      for (int r = 0; r < kAccRows; ++r)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& value = acc[r / 2][4 * j + 2 * (r % 2) + e];
+          const float d = fmaf(-2.0f, value, row_norm[r] + (e ? col_norm.y : col_norm.x));
+          value = d < 0.0f ? 0.0f : d;  // keeps NaN
+        }
+    }
+    auto distance = [&](int r, int j, int e) { return acc[r / 2][4 * j + 2 * (r % 2) + e]; };
+#pragma unroll
+    for (int r = 0; r < kAccRows; ++r) {
+      const int first_row = row0 + acc_row(r) - g;  // the warp's 8 rows: first_row + 0 .. 7
+#pragma unroll
+      for (int half = 0; half < kCols / kStageCols; ++half) {
+        const int chunk_col = col0 + half * kStageCols;
+        if (kStaged<T> && chunks && chunk_col + kStageCols <= cols) {
+#pragma unroll
+          for (int jj = 0; jj < kStageCols / 8; ++jj) {
+            const int j = half * kStageCols / 8 + jj;
+            store_pair(stage + g * kStagePitch + 8 * jj + 2 * t, distance(r, j, 0),
+                       distance(r, j, 1));
+          }
+          __syncwarp();
+#pragma unroll
+          for (int q = 0; q < kStageRows / kRowsPerStore; ++q) {
+            const int stage_row = q * kRowsPerStore + lane / kChunksPerRow;
+            const int element = lane % kChunksPerRow * kChunkElements;
+            const int row = first_row + stage_row;
+            const uint4 v =
+                *reinterpret_cast<const uint4*>(stage + stage_row * kStagePitch + element);
+            if (row < rows)
+              *reinterpret_cast<uint4*>(out + row * args.out_row + chunk_col + element) = v;
+          }
+          __syncwarp();
+        } else if (first_row + g < rows) {
+          T* out_row = out + (first_row + g) * args.out_row;
+#pragma unroll
+          for (int jj = 0; jj < kStageCols / 8; ++jj) {
+            const int j = half * kStageCols / 8 + jj, col = col0 + 8 * j + 2 * t;
+            const float d0 = distance(r, j, 0), d1 = distance(r, j, 1);
+            if (pairs) {
+              if (col < cols) store_pair(out_row + col, d0, d1);
+            } else {
+              if (col < cols) out_row[col] = narrow<T>(d0);
+              if (col + 1 < cols) out_row[col + 1] = narrow<T>(d1);
+            }
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+// The Hopper distance's launch into out (B, N, M; contiguous), or false where it does not
+// apply: not a Hopper GPU or not an sm_90a build, x or y not addressable by TMA, x's 128 rows too
+// deep to stay in shared memory, or indices past int.
+template <typename T>
+bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, cudaStream_t stream) {
+  const int device = x.get_device_index();
+  if (!hopper::hopper_available(device)) return false;
+  hopper::fold_shared_batch(x, y);  // out (B, N, M) is contiguous: (1, B N, M) as well
+  const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
+  constexpr int64_t kIntLimit = int64_t{1} << 31;
+  if (rows >= kIntLimit || cols >= kIntLimit) return false;
+  const int64_t boxes = (depth + hopper::box_depth<T>() - 1) / hopper::box_depth<T>();
+  const int stages = hopper::walk_stages(device, boxes, hopper_distance_bytes<T>());
+  if (stages == 0) return false;
+  CUtensorMap x_map, y_map;
+  if (!hopper::tensor_map<T>(&x_map, x) || !hopper::tensor_map<T>(&y_map, y)) return false;
+
+  const int64_t row_tiles = (rows + hopper::kBoxRows - 1) / hopper::kBoxRows;
+  const int64_t col_tiles = (cols + hopper::kBoxRows - 1) / hopper::kBoxRows;
+  const int64_t row_blocks = batch * row_tiles;
+  // One block per SM; a second wave's worth of blocks evens out the tail.
+  const ColumnSplits split = split_columns(col_tiles, row_blocks, 2 * sm_count(x));
+  if (split.tiles_per_split * boxes >= kIntLimit || row_blocks * split.splits >= kIntLimit)
+    return false;
+  const HopperDistanceArgs<T> args{
+      static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(boxes), stages,
+      static_cast<int>(row_tiles), static_cast<int>(col_tiles),
+      static_cast<int>(split.tiles_per_split), static_cast<int>(split.splits),
+      static_cast<T*>(out.mutable_data_ptr()), out.stride(0), out.stride(1)};
+  constexpr auto kernel = hopper_distance_kernel<T>;
+  hopper::allow_walk_smem<kernel>(device);
+  kernel<<<static_cast<unsigned>(row_blocks * split.splits), hopper::kWalkThreads,
+           hopper::walk_smem_bytes(int(boxes), stages, hopper_distance_bytes<T>()), stream>>>(
+      x_map, y_map, args);
+  PK_CHECK_LAUNCH();
+  return true;
+}
+
 template <typename T, typename Tile, Precision P, Epilogue E>
 void launch_tiles(GemmArgs<T> args, int64_t batch, cudaStream_t stream) {
   args.tiles_r = (args.rows + Tile::kRows - 1) / Tile::kRows;
@@ -117,6 +326,11 @@ Tensor sqdist_cuda(Tensor x, Tensor y, std::string precision) {
           x.size(2));
       PK_CHECK_LAUNCH();
       return;
+    }
+    if constexpr (!std::is_same_v<T, double>) {  // the Hopper MMAs: TF32, the half types
+      if ((!std::is_same_v<T, float> || p == Precision::kTf32) &&
+          launch_hopper_distance<T>(x, y, out, current_stream(x)))
+        return;
     }
     GemmArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), {}, output<T>(out),
                      x.size(1), y.size(1), x.size(2)};

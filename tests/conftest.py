@@ -86,6 +86,43 @@ def portable(request, monkeypatch):
     return request.param
 
 
+def hopper_build():
+    """A Hopper GPU and an extension built with sm_90a code: CUDA's Hopper kernels can run."""
+    if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
+        return False
+    return (torch.cuda.get_device_capability()[0] == 9
+            and "sm90a" in torch.ops.protokernels.cuda_build_info())
+
+
+# The deepest x rows, in 128-byte boxes, that stay in the Hopper kernels' shared memory on a 227 KB
+# GPU (float32 D <= 288, half D <= 576: the search's and sqdist's; csrc/hopper.cuh, walk_stages).
+HOPPER_DEPTH_BOXES = 9
+
+
+def hopper_fits(x):
+    """Whether CUDA's Hopper kernels take x (B, N, D): TMA reads rows that start at multiples of
+    16 bytes, and x's rows must fit in shared memory."""
+    row_bytes = x.shape[-1] * x.element_size()
+    return row_bytes % 16 == 0 and -(-row_bytes // 128) <= HOPPER_DEPTH_BOXES
+
+
+def cuda_kernels_run(fn):
+    """The names of the CUDA kernels that fn() launches (the profiler's), space-separated; None
+    where the profiler sees none at all (under compute-sanitizer, which holds the profiling
+    interface): the caller then skips its which-kernel check, and its values are still checked."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(event.name for event in profile.events()) or None
+
+
+def assert_ran(kernels, name, expected=True):
+    """Whether kernel `name` is among those cuda_kernels_run() saw is `expected` (unchecked where it
+    saw none)."""
+    if kernels is not None:
+        assert (name in kernels) == expected, kernels
+
+
 def skip_unless_capable(backend, op, dtype, rows=0, k=1):
     """Skip when `backend` declares it cannot take this input (its capabilities, e.g. float64
     ranking in the nearest family); test_capabilities checks the error an explicit call gets."""

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, skip_unless_capable, tolerance
-from test_nearest import (DTYPES, assert_winners, cuda_kernels_run, dtype_ids, hopper_build, randn,
+from conftest import (DEVICE, HAS_GPU, assert_ran, cuda_kernels_run, hopper_build, relative_error,
+                      skip_unless_capable, tolerance)
+from test_nearest import (DTYPES, assert_winners, dtype_ids, randn,
                           truth)
 
 
@@ -194,7 +195,7 @@ def test_cuda_tensor_core_search_by_group(portable):
         quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision="tf32")
         kernels = cuda_kernels_run(lambda: protokernels.dw_nearest(x, codebooks, precision="tf32"))
     assert_quantized(x, codebooks, quantized, idx, dist, precision="tf32")
-    assert ("hopper_search_kernel" in kernels) == (hopper_build() and not portable), kernels
+    assert_ran(kernels, "hopper_search_kernel", hopper_build() and not portable)
 
 
 # -- dw_quantize: dw_nearest + codebook_lookup in one call --------------------------------------

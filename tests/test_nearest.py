@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, skip_unless_capable, tolerance
+from conftest import (DEVICE, HAS_GPU, assert_ran, cuda_kernels_run, hopper_build, hopper_fits,
+                      relative_error, skip_unless_capable, tolerance)
 
 INF = float("inf")
 
@@ -493,21 +494,6 @@ def test_more_than_2_to_the_31_pairs(backend):
 # cannot read (half D 36: 72 bytes, not a multiple of 16).
 HOPPER_SHAPES = [(1, 12801, 1000, 256), (3, 257, 650, 256), (1, 300, 400, 288), (1, 300, 400, 320),
                  (1, 300, 400, 360), (1, 130, 3000, 36)]
-HOPPER_DEPTH_BOXES = 9  # float32 D <= 288 on a 227 KB GPU (csrc/nearest.cu, launch_hopper_search)
-
-
-def hopper_build():
-    if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
-        return False
-    return (torch.cuda.get_device_capability()[0] == 9
-            and "sm90a" in torch.ops.protokernels.cuda_build_info())
-
-
-def cuda_kernels_run(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        fn()
-        torch.cuda.synchronize()
-    return " ".join(event.name for event in profile.events())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_ids)
@@ -523,11 +509,20 @@ def test_cuda_tensor_core_searches(shape, dtype, portable):
     rows = torch.arange(0, n, max(1, n // 300), device=DEVICE)  # a float64 truth of 300 rows
     assert_winners(x[:, rows], y, dist[:, rows], idx[:, rows], allowed=allowed[:, rows],
                    dtype=dtype, precision="tf32")
-    # TMA reads rows that start at multiples of 16 bytes; x's rows must fit in shared memory.
-    fits = d * x.element_size() % 16 == 0 and -(-d * x.element_size() // 128) <= HOPPER_DEPTH_BOXES
-    hopper = hopper_build() and not portable and fits
-    assert ("hopper_search_kernel" in kernels) == hopper, kernels
-    assert ("tensor_search_kernel" in kernels) == (not hopper), kernels
+    hopper = hopper_build() and not portable and hopper_fits(x)
+    assert_ran(kernels, "hopper_search_kernel", hopper)
+    assert_ran(kernels, "tensor_search_kernel", not hopper)
+
+
+def test_cuda_hopper_search_shares_prototypes_across_batches(portable):
+    """x (B, N, D) against one y (M, D) broadcast over the batches (a 0 batch stride): the Hopper
+    search takes it as one batch of B N rows (csrc/hopper.cuh, fold_shared_batch)."""
+    x, y = randn(3, 257, 64), randn(650, 64)
+    with protokernels.use_backend("cuda"):
+        dist, idx = protokernels.nearest(x, y, precision="tf32")
+        kernels = cuda_kernels_run(lambda: protokernels.nearest(x, y, precision="tf32"))
+    assert_winners(x, y.expand(3, -1, -1), dist, idx, precision="tf32")
+    assert_ran(kernels, "hopper_search_kernel", hopper_build() and not portable)
 
 
 def test_cuda_tensor_core_searches_non_finite(portable):

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+from conftest import (DEVICE, HAS_GPU, assert_ran, cuda_kernels_run, hopper_build, hopper_fits,
+                      relative_error, tolerance)
+
+INF = float("inf")
 
 
 def truth(x, y):
@@ -234,6 +237,50 @@ def test_transposed_input_with_strides_past_2_to_the_31(backend):
     gr, xr = g[rows].double(), x[rows].double()
     ref_x = 2 * (gr.sum(1, keepdim=True) * xr - gr @ y.double())
     assert relative_error(grad_x[0, rows], ref_x) <= 1e-2
+
+
+# CUDA's Hopper distance (sm_90a: x's 128 rows kept in shared memory, y's column tiles streamed by
+# TMA to two consumer warpgroups that store one tile while multiplying the next) and the portable
+# one that PROTOKERNELS_CUDA_PORTABLE=1 forces on a Hopper GPU. The shapes: many column tiles per
+# consumer with rings that wrap (D 256: 8 boxes of 128 bytes), batches with partial last tiles
+# and an odd M (single-column stores), the deepest x that fits (float32 D 288) and deeper (D 320:
+# the portable kernel in float32), depth tails inside a box (36, 360), M a multiple of 2 but not
+# of 8 (pairs, no staged chunks in the half types), column splits over few row blocks (N 130,
+# M 3000), rows TMA cannot read (half D 36: 72 bytes), one pair, and y shared by every batch.
+HOPPER_SHAPES = [(1, 1000, 1500, 256), (3, 257, 651, 128), (1, 300, 400, 288), (1, 300, 400, 320),
+                 (1, 300, 401, 360), (1, 130, 3000, 36), (2, 200, 258, 64), (1, 1, 1, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=str)
+@pytest.mark.parametrize("shared_y", [False, True], ids=["batched_y", "shared_y"])
+def test_cuda_tensor_core_distances(shape, dtype, shared_y, portable):
+    batch, n, m, d = shape
+    x = randn(batch, n, d, dtype=dtype)
+    y = randn(m, d, dtype=dtype) if shared_y else randn(batch, m, d, dtype=dtype)
+    found = []
+    with protokernels.use_backend("cuda"):
+        kernels = cuda_kernels_run(lambda: found.append(protokernels.sqdist(x, y, precision="tf32")))
+    out, ref = found[0], truth(x, y)
+    assert out.shape == (batch, n, m) and (out >= 0).all()
+    assert relative_error(out, ref) <= tolerance(dtype, "tf32")
+    hopper = hopper_build() and not portable and hopper_fits(x)
+    assert_ran(kernels, "hopper_distance_kernel", hopper)
+
+
+def test_cuda_tensor_core_distances_non_finite(portable):
+    """The Hopper distance's norms come from the boxes in shared memory: NaN and infinite rows
+    and columns give what every backend gives."""
+    x, y = randn(1, 300, 64), randn(1, 700, 64)
+    x[0, 7, 5], x[0, 9, 3], y[0, 400, 0] = float("nan"), INF, INF
+    with protokernels.use_backend("cuda"):
+        out = protokernels.sqdist(x, y, precision="tf32")
+    with protokernels.use_backend("reference"):
+        ref = protokernels.sqdist(x, y, precision="tf32")
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert relative_error(out[finite], ref[finite]) <= tolerance(torch.float32, "tf32")
 
 
 def test_triton_operand_copies_keep_broadcast_dimensions():
