@@ -354,6 +354,74 @@ void allow_walk_smem(int device) {
   });
 }
 
+// A walk's shape, as its kernel sees it (the head of each walk kernel's arguments).
+struct WalkShape {
+  int rows, cols, depth_boxes, stages;  // stages per ring
+  int row_tiles, col_tiles, tiles_per_split, splits;
+};
+
+// A planned launch: the two maps, the shape, the grid and its shared memory.
+struct WalkPlan {
+  CUtensorMap x_map, y_map;
+  WalkShape shape;
+  unsigned blocks;
+  size_t smem_bytes;
+};
+
+// Plans the walk of x's rows (B, N, D) past y's (B, M, D) for an op with `extra_bytes` of shared
+// memory of its own, folding a y shared by every batch first (fold_shared_batch: x and y change),
+// or returns false where it cannot run: not a Hopper GPU or not an sm_90a build, nothing to walk,
+// x or y not addressable by TMA, x's 128 rows too deep to stay in shared memory (walk_stages), or
+// counts past int.
+template <typename T>
+bool plan_walk(WalkPlan* plan, Tensor& x, Tensor& y, size_t extra_bytes) {
+  const int device = x.get_device_index();
+  if (!hopper_available(device)) return false;
+  fold_shared_batch(x, y);
+  const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
+  constexpr int64_t kIntLimit = int64_t{1} << 31;
+  if (cols == 0 || depth == 0 || rows >= kIntLimit || cols >= kIntLimit) return false;
+  const int64_t boxes = (depth + box_depth<T>() - 1) / box_depth<T>();
+  const int stages = walk_stages(device, boxes, extra_bytes);
+  if (stages == 0) return false;
+  if (!tensor_map<T>(&plan->x_map, x) || !tensor_map<T>(&plan->y_map, y)) return false;
+
+  const int64_t row_tiles = (rows + kBoxRows - 1) / kBoxRows;
+  const int64_t col_tiles = (cols + kBoxRows - 1) / kBoxRows;
+  const int64_t row_blocks = batch * row_tiles;
+  // One block per SM; a second wave's worth of blocks evens out the tail.
+  const ColumnSplits split = split_columns(col_tiles, row_blocks, 2 * sm_count(x));
+  if (split.tiles_per_split * boxes >= kIntLimit || row_blocks * split.splits >= kIntLimit)
+    return false;
+  plan->shape = {static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(boxes), stages,
+                 static_cast<int>(row_tiles), static_cast<int>(col_tiles),
+                 static_cast<int>(split.tiles_per_split), static_cast<int>(split.splits)};
+  plan->blocks = static_cast<unsigned>(row_blocks * split.splits);
+  plan->smem_bytes = walk_smem_bytes(int(boxes), stages, extra_bytes);
+  return true;
+}
+
+// Launches walk kernel kKernel(x_map, y_map, args) as planned.
+template <auto kKernel, typename Args>
+void launch_walk(const WalkPlan& plan, const Args& args, int device, cudaStream_t stream) {
+  allow_walk_smem<kKernel>(device);  // the most any launch asks for: x's rows and the rings
+  kKernel<<<plan.blocks, kWalkThreads, plan.smem_bytes, stream>>>(plan.x_map, plan.y_map, args);
+  PK_CHECK_LAUNCH();
+}
+
+// A block's part of the walk: 128 rows of one batch, against one split's column tiles.
+struct WalkBlock {
+  int batch, row0, tile0, tiles;
+  __device__ explicit WalkBlock(const WalkShape& shape) {
+    const int split = static_cast<int>(blockIdx.x % shape.splits);
+    const int row_block = static_cast<int>(blockIdx.x / shape.splits);
+    batch = row_block / shape.row_tiles;
+    row0 = row_block % shape.row_tiles * kBoxRows;
+    tile0 = split * shape.tiles_per_split;
+    tiles = min(shape.tiles_per_split, shape.col_tiles - tile0);
+  }
+};
+
 // The walk's shared memory and its two roles. Consumer c's i-th stage (i counts its boxes over
 // its tiles c, c + 2, ...) is slot i % stages of its ring, filled for the (i / stages)-th time.
 struct RowBlockWalk {
@@ -391,11 +459,11 @@ struct RowBlockWalk {
   }
 
   // Warpgroup 0's role: it gives its registers away; warp c's first thread fills consumer c's
-  // ring with the boxes of tiles tile0 + c, tile0 + c + 2, ... (of `tiles`), warp 0's first loads
-  // x's rows too.
+  // ring with the boxes of the block's tiles c, c + 2, ..., warp 0's first loads x's rows too.
   template <typename T>
-  __device__ void produce(const CUtensorMap* x_map, const CUtensorMap* y_map, int row0, int batch,
-                          int tile0, int tiles) const {
+  __device__ void produce(const CUtensorMap* x_map, const CUtensorMap* y_map,
+                          const WalkBlock& block) const {
+    const int row0 = block.row0, batch = block.batch, tile0 = block.tile0, tiles = block.tiles;
     release_registers<kProducerRegisters>();
     const int c = threadIdx.x / 32;
     if (c >= 2 || threadIdx.x % 32 != 0) return;

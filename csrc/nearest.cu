@@ -407,9 +407,8 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
 // hopper.cuh's row-block walk, whose consumers fold each tile into their rows' bests. The search's
 // own shared memory: the rows' norms and excluded columns, the consumers' column norms.
 struct HopperSearchArgs {
-  int rows, cols, depth_boxes, stages;  // stages per ring
+  hopper::WalkShape shape;
   const float* norms;  // prepare_kernel's
-  int row_tiles, col_tiles, tiles_per_split, splits;
   const int64_t* exclude;
   long long* keys;
 };
@@ -425,18 +424,14 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   using namespace hopper;
   constexpr int kRows = kBoxRows, kCols = kBoxRows;
   extern __shared__ unsigned char smem_raw[];
-  const RowBlockWalk walk(smem_raw, args.depth_boxes, args.stages);
+  const RowBlockWalk walk(smem_raw, args.shape.depth_boxes, args.shape.stages);
   auto* row_norms = reinterpret_cast<float*>(walk.extra());
   auto* row_excluded = reinterpret_cast<int*>(row_norms + kRows);
   auto* col_norms = reinterpret_cast<float*>(row_excluded + kRows);  // [consumer][2][kCols]
 
-  const int split = static_cast<int>(blockIdx.x % args.splits);
-  const int row_block = static_cast<int>(blockIdx.x / args.splits);
-  const int batch = row_block / args.row_tiles;
-  const int row0 = row_block % args.row_tiles * kRows;
-  const int tile0 = split * args.tiles_per_split;
-  const int tiles = min(args.tiles_per_split, args.col_tiles - tile0);
-  const int rows = args.rows, cols = args.cols;
+  const WalkBlock block(args.shape);
+  const int batch = block.batch, row0 = block.row0, tile0 = block.tile0, tiles = block.tiles;
+  const int rows = args.shape.rows, cols = args.shape.cols;
   const float* x_norms = args.norms + int64_t{batch} * (rows + cols);
   const float* y_norms = x_norms + rows;
   const int warpgroup = threadIdx.x / 128;
@@ -450,7 +445,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
     row_excluded[r] = e >= 0 && e < cols ? static_cast<int>(e) : -1;
   }
   __syncthreads();
-  if (warpgroup == 0) return walk.produce<T>(&x_map, &y_map, row0, batch, tile0, tiles);
+  if (warpgroup == 0) return walk.produce<T>(&x_map, &y_map, block);
 
   walk.start_consumer();
   const int c = warpgroup - 1, thread = threadIdx.x % 128;
@@ -804,43 +799,18 @@ bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search
   return true;
 }
 
-// The Hopper search's launch (k = 1, with an optional excluded column), or false where it does not
-// apply: not a Hopper GPU or not an sm_90a build, x or y not addressable by TMA, x's 128 rows too
-// deep to stay in shared memory (walk_stages), or nothing to search.
+// The Hopper search's launch (k = 1, with an optional excluded column), or false where the walk
+// does not apply (hopper::plan_walk says why).
 template <typename T>
 bool launch_hopper_search(Tensor x, Tensor y, const Search& search, cudaStream_t stream) {
-  const int device = x.get_device_index();
-  if (!hopper::hopper_available(device)) return false;
-  hopper::fold_shared_batch(x, y);  // the keys (B, N, 1) and exclude (B, N) are contiguous
-  const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
-  if (cols == 0 || depth == 0) return false;
-  const int64_t boxes = (depth + hopper::box_depth<T>() - 1) / hopper::box_depth<T>();
-  const int stages = hopper::walk_stages(device, boxes, kHopperSearchBytes);
-  if (stages == 0) return false;
-  CUtensorMap x_map, y_map;
-  if (!hopper::tensor_map<T>(&x_map, x) || !hopper::tensor_map<T>(&y_map, y)) return false;
-
-  const int64_t row_tiles = (rows + hopper::kBoxRows - 1) / hopper::kBoxRows;
-  const int64_t col_tiles = (cols + hopper::kBoxRows - 1) / hopper::kBoxRows;
-  const int64_t row_blocks = batch * row_tiles;
-  // One block per SM; a second wave's worth of blocks evens out the tail.
-  const ColumnSplits split = split_columns(col_tiles, row_blocks, 2 * sm_count(x));
-  if (split.tiles_per_split * boxes >= kIntLimit || row_blocks * split.splits >= kIntLimit)
-    return false;
-
+  hopper::WalkPlan plan;
+  // A folded batch (y shared by every batch) reads the keys (B, N, 1) and exclude (B, N) as they
+  // are: both are contiguous.
+  if (!hopper::plan_walk<T>(&plan, x, y, kHopperSearchBytes)) return false;
   Tensor norms = prepare<T>(x, y, search, 1, stream);
-  const HopperSearchArgs args{static_cast<int>(rows), static_cast<int>(cols),
-                              static_cast<int>(boxes), static_cast<int>(stages),
-                              static_cast<const float*>(norms.const_data_ptr()),
-                              static_cast<int>(row_tiles), static_cast<int>(col_tiles),
-                              static_cast<int>(split.tiles_per_split),
-                              static_cast<int>(split.splits), search.exclude, search.keys};
-  constexpr auto kernel = hopper_search_kernel<T>;
-  hopper::allow_walk_smem<kernel>(device);  // the most any launch asks for: x's rows and the rings
-  kernel<<<static_cast<unsigned>(row_blocks * split.splits), hopper::kWalkThreads,
-           hopper::walk_smem_bytes(int(boxes), stages, kHopperSearchBytes), stream>>>(
-      x_map, y_map, args);
-  PK_CHECK_LAUNCH();
+  const HopperSearchArgs args{plan.shape, static_cast<const float*>(norms.const_data_ptr()),
+                              search.exclude, search.keys};
+  hopper::launch_walk<hopper_search_kernel<T>>(plan, args, x.get_device_index(), stream);
   return true;
 }
 

@@ -94,8 +94,7 @@ __global__ void sqdist_direct_kernel(Matrix<const T> x, Matrix<const T> y, Matri
 // memory (60 % of their cycles), 8 warps an SM being too few to hide them.
 template <typename T>
 struct HopperDistanceArgs {
-  int rows, cols, depth_boxes, stages;  // stages per ring
-  int row_tiles, col_tiles, tiles_per_split, splits;
+  hopper::WalkShape shape;
   T* out;  // (batch, rows, cols), unit column stride
   int64_t out_batch, out_row;
 };
@@ -139,20 +138,15 @@ hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
   using namespace hopper;
   constexpr int kRows = kBoxRows, kCols = kBoxRows;
   extern __shared__ unsigned char smem_raw[];
-  const RowBlockWalk walk(smem_raw, args.depth_boxes, args.stages);
-
-  const int split = static_cast<int>(blockIdx.x % args.splits);
-  const int row_block = static_cast<int>(blockIdx.x / args.splits);
-  const int batch = row_block / args.row_tiles;
-  const int row0 = row_block % args.row_tiles * kRows;
-  const int tile0 = split * args.tiles_per_split;
-  const int tiles = min(args.tiles_per_split, args.col_tiles - tile0);
-  const int rows = args.rows, cols = args.cols;
+  const RowBlockWalk walk(smem_raw, args.shape.depth_boxes, args.shape.stages);
+  const WalkBlock block(args.shape);
+  const int batch = block.batch, row0 = block.row0, tile0 = block.tile0, tiles = block.tiles;
+  const int rows = args.shape.rows, cols = args.shape.cols;
   const int warpgroup = threadIdx.x / 128;
 
   walk.init();
   __syncthreads();
-  if (warpgroup == 0) return walk.produce<T>(&x_map, &y_map, row0, batch, tile0, tiles);
+  if (warpgroup == 0) return walk.produce<T>(&x_map, &y_map, block);
 
   walk.start_consumer();
   const int c = warpgroup - 1, thread = threadIdx.x % 128;
@@ -251,41 +245,15 @@ hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
 #endif
 }
 
-// The Hopper distance's launch into out (B, N, M; contiguous), or false where it does not
-// apply: not a Hopper GPU or not an sm_90a build, x or y not addressable by TMA, x's 128 rows too
-// deep to stay in shared memory, or indices past int.
+// The Hopper distance's launch into out (B, N, M; contiguous, so that a folded batch, y shared by
+// every batch, writes it as it is), or false where the walk does not apply (hopper::plan_walk).
 template <typename T>
 bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, cudaStream_t stream) {
-  const int device = x.get_device_index();
-  if (!hopper::hopper_available(device)) return false;
-  hopper::fold_shared_batch(x, y);  // out (B, N, M) is contiguous: (1, B N, M) as well
-  const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
-  constexpr int64_t kIntLimit = int64_t{1} << 31;
-  if (rows >= kIntLimit || cols >= kIntLimit) return false;
-  const int64_t boxes = (depth + hopper::box_depth<T>() - 1) / hopper::box_depth<T>();
-  const int stages = hopper::walk_stages(device, boxes, hopper_distance_bytes<T>());
-  if (stages == 0) return false;
-  CUtensorMap x_map, y_map;
-  if (!hopper::tensor_map<T>(&x_map, x) || !hopper::tensor_map<T>(&y_map, y)) return false;
-
-  const int64_t row_tiles = (rows + hopper::kBoxRows - 1) / hopper::kBoxRows;
-  const int64_t col_tiles = (cols + hopper::kBoxRows - 1) / hopper::kBoxRows;
-  const int64_t row_blocks = batch * row_tiles;
-  // One block per SM; a second wave's worth of blocks evens out the tail.
-  const ColumnSplits split = split_columns(col_tiles, row_blocks, 2 * sm_count(x));
-  if (split.tiles_per_split * boxes >= kIntLimit || row_blocks * split.splits >= kIntLimit)
-    return false;
-  const HopperDistanceArgs<T> args{
-      static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(boxes), stages,
-      static_cast<int>(row_tiles), static_cast<int>(col_tiles),
-      static_cast<int>(split.tiles_per_split), static_cast<int>(split.splits),
-      static_cast<T*>(out.mutable_data_ptr()), out.stride(0), out.stride(1)};
-  constexpr auto kernel = hopper_distance_kernel<T>;
-  hopper::allow_walk_smem<kernel>(device);
-  kernel<<<static_cast<unsigned>(row_blocks * split.splits), hopper::kWalkThreads,
-           hopper::walk_smem_bytes(int(boxes), stages, hopper_distance_bytes<T>()), stream>>>(
-      x_map, y_map, args);
-  PK_CHECK_LAUNCH();
+  hopper::WalkPlan plan;
+  if (!hopper::plan_walk<T>(&plan, x, y, hopper_distance_bytes<T>())) return false;
+  const HopperDistanceArgs<T> args{plan.shape, static_cast<T*>(out.mutable_data_ptr()),
+                                   out.stride(0), out.stride(1)};
+  hopper::launch_walk<hopper_distance_kernel<T>>(plan, args, x.get_device_index(), stream);
   return true;
 }
 
