@@ -77,8 +77,9 @@ def log_domain(scale_s, log_r, log_c, n_iters):
 
 @pytest.fixture(params=[False, True], ids=["hopper", "portable"])
 def portable(request, monkeypatch):
-    """CUDA's tensor-core searches as a call gets them (the Hopper one on a Hopper GPU, where it
-    applies), or the portable one that PROTOKERNELS_CUDA_PORTABLE=1 forces."""
+    """CUDA's tensor-core kernels (the searches, sqdist's forward) as a call gets them (the Hopper
+    ones on a Hopper GPU, where they apply), or the portable ones that
+    PROTOKERNELS_CUDA_PORTABLE=1 forces."""
     if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
         pytest.skip("needs a GPU and the CUDA extension")
     if request.param:
