@@ -368,15 +368,17 @@ struct WalkPlan {
   size_t smem_bytes;
 };
 
-// Plans the walk of x's rows (B, N, D) past y's (B, M, D) for an op with `extra_bytes` of shared
-// memory of its own, folding a y shared by every batch first (fold_shared_batch: x and y change),
-// or returns false where it cannot run: not a Hopper GPU or not an sm_90a build, nothing to walk,
-// x or y not addressable by TMA, x's 128 rows too deep to stay in shared memory (walk_stages), or
-// counts past int.
+// Plans the walk of x's rows (B, N, D) past y's (B, M, D) at `precision` for an op with
+// `extra_bytes` of shared memory of its own, folding a y shared by every batch first
+// (fold_shared_batch: x and y change), or returns false where it cannot run: products wgmma does
+// not give (float32 takes only "tf32": one TF32 product; the half types any precision), not a
+// Hopper GPU or not an sm_90a build, nothing to walk, x or y not addressable by TMA, x's 128 rows
+// too deep to stay in shared memory (walk_stages), or counts past int.
 template <typename T>
-bool plan_walk(WalkPlan* plan, Tensor& x, Tensor& y, size_t extra_bytes) {
+bool plan_walk(WalkPlan* plan, Tensor& x, Tensor& y, Precision precision, size_t extra_bytes) {
   const int device = x.get_device_index();
-  if (!hopper_available(device)) return false;
+  if ((std::is_same_v<T, float> && precision != Precision::kTf32) || !hopper_available(device))
+    return false;
   fold_shared_batch(x, y);
   const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
   constexpr int64_t kIntLimit = int64_t{1} << 31;

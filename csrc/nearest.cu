@@ -802,11 +802,12 @@ bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search
 // The Hopper search's launch (k = 1, with an optional excluded column), or false where the walk
 // does not apply (hopper::plan_walk says why).
 template <typename T>
-bool launch_hopper_search(Tensor x, Tensor y, const Search& search, cudaStream_t stream) {
+bool launch_hopper_search(Tensor x, Tensor y, const Search& search, Precision precision,
+                          cudaStream_t stream) {
   hopper::WalkPlan plan;
   // A folded batch (y shared by every batch) reads the keys (B, N, 1) and exclude (B, N) as they
   // are: both are contiguous.
-  if (!hopper::plan_walk<T>(&plan, x, y, kHopperSearchBytes)) return false;
+  if (!hopper::plan_walk<T>(&plan, x, y, precision, kHopperSearchBytes)) return false;
   Tensor norms = prepare<T>(x, y, search, 1, stream);
   const HopperSearchArgs args{plan.shape, static_cast<const float*>(norms.const_data_ptr()),
                               search.exclude, search.keys};
@@ -829,11 +830,9 @@ bool tensor_search(const Tensor& x, const Tensor& y, const Search& search, int s
         launched = launch_tensor_search<T, kP, Fold::kLabels>(x, y, search, slots, stream);
       else if (search.col_keys)
         launched = launch_tensor_search<T, kP, Fold::kBoth>(x, y, search, slots, stream);
-      else if (kP == Precision::kTf32 || !std::is_same_v<T, float>)  // the Hopper MMAs: TF32
-        launched = launch_hopper_search<T>(x, y, search, stream) ||
-                   launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
       else
-        launched = launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
+        launched = launch_hopper_search<T>(x, y, search, kP, stream) ||
+                   launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
     }
   });
   return launched;

@@ -248,9 +248,10 @@ hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
 // The Hopper distance's launch into out (B, N, M; contiguous, so that a folded batch, y shared by
 // every batch, writes it as it is), or false where the walk does not apply (hopper::plan_walk).
 template <typename T>
-bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, cudaStream_t stream) {
+bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, Precision precision,
+                            cudaStream_t stream) {
   hopper::WalkPlan plan;
-  if (!hopper::plan_walk<T>(&plan, x, y, hopper_distance_bytes<T>())) return false;
+  if (!hopper::plan_walk<T>(&plan, x, y, precision, hopper_distance_bytes<T>())) return false;
   const HopperDistanceArgs<T> args{plan.shape, static_cast<T*>(out.mutable_data_ptr()),
                                    out.stride(0), out.stride(1)};
   hopper::launch_walk<hopper_distance_kernel<T>>(plan, args, x.get_device_index(), stream);
@@ -296,9 +297,7 @@ Tensor sqdist_cuda(Tensor x, Tensor y, std::string precision) {
       return;
     }
     if constexpr (!std::is_same_v<T, double>) {  // the Hopper MMAs: TF32, the half types
-      if ((!std::is_same_v<T, float> || p == Precision::kTf32) &&
-          launch_hopper_distance<T>(x, y, out, current_stream(x)))
-        return;
+      if (launch_hopper_distance<T>(x, y, out, p, current_stream(x))) return;
     }
     GemmArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), {}, output<T>(out),
                      x.size(1), y.size(1), x.size(2)};
