@@ -77,6 +77,9 @@ inline int sm_count(const Tensor& t) {
   return sms;
 }
 
+// Counts and indices a kernel keeps in int stay below this.
+constexpr int64_t kIntLimit = int64_t{1} << 31;
+
 // Column tiles split over blocks when the row blocks alone are fewer than `blocks_wanted` (each
 // block walks its row tiles over one split's column tiles; a search's splits meet by atomicMin).
 struct ColumnSplits {

@@ -381,7 +381,6 @@ bool plan_walk(WalkPlan* plan, Tensor& x, Tensor& y, Precision precision, size_t
     return false;
   fold_shared_batch(x, y);
   const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
-  constexpr int64_t kIntLimit = int64_t{1} << 31;
   if (cols == 0 || depth == 0 || rows >= kIntLimit || cols >= kIntLimit) return false;
   const int64_t boxes = (depth + box_depth<T>() - 1) / box_depth<T>();
   const int stages = walk_stages(device, boxes, extra_bytes);

@@ -760,8 +760,6 @@ Tensor prepare(const Tensor& x, const Tensor& y, const Search& search, int slots
   return norms;
 }
 
-constexpr int64_t kIntLimit = int64_t{1} << 31;
-
 // Enough blocks for this many waves of the GPU (2 blocks per SM fit at once).
 constexpr int64_t kSearchWaves = 2;
 

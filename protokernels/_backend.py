@@ -78,7 +78,7 @@ def _hopper_search_order(dtype, precision, sizes):
     fold, not the MMAs, bounds the kernel, so None (the mma.sync boundary; dw N65536 G8 K1024
     Dg32: 0.74 against 0.47). RESULTS.md "The Hopper search"."""
     declared = _CAPABILITIES.get(("cuda", "nearest"))
-    if declared is None or precision == "tf32x3" or (dtype == torch.float32 and precision != "tf32"):
+    if declared is None or (dtype == torch.float32 and precision != "tf32"):  # half: "ieee"
         return None
     row_bytes = sizes.get("d", 0) * dtype.itemsize
     if row_bytes > declared.hopper_depth_bytes or row_bytes < 256:

@@ -257,7 +257,6 @@ def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, o
     assert _backend.resolve("nearest_k", cuda, dtype, precision, n=4096, m=512, d=128) == "triton"
 
 
-
 @pytest.mark.parametrize("op", ["nearest", "dw_nearest", "dw_quantize"])
 def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     """Where CUDA declares its Hopper search (hopper_depth_bytes), one best per row at "tf32" or
