@@ -216,6 +216,17 @@ __device__ __forceinline__ void hold_registers(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// Likewise for A fragments that wgmma reads from registers: they keep their registers, unchanged,
+// up to this point (after the wait), so that nothing reuses them while the MMAs read them.
+template <int N, int M, int K>
+__device__ __forceinline__ void hold_fragments(uint32_t (&a)[N][M][K]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j)
+#pragma unroll
+      for (int k = 0; k < K; ++k) asm volatile("" : "+r"(a[i][j][k])::"memory");
+}
 
 #define PK_WGMMA_64x128_OPERANDS                                                                 \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
@@ -262,8 +273,42 @@ __device__ __forceinline__ void mma_64x128(float (&d)[64], uint64_t a, uint64_t 
   }
 #endif
 }
+// The same TF32 step with A from registers: a[4] holds the thread's elements of A's 64 x 8 slice
+// in wgmma's register layout (warp w, lane 4 g + t: rows 16 w + g and 16 w + g + 8, columns t and
+// t + 4, in the order (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)). wgmma reads them
+// asynchronously: they must keep their values until the group's wait (hold_fragments).
+__device__ __forceinline__ void mma_64x128_tf32_rs(float (&d)[64], const uint32_t (&a)[4],
+                                                   uint64_t b) {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("{\n"
+               "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+               "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+               "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+               "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+               "{%64, %65, %66, %67}, %68, 1, 1, 1;\n}\n"
+               : PK_WGMMA_64x128_REGISTERS(d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
 #undef PK_WGMMA_64x128_OPERANDS
 #undef PK_WGMMA_64x128_REGISTERS
+
+// "tf32x3" splits a float v into its TF32 part (the top 19 bits, what the tensor cores read of v)
+// and the rest, lo = v - hi, exact in float: three TF32 products hi.hi + hi.lo + lo.hi are within
+// ~1e-6 of the float32 product (the portable kernels' split, mma_pipeline.cuh). An infinite v is
+// its own hi part (lo 0, not inf - inf); NaN stays NaN.
+__device__ __forceinline__ float tf32_low_part(float v) {
+  const float hi = __uint_as_float(__float_as_uint(v) & 0xFFFFE000u);
+  return v == hi ? 0.0f : v - hi;
+}
+
+// Makes this thread's shared-memory writes visible to the async proxy (wgmma's operand reads).
+__device__ __forceinline__ void fence_async_shared() {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
 
 // A barrier of `threads` threads (named barrier `id`, 1 to 15: 0 is __syncthreads') that returns
 // whether `value` holds in all of them: one warpgroup's threads meet here without the others.
@@ -276,6 +321,11 @@ __device__ __forceinline__ bool all_of(bool value, int id, int threads) {
       : "r"(uint32_t{value}), "r"(id), "r"(threads)
       : "memory");
   return all != 0;
+}
+
+// A barrier of `threads` threads (named barrier `id`, 1 to 15).
+__device__ __forceinline__ void sync_threads(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Moves registers between the warpgroups of a block (every thread of the warpgroup executes it):
@@ -305,8 +355,20 @@ __device__ __forceinline__ void claim_registers() {
 // of its own, which one thread of warpgroup 0 fills with its tiles' boxes (128 columns x 128
 // bytes of depth) by TMA: a ring shared in tile order would let a consumer that skipped the
 // other's tiles mistake a stage's phase parity two rounds on (the first version hung so).
-// Shared memory: x's boxes (depth_boxes x 16 KB), the two rings (2 x stages x 16 KB), their
-// mbarriers, then the op's own bytes (extra()); walk_stages() picks the deepest rings that fit.
+// Shared memory: x's boxes (depth_boxes x 16 KB), the two rings (2 x stages x 16 KB), for split
+// products one box per consumer (below), the mbarriers, then the op's own bytes (extra());
+// walk_stages() picks the deepest rings that fit.
+//
+// Split products (float32 at "tf32x3": x.y as hi.hi + hi.lo + lo.hi of TF32 parts,
+// tf32_low_part): the tensor cores read x's and y's boxes as their hi parts; a consumer writes the
+// low parts of each y box into a box of its own (y's lo) and keeps the low parts of x's slice in
+// registers (wgmma's A operand from registers). Three times the MMAs of "tf32"; a box's hi.hi
+// MMAs run while its low parts are split, and its MMAs finish before the consumer reuses its low
+// box, so a consumer has one box in flight (the other consumer's MMAs keep the tensor cores busy
+// meanwhile). The split relies on the tensor cores truncating a float to its top 19 bits, as the
+// tests' 1e-5 bound against float64 confirms on the H200. H200, B8 N4096 M4096 D128: sqdist
+// 0.543 ms against Triton's 0.568; nearest N65536 M8192 D128 1.53 against 1.98 (RESULTS.md
+// "Split TF32 products on the walk").
 constexpr int kWalkThreads = 384;  // producers, consumer, consumer
 constexpr int kWalkAlign = 1024;   // the swizzle's pattern repeats every 1024 bytes
 constexpr int kExtraAlign = 128;   // the op's own shared memory starts at a multiple of this
@@ -315,30 +377,33 @@ constexpr int kMaxStages = 4;      // per ring
 // threads at a launch bound of 168 hold).
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 
-constexpr size_t walk_smem_bytes(int depth_boxes, int stages, size_t extra_bytes) {
-  return kWalkAlign + size_t(depth_boxes + 2 * stages) * kBoxBytes +
+constexpr size_t walk_smem_bytes(int depth_boxes, int stages, bool split, size_t extra_bytes) {
+  return kWalkAlign + size_t(depth_boxes + 2 * stages + (split ? 2 : 0)) * kBoxBytes +
          (4 * stages + 1) * sizeof(uint64_t) + kExtraAlign + extra_bytes;
 }
 
-// The ring depth for x's rows of `boxes` 128-byte boxes and an op's `extra_bytes` on this device:
-// the most stages per ring (up to kMaxStages) that fit, or 0 where fewer than 2 do (D > 288 in
-// float32, 576 in the half types, on a GPU with 227 KB of shared memory a block).
-inline int walk_stages(int device, int64_t boxes, size_t extra_bytes) {
+// The ring depth for x's rows of `boxes` 128-byte boxes, split products or not, and an op's
+// `extra_bytes` on this device: the most stages per ring (up to kMaxStages) that fit, or 0 where
+// fewer than 2 do (D > 288 in float32, 576 in the half types, 224 with split products, on a GPU
+// with 227 KB of shared memory a block and the ops' 3 KB of their own).
+inline int walk_stages(int device, int64_t boxes, bool split, size_t extra_bytes) {
   const int64_t max_bytes = per_device(device, [&] {
     int bytes = 0;
     cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     return bytes;
   });
   for (int stages = kMaxStages; stages >= 2; --stages)
-    if (int64_t(walk_smem_bytes(int(boxes), stages, extra_bytes)) <= max_bytes) return stages;
+    if (int64_t(walk_smem_bytes(int(boxes), stages, split, extra_bytes)) <= max_bytes)
+      return stages;
   return 0;
 }
 
-// The deepest rows (bytes) a walk with `extra_bytes` takes on this device; 0 where none runs.
-inline int64_t walk_depth_bytes(int device, size_t extra_bytes) {
+// The deepest rows (bytes) a walk with `extra_bytes` takes on this device, with split products or
+// not; 0 where none runs.
+inline int64_t walk_depth_bytes(int device, bool split, size_t extra_bytes) {
   if (!hopper_available(device)) return 0;
   int64_t boxes = 0;
-  while (walk_stages(device, boxes + 1, extra_bytes) > 0) ++boxes;
+  while (walk_stages(device, boxes + 1, split, extra_bytes) > 0) ++boxes;
   return boxes * kRowBytes;
 }
 
@@ -357,33 +422,37 @@ void allow_walk_smem(int device) {
 // A walk's shape, as its kernel sees it (the head of each walk kernel's arguments).
 struct WalkShape {
   int rows, cols, depth_boxes, stages;  // stages per ring
-  int row_tiles, col_tiles, tiles_per_split, splits;
+  int row_tiles, col_tiles, tiles_per_split, splits;  // splits: of the columns, across blocks
 };
 
-// A planned launch: the two maps, the shape, the grid and its shared memory.
+// A planned launch: the two maps, the shape, the grid and its shared memory, and whether the
+// products are split (float32 at "tf32x3": the kernel's kSplit).
 struct WalkPlan {
   CUtensorMap x_map, y_map;
   WalkShape shape;
   unsigned blocks;
   size_t smem_bytes;
+  bool split;
 };
 
 // Plans the walk of x's rows (B, N, D) past y's (B, M, D) at `precision` for an op with
 // `extra_bytes` of shared memory of its own, folding a y shared by every batch first
 // (fold_shared_batch: x and y change), or returns false where it cannot run: products wgmma does
-// not give (float32 takes only "tf32": one TF32 product; the half types any precision), not a
-// Hopper GPU or not an sm_90a build, nothing to walk, x or y not addressable by TMA, x's 128 rows
-// too deep to stay in shared memory (walk_stages), or counts past int.
+// not give (float32 "ieee"; float32 takes "tf32", one TF32 product, and "tf32x3", split products;
+// the half types any precision), not a Hopper GPU or not an sm_90a build, nothing to walk, x or y
+// not addressable by TMA, x's 128 rows too deep to stay in shared memory (walk_stages), or counts
+// past int.
 template <typename T>
 bool plan_walk(WalkPlan* plan, Tensor& x, Tensor& y, Precision precision, size_t extra_bytes) {
   const int device = x.get_device_index();
-  if ((std::is_same_v<T, float> && precision != Precision::kTf32) || !hopper_available(device))
+  if ((std::is_same_v<T, float> && precision == Precision::kIeee) || !hopper_available(device))
     return false;
+  const bool split = std::is_same_v<T, float> && precision == Precision::kTf32x3;
   fold_shared_batch(x, y);
   const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
   if (cols == 0 || depth == 0 || rows >= kIntLimit || cols >= kIntLimit) return false;
   const int64_t boxes = (depth + box_depth<T>() - 1) / box_depth<T>();
-  const int stages = walk_stages(device, boxes, extra_bytes);
+  const int stages = walk_stages(device, boxes, split, extra_bytes);
   if (stages == 0) return false;
   if (!tensor_map<T>(&plan->x_map, x) || !tensor_map<T>(&plan->y_map, y)) return false;
 
@@ -391,22 +460,28 @@ bool plan_walk(WalkPlan* plan, Tensor& x, Tensor& y, Precision precision, size_t
   const int64_t col_tiles = (cols + kBoxRows - 1) / kBoxRows;
   const int64_t row_blocks = batch * row_tiles;
   // One block per SM; a second wave's worth of blocks evens out the tail.
-  const ColumnSplits split = split_columns(col_tiles, row_blocks, 2 * sm_count(x));
-  if (split.tiles_per_split * boxes >= kIntLimit || row_blocks * split.splits >= kIntLimit)
+  const ColumnSplits column_splits = split_columns(col_tiles, row_blocks, 2 * sm_count(x));
+  if (column_splits.tiles_per_split * boxes >= kIntLimit ||
+      row_blocks * column_splits.splits >= kIntLimit)
     return false;
   plan->shape = {static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(boxes), stages,
                  static_cast<int>(row_tiles), static_cast<int>(col_tiles),
-                 static_cast<int>(split.tiles_per_split), static_cast<int>(split.splits)};
-  plan->blocks = static_cast<unsigned>(row_blocks * split.splits);
-  plan->smem_bytes = walk_smem_bytes(int(boxes), stages, extra_bytes);
+                 static_cast<int>(column_splits.tiles_per_split),
+                 static_cast<int>(column_splits.splits)};
+  plan->blocks = static_cast<unsigned>(row_blocks * column_splits.splits);
+  plan->smem_bytes = walk_smem_bytes(int(boxes), stages, split, extra_bytes);
+  plan->split = split;
   return true;
 }
 
-// Launches walk kernel kKernel(x_map, y_map, args) as planned.
-template <auto kKernel, typename Args>
+// Launches walk kernel kKernel(x_map, y_map, args) as planned, or kSplitKernel where the plan
+// splits the products (float32's kernel<float, true>; the half types pass kernel<T, false> twice).
+template <auto kKernel, auto kSplitKernel, typename Args>
 void launch_walk(const WalkPlan& plan, const Args& args, int device, cudaStream_t stream) {
-  allow_walk_smem<kKernel>(device);  // the most any launch asks for: x's rows and the rings
-  kKernel<<<plan.blocks, kWalkThreads, plan.smem_bytes, stream>>>(plan.x_map, plan.y_map, args);
+  const auto kernel = plan.split ? kSplitKernel : kKernel;
+  // The most any launch asks for: x's rows and the rings.
+  plan.split ? allow_walk_smem<kSplitKernel>(device) : allow_walk_smem<kKernel>(device);
+  kernel<<<plan.blocks, kWalkThreads, plan.smem_bytes, stream>>>(plan.x_map, plan.y_map, args);
   PK_CHECK_LAUNCH();
 }
 
@@ -427,18 +502,20 @@ struct WalkBlock {
 // its tiles c, c + 2, ...) is slot i % stages of its ring, filled for the (i / stages)-th time.
 struct RowBlockWalk {
   unsigned char* x_tile;
-  unsigned char* rings;  // consumer c's: stages from c * stages
+  unsigned char* rings;     // consumer c's: stages from c * stages
+  unsigned char* low_boxes;  // split products: consumer c's box of y's low parts at c
   uint64_t* full;
   uint64_t* empty;
   uint64_t* x_full;
   int boxes, stages;
 
-  __device__ RowBlockWalk(unsigned char* smem_raw, int depth_boxes, int ring_stages)
+  __device__ RowBlockWalk(unsigned char* smem_raw, int depth_boxes, int ring_stages, bool split)
       : boxes(depth_boxes), stages(ring_stages) {
     x_tile = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(smem_raw) + kWalkAlign - 1) & ~uintptr_t{kWalkAlign - 1});
     rings = x_tile + size_t(boxes) * kBoxBytes;
-    full = reinterpret_cast<uint64_t*>(rings + size_t(2 * stages) * kBoxBytes);
+    low_boxes = rings + size_t(2 * stages) * kBoxBytes;
+    full = reinterpret_cast<uint64_t*>(low_boxes + (split ? 2 * kBoxBytes : 0));
     empty = full + 2 * stages;
     x_full = empty + 2 * stages;
   }
@@ -491,36 +568,110 @@ struct RowBlockWalk {
   }
 
   // Consumer c's next tile: acc[m] = x's rows 64 m .. 64 m + 63 times the tile's 128 columns
-  // (acc_row() below says which thread holds which). on_box(box, k) runs while the k-th box's MMAs are in flight, before
-  // the box goes back to the producer: it may read the box (128 columns x 128 bytes, swizzled).
-  // i: the consumer's box count, carried from tile to tile.
-  template <typename T, typename OnBox>
+  // (acc_row() below says which thread holds which); kSplit: split products (float32 only).
+  // on_box(box, k) runs while the k-th box's MMAs are in flight, before the box goes back to the
+  // producer: it may read the box (128 columns x 128 bytes, swizzled). i: the consumer's box
+  // count, carried from tile to tile.
+  template <typename T, bool kSplit, typename OnBox>
   __device__ __forceinline__ void multiply(int c, int& i, float (&acc)[2][64], OnBox&& on_box) const {
+    static_assert(!kSplit || std::is_same_v<T, float>, "split products are float32's");
     const int lane = threadIdx.x % 32;
     for (int k = 0; k < boxes; ++k, ++i) {
       const int slot = c * stages + i % stages;
       wait(&full[slot], (i / stages) & 1);
-      mma_fence();
       const unsigned char* b_box = rings + size_t(slot) * kBoxBytes;
       const unsigned char* a_box = x_tile + size_t(k) * kBoxBytes;
+      if constexpr (kSplit) {
+        // hi.hi first: the low parts are split while those MMAs run.
+        mma_fence();
+        multiply_box<T>(acc, a_box, b_box, k);
+        mma_commit();
+        uint32_t a_low[kRowBytes / 32][2][4];
+        const unsigned char* low_box = split_box(c, a_box, b_box, a_low);
+        mma_fence();
 #pragma unroll
-      for (int step = 0; step < kRowBytes / 32; ++step) {
-        const uint64_t b = descriptor(b_box + 32 * step);
+        for (int step = 0; step < kRowBytes / 32; ++step) {
+          const uint64_t b = descriptor(b_box + 32 * step);
+          const uint64_t b_low = descriptor(low_box + 32 * step);
 #pragma unroll
-        for (int m = 0; m < 2; ++m)
-          mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b,
-                        k > 0 || step > 0);
+          for (int m = 0; m < 2; ++m) {
+            mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b_low, 1);
+            mma_64x128_tf32_rs(acc[m], a_low[step][m], b);
+          }
+        }
+        mma_commit();
+        on_box(b_box, k);
+        // The box's MMAs are done with the stage, the low box and a_low's registers.
+        mma_wait<0>();
+        hold_fragments(a_low);
+        if (lane == 0) arrive(&empty[slot]);
+      } else {
+        mma_fence();
+        multiply_box<T>(acc, a_box, b_box, k);
+        mma_commit();
+        on_box(b_box, k);
+        // The previous stage's MMAs are done reading it: hand it back to the producer.
+        mma_wait<1>();
+        if (k > 0 && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
       }
-      mma_commit();
-      on_box(b_box, k);
-      // The previous stage's MMAs are done reading it: hand it back to the producer.
-      mma_wait<1>();
-      if (k > 0 && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
     }
     mma_wait<0>();
     hold_registers(acc[0]);
     hold_registers(acc[1]);
-    if (lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+    if (!kSplit && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+  }
+
+ private:
+  // acc (+)= the k-th box of x's rows times the box of y's columns: two m64n128 wgmmas per 32
+  // bytes of depth (the first box's first step starts the sums).
+  template <typename T>
+  __device__ __forceinline__ static void multiply_box(float (&acc)[2][64],
+                                                      const unsigned char* a_box,
+                                                      const unsigned char* b_box, int k) {
+#pragma unroll
+    for (int step = 0; step < kRowBytes / 32; ++step) {
+      const uint64_t b = descriptor(b_box + 32 * step);
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+        mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b,
+                      k > 0 || step > 0);
+    }
+  }
+
+  // Split products, while a box's hi.hi MMAs run: consumer c's 128 threads write the low parts of
+  // y's box b_box into the consumer's low box (same offsets, so the same swizzled layout) and
+  // return it, and each thread reads its A fragments of x's box a_box (wgmma's register layout,
+  // see mma_64x128_tf32_rs) as their low parts: a_low[step][m] for depth step `step`, rows
+  // 64 m + ...
+  __device__ __forceinline__ const unsigned char* split_box(
+      int c, const unsigned char* a_box, const unsigned char* b_box,
+      uint32_t (&a_low)[kRowBytes / 32][2][4]) const {
+    const int thread = threadIdx.x % 128, warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
+    unsigned char* low_box = low_boxes + size_t(c) * kBoxBytes;
+#pragma unroll
+    for (int q = 0; q < kBoxBytes / 16 / 128; ++q) {
+      const int at = 16 * (thread + 128 * q);
+      const float4 v = *reinterpret_cast<const float4*>(b_box + at);
+      *reinterpret_cast<float4*>(low_box + at) =
+          make_float4(tf32_low_part(v.x), tf32_low_part(v.y), tf32_low_part(v.z),
+                      tf32_low_part(v.w));
+    }
+    // Element (row r, column col) of a box sits at r * 128 + ((col / 4) ^ (r % 8)) * 16 +
+    // (col % 4) * 4 (the 128-byte swizzle permutes a row's 16-byte chunks); r % 8 == g here.
+#pragma unroll
+    for (int step = 0; step < kRowBytes / 32; ++step)
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 64 * m + 16 * warp + g + 8 * (e % 2), chunk = 2 * step + e / 2;
+          const float v = *reinterpret_cast<const float*>(a_box + row * kRowBytes +
+                                                          ((chunk ^ g) << 4) + 4 * t);
+          a_low[step][m][e] = __float_as_uint(tf32_low_part(v));
+        }
+    fence_async_shared();
+    sync_threads(1 + c, 128);  // named barriers 1 and 2: the consumer's low box is whole
+    return low_box;
   }
 };
 
@@ -556,11 +707,6 @@ __device__ __forceinline__ float row_squares(const unsigned char* row) {
     }
   }
   return sum;
-}
-
-// A barrier of `threads` threads (named barrier `id`, 1 to 15).
-__device__ __forceinline__ void sync_threads(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 }  // namespace hopper

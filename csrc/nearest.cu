@@ -4,8 +4,9 @@
 // A block owns a tile of x's rows and walks y's column tiles, scoring each pair as
 // ||x||^2 + ||y||^2 - 2 x.y and folding the tile into each row's running best. Three searches:
 // - hopper_search_kernel (Hopper GPUs, sm_90a builds; k = 1 with an optional excluded column,
-//   float32 at "tf32", float16, bfloat16): x's block rows kept in shared memory, y's tiles
-//   streamed by TMA, wgmma products folded by two consumer warpgroups in turn (hopper.cuh).
+//   float32 at "tf32" and "tf32x3", float16, bfloat16): x's block rows kept in shared memory,
+//   y's tiles streamed by TMA, wgmma products folded by two consumer warpgroups in turn
+//   (hopper.cuh).
 // - tensor_search_kernel (k = 1, labels, both ways; float32 at "tf32"/"tf32x3", float16,
 //   bfloat16): the product on mma.sync with operands streamed by cp.async (mma_pipeline.cuh),
 //   folded straight from the accumulator registers; a thread keeps the best of its 4 rows over
@@ -416,7 +417,7 @@ struct HopperSearchArgs {
 constexpr size_t kHopperSearchBytes =
     hopper::kBoxRows * (sizeof(float) + sizeof(int)) + 4 * hopper::kBoxRows * sizeof(float);
 
-template <typename T>
+template <typename T, bool kSplit>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
 hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
                      const __grid_constant__ CUtensorMap y_map, const HopperSearchArgs args) {
@@ -424,7 +425,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   using namespace hopper;
   constexpr int kRows = kBoxRows, kCols = kBoxRows;
   extern __shared__ unsigned char smem_raw[];
-  const RowBlockWalk walk(smem_raw, args.shape.depth_boxes, args.shape.stages);
+  const RowBlockWalk walk(smem_raw, args.shape.depth_boxes, args.shape.stages, kSplit);
   auto* row_norms = reinterpret_cast<float*>(walk.extra());
   auto* row_excluded = reinterpret_cast<int*>(row_norms + kRows);
   auto* col_norms = reinterpret_cast<float*>(row_excluded + kRows);  // [consumer][2][kCols]
@@ -470,19 +471,20 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
     // barrier before a fold keeps the consumer's warps within one tile of each other).
     float* tile_norms = col_norms + (2 * c + tile / 2 % 2) * kCols;
     const float my_norm = col0 + thread < cols ? y_norms[col0 + thread] : 0.0f;
-    walk.multiply<T>(c, i, acc, [](const unsigned char*, int) {});
+    walk.multiply<T, kSplit>(c, i, acc, [](const unsigned char*, int) {});
     tile_norms[thread] = my_norm;
     const bool fast = all_of(fabsf(my_norm) <= FLT_MAX, 1 + c, 128) && rows_finite &&
                       col0 + kCols <= cols;
 
     if (fast) {
-      // Finite norms and a whole tile: each pair's rank is its clamped distance with the low 7
-      // bits of the float replaced by its column's place among the thread's 32 (8 j + e), so that
-      // one unsigned min per pair picks the nearest column, ties to the smaller index; an
-      // excluded pair gets the largest key. 5 instructions a pair where the general fold below
-      // takes about 10 (the general fold, not the MMAs, bounded this kernel: RESULTS.md "The
-      // Hopper search").
-      // Ranks keep 16 bits of mantissa: pairs closer than 2^-16 relative count as ties.
+      // Finite norms and a whole tile: each pair's rank is its clamped distance with the low 4
+      // bits of the float replaced by its column's j among the thread's 16 pairs (8 j + e; e
+      // picks tile_best's slot), so that one unsigned min per pair picks the nearest column,
+      // ties to the smaller index; an excluded pair gets the largest key. 5 instructions a pair
+      // where the general fold below takes about 10 (the general fold, not the MMAs, bounded
+      // this kernel: RESULTS.md "The Hopper search").
+      // Ranks keep 19 bits of mantissa: pairs closer than 2^-19 relative (2e-6, inside split
+      // products' float32 precision) count as ties.
       uint32_t tile_best[kAccRows][2];
 #pragma unroll
       for (int r = 0; r < kAccRows; ++r) tile_best[r][0] = tile_best[r][1] = 0xFFFFFFFFu;
@@ -498,17 +500,18 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
           for (int r = 0; r < kAccRows; ++r) {
             const float d = fmaxf(fmaf(-2.0f, acc[r / 2][4 * j + 2 * (r % 2) + e],
                                        row_norm[r] + col_norm), 0.0f);
-            uint32_t key = (__float_as_uint(d) & 0xFFFFFF80u) | uint32_t(8 * j + e);
+            uint32_t key = (__float_as_uint(d) & 0xFFFFFFF0u) | uint32_t(j);
             if (excluded_here[r] == 8 * j + e) key = 0xFFFFFFFFu;
             tile_best[r][e] = min(tile_best[r][e], key);
           }
         }
 #pragma unroll
       for (int r = 0; r < kAccRows; ++r) {
-        const uint32_t key = min(tile_best[r][0], tile_best[r][1]);
+        const int e = tile_best[r][1] < tile_best[r][0];  // a tie: (j, 0) is the smaller column
+        const uint32_t key = e ? tile_best[r][1] : tile_best[r][0];
         if (key != 0xFFFFFFFFu)
-          best[r].fold(fminf(__uint_as_float(key & 0xFFFFFF80u), FLT_MAX),
-                       col0 + 2 * t + int(key & 0x7F));
+          best[r].fold(fminf(__uint_as_float(key & 0xFFFFFFF0u), FLT_MAX),
+                       col0 + 8 * int(key & 0xF) + 2 * t + e);
       }
     } else {
       // The general fold: pair_rank's rules for NaN and infinite rows, columns past M.
@@ -809,7 +812,9 @@ bool launch_hopper_search(Tensor x, Tensor y, const Search& search, Precision pr
   Tensor norms = prepare<T>(x, y, search, 1, stream);
   const HopperSearchArgs args{plan.shape, static_cast<const float*>(norms.const_data_ptr()),
                               search.exclude, search.keys};
-  hopper::launch_walk<hopper_search_kernel<T>>(plan, args, x.get_device_index(), stream);
+  hopper::launch_walk<hopper_search_kernel<T, false>,
+                      hopper_search_kernel<T, std::is_same_v<T, float>>>(
+      plan, args, x.get_device_index(), stream);
   return true;
 }
 
@@ -946,14 +951,17 @@ std::tuple<Tensor, Tensor, Tensor> dw_nearest_cuda(Tensor x, Tensor codebooks, s
 // What these kernels can take, for the Python dispatch (protokernels/_capabilities.py).
 // hopper_depth_bytes: on the current device, one best per row (nearest, dw_nearest; with an
 // excluded column) at "tf32" or in half precision runs the Hopper search for rows up to this many
-// bytes (0: it does not run here), which _backend.py's `auto` table reads.
+// bytes, hopper_split_depth_bytes at "tf32x3" (0: it does not run here), which _backend.py's
+// `auto` table reads.
 std::string nearest_cuda_capabilities() {
   int device = 0;
   cudaGetDevice(&device);
   return "dtypes=float16,bfloat16,float32;max_rows=" + std::to_string(kMaxRows) +
          ";max_k=" + std::to_string(kMaxK) +
          ";hopper_depth_bytes=" +
-         std::to_string(hopper::walk_depth_bytes(device, kHopperSearchBytes)) +
+         std::to_string(hopper::walk_depth_bytes(device, false, kHopperSearchBytes)) +
+         ";hopper_split_depth_bytes=" +
+         std::to_string(hopper::walk_depth_bytes(device, true, kHopperSearchBytes)) +
          ";why=indices are packed in 31 bits and scores ranked as float32 keys; the reference "
          "backend takes float64";
 }

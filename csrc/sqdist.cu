@@ -8,9 +8,9 @@
 // Products: WMMA tensor cores for half types and float32 "tf32"/"tf32x3" (3 TF32 products of the
 // split hi + lo operands, ~1e-6 relative), FFMA for float32 "ieee" and float64. At most
 // kDirectDepth features: the direct sum((x - y)^2) instead (no cancellation).
-// On a Hopper GPU (sm_90a builds) the distance at "tf32" and in half precision runs
-// hopper_distance_kernel instead: hopper.cuh's row-block walk (TMA, wgmma), one consumer storing
-// its tile while the other multiplies the next.
+// On a Hopper GPU (sm_90a builds) the distance at "tf32", "tf32x3" and in half precision runs
+// hopper_distance_kernel instead: hopper.cuh's row-block walk (TMA, wgmma; "tf32x3" on split
+// products), one consumer storing its tile while the other multiplies the next.
 #include "hopper.cuh"
 #include "tile_product.cuh"
 
@@ -130,7 +130,7 @@ __device__ __forceinline__ void store_pair(T* at, float a, float b) {
     *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(a, b);
 }
 
-template <typename T>
+template <typename T, bool kSplit>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
 hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
                        const __grid_constant__ CUtensorMap y_map, const HopperDistanceArgs<T> args) {
@@ -138,7 +138,7 @@ hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
   using namespace hopper;
   constexpr int kRows = kBoxRows, kCols = kBoxRows;
   extern __shared__ unsigned char smem_raw[];
-  const RowBlockWalk walk(smem_raw, args.shape.depth_boxes, args.shape.stages);
+  const RowBlockWalk walk(smem_raw, args.shape.depth_boxes, args.shape.stages, kSplit);
   const WalkBlock block(args.shape);
   const int batch = block.batch, row0 = block.row0, tile0 = block.tile0, tiles = block.tiles;
   const int rows = args.shape.rows, cols = args.shape.cols;
@@ -181,7 +181,7 @@ hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
     // before the stores keeps the consumer's warps within one tile of each other.
     float* tile_norms = col_norms + (tile / 2 % 2) * kCols;
     squares = 0.0f;
-    walk.multiply<T>(c, i, acc, [&](const unsigned char* box, int) {
+    walk.multiply<T, kSplit>(c, i, acc, [&](const unsigned char* box, int) {
       squares += row_squares<T>(box + thread * kRowBytes);
     });
     tile_norms[thread] = squares;
@@ -254,7 +254,9 @@ bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, Precision pre
   if (!hopper::plan_walk<T>(&plan, x, y, precision, hopper_distance_bytes<T>())) return false;
   const HopperDistanceArgs<T> args{plan.shape, static_cast<T*>(out.mutable_data_ptr()),
                                    out.stride(0), out.stride(1)};
-  hopper::launch_walk<hopper_distance_kernel<T>>(plan, args, x.get_device_index(), stream);
+  hopper::launch_walk<hopper_distance_kernel<T, false>,
+                      hopper_distance_kernel<T, std::is_same_v<T, float>>>(
+      plan, args, x.get_device_index(), stream);
   return true;
 }
 
@@ -335,14 +337,35 @@ Tensor sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, bool transpose, std::st
   return out;
 }
 
+// What these kernels can take, for the Python dispatch (protokernels/_capabilities.py): every
+// floating dtype; on the current device, the forward runs hopper_distance_kernel for rows up to
+// hopper_depth_bytes at "tf32" or in half precision and hopper_split_depth_bytes at "tf32x3"
+// (0: not here), which _backend.py's `auto` table reads. The half types stage their stores, so
+// their walk has less room for x's rows: the declared depth is the smaller of the two.
+std::string sqdist_cuda_capabilities() {
+  int device = 0;
+  cudaGetDevice(&device);
+  const int64_t depth_bytes =
+      std::min(hopper::walk_depth_bytes(device, false, hopper_distance_bytes<float>()),
+               hopper::walk_depth_bytes(device, false, hopper_distance_bytes<__half>()));
+  return "dtypes=float16,bfloat16,float32,float64;hopper_depth_bytes=" +
+         std::to_string(depth_bytes) + ";hopper_split_depth_bytes=" +
+         std::to_string(hopper::walk_depth_bytes(device, true, hopper_distance_bytes<float>()));
+}
+
 }  // namespace protokernels
 
 STABLE_TORCH_LIBRARY_FRAGMENT(protokernels, m) {
   m.def("sqdist_cuda(Tensor x, Tensor y, str precision) -> Tensor");
   m.def("sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, bool transpose, str precision) -> Tensor");
+  m.def("sqdist_cuda_capabilities() -> str");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(protokernels, CUDA, m) {
   m.impl("sqdist_cuda", TORCH_BOX(&protokernels::sqdist_cuda));
   m.impl("sqdist_grad_cuda", TORCH_BOX(&protokernels::sqdist_grad_cuda));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(protokernels, CompositeExplicitAutograd, m) {
+  m.impl("sqdist_cuda_capabilities", TORCH_BOX(&protokernels::sqdist_cuda_capabilities));
 }

@@ -96,15 +96,19 @@ def hopper_build():
 
 
 # The deepest x rows, in 128-byte boxes, that stay in the Hopper kernels' shared memory on a 227 KB
-# GPU (float32 D <= 288, half D <= 576: the search's and sqdist's; csrc/hopper.cuh, walk_stages).
+# GPU (float32 D <= 288, half D <= 576, float32 at "tf32x3" D <= 224: the search's and sqdist's;
+# csrc/hopper.cuh, walk_stages).
 HOPPER_DEPTH_BOXES = 9
+HOPPER_SPLIT_DEPTH_BOXES = 7  # "tf32x3": each consumer's box of y's low parts takes room
 
 
-def hopper_fits(x):
-    """Whether CUDA's Hopper kernels take x (B, N, D): TMA reads rows that start at multiples of
-    16 bytes, and x's rows must fit in shared memory."""
+def hopper_fits(x, precision="tf32"):
+    """Whether CUDA's Hopper kernels take x (B, N, D) at `precision`: TMA reads rows that start at
+    multiples of 16 bytes, and x's rows must fit in shared memory."""
     row_bytes = x.shape[-1] * x.element_size()
-    return row_bytes % 16 == 0 and -(-row_bytes // 128) <= HOPPER_DEPTH_BOXES
+    split = x.dtype == torch.float32 and precision == "tf32x3"
+    boxes = HOPPER_SPLIT_DEPTH_BOXES if split else HOPPER_DEPTH_BOXES
+    return row_bytes % 16 == 0 and -(-row_bytes // 128) <= boxes
 
 
 def cuda_kernels_run(fn):

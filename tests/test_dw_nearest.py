@@ -187,14 +187,17 @@ def test_more_than_2_to_the_31_elements(backend):
     assert_groups(x[rows], codebooks, dist[rows], idx[rows], dtype=torch.float16)
 
 
-def test_cuda_tensor_core_search_by_group(portable):
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_cuda_tensor_core_search_by_group(precision, portable):
     """CUDA's Hopper search reads the groups' slices of x through one TMA map (group stride Dg,
-    row stride G*Dg); PROTOKERNELS_CUDA_PORTABLE=1 forces the portable search."""
+    row stride G*Dg), with split products at "tf32x3"; PROTOKERNELS_CUDA_PORTABLE=1 forces the
+    portable search."""
     x, codebooks = randn(1000, 8 * 64), randn(8, 300, 64)
     with protokernels.use_backend("cuda"):
-        quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision="tf32")
-        kernels = cuda_kernels_run(lambda: protokernels.dw_nearest(x, codebooks, precision="tf32"))
-    assert_quantized(x, codebooks, quantized, idx, dist, precision="tf32")
+        quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision=precision)
+        kernels = cuda_kernels_run(
+            lambda: protokernels.dw_nearest(x, codebooks, precision=precision))
+    assert_quantized(x, codebooks, quantized, idx, dist, precision=precision)
     assert_ran(kernels, "hopper_search_kernel", hopper_build() and not portable)
 
 

@@ -491,25 +491,29 @@ def test_more_than_2_to_the_31_pairs(backend):
 # with a partial last tile, the deepest x that fits beside two 2-stage rings (float32 D 288, 9
 # boxes) and one box more (D 320: the portable search in float32, Hopper's in the half types),
 # depth tails inside a box (36, 360), column splits over few row blocks (N 130, M 3000), rows TMA
-# cannot read (half D 36: 72 bytes, not a multiple of 16).
+# cannot read (half D 36: 72 bytes, not a multiple of 16). float32 also at "tf32x3" (split TF32
+# products, the general fold): there the deepest x that fits is D 224, and D 256 and 288 take the
+# portable search.
 HOPPER_SHAPES = [(1, 12801, 1000, 256), (3, 257, 650, 256), (1, 300, 400, 288), (1, 300, 400, 320),
-                 (1, 300, 400, 360), (1, 130, 3000, 36)]
+                 (1, 300, 400, 360), (1, 130, 3000, 36), (1, 1000, 700, 224)]
+TENSOR_CORE_DTYPES = [(torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float16, "tf32"),
+                      (torch.bfloat16, "tf32")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_ids)
+@pytest.mark.parametrize("dtype,precision", TENSOR_CORE_DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=str)
-def test_cuda_tensor_core_searches(shape, dtype, portable):
+def test_cuda_tensor_core_searches(shape, dtype, precision, portable):
     batch, n, m, d = shape
     x, y = randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype)
     exclude = torch.randint(0, m, (batch, n), device=DEVICE)
     with protokernels.use_backend("cuda"):
-        dist, idx = protokernels.nearest(x, y, exclude=exclude, precision="tf32")
-        kernels = cuda_kernels_run(lambda: protokernels.nearest(x, y, precision="tf32"))
+        dist, idx = protokernels.nearest(x, y, exclude=exclude, precision=precision)
+        kernels = cuda_kernels_run(lambda: protokernels.nearest(x, y, precision=precision))
     allowed = torch.arange(m, device=DEVICE) != exclude[..., None]
     rows = torch.arange(0, n, max(1, n // 300), device=DEVICE)  # a float64 truth of 300 rows
     assert_winners(x[:, rows], y, dist[:, rows], idx[:, rows], allowed=allowed[:, rows],
-                   dtype=dtype, precision="tf32")
-    hopper = hopper_build() and not portable and hopper_fits(x)
+                   dtype=dtype, precision=precision)
+    hopper = hopper_build() and not portable and hopper_fits(x, precision)
     assert_ran(kernels, "hopper_search_kernel", hopper)
     assert_ran(kernels, "tensor_search_kernel", not hopper)
 
@@ -525,17 +529,19 @@ def test_cuda_hopper_search_shares_prototypes_across_batches(portable):
     assert_ran(kernels, "hopper_search_kernel", hopper_build() and not portable)
 
 
-def test_cuda_tensor_core_searches_non_finite(portable):
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_cuda_tensor_core_searches_non_finite(precision, portable):
     """The Hopper search's folds: finite norms in whole tiles take the packed-key fold, a NaN or
-    infinite row or column the general one; both rank as every backend does."""
+    infinite row or column the general one (split products: always the general one); both rank
+    as every backend does."""
     x, y = randn(1, 300, 64), randn(1, 700, 64)
     x[0, 7, 5], x[0, 9, 3], y[0, 400, 0] = float("nan"), INF, INF
 
     def both(x, y):
         with protokernels.use_backend("cuda"):
-            found = protokernels.nearest(x, y, precision="tf32")
+            found = protokernels.nearest(x, y, precision=precision)
         with protokernels.use_backend("reference"):
-            return found, protokernels.nearest(x, y, precision="tf32")
+            return found, protokernels.nearest(x, y, precision=precision)
 
     (dist, idx), (ref_dist, ref_idx) = both(x, y)
     assert idx[0, [7, 9]].tolist() == ref_idx[0, [7, 9]].tolist() == [0, 0]
@@ -544,7 +550,7 @@ def test_cuda_tensor_core_searches_non_finite(portable):
     finite[[7, 9]] = False
     allowed = (torch.arange(700, device=DEVICE) != 400).expand(1, 298, 700)
     assert_winners(x[:, finite], y, dist[:, finite], idx[:, finite], allowed=allowed,
-                   precision="tf32")
+                   precision=precision)
     y[0, 500, 1] = float("nan")  # a NaN prototype wins every row with finite values
     (dist, idx), (ref_dist, ref_idx) = both(x, y)
     assert torch.equal(idx, ref_idx) and (idx[0, finite] == 500).all()

@@ -247,40 +247,51 @@ def test_transposed_input_with_strides_past_2_to_the_31(backend):
 # the portable kernel in float32), depth tails inside a box (36, 360), M a multiple of 2 but not
 # of 8 (pairs, no staged chunks in the half types), column splits over few row blocks (N 130,
 # M 3000), rows TMA cannot read (half D 36: 72 bytes), one pair, and y shared by every batch.
+# float32 also at "tf32x3" (split TF32 products): there the deepest x that fits is D 224 (each
+# consumer keeps a box of y's low parts), and D 256 and 288 take the portable kernel.
 HOPPER_SHAPES = [(1, 1000, 1500, 256), (3, 257, 651, 128), (1, 300, 400, 288), (1, 300, 400, 320),
-                 (1, 300, 401, 360), (1, 130, 3000, 36), (2, 200, 258, 64), (1, 1, 1, 16)]
+                 (1, 300, 401, 360), (1, 130, 3000, 36), (2, 200, 258, 64), (1, 1, 1, 16),
+                 (1, 300, 700, 224)]
+TENSOR_CORE_DTYPES = [(torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float16, "tf32"),
+                      (torch.bfloat16, "tf32")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+@pytest.mark.parametrize("dtype,precision", TENSOR_CORE_DTYPES,
                          ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=str)
 @pytest.mark.parametrize("shared_y", [False, True], ids=["batched_y", "shared_y"])
-def test_cuda_tensor_core_distances(shape, dtype, shared_y, portable):
+def test_cuda_tensor_core_distances(shape, dtype, precision, shared_y, portable):
     batch, n, m, d = shape
     x = randn(batch, n, d, dtype=dtype)
     y = randn(m, d, dtype=dtype) if shared_y else randn(batch, m, d, dtype=dtype)
     found = []
     with protokernels.use_backend("cuda"):
-        kernels = cuda_kernels_run(lambda: found.append(protokernels.sqdist(x, y, precision="tf32")))
+        kernels = cuda_kernels_run(
+            lambda: found.append(protokernels.sqdist(x, y, precision=precision)))
     out, ref = found[0], truth(x, y)
     assert out.shape == (batch, n, m) and (out >= 0).all()
-    assert relative_error(out, ref) <= tolerance(dtype, "tf32")
-    hopper = hopper_build() and not portable and hopper_fits(x)
+    assert relative_error(out, ref) <= tolerance(dtype, precision)
+    hopper = hopper_build() and not portable and hopper_fits(x, precision)
     assert_ran(kernels, "hopper_distance_kernel", hopper)
 
 
-def test_cuda_tensor_core_distances_non_finite(portable):
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_cuda_tensor_core_distances_non_finite(precision, portable):
     """The Hopper distance's norms come from the boxes in shared memory: NaN and infinite rows
-    and columns give what every backend gives."""
+    and columns give what every backend gives (at "tf32x3", an infinite element's pairs are not
+    finite: inf or NaN, as its split products, inf times a low part of 0, make them)."""
     x, y = randn(1, 300, 64), randn(1, 700, 64)
     x[0, 7, 5], x[0, 9, 3], y[0, 400, 0] = float("nan"), INF, INF
     with protokernels.use_backend("cuda"):
-        out = protokernels.sqdist(x, y, precision="tf32")
+        out = protokernels.sqdist(x, y, precision=precision)
     with protokernels.use_backend("reference"):
-        ref = protokernels.sqdist(x, y, precision="tf32")
-    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        ref = protokernels.sqdist(x, y, precision=precision)
+    if precision == "tf32":
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    else:
+        assert torch.equal(out.isfinite(), ref.isfinite()) and out[0, 7].isnan().all()
     finite = ref.isfinite()
-    assert relative_error(out[finite], ref[finite]) <= tolerance(torch.float32, "tf32")
+    assert relative_error(out[finite], ref[finite]) <= tolerance(torch.float32, precision)
 
 
 def test_triton_operand_copies_keep_broadcast_dimensions():
