@@ -70,20 +70,51 @@ def _tensor_search_order(dtype, precision, sizes):
 
 
 def _hopper_search_order(dtype, precision, sizes):
-    """Where CUDA runs its Hopper search (one best per row, "tf32" or half precision, rows of at
-    most the capability's hopper_depth_bytes): CUDA first for rows of 512 bytes or more (H200,
-    N65536 M8192 D256 tf32 1.09 ms against Triton's 1.35, bf16 0.68 against 0.81; N8192 M2000
-    D256 0.061 against 0.110), and for rows of 256 bytes up to N*M*D = 2^33 (N65536 M1024 D64
-    0.150 against 0.177; dw N65536 G4 K4096 Dg64, 2^36: 1.13 against 1.03). Shallower rows: the
-    fold, not the MMAs, bounds the kernel, so None (the mma.sync boundary; dw N65536 G8 K1024
-    Dg32: 0.74 against 0.47). RESULTS.md "The Hopper search"."""
+    """Where CUDA runs its Hopper search (one best per row at "tf32", "tf32x3" or in half
+    precision, rows of at most the capability's hopper_depth(dtype, precision)): CUDA first for
+    rows of 512 bytes or more (H200, N65536 M8192 D256 tf32 1.09 ms against Triton's 1.35, bf16
+    0.68 against 0.81; N8192 M2000 D256 0.061 against 0.110; "tf32x3" D128 1.53 against 1.98,
+    D224 2.50 against 3.31), and at "tf32" or in half precision for rows of 256 bytes up to
+    N*M*D = 2^33 (N65536 M1024 D64 0.150 against 0.177; dw N65536 G4 K4096 Dg64, 2^36: 1.13
+    against 1.03). Shallower rows, and rows of 256 bytes at "tf32x3" (N65536 M1024 D64 0.172
+    against 0.158; dw N65536 G8 K1024 Dg64 1.33 against 1.15): the fold and the splitting, not
+    the MMAs, bound the kernel, so None (the mma.sync boundary, 2^30, where CUDA runs this same
+    kernel; dw N65536 G8 K1024 Dg32: 0.74 against 0.47). RESULTS.md "The Hopper search" and
+    "Split TF32 products on the walk"."""
     declared = _CAPABILITIES.get(("cuda", "nearest"))
-    if declared is None or (dtype == torch.float32 and precision != "tf32"):  # half: "ieee"
+    if declared is None:
         return None
     row_bytes = sizes.get("d", 0) * dtype.itemsize
-    if row_bytes > declared.hopper_depth_bytes or row_bytes < 256:
+    if row_bytes > declared.hopper_depth(dtype, precision) or row_bytes < 256:
         return None
-    return CUDA_FIRST if row_bytes >= 512 else _backend_by_work(sizes, "batch n m d", 2**33)
+    if row_bytes >= 512:
+        return CUDA_FIRST
+    return None if precision == "tf32x3" else _backend_by_work(sizes, "batch n m d", 2**33)
+
+
+def _hopper_distance_order(dtype, precision, sizes):
+    """Where CUDA runs sqdist's Hopper forward ("tf32", "tf32x3" or half precision, rows of at
+    most the capability's hopper_depth(dtype, precision)): its one C++ launch (host ~47 us a call
+    against Triton's ~70, which splits "tf32x3" operands in launches of their own) wins every
+    host-bound forward up to N*M*D = 2^28 (H200 eager: N256 M10 D64 0.057 against 0.089 ms,
+    N4096 M512 D128 0.018 against 0.037, "tf32x3" 0.023 against 0.120). Above, at "tf32" and in
+    half precision rows of at most 256 bytes up to 2^33 (B8 N4096 M4096 D64: 0.222 against
+    0.252, bf16 0.164 against 0.169), at "tf32x3" rows of at most 512 bytes up to 2^34 (the spec
+    size, D128: 0.543 against 0.568; D64 0.331 against 0.377). Deeper rows of more work are
+    Triton's (tf32 at the spec size: 0.343 against 0.318; N8192 M2000 D256: 0.097 against 0.065;
+    "tf32x3" B2 N4096 M4096 D224: 0.240 against 0.228). RESULTS.md "The Hopper distance", "The
+    sqdist rule" and "Split TF32 products on the walk"."""
+    declared = _CAPABILITIES.get(("cuda", "sqdist"))
+    if declared is None:
+        return None
+    row_bytes = sizes.get("d", 0) * dtype.itemsize
+    if not 0 < row_bytes <= declared.hopper_depth(dtype, precision):
+        return None
+    if precision == "tf32x3":
+        cuda_up_to = 2**34 if row_bytes <= 512 else 2**28
+    else:
+        cuda_up_to = 2**33 if row_bytes <= 256 else 2**28
+    return _backend_by_work(sizes, "batch n m d", cuda_up_to)
 
 
 def _wants_grad(sizes) -> bool:
@@ -106,13 +137,16 @@ def wants_grad(*tensors) -> bool:
 # time shows. Every row behind these numbers: RESULTS.md "In-model sizes, host cost, cold start
 # and the prototype heads, 2026-11-26, H100".
 _AUTO_ORDER = {
-    # sqdist: Triton's forward wins every in-model row (N256 M10 D64: 0.0058 ms vs CUDA 0.0166);
-    # with a backward, CUDA's cheaper gradient launches win up to N*M*D = 2^24 (N1024 M100
-    # D128 fwd+bwd: 0.178 vs 0.448 ms) and lose at 2^28 (N4096 M512 D128: 0.611 vs 0.579).
+    # sqdist: with a backward, CUDA's cheaper launches win up to N*M*D = 2^28 (H200, its Hopper
+    # forward: N4096 M512 D128 fwd+bwd 0.615 vs 0.848 ms; N1024 M100 D128 0.287 vs 0.489) and
+    # lose at 2^32 (N8192 M2000 D256: 1.68 vs 0.76; RESULTS.md "The sqdist rule"). The forward
+    # alone: CUDA where its Hopper kernel runs (_hopper_distance_order), else Triton (its
+    # kernel's GPU time, N256 M10 D64: 0.0058 ms vs CUDA's tile kernel 0.0166).
     # rslvq_loss and prototype_layer are sqdist with an epilogue: sqdist's rule.
     **dict.fromkeys(("sqdist", "rslvq_loss", "prototype_layer"),
-                    lambda dtype, precision, sizes: _backend_by_work(
-                        sizes, "batch n m d", 2**24 if _wants_grad(sizes) else 0)),
+                    lambda dtype, precision, sizes: (
+                        _backend_by_work(sizes, "batch n m d", 2**28) if _wants_grad(sizes)
+                        else _hopper_distance_order(dtype, precision, sizes) or TRITON_FIRST)),
     # The nearest family. One best per row on tensor cores (nearest, nearest_by_label,
     # nearest_both, dw_nearest at "tf32"/"tf32x3" or in half precision) runs CUDA's mma.sync
     # search: CUDA up to N*M*D = 2^30 (N4096 M512 D128 tf32: 0.024-0.038 vs 0.074-0.099 ms; dw

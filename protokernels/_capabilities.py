@@ -19,14 +19,25 @@ _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 class Capabilities:
     """dtypes: the floating dtypes taken; max_rows: the most rows (N or M) an index can address
     (packed 31-bit indices); max_k: the most neighbours per row; why: what the limits come from,
-    for the error messages. hopper_depth_bytes (CUDA's nearest family): one best per row at
-    "tf32" or in half precision runs the Hopper (sm_90a) search on this GPU for rows of up to
-    this many bytes; 0 where it does not run. Not a limit: other inputs take another kernel."""
+    for the error messages. hopper_depth_bytes (CUDA's sqdist forward and nearest family): at
+    "tf32" or in half precision, the op's Hopper (sm_90a) kernel runs on this GPU for rows of up
+    to this many bytes (the search: one best per row); hopper_split_depth_bytes: the same at
+    "tf32x3" (split TF32 products take room for y's low parts); 0 where it does not run. Not
+    limits: other inputs take another kernel."""
     dtypes: tuple = FLOAT_DTYPES
     max_rows: int | None = None
     max_k: int | None = None
     why: str = ""
     hopper_depth_bytes: int = 0
+    hopper_split_depth_bytes: int = 0
+
+    def hopper_depth(self, dtype: torch.dtype, precision: str) -> int:
+        """The deepest rows (bytes) the Hopper kernel takes at this dtype and precision; 0: none
+        (float32 "ieee" is FFMA's)."""
+        if dtype == torch.float32:
+            return {"tf32": self.hopper_depth_bytes,
+                    "tf32x3": self.hopper_split_depth_bytes}.get(precision, 0)
+        return self.hopper_depth_bytes if dtype in (torch.float16, torch.bfloat16) else 0
 
     def not_supported_reasons(self, dtype: torch.dtype, rows: int = 0, k: int = 1) -> list[str]:
         reasons = []
@@ -49,8 +60,8 @@ class Capabilities:
         if self.max_k is not None:
             parts.append(f"k <= {self.max_k}")
         if self.hopper_depth_bytes:
-            parts.append(f"Hopper search (nearest, dw_nearest; one best per row) for rows <= "
-                         f"{self.hopper_depth_bytes} bytes")
+            parts.append(f"Hopper kernel for rows <= {self.hopper_depth_bytes} bytes (tf32, half), "
+                         f"<= {self.hopper_split_depth_bytes} (tf32x3)")
         return ", ".join(parts)
 
     @classmethod
@@ -67,7 +78,8 @@ class Capabilities:
             max_rows=int(fields["max_rows"]) if "max_rows" in fields else None,
             max_k=int(fields["max_k"]) if "max_k" in fields else None,
             why=fields.get("why", ""),
-            hopper_depth_bytes=int(fields.get("hopper_depth_bytes", 0)))
+            hopper_depth_bytes=int(fields.get("hopper_depth_bytes", 0)),
+            hopper_split_depth_bytes=int(fields.get("hopper_split_depth_bytes", 0)))
 
 
 EVERYTHING = Capabilities()

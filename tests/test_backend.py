@@ -259,13 +259,15 @@ def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, o
 
 @pytest.mark.parametrize("op", ["nearest", "dw_nearest", "dw_quantize"])
 def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
-    """Where CUDA declares its Hopper search (hopper_depth_bytes), one best per row at "tf32" or
-    in half precision runs on CUDA at every size for rows of 512 bytes or more, up to N*M*D =
-    2^33 for rows of 256 (RESULTS.md "The Hopper search"); shallower rows, "tf32x3", rows deeper
-    than declared and the label searches keep the mma.sync boundary (2^30)."""
+    """Where CUDA declares its Hopper search (hopper_depth_bytes, hopper_split_depth_bytes), one
+    best per row at "tf32", "tf32x3" or in half precision runs on CUDA at every size for rows of
+    512 bytes or more, up to N*M*D = 2^33 for rows of 256 but at "tf32x3" (RESULTS.md "The
+    Hopper search", "Split TF32 products on the walk"); shallower rows, "tf32x3" rows of 256
+    bytes, rows deeper than declared and the label searches keep the mma.sync boundary (2^30)."""
     _pretend(monkeypatch, triton=True, cuda=True)
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"),
-                        protokernels._capabilities.Capabilities(hopper_depth_bytes=1152))
+                        protokernels._capabilities.Capabilities(hopper_depth_bytes=1152,
+                                                                hopper_split_depth_bytes=896))
     cuda, large = torch.device("cuda"), dict(n=65536, m=8192, d=256)
     assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "cuda"
     assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", **large) == "cuda"
@@ -277,11 +279,48 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
                             batch=8) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=256, d=32,
                             batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "triton"  # 1024 bytes
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=8192, d=224) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=8192, m=512, d=64) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=8192, d=512) == "triton"
     assert _backend.resolve("nearest_by_label", cuda, torch.float32, "tf32", **large) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"), _backend.EVERYTHING)
     assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "triton"
+
+
+@pytest.mark.parametrize("op", ["sqdist", "rslvq_loss", "prototype_layer"])
+def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
+    """Where CUDA declares its Hopper forward (hopper_depth_bytes, hopper_split_depth_bytes),
+    sqdist's forward at "tf32", "tf32x3" or in half precision runs on CUDA up to N*M*D = 2^28,
+    above up to 2^33 for rows of at most 256 bytes ("tf32x3": 2^34 for rows of at most 512);
+    Triton above, at "ieee" and for rows deeper than declared. With a backward: CUDA up to 2^28
+    at any precision (RESULTS.md "The sqdist rule", "Split TF32 products on the walk")."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "sqdist"),
+                        protokernels._capabilities.Capabilities(hopper_depth_bytes=1152,
+                                                                hopper_split_depth_bytes=896))
+    cuda, model = torch.device("cuda"), dict(n=4096, m=512, d=128)
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", **model) == "cuda"
+    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", **model) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=4096, m=4096, d=64,
+                            batch=8) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=4096, m=4096, d=128,
+                            batch=8) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=2000, d=256) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "ieee", **model) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **model) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=4096, m=4096, d=128,
+                            batch=8) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=4096, m=4096, d=224,
+                            batch=2) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=1024, m=100, d=256) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=256, m=10, d=512) == "triton"
+    assert _backend.resolve(op, cuda, torch.float32, "ieee", grad=True, **model) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=2000, d=256,
+                            grad=True) == "triton"
+    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "sqdist"), _backend.EVERYTHING)
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", **model) == "triton"
 
 
 @pytest.mark.parametrize("op", ["codebook_lookup", "codebook_stats"])
