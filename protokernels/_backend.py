@@ -74,13 +74,13 @@ def _hopper_search_order(dtype, precision, sizes):
     precision, rows of at most the capability's hopper_depth(dtype, precision)): CUDA first for
     rows of 512 bytes or more (H200, N65536 M8192 D256 tf32 1.09 ms against Triton's 1.35, bf16
     0.68 against 0.81; N8192 M2000 D256 0.061 against 0.110; "tf32x3" D128 1.53 against 1.98,
-    D224 2.50 against 3.31), and at "tf32" or in half precision for rows of 256 bytes up to
-    N*M*D = 2^33 (N65536 M1024 D64 0.150 against 0.177; dw N65536 G4 K4096 Dg64, 2^36: 1.13
-    against 1.03). Shallower rows, and rows of 256 bytes at "tf32x3" (N65536 M1024 D64 0.172
-    against 0.158; dw N65536 G8 K1024 Dg64 1.33 against 1.15): the fold and the splitting, not
-    the MMAs, bound the kernel, so None (the mma.sync boundary, 2^30, where CUDA runs this same
-    kernel; dw N65536 G8 K1024 Dg32: 0.74 against 0.47). RESULTS.md "The Hopper search" and
-    "Split TF32 products on the walk"."""
+    D224 2.50 against 3.31), and for rows of 256 bytes up to N*M*D = 2^33 at "tf32" or in half
+    precision (N65536 M1024 D64 0.150 against 0.177; dw N65536 G4 K4096 Dg64, 2^36: 1.13
+    against 1.03), up to 2^32 at "tf32x3" (N65536 M1024 D64 eager 0.172 against 0.353, GPU
+    time 0.159 against 0.153: Triton's split costs host time; dw N65536 G8 K1024 Dg64, 2^35:
+    1.33 against 1.15). Shallower rows: the fold, not the MMAs, bounds the kernel, so None (the
+    mma.sync boundary, where CUDA runs this same kernel; dw N65536 G8 K1024 Dg32: 0.74 against
+    0.47). RESULTS.md "The Hopper search" and "Split TF32 products on the walk"."""
     declared = _CAPABILITIES.get(("cuda", "nearest"))
     if declared is None:
         return None
@@ -89,7 +89,7 @@ def _hopper_search_order(dtype, precision, sizes):
         return None
     if row_bytes >= 512:
         return CUDA_FIRST
-    return None if precision == "tf32x3" else _backend_by_work(sizes, "batch n m d", 2**33)
+    return _backend_by_work(sizes, "batch n m d", 2**32 if precision == "tf32x3" else 2**33)
 
 
 def _hopper_distance_order(dtype, precision, sizes):
@@ -137,15 +137,16 @@ def wants_grad(*tensors) -> bool:
 # time shows. Every row behind these numbers: RESULTS.md "In-model sizes, host cost, cold start
 # and the prototype heads, 2026-11-26, H100".
 _AUTO_ORDER = {
-    # sqdist: with a backward, CUDA's cheaper launches win up to N*M*D = 2^28 (H200, its Hopper
-    # forward: N4096 M512 D128 fwd+bwd 0.615 vs 0.848 ms; N1024 M100 D128 0.287 vs 0.489) and
-    # lose at 2^32 (N8192 M2000 D256: 1.68 vs 0.76; RESULTS.md "The sqdist rule"). The forward
+    # sqdist: with a backward, CUDA's cheaper launches win up to N*M*D = 2^30 (H200, its Hopper
+    # forward: N4096 M512 D128 fwd+bwd 0.615 vs 0.848 ms; RSLVQ N4096 M1000 D128, 2^29: 0.750 vs
+    # 1.075; the case-based layer there 0.959 vs 1.287) and lose at 2^32 (N8192 M2000 D256: 1.67
+    # vs 0.60, the gradient's tile kernel; RESULTS.md "The sqdist rule"). The forward
     # alone: CUDA where its Hopper kernel runs (_hopper_distance_order), else Triton (its
     # kernel's GPU time, N256 M10 D64: 0.0058 ms vs CUDA's tile kernel 0.0166).
     # rslvq_loss and prototype_layer are sqdist with an epilogue: sqdist's rule.
     **dict.fromkeys(("sqdist", "rslvq_loss", "prototype_layer"),
                     lambda dtype, precision, sizes: (
-                        _backend_by_work(sizes, "batch n m d", 2**28) if _wants_grad(sizes)
+                        _backend_by_work(sizes, "batch n m d", 2**30) if _wants_grad(sizes)
                         else _hopper_distance_order(dtype, precision, sizes) or TRITON_FIRST)),
     # The nearest family. One best per row on tensor cores (nearest, nearest_by_label,
     # nearest_both, dw_nearest at "tf32"/"tf32x3" or in half precision) runs CUDA's mma.sync

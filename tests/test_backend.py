@@ -261,9 +261,9 @@ def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, o
 def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     """Where CUDA declares its Hopper search (hopper_depth_bytes, hopper_split_depth_bytes), one
     best per row at "tf32", "tf32x3" or in half precision runs on CUDA at every size for rows of
-    512 bytes or more, up to N*M*D = 2^33 for rows of 256 but at "tf32x3" (RESULTS.md "The
-    Hopper search", "Split TF32 products on the walk"); shallower rows, "tf32x3" rows of 256
-    bytes, rows deeper than declared and the label searches keep the mma.sync boundary (2^30)."""
+    512 bytes or more, up to N*M*D = 2^33 for rows of 256 (2^32 at "tf32x3"; RESULTS.md "The
+    Hopper search", "Split TF32 products on the walk"); shallower rows, rows deeper than
+    declared and the label searches keep the mma.sync boundary (2^30)."""
     _pretend(monkeypatch, triton=True, cuda=True)
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"),
                         protokernels._capabilities.Capabilities(hopper_depth_bytes=1152,
@@ -281,8 +281,9 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
                             batch=8) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "triton"  # 1024 bytes
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=8192, d=224) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=8192, m=512, d=64) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64,
+                            batch=8) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=8192, d=512) == "triton"
     assert _backend.resolve("nearest_by_label", cuda, torch.float32, "tf32", **large) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"), _backend.EVERYTHING)
@@ -294,7 +295,7 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
     """Where CUDA declares its Hopper forward (hopper_depth_bytes, hopper_split_depth_bytes),
     sqdist's forward at "tf32", "tf32x3" or in half precision runs on CUDA up to N*M*D = 2^28,
     above up to 2^33 for rows of at most 256 bytes ("tf32x3": 2^34 for rows of at most 512);
-    Triton above, at "ieee" and for rows deeper than declared. With a backward: CUDA up to 2^28
+    Triton above, at "ieee" and for rows deeper than declared. With a backward: CUDA up to 2^30
     at any precision (RESULTS.md "The sqdist rule", "Split TF32 products on the walk")."""
     _pretend(monkeypatch, triton=True, cuda=True)
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "sqdist"),
@@ -317,6 +318,8 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=1024, m=100, d=256) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=256, m=10, d=512) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "ieee", grad=True, **model) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=4096, m=1000, d=128,
+                            grad=True) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=2000, d=256,
                             grad=True) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "sqdist"), _backend.EVERYTHING)
