@@ -384,8 +384,9 @@ constexpr size_t walk_smem_bytes(int depth_boxes, int stages, bool split, size_t
 
 // The ring depth for x's rows of `boxes` 128-byte boxes, split products or not, and an op's
 // `extra_bytes` on this device: the most stages per ring (up to kMaxStages) that fit, or 0 where
-// fewer than 2 do (D > 288 in float32, 576 in the half types, 224 with split products, on a GPU
-// with 227 KB of shared memory a block and the ops' 3 KB of their own).
+// fewer than 2 do (on a GPU with 227 KB of shared memory a block: sqdist's forward, 3 KB of its
+// own, D > 288 in float32, 576 in the half types, 224 with split products; the search, 1 KB, D >
+// 320, 640, 256).
 inline int walk_stages(int device, int64_t boxes, bool split, size_t extra_bytes) {
   const int64_t max_bytes = per_device(device, [&] {
     int bytes = 0;

@@ -406,7 +406,9 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
 // ---- The Hopper search (sm_90a): TMA, wgmma, two producer-consumer pairs ----
 
 // hopper.cuh's row-block walk, whose consumers fold each tile into their rows' bests. The search's
-// own shared memory: the rows' norms and excluded columns, the consumers' column norms.
+// own shared memory: each consumer's column norms of its current tile (1 KB in all; each thread
+// reads its 4 rows' norms and excluded columns from global memory once), so that x's rows of
+// 1024 bytes fit beside split products' low boxes.
 struct HopperSearchArgs {
   hopper::WalkShape shape;
   const float* norms;  // prepare_kernel's
@@ -414,8 +416,7 @@ struct HopperSearchArgs {
   long long* keys;
 };
 
-constexpr size_t kHopperSearchBytes =
-    hopper::kBoxRows * (sizeof(float) + sizeof(int)) + 4 * hopper::kBoxRows * sizeof(float);
+constexpr size_t kHopperSearchBytes = 2 * hopper::kBoxRows * sizeof(float);
 
 template <typename T, bool kSplit>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
@@ -423,13 +424,9 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
                      const __grid_constant__ CUtensorMap y_map, const HopperSearchArgs args) {
 #if defined(PK_HOPPER_DEVICE)
   using namespace hopper;
-  constexpr int kRows = kBoxRows, kCols = kBoxRows;
+  constexpr int kCols = kBoxRows;
   extern __shared__ unsigned char smem_raw[];
   const RowBlockWalk walk(smem_raw, args.shape.depth_boxes, args.shape.stages, kSplit);
-  auto* row_norms = reinterpret_cast<float*>(walk.extra());
-  auto* row_excluded = reinterpret_cast<int*>(row_norms + kRows);
-  auto* col_norms = reinterpret_cast<float*>(row_excluded + kRows);  // [consumer][2][kCols]
-
   const WalkBlock block(args.shape);
   const int batch = block.batch, row0 = block.row0, tile0 = block.tile0, tiles = block.tiles;
   const int rows = args.shape.rows, cols = args.shape.cols;
@@ -438,28 +435,24 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   const int warpgroup = threadIdx.x / 128;
 
   walk.init();
-  if (warpgroup == 1) {  // the rows' norms and excluded columns, read by both consumers' folds
-    const int r = threadIdx.x - 128, row = row0 + r;
-    const int64_t at = int64_t{batch} * rows + row;
-    row_norms[r] = row < rows ? x_norms[row] : 0.0f;
-    const int64_t e = row < rows && args.exclude ? args.exclude[at] : -1;
-    row_excluded[r] = e >= 0 && e < cols ? static_cast<int>(e) : -1;
-  }
   __syncthreads();
   if (warpgroup == 0) return walk.produce<T>(&x_map, &y_map, block);
 
-  walk.start_consumer();
   const int c = warpgroup - 1, thread = threadIdx.x % 128;
   const int t = threadIdx.x % 4;
+  float* tile_norms = reinterpret_cast<float*>(walk.extra()) + c * kCols;
   float row_norm[kAccRows];
   int excluded[kAccRows];
   bool rows_finite = true;
 #pragma unroll
   for (int r = 0; r < kAccRows; ++r) {
-    row_norm[r] = row_norms[acc_row(r)];
-    excluded[r] = row_excluded[acc_row(r)];
+    const int row = row0 + acc_row(r);
+    row_norm[r] = row < rows ? x_norms[row] : 0.0f;
+    const int64_t e = row < rows && args.exclude ? args.exclude[int64_t{batch} * rows + row] : -1;
+    excluded[r] = e >= 0 && e < cols ? static_cast<int>(e) : -1;
     rows_finite = rows_finite && fabsf(row_norm[r]) <= FLT_MAX;
   }
+  walk.start_consumer();
   // Named barriers 1 and 2: each consumer's 128 threads meet without the other's.
   rows_finite = all_of(rows_finite, 1 + c, 128);
   float acc[2][64];
@@ -467,9 +460,9 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   int i = 0;
   for (int tile = c; tile < tiles; tile += 2) {
     const int col0 = (tile0 + tile) * kCols;
-    // The tile's column norms, read now and stored after the products (double-buffered: the
-    // barrier before a fold keeps the consumer's warps within one tile of each other).
-    float* tile_norms = col_norms + (2 * c + tile / 2 % 2) * kCols;
+    // The tile's column norms, read now and stored after the products (all_of below is the
+    // barrier between the stores and the fold's reads; the one after the fold keeps the next
+    // tile's stores behind every warp's reads).
     const float my_norm = col0 + thread < cols ? y_norms[col0 + thread] : 0.0f;
     walk.multiply<T, kSplit>(c, i, acc, [](const unsigned char*, int) {});
     tile_norms[thread] = my_norm;
@@ -529,6 +522,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
           }
         }
     }
+    sync_threads(1 + c, 128);
   }
 #pragma unroll
   for (int r = 0; r < kAccRows; ++r) {  // the 4 threads of a row meet; the other consumer and

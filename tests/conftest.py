@@ -96,18 +96,19 @@ def hopper_build():
 
 
 # The deepest x rows, in 128-byte boxes, that stay in the Hopper kernels' shared memory on a 227 KB
-# GPU (float32 D <= 288, half D <= 576, float32 at "tf32x3" D <= 224: the search's and sqdist's;
-# csrc/hopper.cuh, walk_stages).
-HOPPER_DEPTH_BOXES = 9
-HOPPER_SPLIT_DEPTH_BOXES = 7  # "tf32x3": each consumer's box of y's low parts takes room
+# GPU beside their rings (csrc/hopper.cuh, walk_stages), by op and by products (TF32 or half,
+# split TF32 at "tf32x3"): sqdist's forward float32 D <= 288 / 224 (half D <= 576), whose
+# consumers keep 3 KB of norms; the search D <= 320 / 256 (half D <= 640), 1 KB.
+HOPPER_DEPTH_BOXES = {"sqdist": (9, 7), "nearest": (10, 8)}
 
 
-def hopper_fits(x, precision="tf32"):
-    """Whether CUDA's Hopper kernels take x (B, N, D) at `precision`: TMA reads rows that start at
-    multiples of 16 bytes, and x's rows must fit in shared memory."""
+def hopper_fits(x, op, precision="tf32"):
+    """Whether CUDA's Hopper kernel of `op` ("sqdist" or "nearest") takes x (B, N, D) at
+    `precision`: TMA reads rows that start at multiples of 16 bytes, and x's rows must fit in
+    shared memory."""
     row_bytes = x.shape[-1] * x.element_size()
     split = x.dtype == torch.float32 and precision == "tf32x3"
-    boxes = HOPPER_SPLIT_DEPTH_BOXES if split else HOPPER_DEPTH_BOXES
+    boxes = HOPPER_DEPTH_BOXES[op][1 if split else 0]
     return row_bytes % 16 == 0 and -(-row_bytes // 128) <= boxes
 
 

@@ -488,14 +488,14 @@ def test_more_than_2_to_the_31_pairs(backend):
 # and the portable one (mma.sync), which PROTOKERNELS_CUDA_PORTABLE=1 forces on a Hopper GPU. The
 # shapes: several column tiles per consumer with rings that wrap (N 12801: 101 row blocks, 2
 # column splits of 4 tiles; float32 D 256: 8 boxes of 128 bytes through 3 stages a ring), batches
-# with a partial last tile, the deepest x that fits beside two 2-stage rings (float32 D 288, 9
-# boxes) and one box more (D 320: the portable search in float32, Hopper's in the half types),
+# with a partial last tile, the deepest x that fits beside two 2-stage rings (float32 D 320, 10
+# boxes) and one box more (D 352: the portable search in float32, Hopper's in the half types),
 # depth tails inside a box (36, 360), column splits over few row blocks (N 130, M 3000), rows TMA
 # cannot read (half D 36: 72 bytes, not a multiple of 16). float32 also at "tf32x3" (split TF32
-# products, the general fold): there the deepest x that fits is D 224, and D 256 and 288 take the
-# portable search.
+# products): there the deepest x that fits is D 256 (two low boxes take the room of two of x's),
+# and D 288 and deeper take the portable search.
 HOPPER_SHAPES = [(1, 12801, 1000, 256), (3, 257, 650, 256), (1, 300, 400, 288), (1, 300, 400, 320),
-                 (1, 300, 400, 360), (1, 130, 3000, 36), (1, 1000, 700, 224)]
+                 (1, 300, 400, 352), (1, 300, 400, 360), (1, 130, 3000, 36)]
 TENSOR_CORE_DTYPES = [(torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float16, "tf32"),
                       (torch.bfloat16, "tf32")]
 
@@ -513,7 +513,7 @@ def test_cuda_tensor_core_searches(shape, dtype, precision, portable):
     rows = torch.arange(0, n, max(1, n // 300), device=DEVICE)  # a float64 truth of 300 rows
     assert_winners(x[:, rows], y, dist[:, rows], idx[:, rows], allowed=allowed[:, rows],
                    dtype=dtype, precision=precision)
-    hopper = hopper_build() and not portable and hopper_fits(x, precision)
+    hopper = hopper_build() and not portable and hopper_fits(x, "nearest", precision)
     assert_ran(kernels, "hopper_search_kernel", hopper)
     assert_ran(kernels, "tensor_search_kernel", not hopper)
 

@@ -271,7 +271,7 @@ def test_cuda_tensor_core_distances(shape, dtype, precision, shared_y, portable)
     out, ref = found[0], truth(x, y)
     assert out.shape == (batch, n, m) and (out >= 0).all()
     assert relative_error(out, ref) <= tolerance(dtype, precision)
-    hopper = hopper_build() and not portable and hopper_fits(x, precision)
+    hopper = hopper_build() and not portable and hopper_fits(x, "sqdist", precision)
     assert_ran(kernels, "hopper_distance_kernel", hopper)
 
 
