@@ -257,6 +257,17 @@ def test_auto_takes_the_tensor_core_cuda_search_up_to_2_to_the_30(monkeypatch, o
     assert _backend.resolve("nearest_k", cuda, dtype, precision, n=4096, m=512, d=128) == "triton"
 
 
+def _declare_hopper(monkeypatch, op_file, depth_bytes, split_depth_bytes):
+    """Both backends available, CUDA's op_file declaring Hopper kernels of these depths; returns
+    the pretend device."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", op_file),
+                        protokernels._capabilities.Capabilities(
+                            hopper_depth_bytes=depth_bytes,
+                            hopper_split_depth_bytes=split_depth_bytes))
+    return torch.device("cuda")
+
+
 @pytest.mark.parametrize("op", ["nearest", "dw_nearest", "dw_quantize"])
 def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     """Where CUDA declares its Hopper search (hopper_depth_bytes, hopper_split_depth_bytes), one
@@ -264,11 +275,8 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     512 bytes or more, up to N*M*D = 2^33 for rows of 256 (2^32 at "tf32x3"; RESULTS.md "The
     Hopper search", "Split TF32 products on the walk"); shallower rows, rows deeper than
     declared and the label searches keep the mma.sync boundary (2^30)."""
-    _pretend(monkeypatch, triton=True, cuda=True)
-    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"),
-                        protokernels._capabilities.Capabilities(hopper_depth_bytes=1152,
-                                                                hopper_split_depth_bytes=896))
-    cuda, large = torch.device("cuda"), dict(n=65536, m=8192, d=256)
+    cuda = _declare_hopper(monkeypatch, "nearest", 1280, 1024)
+    large = dict(n=65536, m=8192, d=256)
     assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "cuda"
     assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", **large) == "cuda"
     assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=8192, d=576) == "cuda"
@@ -279,8 +287,8 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
                             batch=8) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=256, d=32,
                             batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "triton"  # 1024 bytes
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=8192, d=224) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=8192, d=288) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64,
                             batch=8) == "triton"
@@ -290,6 +298,27 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "triton"
 
 
+# (dtype, precision, sizes, the backend auto picks) where CUDA declares sqdist's Hopper forward
+# for rows of 1152 bytes (896 at "tf32x3").
+F32, BF16 = torch.float32, torch.bfloat16
+IN_MODEL = dict(n=4096, m=512, d=128)
+HOPPER_DISTANCE_CASES = [
+    (F32, "tf32", IN_MODEL, "cuda"), (BF16, "ieee", IN_MODEL, "cuda"),
+    (F32, "tf32", dict(n=4096, m=4096, d=64, batch=8), "cuda"),
+    (F32, "tf32", dict(n=4096, m=4096, d=128, batch=8), "triton"),
+    (F32, "tf32", dict(n=8192, m=2000, d=256), "triton"),
+    (F32, "ieee", IN_MODEL, "triton"),
+    (F32, "tf32x3", IN_MODEL, "cuda"),
+    (F32, "tf32x3", dict(n=4096, m=4096, d=128, batch=8), "cuda"),
+    (F32, "tf32x3", dict(n=4096, m=4096, d=224, batch=2), "triton"),
+    (F32, "tf32x3", dict(n=1024, m=100, d=256), "triton"),  # 1024 bytes: deeper than declared
+    (F32, "tf32", dict(n=256, m=10, d=512), "triton"),
+    (F32, "ieee", dict(IN_MODEL, grad=True), "cuda"),
+    (F32, "tf32", dict(n=4096, m=1000, d=128, grad=True), "cuda"),
+    (F32, "tf32", dict(n=8192, m=2000, d=256, grad=True), "triton"),
+]
+
+
 @pytest.mark.parametrize("op", ["sqdist", "rslvq_loss", "prototype_layer"])
 def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
     """Where CUDA declares its Hopper forward (hopper_depth_bytes, hopper_split_depth_bytes),
@@ -297,33 +326,11 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
     above up to 2^33 for rows of at most 256 bytes ("tf32x3": 2^34 for rows of at most 512);
     Triton above, at "ieee" and for rows deeper than declared. With a backward: CUDA up to 2^30
     at any precision (RESULTS.md "The sqdist rule", "Split TF32 products on the walk")."""
-    _pretend(monkeypatch, triton=True, cuda=True)
-    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "sqdist"),
-                        protokernels._capabilities.Capabilities(hopper_depth_bytes=1152,
-                                                                hopper_split_depth_bytes=896))
-    cuda, model = torch.device("cuda"), dict(n=4096, m=512, d=128)
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", **model) == "cuda"
-    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", **model) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=4096, m=4096, d=64,
-                            batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=4096, m=4096, d=128,
-                            batch=8) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=2000, d=256) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "ieee", **model) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **model) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=4096, m=4096, d=128,
-                            batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=4096, m=4096, d=224,
-                            batch=2) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=1024, m=100, d=256) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=256, m=10, d=512) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "ieee", grad=True, **model) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=4096, m=1000, d=128,
-                            grad=True) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=2000, d=256,
-                            grad=True) == "triton"
+    cuda = _declare_hopper(monkeypatch, "sqdist", 1152, 896)
+    for dtype, precision, sizes, expected in HOPPER_DISTANCE_CASES:
+        assert _backend.resolve(op, cuda, dtype, precision, **sizes) == expected, (precision, sizes)
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "sqdist"), _backend.EVERYTHING)
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", **model) == "triton"
+    assert _backend.resolve(op, cuda, F32, "tf32", **IN_MODEL) == "triton"
 
 
 @pytest.mark.parametrize("op", ["codebook_lookup", "codebook_stats"])
