@@ -73,8 +73,8 @@ def _hopper_search_order(dtype, precision, sizes):
     """Where CUDA runs its Hopper search (one best per row at "tf32", "tf32x3" or in half
     precision, rows of at most the capability's hopper_depth(dtype, precision)): CUDA first for
     rows of 512 bytes or more (H200, N65536 M8192 D256 tf32 1.09 ms against Triton's 1.35, bf16
-    0.68 against 0.81; N8192 M2000 D256 0.061 against 0.110; "tf32x3" D128 1.53 against 1.98,
-    D224 2.50 against 3.31), and for rows of 256 bytes up to N*M*D = 2^33 at "tf32" or in half
+    0.68 against 0.81; N8192 M2000 D256 0.061 against 0.110; "tf32x3" D128 1.50 against 2.00,
+    D256 2.75 against 3.71), and for rows of 256 bytes up to N*M*D = 2^33 at "tf32" or in half
     precision (N65536 M1024 D64 0.150 against 0.177; dw N65536 G4 K4096 Dg64, 2^36: 1.13
     against 1.03), up to 2^32 at "tf32x3" (N65536 M1024 D64 eager 0.172 against 0.353, GPU
     time 0.159 against 0.153: Triton's split costs host time; dw N65536 G8 K1024 Dg64, 2^35:
