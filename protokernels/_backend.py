@@ -69,6 +69,16 @@ def _tensor_search_order(dtype, precision, sizes):
     return _backend_by_work(sizes, "batch n m d", 2**30)
 
 
+def _hopper_row_bytes(op_file, dtype, precision, sizes):
+    """The bytes of x's rows where CUDA's Hopper kernel of op_file takes them (at most its
+    declared depth at this dtype and precision: Capabilities.hopper_depth), else None."""
+    declared = _CAPABILITIES.get(("cuda", op_file))
+    row_bytes = sizes.get("d", 0) * dtype.itemsize
+    if declared is None or not 0 < row_bytes <= declared.hopper_depth(dtype, precision):
+        return None
+    return row_bytes
+
+
 def _hopper_search_order(dtype, precision, sizes):
     """Where CUDA runs its Hopper search (one best per row at "tf32", "tf32x3" or in half
     precision, rows of at most the capability's hopper_depth(dtype, precision)): CUDA first for
@@ -81,11 +91,8 @@ def _hopper_search_order(dtype, precision, sizes):
     1.33 against 1.15). Shallower rows: the fold, not the MMAs, bounds the kernel, so None (the
     mma.sync boundary, where CUDA runs this same kernel; dw N65536 G8 K1024 Dg32: 0.74 against
     0.47). RESULTS.md "The Hopper search" and "Split TF32 products on the walk"."""
-    declared = _CAPABILITIES.get(("cuda", "nearest"))
-    if declared is None:
-        return None
-    row_bytes = sizes.get("d", 0) * dtype.itemsize
-    if row_bytes > declared.hopper_depth(dtype, precision) or row_bytes < 256:
+    row_bytes = _hopper_row_bytes("nearest", dtype, precision, sizes)
+    if row_bytes is None or row_bytes < 256:
         return None
     if row_bytes >= 512:
         return CUDA_FIRST
@@ -104,11 +111,8 @@ def _hopper_distance_order(dtype, precision, sizes):
     Triton's (tf32 at the spec size: 0.343 against 0.318; N8192 M2000 D256: 0.097 against 0.065;
     "tf32x3" B2 N4096 M4096 D224: 0.240 against 0.228). RESULTS.md "The Hopper distance", "The
     sqdist rule" and "Split TF32 products on the walk"."""
-    declared = _CAPABILITIES.get(("cuda", "sqdist"))
-    if declared is None:
-        return None
-    row_bytes = sizes.get("d", 0) * dtype.itemsize
-    if not 0 < row_bytes <= declared.hopper_depth(dtype, precision):
+    row_bytes = _hopper_row_bytes("sqdist", dtype, precision, sizes)
+    if row_bytes is None:
         return None
     if precision == "tf32x3":
         cuda_up_to = 2**34 if row_bytes <= 512 else 2**28
