@@ -173,17 +173,27 @@ row_sweep_kernel(const T* __restrict__ s, int64_t ss_b, int64_t ss_k, int64_t ro
 // launching the sweeps one by one (two kernels each, eight for three iterations) costs more
 // host time than the GPU needs (RESULTS.md, "In-model sizes": sinkhorn B256 K3000 took 0.26 ms
 // eager for 0.04 ms of GPU time). Here the whole iteration is one persistent kernel: every block
-// owns a range of rows and every column of them, the column potentials and running sums of a
-// thread's columns in registers; the blocks' partial column sums meet through global memory
-// between two grid barriers per sweep.
+// owns a range of rows and every column of them; the blocks' partial column sums meet through
+// global memory between two grid barriers per sweep.
 //
-// The scores reach a block through a ring of shared-memory stages, a step of rows each, filled
-// by cp.async (stages - 1) steps ahead: the loads stay in flight across the steps' block barriers
-// and the grid barriers between sweeps (the previous version loaded a step into registers and
-// waited for it: ncu on the H200, B4096 K3000, 0.26 ms at 20 % of HBM bandwidth, 40 % of the
-// warps' stalls on those loads). A thread copies and reads back only its own columns, so the
-// ring needs no barrier of its own. Where all of a block's steps fit in the ring (B up to ~2100
-// at K = 3000 on 132 SMs) they stay there: the scores are read from HBM once per call.
+// A block's threads form G groups; a group takes one of the block's rows at a time (group g rows
+// g, g + G, ...), each of its threads C columns of it (16, or 24 for SwAV's K = 3000), and keeps
+// those columns' running sums in registers. A row's maximum and sum are reduced
+// over the group only (warp shuffles, then a named barrier of the group's warps), so the per-row
+// cost of the reductions is spread over 16-24 elements a thread and the groups never wait for
+// each other inside a sweep. (The previous layout, 512 threads a row at 6 columns each with two
+// block barriers per step of 2 rows, issued ~45 instructions per element and was bound by them:
+// ncu on the H200, B4096 K3000, 144 us at 0.50 instructions per scheduler per cycle, DRAM 33 %
+// busy; RESULTS.md.) At the end of a sweep group 0 gathers the other groups' sums in group order.
+// The row steps' column potentials sit in shared memory, read a run of them at a time.
+//
+// The scores reach a group through a ring of shared-memory stages, a row each, filled by
+// cp.async (stages - 1) rows ahead: the loads stay in flight across the reductions' barriers and
+// the grid barriers between sweeps. A thread copies and reads back only its own columns, so the
+// ring needs no barrier of its own. Where all of a group's rows fit in its ring (B up to ~2100
+// at K = 3000 on 132 SMs) they stay there: the scores are read from HBM once per call. Otherwise
+// every other sweep walks the rows backwards, so that it starts on the rows the last one read,
+// which the L2 still holds.
 //
 // One exp per element: a row step takes the row's maximum, then e = exp(z - max) and its sum S,
 // and adds e * r / S (the plan's entry) to the column's linear sum. Plan entries are at most r,
@@ -191,33 +201,37 @@ row_sweep_kernel(const T* __restrict__ s, int64_t ss_b, int64_t ss_k, int64_t ro
 // where it is e^-100 below the row's best: a zero-mass row elsewhere, a tiny eps) comes out
 // below exp(-69), and its log-sum is then taken again, exactly, from the row potentials
 // (the rule of the Triton sweeps, triton_kernels/sinkhorn.py). The first sweep (the column
-// log-sums of a s, which do overflow) keeps a running maximum per column, rescaled once a step.
+// log-sums of a s, which do overflow) keeps an online (maximum, sum) per column.
 constexpr int kPersistentThreads = 512;
 constexpr int kPersistentWarps = kPersistentThreads / 32;
-// Elements of the scores a thread takes per step (rows x its columns): the step's barriers are
-// paid once for all of them, and they fit in registers beside the column state.
-constexpr int kElementsPerThread = 16;
 constexpr int kColumnsPerChunk = 32;  // columns a block combines at a time in the reduction
+constexpr int kPartBatch = 16;        // partial sums a thread of the reduction loads at once
 
-// The launch shape of columns-per-thread class C (K <= C * kPersistentThreads) for scores of T.
-template <typename T, typename A, int C>
+// The launch shape of C columns a thread in G groups of rows, for scores of T.
+template <typename T, typename A, int C, int G>
 struct Persistent {
-  static constexpr int kRows = kElementsPerThread / C > 0 ? kElementsPerThread / C : 1;  // a step
+  static constexpr int kGroupThreads = kPersistentThreads / G;
+  static constexpr int kColumns = C * kGroupThreads;  // the most columns it takes
   // A thread's columns come in runs of kVector adjacent ones (one copy of up to 16 bytes each:
-  // the largest power of two dividing C), the runs kVector * kPersistentThreads apart: a warp's
-  // copy covers 32 runs side by side.
+  // the largest power of two dividing C), the runs kRunStride apart: a warp's copy covers 32
+  // runs side by side.
   static constexpr int kVector = (C & -C) < 16 / int(sizeof(T)) ? (C & -C) : 16 / int(sizeof(T));
-  static constexpr int kStageElements = kRows * C * kPersistentThreads;
-  static constexpr int kStageBytes = kStageElements * int(sizeof(T));
-  // Stages: as many as the device's shared memory per block holds (6 of 32 KB on the H100's
-  // 227 KB, 4 on the A100's 163), at most kMaxStages (wait_async's count is 0-7); at least 2,
-  // one in flight beside the one in use, or the sweeps run one by one.
+  static constexpr int kRunStride = kVector * kGroupThreads;
+  static constexpr int kStageBytes = kColumns * int(sizeof(T));  // a stage holds a row
+  // Stages: as many as the device's shared memory per block holds (4 a group for SwAV's K = 3000
+  // on the H100's 227 KB, 2 on the A100's 163), at most kMaxStages (wait_async's count is 0-7);
+  // at least 2, one in flight beside the one in use, or the sweeps run one by one.
   static constexpr int kMaxStages = 8;
+  // Beside the ring, a value a column: the row steps' column potentials; with more than one
+  // group also a group's column state on its way to group 0 (two values a column, the first
+  // sweep's in both halves).
+  static constexpr int kColumnStateBytes = (G > 1 ? 2 : 1) * kColumns * int(sizeof(A));
 
-  // Position of the thread's column c in a row (and in a stage's row).
+  static __device__ __forceinline__ int group() { return int(threadIdx.x) / kGroupThreads; }
+  static __device__ __forceinline__ int lane() { return int(threadIdx.x) % kGroupThreads; }
+  // Position of the thread's column c in a row (and in a stage).
   static __device__ __forceinline__ int column(int c) {
-    return (c / kVector) * (kVector * kPersistentThreads) + int(threadIdx.x) * kVector +
-           c % kVector;
+    return (c / kVector) * kRunStride + lane() * kVector + c % kVector;
   }
   // Whether rows of this layout can be copied kVector elements at a time.
   static bool vectorizable(const void* data, int64_t row_stride, int64_t col_stride,
@@ -252,7 +266,7 @@ struct IterationArgs {
   A* u;          // (rows,): the current row potentials (for the exact fallback)
   A* part_top;   // (blocks, cols): each block's partial column log-sums (first sweep)
   A* part_mass;  // (blocks, cols): and sums
-  int stages;    // of the ring (Persistent)
+  int stages;    // of a group's ring (Persistent)
   bool vector_scores, vector_plan;  // Persistent::vectorizable
 };
 
@@ -261,41 +275,127 @@ struct IterationArgs {
 template <typename A>
 __device__ __forceinline__ A underflow_logsum() { return sizeof(A) == 4 ? A(-69) : A(-690); }
 
-// For each of R rows: the maximum over the block of each thread's value, and (second call) the
-// sum; every thread gets the same results (xor butterflies: a + b == b + a, so every lane of
-// every warp ends with the same bits). One block barrier per call; the two calls use different
-// shared arrays, so a fast thread's next write never meets a slow thread's read.
-template <typename A, int R, bool MAX>
-__device__ __forceinline__ void block_reduce_rows(A (&value)[R]) {
-  __shared__ A warp_values[R][kPersistentWarps];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto butterfly = [](A x, int from) {
-    for (int offset = from; offset > 0; offset /= 2) {
-      const A other = __shfl_xor_sync(0xffffffffu, x, offset);
-      x = MAX ? (other > x ? other : x) : x + other;
-    }
-    return x;
-  };
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const A x = butterfly(value[r], 16);
-    if (lane == 0) warp_values[r][warp] = x;
+// The barrier of the calling thread's group of THREADS (named barrier 1 + group; 0 is
+// __syncthreads').
+template <int THREADS>
+__device__ __forceinline__ void group_barrier() {
+  if constexpr (THREADS == kPersistentThreads) {
+    __syncthreads();
+  } else if constexpr (THREADS > 32) {
+    asm volatile("bar.sync %0, %1;" ::"r"(1 + int(threadIdx.x) / THREADS), "n"(THREADS)
+                 : "memory");
   }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < R; ++r) value[r] = butterfly(warp_values[r][lane % kPersistentWarps],
-                                                   kPersistentWarps / 2);
 }
 
-// A column's log-sum: group 0's partial (max, sum) combined with the other groups' in shared
-// memory.
+// The maximum (MAX) or the sum of a value over the calling thread's group of THREADS; every
+// thread gets the same bits (xor butterflies: a + b == b + a). One group barrier per call; the
+// two kinds use different shared arrays, so a fast thread's next write never meets a slow
+// thread's read.
+template <typename A, int THREADS, bool MAX>
+__device__ __forceinline__ A group_reduce(A x) {
+  auto butterfly = [](A value, int from) {
+    for (int offset = from; offset > 0; offset /= 2) {
+      const A other = __shfl_xor_sync(0xffffffffu, value, offset);
+      value = MAX ? (other > value ? other : value) : value + other;
+    }
+    return value;
+  };
+  x = butterfly(x, 16);
+  if constexpr (THREADS > 32) {
+    constexpr int kWarps = THREADS / 32;
+    __shared__ A warp_values[kPersistentWarps];
+    const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+    if (lane == 0) warp_values[warp] = x;
+    group_barrier<THREADS>();
+    x = butterfly(warp_values[warp / kWarps * kWarps + lane % kWarps], kWarps / 2);
+  }
+  return x;
+}
+
+// A row's values a thread holds are folded in kChains chains (C is a multiple of it).
+constexpr int kChains = 4;
 template <typename A>
-__device__ __forceinline__ A with_other_groups(LogSum<A> group0,
-                                               const A (*tops)[kColumnsPerChunk],
-                                               const A (*masses)[kColumnsPerChunk], int lane) {
-  for (int g = 1; g < kPersistentWarps; ++g)
-    group0 = combine(group0, LogSum<A>{tops[g][lane], masses[g][lane]});
-  return group0.top + log(group0.mass);
+__device__ __forceinline__ A chains_max(const A (&x)[kChains]) {
+  return fmax(fmax(x[0], x[1]), fmax(x[2], x[3]));
+}
+template <typename A>
+__device__ __forceinline__ A chains_sum(const A (&x)[kChains]) {
+  return (x[0] + x[1]) + (x[2] + x[3]);
+}
+
+// Group 0 gathers the other groups' values of its columns (their maximum, MAX, or their sum, in
+// group order: the same result every run), two groups at a time through the two halves of
+// `staging`. The first barrier also waits for every group's rows: the second half holds the row
+// steps' potentials.
+template <typename T, typename A, int C, int G, bool MAX>
+__device__ __forceinline__ void gather_groups(A (&x)[C], A* staging) {
+  using Shape = Persistent<T, A, C, G>;
+  constexpr int kGroupThreads = Shape::kGroupThreads;
+  const int group = Shape::group(), lane = Shape::lane();
+  for (int first = 1; first < G; first += 2) {
+    __syncthreads();  // the halves' previous readers are done
+    if (group == first || group == first + 1) {
+      A* half = staging + (group - first) * Shape::kColumns;
+#pragma unroll
+      for (int c = 0; c < C; ++c) half[c * kGroupThreads + lane] = x[c];
+    }
+    __syncthreads();
+    if (group == 0) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if (first + half >= G) break;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const A other = staging[half * Shape::kColumns + c * kGroupThreads + lane];
+          x[c] = MAX ? fmax(x[c], other) : x[c] + other;
+        }
+      }
+    }
+  }
+}
+
+// The first sweep's column log-sums (base 2: sum = mass * 2^top) of the groups, to group 0: the
+// columns' maxima first, then every group's sums rescaled to them at once, then summed (an
+// exponential a column a thread, where combining the pairs group by group took two a column in
+// group 0 alone: 2.9 us a call at K 3000, H200).
+template <typename T, typename A, int C, int G>
+__device__ __forceinline__ void gather_logsums(A (&top)[C], A (&mass)[C], A* staging) {
+  using Shape = Persistent<T, A, C, G>;
+  if constexpr (G > 1) {
+    constexpr int kGroupThreads = Shape::kGroupThreads;
+    const int lane = Shape::lane();
+    A high[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) high[c] = top[c];
+    gather_groups<T, A, C, G, true>(high, staging);
+    if (Shape::group() == 0) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) staging[c * kGroupThreads + lane] = high[c];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const A column_top = staging[c * kGroupThreads + lane];
+      // An empty column (top -inf everywhere) keeps mass 0; an empty group's mass is 0 anyway.
+      mass[c] *= exp2_flushed(top[c] - (column_top == A(-INFINITY) ? A(0) : column_top));
+      top[c] = column_top;
+    }
+    gather_groups<T, A, C, G, false>(mass, staging);
+  }
+}
+
+// A column's log-sum from the 16 groups' partial (max, sum) pairs in shared memory: their
+// maximum, then the sums rescaled to it (independent exponentials, where combining the pairs
+// one by one chained them).
+template <typename A>
+__device__ __forceinline__ A groups_logsum(const A (*tops)[kColumnsPerChunk],
+                                           const A (*masses)[kColumnsPerChunk], int lane) {
+  A high = tops[0][lane];
+  for (int g = 1; g < kPersistentWarps; ++g) high = fmax(high, tops[g][lane]);
+  if (high == A(-INFINITY)) return high;
+  A sum = A(0);
+  for (int g = 0; g < kPersistentWarps; ++g) sum += masses[g][lane] * exp(tops[g][lane] - high);
+  return high + log(sum);
 }
 
 // After a sweep's partials are written (and a grid barrier): the column log-sums l, combined
@@ -314,20 +414,43 @@ __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int 
     const bool real = j < p.cols;
     const A v_j = real && sweep > 0 ? p.v[j] : A(0);
     LogSum<A> total{sweep > 0 ? A(0) : A(-INFINITY), A(0)};
-    if (real && sweep > 0) {
-#pragma unroll 4
-      for (int64_t part = group; part < parts; part += kPersistentWarps)
-        total.mass += p.part_mass[part * p.cols + j];
-    } else if (real) {
-#pragma unroll 4
-      for (int64_t part = group; part < parts; part += kPersistentWarps)
-        total = combine(total, LogSum<A>{p.part_top[part * p.cols + j],
-                                         p.part_mass[part * p.cols + j]});
+    // The parts' loads in batches of kBatch a thread, each batch in flight at once: one
+    // round trip to L2 for up to 16 * kBatch parts (132 on an H100, a block per SM; in float64
+    // half as many, for registers).
+    constexpr int kBatch = kPartBatch * 4 / int(sizeof(A));
+    for (int64_t part0 = group; real && part0 < parts; part0 += kPersistentWarps * kBatch) {
+      A batch_mass[kBatch], batch_top[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int64_t part = part0 + int64_t{b} * kPersistentWarps;
+        batch_mass[b] = part < parts ? p.part_mass[part * p.cols + j] : A(0);
+        if (sweep == 0) batch_top[b] = part < parts ? p.part_top[part * p.cols + j] : A(-INFINITY);
+      }
+      if (sweep > 0) {
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) total.mass += batch_mass[b];
+      } else {  // the batch's maximum, then its sums rescaled to it
+        A high = total.top;
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) high = fmax(high, batch_top[b]);
+        if (high != A(-INFINITY)) {
+          A sum = total.mass * exp(total.top - high);
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) sum += batch_mass[b] * exp(batch_top[b] - high);
+          total = {high, sum};
+        }
+      }
     }
     tops[group][lane] = total.top;
     masses[group][lane] = total.mass;
     __syncthreads();
-    if (group == 0) logsums[lane] = with_other_groups(total, tops, masses, lane);
+    if (group == 0 && sweep > 0) {  // linear sums: no exponentials
+      A sum = total.mass;
+      for (int g = 1; g < kPersistentWarps; ++g) sum += masses[g][lane];
+      logsums[lane] = log(sum);
+    } else if (group == 0) {
+      logsums[lane] = groups_logsum(tops, masses, lane);
+    }
     __syncthreads();
     A logsum = logsums[lane];
     // logsum < limit is false for NaN: a NaN column stays NaN.
@@ -342,7 +465,7 @@ __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int 
     __syncthreads();
     if (group == 0 && real) {
       if (sweep > 0 && logsum < underflow_logsum<A>())
-        logsum = with_other_groups(LogSum<A>{tops[0][lane], masses[0][lane]}, tops, masses, lane);
+        logsum = groups_logsum(tops, masses, lane);
       if (last) {
         p.l_out[j] = logsum;
       } else {
@@ -356,53 +479,44 @@ __device__ void reduce_columns(const IterationArgs<T, A>& p, int64_t parts, int 
   }
 }
 
-// Copies the thread's columns of `rows` rows from i0 into a stage: asynchronously where the rows
-// allow whole runs, element by element otherwise. `runs`: how many of the thread's runs start
-// inside the row. (The address math is a few adds a copy: the first version worked out every
-// copy's 64-bit address and branches, ~25 instructions per element, 40 % of the kernel's.)
-template <typename T, typename A, int C>
-__device__ __forceinline__ void load_step(const IterationArgs<T, A>& p, T* stage, int64_t i0,
-                                          int rows, int runs) {
-  using Shape = Persistent<T, A, C>;
-  constexpr int W = Shape::kVector, kRunStride = W * kPersistentThreads;
+// Copies the thread's columns of row i into a stage: asynchronously where the rows allow whole
+// runs, element by element otherwise. `runs`: how many of the thread's runs start inside the
+// row. (The address math is a few adds a copy: an earlier version worked out every copy's
+// 64-bit address and branches, ~25 instructions per element, 40 % of the kernel's.)
+template <typename T, typename A, int C, int G>
+__device__ __forceinline__ void load_row(const IterationArgs<T, A>& p, T* stage, int64_t i,
+                                         int runs) {
+  using Shape = Persistent<T, A, C, G>;
+  constexpr int W = Shape::kVector, kRunStride = Shape::kRunStride;
   const int first_column = Shape::column(0);
   stage += first_column;
   if constexpr (W * sizeof(T) >= 4) {
     if (p.vector_scores) {
-      const T* row = p.s + i0 * p.ss_b + first_column;
+      const T* row = p.s + i * p.ss_b + first_column;
 #pragma unroll
-      for (int r = 0; r < Shape::kRows; ++r, row += p.ss_b) {
-        if (r >= rows) break;
-#pragma unroll
-        for (int run = 0; run < C / W; ++run)
-          if (run < runs)
-            copy_async<W * sizeof(T)>(stage + r * C * kPersistentThreads + run * kRunStride,
-                                      row + run * kRunStride, W * sizeof(T));
-      }
+      for (int run = 0; run < C / W; ++run)
+        if (run < runs)
+          copy_async<W * sizeof(T)>(stage + run * kRunStride, row + run * kRunStride,
+                                    W * sizeof(T));
       return;
     }
   }
+  const T* row = p.s + i * p.ss_b;
 #pragma unroll
-  for (int r = 0; r < Shape::kRows; ++r) {
-    if (r >= rows) break;
-    const T* row = p.s + (i0 + r) * p.ss_b;
+  for (int run = 0; run < C / W; ++run) {
+    const int j = first_column + run * kRunStride;
 #pragma unroll
-    for (int run = 0; run < C / W; ++run) {
-      const int j = first_column + run * kRunStride;
-#pragma unroll
-      for (int w = 0; w < W; ++w)
-        if (run < runs)  // a run's columns past the row read as 0 (see iteration_kernel)
-          stage[r * C * kPersistentThreads + run * kRunStride + w] =
-              j + w < p.cols ? row[(j + w) * p.ss_k] : narrow<T>(A(0));
-    }
+    for (int w = 0; w < W; ++w)
+      if (run < runs)  // a run's columns past the row read as 0 (see iteration_kernel)
+        stage[run * kRunStride + w] = j + w < p.cols ? row[(j + w) * p.ss_k] : narrow<T>(A(0));
   }
 }
 
 // Writes the thread's columns of plan row i.
-template <typename T, typename A, int C>
+template <typename T, typename A, int C, int G>
 __device__ __forceinline__ void store_plan_row(const IterationArgs<T, A>& p, const A (&entry)[C],
                                                int64_t i) {
-  using Shape = Persistent<T, A, C>;
+  using Shape = Persistent<T, A, C, G>;
   constexpr int W = Shape::kVector;
   T* row = p.plan + i * p.sp_b;
 #pragma unroll
@@ -425,16 +539,24 @@ __device__ __forceinline__ void store_plan_row(const IterationArgs<T, A>& p, con
 // Sweep 0: the column log-sums of scale s. Sweep t = 1..n_iters: row step t - 1 with the column
 // potentials v (its row potentials to u_history), the column log-sums of its plan; the last one
 // writes the plan.
-template <typename T, typename A, int C>
-// One block per SM at up to 128 registers, none spilled: with two (64 registers, spilling up to
-// 170 bytes) B4096 K3000 took 194 us against 159 (H200, RESULTS.md).
+template <typename T, typename A, int C, int G>
+// One block per SM at up to 128 registers, none spilled in float32 (float64 spills 100-300
+// bytes): with two blocks (64 registers, spilling up to 170 bytes) B4096 K3000 took 194 us
+// against 159 (H200, RESULTS.md).
 __global__ void __launch_bounds__(kPersistentThreads, 1)
 iteration_kernel(const IterationArgs<T, A> p) {
-  using Shape = Persistent<T, A, C>;
-  constexpr int R = Shape::kRows, W = Shape::kVector;
-  const int S = p.stages;
-  extern __shared__ __align__(16) unsigned char ring_bytes[];
-  T* const ring = reinterpret_cast<T*>(ring_bytes);
+  using Shape = Persistent<T, A, C, G>;
+  static_assert(C % kChains == 0, "a thread's columns fold in kChains chains");
+  constexpr int W = Shape::kVector, kGroupThreads = Shape::kGroupThreads;
+  constexpr int kStageElements = Shape::kColumns;
+  const int S = p.stages, group = Shape::group();
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* const ring = reinterpret_cast<T*>(shared_bytes) + group * S * kStageElements;
+  A* const staging = reinterpret_cast<A*>(shared_bytes + G * S * Shape::kStageBytes);
+  // The row steps' potentials (base 2, -inf past the columns) by position in a row: in shared
+  // memory, not in registers, which are then left for the row's values (with 24 columns a
+  // thread, 128 registers spilled; a run of them is one 16-byte read).
+  A* const v_shared = staging + (G > 1 ? Shape::kColumns : 0);
   // The sweeps work in base 2 (z = log2 e * scale * s + ..., 2^z): 2^z is one multifunction
   // instruction where exp takes about eight; the potentials stay natural logs.
   const A scale2 = p.scale * A(kLog2e);
@@ -442,24 +564,29 @@ iteration_kernel(const IterationArgs<T, A> p) {
   const int64_t first = blockIdx.x * p.rows_per_block;
   const int64_t stop = first + p.rows_per_block < p.rows ? first + p.rows_per_block : p.rows;
   const int64_t parts = (p.rows + p.rows_per_block - 1) / p.rows_per_block;
-  // Counts of steps fit 32 bits: a block's rows are at most (rows / blocks) + 1.
-  const int steps = stop > first ? static_cast<int>((stop - first + R - 1) / R) : 0;  // a sweep
+  // The group's rows, a sweep's steps: first + group + G k for k < steps (a block's rows are at
+  // most (rows / blocks) + 1, so the counts fit 32 bits).
+  const int steps = stop - first > group ? static_cast<int>((stop - first - group + G - 1) / G) : 0;
+  auto row_of = [&](int k) { return first + group + int64_t{G} * k; };
   // Of the thread's runs of columns, how many start inside a row.
   const int runs = Shape::column(0) < p.cols
-                       ? min(C / W, int((p.cols - 1 - Shape::column(0)) / (W * kPersistentThreads)) + 1)
+                       ? min(C / W, int((p.cols - 1 - Shape::column(0)) / Shape::kRunStride) + 1)
                        : 0;
-  auto rows_from = [&](int64_t i0) { return int(stop - i0 < R ? stop - i0 : R); };
-  // The loads in order: step by step, sweep after sweep, stage after stage of the ring.
-  // Resident (steps <= S): the ring holds every step, loaded once.
+  // The loads in order: row by row, sweep after sweep (every other one backwards), stage after
+  // stage of the ring. Resident (steps <= S): the ring holds every row, loaded once.
   const bool resident = steps <= S;
   const int loads = resident ? steps : (p.n_iters + 1) * steps;
-  int issued = 0, load_step_index = 0, load_stage = 0;
+  int issued = 0, load_step = 0, load_stage = 0;
+  bool load_backward = false;
   auto issue = [&]() {
     asm volatile("" ::: "memory");  // the stage's reads before (in program order) its refill
     if (issued < loads) {
-      const int64_t i0 = first + int64_t{load_step_index} * R;
-      load_step<T, A, C>(p, ring + load_stage * Shape::kStageElements, i0, rows_from(i0), runs);
-      load_step_index = load_step_index + 1 == steps ? 0 : load_step_index + 1;
+      load_row<T, A, C, G>(p, ring + load_stage * kStageElements,
+                           row_of(load_backward ? steps - 1 - load_step : load_step), runs);
+      if (++load_step == steps) {
+        load_step = 0;
+        load_backward = !load_backward;
+      }
       load_stage = load_stage + 1 == S ? 0 : load_stage + 1;
     }
     ++issued;
@@ -470,73 +597,56 @@ iteration_kernel(const IterationArgs<T, A> p) {
   // keeps them out of the row sums; the first sweep's sums of them are never written).
   for (int stage = 0; stage < S; ++stage)
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int run = 0; run < C / W; ++run)
-        if (run >= runs)
-          *reinterpret_cast<Run<T, W>*>(ring + stage * Shape::kStageElements + Shape::column(0) +
-                                         r * C * kPersistentThreads +
-                                         run * W * kPersistentThreads) = Run<T, W>{};
+    for (int run = 0; run < C / W; ++run)
+      if (run >= runs)
+        *reinterpret_cast<Run<T, W>*>(ring + stage * kStageElements + Shape::column(0) +
+                                       run * Shape::kRunStride) = Run<T, W>{};
 #pragma unroll 1
   for (int load = 0; load < S - 1; ++load) issue();
   int use_stage = 0;
-  // Runs consume(z, i0, rows) on each of the block's steps, z[r][c] = log2 e * scale * s of row
-  // i0 + r and the thread's column c (-inf past the block's rows, 0 past the row's columns).
-  auto each_step = [&](auto&& consume) {
-    if (resident) use_stage = 0;
+  // Runs consume(z, i) on each of the group's rows i, backwards if asked, z[c] = log2 e * scale
+  // * s of the thread's column c (0 past the row's columns).
+  auto each_row = [&](bool backward, auto&& consume) {
     for (int step = 0; step < steps; ++step) {
-      issue();              // into the stage the previous step used
-      wait_async(S - 1);    // this step's copies have landed
-      const T* stage = ring + use_stage * Shape::kStageElements + Shape::column(0);
+      issue();            // into the stage the previous row used
+      wait_async(S - 1);  // this row's copies have landed
+      const int k = backward ? steps - 1 - step : step;
+      const T* stage = ring + (resident ? k : use_stage) * kStageElements + Shape::column(0);
       use_stage = use_stage + 1 == S ? 0 : use_stage + 1;
-      const int64_t i0 = first + int64_t{step} * R;
-      const int rows = rows_from(i0);
-      A z[R][C];
+      A z[C];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= rows) {  // the same for the whole block
+      for (int run = 0; run < C / W; ++run) {
+        const Run<T, W> values =
+            *reinterpret_cast<const Run<T, W>*>(stage + run * Shape::kRunStride);
 #pragma unroll
-          for (int c = 0; c < C; ++c) z[r][c] = A(-INFINITY);
-          continue;
-        }
-#pragma unroll
-        for (int run = 0; run < C / W; ++run) {
-          const Run<T, W> values = *reinterpret_cast<const Run<T, W>*>(
-              stage + r * C * kPersistentThreads + run * W * kPersistentThreads);
-#pragma unroll
-          for (int w = 0; w < W; ++w) z[r][run * W + w] = scaled(widen(values.v[w]), scale2);
-        }
+        for (int w = 0; w < W; ++w) z[run * W + w] = scaled(widen(values.v[w]), scale2);
       }
-      consume(z, i0, rows);
+      consume(z, row_of(k));
     }
   };
-  // The first sweep and the row steps have their own loops over the steps (each_step), so the
-  // first sweep's running maxima are not live during the row steps, nor the potentials during
-  // the first sweep.
   for (int sweep = 0; sweep <= p.n_iters; ++sweep) {
-    const bool last = sweep == p.n_iters;
+    const bool last = sweep == p.n_iters, backward = sweep % 2 == 1;
     A mass[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) mass[c] = A(0);
-    if (sweep == 0) {  // the column log-sums of scale s, rescaled once a step
+    if (sweep == 0) {  // the column log-sums of scale s, online (maximum, sum) in base 2
       A top[C];
 #pragma unroll
       for (int c = 0; c < C; ++c) top[c] = A(-INFINITY);
-      each_step([&](A (&z)[R][C], int64_t, int) {
+      each_row(backward, [&](A (&z)[C], int64_t) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-          A high = top[c];
-#pragma unroll
-          for (int r = 0; r < R; ++r) high = z[r][c] > high ? z[r][c] : high;
-          const A shift = high == A(-INFINITY) ? A(0) : high;  // nothing yet: nothing to scale
-          A sum = mass[c] * exp2_flushed(top[c] - shift);
-#pragma unroll
-          for (int r = 0; r < R; ++r) sum += exp2_flushed(z[r][c] - shift);  // NaN z: NaN sum
-          top[c] = high;
-          mass[c] = sum;
+          // One 2^x an element: 2^-|z - top| scales whichever of the two is smaller. z is
+          // finite or NaN (scaled), so d is +inf only while the column is empty; a NaN z makes
+          // the sum NaN.
+          const A d = z[c] - top[c];
+          const A e = exp2_flushed(-fabs(d));
+          mass[c] = d > A(0) ? mass[c] * e + A(1) : mass[c] + e;
+          top[c] = fmax(top[c], z[c]);
         }
       });
-      if (blockIdx.x < parts) {
+      gather_logsums<T, A, C, G>(top, mass, staging);
+      if (group == 0 && blockIdx.x < parts) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           const int j = Shape::column(c);
@@ -544,55 +654,53 @@ iteration_kernel(const IterationArgs<T, A> p) {
         }
       }
     } else {  // row step sweep - 1, the linear column sums of its plan
-      A v[C];
+      for (int j = threadIdx.x; j < Shape::kColumns; j += kPersistentThreads)
+        v_shared[j] = j < p.cols ? p.v[j] * A(kLog2e) : A(-INFINITY);  // -inf: no column
+      __syncthreads();
+      const A* const v = v_shared + Shape::column(0);
+      each_row(backward, [&](A (&z)[C], int64_t i) {
+        // The thread's maximum and sum in kChains independent chains: a chain of C dependent
+        // instructions a row would leave the warp waiting on each.
+        A high[kChains], sum[kChains];
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const int j = Shape::column(c);
-        v[c] = j < p.cols ? p.v[j] * A(kLog2e) : A(-INFINITY);  // -inf: no column
-      }
-      each_step([&](A (&z)[R][C], int64_t i0, int rows) {
-        A row_max[R], row_sum[R];
+        for (int c = 0; c < C; ++c) {
+          if (c % W == 0) {
+            const Run<A, W> potentials =
+                *reinterpret_cast<const Run<A, W>*>(v + (c / W) * Shape::kRunStride);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          row_max[r] = A(-INFINITY);
-#pragma unroll
-          for (int c = 0; c < C; ++c) {
-            z[r][c] += v[c];
-            row_max[r] = z[r][c] > row_max[r] ? z[r][c] : row_max[r];
+            for (int w = 0; w < W; ++w) z[c + w] += potentials.v[w];
           }
+          high[c % kChains] = c < kChains ? z[c] : fmax(high[c % kChains], z[c]);  // skips NaN
         }
-        block_reduce_rows<A, R, true>(row_max);
+        const A row_high = group_reduce<A, kGroupThreads, true>(chains_max(high));
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          row_sum[r] = A(0);
-#pragma unroll
-          for (int c = 0; c < C; ++c) {
-            z[r][c] = exp2_flushed(z[r][c] - row_max[r]);  // from here on z holds e
-            row_sum[r] += z[r][c];
-          }
+        for (int c = 0; c < C; ++c) {
+          z[c] = exp2_flushed(z[c] - row_high);  // from here on z holds e; NaN z: NaN sum
+          sum[c % kChains] = c < kChains ? z[c] : sum[c % kChains] + z[c];
         }
-        block_reduce_rows<A, R, false>(row_sum);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if (r >= rows) continue;
-          const int64_t i = i0 + r;
-          const A lr = p.log_r != nullptr ? p.log_r[i] : p.log_r_const;
-          const A weight = exp(lr) / row_sum[r];  // the plan's entry is e * r / S
-          if (threadIdx.x == 0) {
-            const A u = lr - row_max[r] * A(kLn2) - log(row_sum[r]);
-            p.u[i] = u;
-            if (p.u_history != nullptr) p.u_history[(sweep - 1) * p.rows + i] = u;
-          }
+        const A row_sum = group_reduce<A, kGroupThreads, false>(chains_sum(sum));
+        const A lr = p.log_r != nullptr ? p.log_r[i] : p.log_r_const;
+        const A weight = exp(lr) / row_sum;  // the plan's entry is e * r / S
+        if (Shape::lane() == 0) {
+          const A u = lr - row_high * A(kLn2) - log(row_sum);
+          p.u[i] = u;
+          if (p.u_history != nullptr) p.u_history[(sweep - 1) * p.rows + i] = u;
+        }
+        if (last) {
 #pragma unroll
           for (int c = 0; c < C; ++c) {
-            z[r][c] *= weight;
-            mass[c] += z[r][c];
+            z[c] *= weight;
+            mass[c] += z[c];
           }
-          if (last) store_plan_row<T, A, C>(p, z[r], i);
+          store_plan_row<T, A, C, G>(p, z, i);
+        } else {
+#pragma unroll
+          for (int c = 0; c < C; ++c) mass[c] = fma(z[c], weight, mass[c]);
         }
       });
+      gather_groups<T, A, C, G, false>(mass, staging);
     }
-    if (blockIdx.x < parts) {
+    if (group == 0 && blockIdx.x < parts) {
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const int j = Shape::column(c);
@@ -692,21 +800,22 @@ Sweeps<T, typename Accumulate<T>::type> sweeps(const Tensor& scores, double scal
           static_cast<A>(scale)};
 }
 
-// The most columns per thread of the persistent kernel: its column state (potentials and
-// log-sums, 3 values a column) and a step's scores stay in registers at 512 threads.
-template <typename A>
-constexpr int max_columns_per_thread() { return sizeof(A) == 4 ? 16 : 8; }
+// The persistent kernel's layout: C columns a thread, G groups of rows.
+template <int C, int G>
+struct Layout {
+  static constexpr int kColumns = C, kGroups = G;
+};
 
-// One cooperative launch of iteration_kernel<T, A, C> over every co-resident block. Returns
+// One cooperative launch of iteration_kernel<T, A, C, G> over every co-resident block. Returns
 // false, launching nothing, where the device cannot run it (no cooperative launch).
-template <typename T, typename A, int C>
+template <typename T, typename A, int C, int G>
 bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream_t stream) {
-  using Shape = Persistent<T, A, C>;
-  const auto kernel = iteration_kernel<T, A, C>;
-  // Blocks per SM (0: cannot launch cooperatively) and the ring's stages, asked once per device:
+  using Shape = Persistent<T, A, C, G>;
+  const auto kernel = iteration_kernel<T, A, C, G>;
+  // Blocks per SM (0: cannot launch cooperatively) and the rings' stages, asked once per device:
   // the queries cost more host time than the rest of the launch.
   struct Launch {
-    int per_sm = 0, stages = 0;
+    int per_sm = 0, stages = 0, shared = 0;
   };
   const int device = scores.get_device_index();
   const Launch launch = per_device(device, [&] {
@@ -715,15 +824,16 @@ bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream
     cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     cudaFuncAttributes attributes{};
     cudaFuncGetAttributes(&attributes, kernel);
-    const int64_t stages =
-        (shared - static_cast<int64_t>(attributes.sharedSizeBytes)) / Shape::kStageBytes;
+    const int64_t stages = (shared - static_cast<int64_t>(attributes.sharedSizeBytes) -
+                            Shape::kColumnStateBytes) / (int64_t{G} * Shape::kStageBytes);
     Launch found;
     found.stages = static_cast<int>(stages < Shape::kMaxStages ? stages : Shape::kMaxStages);
+    found.shared = G * found.stages * Shape::kStageBytes + Shape::kColumnStateBytes;
     if (cooperative && found.stages >= 2 &&
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             found.stages * Shape::kStageBytes) == cudaSuccess) {
+                             found.shared) == cudaSuccess) {
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&found.per_sm, kernel, kPersistentThreads,
-                                                    found.stages * Shape::kStageBytes);
+                                                    found.shared);
     }
     cudaGetLastError();  // a device that cannot run it: the sweeps run one by one
     return found;
@@ -743,23 +853,34 @@ bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream
   void* params[] = {&args};
   const cudaError_t error = cudaLaunchCooperativeKernel(
       reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(kPersistentThreads), params,
-      launch.stages * Shape::kStageBytes, stream);
+      launch.shared, stream);
   STD_TORCH_CHECK(error == cudaSuccess, "protokernels: CUDA kernel launch failed: ",
                   cudaGetErrorString(error));
   return true;
 }
 
-// Calls f(std::integral_constant<int, C>{}) with the fewest columns per thread C (1, 2, 4, 6, 8
-// or 16, up to MAX) covering `cols`; false if none does. 6: SwAV's K = 3000 would leave 27 % of
-// the 8-column class idle.
-template <int MAX, typename F>
-bool dispatch_columns_per_thread(int64_t cols, F&& f) {
-  if (cols <= kPersistentThreads) return f(std::integral_constant<int, 1>{});
-  if constexpr (MAX >= 2) if (cols <= 2 * kPersistentThreads) return f(std::integral_constant<int, 2>{});
-  if constexpr (MAX >= 4) if (cols <= 4 * kPersistentThreads) return f(std::integral_constant<int, 4>{});
-  if constexpr (MAX >= 8) if (cols <= 6 * kPersistentThreads) return f(std::integral_constant<int, 6>{});
-  if constexpr (MAX >= 8) if (cols <= 8 * kPersistentThreads) return f(std::integral_constant<int, 8>{});
-  if constexpr (MAX >= 16) if (cols <= 16 * kPersistentThreads) return f(std::integral_constant<int, 16>{});
+// Calls f(Layout<C, G>{}) with the layout of the fewest columns C * 512 / G covering `cols`;
+// false if none does (more than 8192 columns, 4096 in float64). A thread takes 16 columns (8 in
+// float64: its potentials, sums and scores stay in registers), and the groups shrink as the
+// columns grow; up to 3072 columns a thread takes 1.5 times as many, for SwAV's K = 3000, which
+// would leave 27 % of the next layout idle.
+template <typename A, typename F>
+bool dispatch_layout(int64_t cols, F&& f) {
+  if constexpr (sizeof(A) == 4) {
+    if (cols <= 512) return f(Layout<16, 16>{});
+    if (cols <= 1024) return f(Layout<16, 8>{});
+    if (cols <= 2048) return f(Layout<16, 4>{});
+    if (cols <= 3072) return f(Layout<24, 4>{});
+    if (cols <= 4096) return f(Layout<16, 2>{});
+    if (cols <= 8192) return f(Layout<16, 1>{});
+  } else {
+    if (cols <= 256) return f(Layout<8, 16>{});
+    if (cols <= 512) return f(Layout<8, 8>{});
+    if (cols <= 1024) return f(Layout<8, 4>{});
+    if (cols <= 2048) return f(Layout<8, 2>{});
+    if (cols <= 3072) return f(Layout<12, 2>{});
+    if (cols <= 4096) return f(Layout<8, 1>{});
+  }
   return false;
 }
 
@@ -858,10 +979,10 @@ void sinkhorn_iterate_cuda(Tensor scores, double scale, int64_t n_iters,
         optional_data<A>(log_r), static_cast<A>(log_r_const), optional_data<A>(log_c),
         static_cast<A>(log_c_const), static_cast<T*>(plan.mutable_data_ptr()), plan.stride(0),
         plan.stride(1), static_cast<A*>(l_out.mutable_data_ptr()), u_hist, v_hist};
-    const bool launched = dispatch_columns_per_thread<max_columns_per_thread<A>()>(
-        cols, [&](auto columns) {
-          return launch_iteration<T, A, decltype(columns)::value>(args, scores, sweep.stream);
-        });
+    const bool launched = dispatch_layout<A>(cols, [&](auto layout) {
+      using L = decltype(layout);
+      return launch_iteration<T, A, L::kColumns, L::kGroups>(args, scores, sweep.stream);
+    });
     if (launched) return;
     // The loop of ops/sinkhorn.py's _iterate: v_t in the history or two buffers in turn.
     Tensor buffers = torch::stable::new_empty(scores, {2, cols}, accumulate_type(scores));

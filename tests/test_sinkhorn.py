@@ -125,13 +125,15 @@ def test_chunked_rows(backend, monkeypatch):
     assert relative_error(plan, plan_reference(cost, r, None, 0.05, 12)) <= 1e-5
 
 
-# Sizes for each class of CUDA's whole-iteration kernel (1, 2, 4, 6, 8 and 16 columns a thread
-# of 512; a block's rows in several steps), for its two ways through the shared-memory ring (a
-# block's steps resident in it, or streamed through it: the last three, more steps than stages
-# on 132 SMs; rows copied in runs or, at odd K, element by element) and for its sweep-by-sweep
-# fallback beyond 8192 columns (4096 in float64); every backend runs them.
-WIDE_SHAPES = [(2300, 20), (5, 700), (2, 1500), (300, 2500), (40, 3500), (3, 4097), (3, 8193),
-               (13000, 20), (2500, 3000), (6400, 801)]
+# Sizes for each layout of CUDA's whole-iteration kernel (16 columns a thread in 16, 8, 4, 2 or 1
+# groups of rows, 24 in 4 groups up to K 3072; in float64 8 columns, 12 in 2 groups up to 3072),
+# with groups that have no rows (B 5, 2, 3), for its two ways through the shared-memory rings (a
+# group's rows resident in its ring, or streamed through it: the last four on 132 SMs, where some
+# groups of a block hold one row more than their stages; rows copied in runs or, at odd K, element
+# by element) and for its sweep-by-sweep fallback beyond 8192 columns (4096 in float64); every
+# backend runs them.
+WIDE_SHAPES = [(2300, 20), (700, 300), (5, 700), (2, 1500), (300, 2500), (40, 3500), (3, 4097),
+               (3, 8193), (13000, 20), (9000, 2000), (2500, 3000), (6400, 801)]
 
 
 @pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
@@ -158,10 +160,10 @@ def test_whole_iteration_sizes(backend, shape, dtype):
     assert relative_error(grads[0], grads[1]) <= 1e-4
 
 
-# Half-type scores through CUDA's ring, each with more steps than stages: copied in runs of 2
-# elements (6 columns a thread) or 8 (8 columns: 16 bytes), or element by element (odd K 801;
-# K 20, where a run would be one 2-byte element).
-HALF_SHAPES = [(2500, 3000), (2200, 3504), (9000, 801), (17000, 20)]
+# Half-type scores through CUDA's rings, with groups of rows that hold more rows than stages (8
+# on 132 SMs): copied in runs of 8 elements (16 bytes), or element by element (odd K 801; K 20,
+# not a multiple of a run).
+HALF_SHAPES = [(5000, 3000), (2200, 3504), (9000, 801), (17000, 20)]
 
 
 @pytest.mark.parametrize("shape", HALF_SHAPES, ids=str)
