@@ -195,10 +195,10 @@ _AUTO_ORDER = {
     **dict.fromkeys(("codebook_lookup", "codebook_stats"),
                     lambda dtype, precision, sizes: _backend_by_work(sizes, "n batch d", 2**22)),
     # sinkhorn: CUDA up to B*K = 2^24 with K <= 8192, where its whole iteration is one
-    # cooperative launch (36-69 us of host time against Triton's ~300 for eight launches): B256
-    # K3000 0.034 vs 0.308 ms, B1024 0.051 vs 0.350, B4096 0.148 vs 0.268 (H100; GPU time at
-    # B4096 0.144 vs Triton's 0.242). RESULTS.md "Sinkhorn's persistent kernel through a
-    # shared-memory ring" and "Sinkhorn in one launch".
+    # cooperative launch (33-44 us of host time against Triton's ~300 for eight launches): B256
+    # K3000 0.036 vs 0.385 ms, B1024 0.045 vs 0.236, B4096 0.100 vs 0.254 (H100; GPU time at
+    # B4096 0.096). RESULTS.md "Sinkhorn's whole iteration in groups of rows" and "Sinkhorn in
+    # one launch".
     # Triton above: beyond 8192 columns CUDA runs sweep by sweep (B65536 K16384: 128 vs 31.6 ms).
     # A call that must stop between the iterations (a
     # tolerance check, a cross-rank all-reduce: "stepwise") runs sweep by sweep on any backend,
