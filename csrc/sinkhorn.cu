@@ -355,9 +355,10 @@ __device__ __forceinline__ void gather_groups(A (&x)[C], A* staging) {
 }
 
 // The first sweep's column log-sums (base 2: sum = mass * 2^top) of the groups, to group 0: the
-// columns' maxima first, then every group's sums rescaled to them at once, then summed (an
-// exponential a column a thread, where combining the pairs group by group took two a column in
-// group 0 alone: 2.9 us a call at K 3000, H200).
+// columns' maxima first, then every group's sums rescaled to them at once, then summed: the
+// exponentials spread over every group, one a column, on the gathers of the sums. (Combining
+// the pairs group by group in group 0, two exponentials a column, measured the same: 2.9 us a
+// call at K 3000 on the H200, RESULTS.md.)
 template <typename T, typename A, int C, int G>
 __device__ __forceinline__ void gather_logsums(A (&top)[C], A (&mass)[C], A* staging) {
   using Shape = Persistent<T, A, C, G>;
@@ -861,7 +862,7 @@ bool launch_iteration(IterationArgs<T, A> args, const Tensor& scores, cudaStream
 
 // Calls f(Layout<C, G>{}) with the layout of the fewest columns C * 512 / G covering `cols`;
 // false if none does (more than 8192 columns, 4096 in float64). A thread takes 16 columns (8 in
-// float64: its potentials, sums and scores stay in registers), and the groups shrink as the
+// float64: their sums and a row's scores stay in registers), and the groups shrink as the
 // columns grow; up to 3072 columns a thread takes 1.5 times as many, for SwAV's K = 3000, which
 // would leave 27 % of the next layout idle.
 template <typename A, typename F>
