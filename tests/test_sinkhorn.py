@@ -127,11 +127,11 @@ def test_chunked_rows(backend, monkeypatch):
 
 # Sizes for each layout of CUDA's whole-iteration kernel (16 columns a thread in 16, 8, 4, 2 or 1
 # groups of rows, 24 in 4 groups up to K 3072; in float64 8 columns, 12 in 2 groups up to 3072),
-# with groups that have no rows (B 5, 2, 3), for its two ways through the shared-memory rings (a
-# group's rows resident in its ring, or streamed through it: the last four on 132 SMs, where some
-# groups of a block hold one row more than their stages; rows copied in runs or, at odd K, element
-# by element) and for its sweep-by-sweep fallback beyond 8192 columns (4096 in float64); every
-# backend runs them.
+# with groups that have no rows (B 5, 2, 40), for its two ways through the shared-memory rings (a
+# group's rows resident in its ring, or streamed through it: the last four on 132 SMs, where
+# groups hold more rows than their stages; rows copied in runs or, at odd K, element by element)
+# and for its sweep-by-sweep fallback beyond 8192 columns (4096 in float64); every backend runs
+# them.
 WIDE_SHAPES = [(2300, 20), (700, 300), (5, 700), (2, 1500), (300, 2500), (40, 3500), (3, 4097),
                (3, 8193), (13000, 20), (9000, 2000), (2500, 3000), (6400, 801)]
 
