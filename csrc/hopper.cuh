@@ -82,12 +82,12 @@ template <> constexpr CUtensorMapDataType tensor_map_type<__nv_bfloat16>() {
   return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
 }
 
-// A TMA map of t (B, R, D) read in boxes of (one batch, kBoxRows rows, box_depth() elements),
+// A TMA map of t (B, R, D) read in boxes of (one batch, box_rows rows, box_depth() elements),
 // zero-filled outside t: rows past R and depth past D read as 0. False where TMA cannot address t:
 // its start and its batch and row strides must be multiples of 16 bytes, its depth stride 1
 // (strides of size-1 dimensions do not matter), or the driver refuses the map.
 template <typename T>
-bool tensor_map(CUtensorMap* map, const Tensor& t) {
+bool tensor_map(CUtensorMap* map, const Tensor& t, int box_rows = kBoxRows) {
   constexpr int64_t kSize = sizeof(T);
   const int64_t batches = t.size(0), rows = t.size(1), depth = t.size(2);
   const auto encode = encode_tiled();
@@ -104,7 +104,8 @@ bool tensor_map(CUtensorMap* map, const Tensor& t) {
                               static_cast<cuuint64_t>(batches)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_bytes),
                                  static_cast<cuuint64_t>(batch_bytes)};
-  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_depth<T>()), kBoxRows, 1};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_depth<T>()),
+                           static_cast<cuuint32_t>(box_rows), 1};
   const cuuint32_t unit[3] = {1, 1, 1};
   return encode(map, tensor_map_type<T>(), 3, const_cast<void*>(t.const_data_ptr()), dims, strides,
                 box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -276,19 +277,20 @@ __device__ __forceinline__ void mma_64x128(float (&d)[64], uint64_t a, uint64_t 
 // The same TF32 step with A from registers: a[4] holds the thread's elements of A's 64 x 8 slice
 // in wgmma's register layout (warp w, lane 4 g + t: rows 16 w + g and 16 w + g + 8, columns t and
 // t + 4, in the order (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)). wgmma reads them
-// asynchronously: they must keep their values until the group's wait (hold_fragments).
+// asynchronously: they must keep their values until the group's wait (hold_fragments). d = the
+// product, without d's value, where `accumulate` is 0.
 __device__ __forceinline__ void mma_64x128_tf32_rs(float (&d)[64], const uint32_t (&a)[4],
-                                                   uint64_t b) {
+                                                   uint64_t b, int accumulate = 1) {
 #if defined(PK_HOPPER_DEVICE)
-  asm volatile("{\n"
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 "
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
                "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
                "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
                "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-               "{%64, %65, %66, %67}, %68, 1, 1, 1;\n}\n"
+               "{%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
                : PK_WGMMA_64x128_REGISTERS(d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 #endif
 }
 #undef PK_WGMMA_64x128_OPERANDS
@@ -301,6 +303,19 @@ __device__ __forceinline__ void mma_64x128_tf32_rs(float (&d)[64], const uint32_
 __device__ __forceinline__ float tf32_low_part(float v) {
   const float hi = __uint_as_float(__float_as_uint(v) & 0xFFFFE000u);
   return v == hi ? 0.0f : v - hi;
+}
+
+// One warpgroup's thread `thread` (0-127) of the 128 writing a float32 box's low parts into
+// low_box at the same offsets (so in the same swizzled layout): the B operand of hi.lo products.
+__device__ __forceinline__ void write_low_parts(unsigned char* low_box, const unsigned char* box,
+                                                int thread) {
+#pragma unroll
+  for (int q = 0; q < kBoxBytes / 16 / 128; ++q) {
+    const int at = 16 * (thread + 128 * q);
+    const float4 v = *reinterpret_cast<const float4*>(box + at);
+    *reinterpret_cast<float4*>(low_box + at) = make_float4(
+        tf32_low_part(v.x), tf32_low_part(v.y), tf32_low_part(v.z), tf32_low_part(v.w));
+  }
 }
 
 // Makes this thread's shared-memory writes visible to the async proxy (wgmma's operand reads).
@@ -649,14 +664,7 @@ struct RowBlockWalk {
       uint32_t (&a_low)[kRowBytes / 32][2][4]) const {
     const int thread = threadIdx.x % 128, warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
     unsigned char* low_box = low_boxes + size_t(c) * kBoxBytes;
-#pragma unroll
-    for (int q = 0; q < kBoxBytes / 16 / 128; ++q) {
-      const int at = 16 * (thread + 128 * q);
-      const float4 v = *reinterpret_cast<const float4*>(b_box + at);
-      *reinterpret_cast<float4*>(low_box + at) =
-          make_float4(tf32_low_part(v.x), tf32_low_part(v.y), tf32_low_part(v.z),
-                      tf32_low_part(v.w));
-    }
+    write_low_parts(low_box, b_box, thread);
     // Element (row r, column col) of a box sits at r * 128 + ((col / 4) ^ (r % 8)) * 16 +
     // (col % 4) * 4 (the 128-byte swizzle permutes a row's 16-byte chunks); r % 8 == g here.
 #pragma unroll

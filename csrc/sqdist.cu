@@ -260,6 +260,312 @@ bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, Precision pre
   return true;
 }
 
+// ---- The Hopper gradient (float32 at "tf32" and "tf32x3") ----
+//
+// out (B, R, D) = 2 (rowsum(G) a - G b) is a product with a long sum (K = S, 4096 at the spec
+// size) and few columns (D): it reads G once, and G is the bytes (537 MB at the spec size). A
+// block of hopper::kWalkThreads owns 2 GradLayout::kRows output rows and 128 columns of D:
+// warpgroup 0's first thread streams G's boxes (a region per consumer) and one box of b^T per
+// 32-element step of K by TMA through a ring of kGradStages stages; consumer warpgroups 1 and 2
+// each multiply their rows by the b^T box. Float32 wgmma reads only K-major operands from shared
+// memory, and G is K-major for gx (G = grad) but not for gy (G = grad^T: K runs down grad's
+// columns). So each consumer reads its G elements into registers in wgmma's A layout
+// (mma_64x128_tf32_rs) from grad's boxes as they lie, in either orientation
+// (grad_element_offset), and sums its rows of G from the same registers (the rowsum costs no
+// second read). b^T, K-major, is a (B, D, S) copy of b (small: b is S x D against G's R x S).
+// Each consumer waits for its step's MMAs before it takes the next: the other consumer's MMAs
+// keep the tensor cores busy meanwhile, and the kernel is bound by reading G.
+//
+// "tf32x3" adds hi.lo (a low box of b^T's low parts per consumer) and lo.hi (G's low parts from
+// the registers), and its sums are long: the tensor cores' float32 accumulation loses precision
+// with each k8 step (H100, K 4100: 2.1e-5 relative error where float32 gives 2e-7; linear in K),
+// past the 1e-5 that "tf32x3" promises. So each step's products start from zero and are added to
+// the totals in float32 by the consumer; the two sets of accumulators take the registers of 128
+// rows, so a consumer takes 64 rows there.
+template <bool kSplit>
+struct GradLayout {
+  static constexpr int kHalves = kSplit ? 1 : 2;  // m64 halves per consumer
+  static constexpr int kRows = 64 * kHalves;      // per consumer
+  static constexpr int kRegionBytes = kRows * hopper::kRowBytes;  // a consumer's G per stage
+  static constexpr size_t kStageBytes = 2 * kRegionBytes + hopper::kBoxBytes;  // + b^T's box
+};
+constexpr int kGradStages = 4;
+constexpr int kGradStep = hopper::box_depth<float>();  // K per stage: 32
+constexpr int kGradTransposedBox = kGradStep;  // grad^T's boxes: 32 of G's rows x 32 columns
+
+template <bool kSplit>
+constexpr size_t hopper_grad_smem_bytes() {
+  return hopper::kWalkAlign + kGradStages * GradLayout<kSplit>::kStageBytes +
+         (kSplit ? 2 * hopper::kBoxBytes : 0) + 2 * kGradStages * sizeof(uint64_t);
+}
+
+struct HopperGradArgs {
+  int rows, inner, depth;  // R (output rows), K (the sum's length: S), D
+  int row_blocks, depth_tiles;  // per batch
+  Matrix<const float> a;  // (batch, rows, depth)
+  float* out;  // (batch, rows, depth), contiguous
+};
+
+// Byte offset, in a consumer's G region of a stage, of G's element (row r of the consumer's, k of
+// the step's 32). kTranspose == false: one box of grad, the consumer's rows x 32 of K (128 bytes,
+// swizzled). True: boxes of grad, each 32 of K (grad's rows) x 32 output rows (grad's columns),
+// so the element is (k, r) there. The 128-byte swizzle puts a box row's 16-byte chunk j at
+// j ^ (row % 8).
+template <bool kTranspose>
+__device__ __forceinline__ int grad_element_offset(int r, int k) {
+  using namespace hopper;
+  if constexpr (kTranspose) {
+    const int box = r / kGradTransposedBox, col = r % kGradTransposedBox;
+    return box * kGradTransposedBox * kRowBytes + k * kRowBytes + (((col / 4) ^ (k % 8)) << 4) +
+           4 * (col % 4);
+  } else {
+    return r * kRowBytes + (((k / 4) ^ (r % 8)) << 4) + 4 * (k % 4);
+  }
+}
+
+template <bool kTranspose, bool kSplit>
+__global__ void __launch_bounds__(hopper::kWalkThreads, 1)
+hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
+                   const __grid_constant__ CUtensorMap bt_map, const HopperGradArgs args) {
+#if defined(PK_HOPPER_DEVICE)
+  using namespace hopper;
+  using Layout = GradLayout<kSplit>;
+  constexpr int kHalves = Layout::kHalves;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* stages = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + kWalkAlign - 1) & ~uintptr_t{kWalkAlign - 1});
+  unsigned char* low_boxes = stages + kGradStages * Layout::kStageBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(low_boxes + (kSplit ? 2 * kBoxBytes : 0));
+  uint64_t* empty = full + kGradStages;
+
+  const int depth_tile = blockIdx.x % args.depth_tiles;
+  const int row_block = blockIdx.x / args.depth_tiles % args.row_blocks;
+  const int batch = blockIdx.x / (args.depth_tiles * args.row_blocks);
+  const int row0 = row_block * 2 * Layout::kRows, col0 = depth_tile * kBoxRows;
+  const int steps = (args.inner + kGradStep - 1) / kGradStep;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kGradStages; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], 8);  // the consumers' 8 warps
+    }
+    barrier_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    for (int step = 0; step < steps; ++step) {
+      const int slot = step % kGradStages, round = step / kGradStages;
+      if (round > 0) wait(&empty[slot], (round - 1) & 1);
+      unsigned char* stage = stages + slot * Layout::kStageBytes;
+      arrive_expecting(&full[slot], Layout::kStageBytes);
+      const int k0 = step * kGradStep;
+      for (int c = 0; c < 2; ++c) {
+        unsigned char* region = stage + c * Layout::kRegionBytes;
+        const int r0 = row0 + c * Layout::kRows;
+        if constexpr (kTranspose) {
+          for (int q = 0; q < Layout::kRows / kGradTransposedBox; ++q)
+            load_box(region + q * kGradTransposedBox * kRowBytes, &grad_map, &full[slot],
+                     r0 + q * kGradTransposedBox, k0, batch);
+        } else {
+          load_box(region, &grad_map, &full[slot], k0, r0, batch);
+        }
+      }
+      load_box(stage + 2 * Layout::kRegionBytes, &bt_map, &full[slot], k0, col0, batch);
+    }
+    return;
+  }
+
+  claim_registers<kConsumerRegisters>();
+  const int c = threadIdx.x / 128 - 1, thread = threadIdx.x % 128;
+  const int warp = thread / 32, lane = thread % 32, g = lane / 4, t = lane % 4;
+  float acc[kHalves][64];    // the products ("tf32"), the step's products ("tf32x3")
+  float total[1][64];        // "tf32x3": the sums of the steps' products, in float32
+  float sums[kHalves][2] = {};  // [m][h]: this thread's part of the sums of its rows of G
+#pragma unroll
+  for (int m = 0; m < kHalves; ++m)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[m][i] = 0.0f;
+  if constexpr (kSplit) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) total[0][i] = 0.0f;
+  }
+  unsigned char* low_box = low_boxes + c * kBoxBytes;
+
+  for (int step = 0; step < steps; ++step) {
+    const int slot = step % kGradStages;
+    wait(&full[slot], (step / kGradStages) & 1);
+    const unsigned char* stage = stages + slot * Layout::kStageBytes;
+    const unsigned char* region = stage + c * Layout::kRegionBytes;
+    const unsigned char* bt_box = stage + 2 * Layout::kRegionBytes;
+    // wgmma's A layout (see mma_64x128_tf32_rs): k8 step j, rows 64 m + 16 warp + g + 8 (e % 2),
+    // k = 8 j + t + 4 (e / 2).
+    uint32_t a_hi[kGradStep / 8][kHalves][4];
+#pragma unroll
+    for (int j = 0; j < kGradStep / 8; ++j)
+#pragma unroll
+      for (int m = 0; m < kHalves; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = 64 * m + 16 * warp + g + 8 * (e % 2), k = 8 * j + t + 4 * (e / 2);
+          const float v =
+              *reinterpret_cast<const float*>(region + grad_element_offset<kTranspose>(r, k));
+          a_hi[j][m][e] = __float_as_uint(v);
+          sums[m][e % 2] += v;
+        }
+    if constexpr (kSplit) {
+      write_low_parts(low_box, bt_box, thread);
+      fence_async_shared();
+      sync_threads(1 + c, 128);  // the consumer's low box is whole
+      uint32_t a_lo[kGradStep / 8][1][4];
+#pragma unroll
+      for (int j = 0; j < kGradStep / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          a_lo[j][0][e] = __float_as_uint(tf32_low_part(__uint_as_float(a_hi[j][0][e])));
+      mma_fence();
+#pragma unroll
+      for (int j = 0; j < kGradStep / 8; ++j) {
+        const uint64_t b = descriptor(bt_box + 32 * j), b_lo = descriptor(low_box + 32 * j);
+        mma_64x128_tf32_rs(acc[0], a_hi[j][0], b, j > 0);
+        mma_64x128_tf32_rs(acc[0], a_hi[j][0], b_lo);
+        mma_64x128_tf32_rs(acc[0], a_lo[j][0], b);
+      }
+      mma_commit();
+      mma_wait<0>();
+      hold_fragments(a_lo);
+      hold_registers(acc[0]);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) total[0][i] += acc[0][i];
+    } else {
+      mma_fence();
+#pragma unroll
+      for (int j = 0; j < kGradStep / 8; ++j) {
+        const uint64_t b = descriptor(bt_box + 32 * j);
+#pragma unroll
+        for (int m = 0; m < kHalves; ++m) mma_64x128_tf32_rs(acc[m], a_hi[j][m], b);
+      }
+      mma_commit();
+      mma_wait<0>();
+#pragma unroll
+      for (int m = 0; m < kHalves; ++m) hold_registers(acc[m]);
+    }
+    hold_fragments(a_hi);
+    if (lane == 0) arrive(&empty[slot]);
+  }
+
+  // A row's sum is spread over the 4 threads t of its quad.
+#pragma unroll
+  for (int m = 0; m < kHalves; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sums[m][h] += __shfl_xor_sync(0xFFFFFFFFu, sums[m][h], 1);
+      sums[m][h] += __shfl_xor_sync(0xFFFFFFFFu, sums[m][h], 2);
+    }
+  const auto& products = [&]() -> const float(&)[kHalves][64] {
+    if constexpr (kSplit) return total; else return acc;
+  }();
+  const Matrix<const float> a = args.a;
+  const bool pairs = args.depth % 2 == 0;
+#pragma unroll
+  for (int r = 0; r < 2 * kHalves; ++r) {
+    const int row = row0 + c * Layout::kRows + acc_row(r);
+    if (row >= args.rows) continue;
+    const float sum = sums[r / 2][r % 2];
+    const float* a_row = a.data + batch * a.batch + int64_t{row} * a.row;
+    float* out_row = args.out + (int64_t{batch} * args.rows + row) * args.depth;
+#pragma unroll
+    for (int j = 0; j < kBoxRows / 8; ++j) {
+      const int col = col0 + 8 * j + 2 * t;
+      const float p0 = products[r / 2][4 * j + 2 * (r % 2)];
+      const float p1 = products[r / 2][4 * j + 2 * (r % 2) + 1];
+      if (pairs && col < args.depth) {
+        const float e0 = a_row[col * a.col], e1 = a_row[(col + 1) * a.col];
+        *reinterpret_cast<float2*>(out_row + col) =
+            make_float2(2.0f * (sum * e0 - p0), 2.0f * (sum * e1 - p1));
+      } else {
+        if (col < args.depth) out_row[col] = 2.0f * (sum * a_row[col * a.col] - p0);
+        if (col + 1 < args.depth) out_row[col + 1] = 2.0f * (sum * a_row[(col + 1) * a.col] - p1);
+      }
+    }
+  }
+#endif
+}
+
+// bt (B, D, S) = b (B, S, D) transposed, b read through its strides: the K-major B operand of the
+// Hopper gradient. 32 x 32 tiles through shared memory, so that both sides move whole rows.
+__global__ void transpose_rows_kernel(Matrix<const float> b, float* bt, int64_t bt_row,
+                                      int inner, int depth, int inner_tiles, int depth_tiles) {
+  __shared__ float tile[32][33];
+  const int depth_tile = blockIdx.x % depth_tiles;
+  const int inner_tile = blockIdx.x / depth_tiles % inner_tiles;
+  const int64_t batch = blockIdx.x / (depth_tiles * inner_tiles);
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  for (int i = ty; i < 32; i += blockDim.x / 32) {
+    const int s = inner_tile * 32 + i, d = depth_tile * 32 + tx;
+    if (s < inner && d < depth) tile[i][tx] = b.data[batch * b.batch + s * b.row + d * b.col];
+  }
+  __syncthreads();
+  for (int i = ty; i < 32; i += blockDim.x / 32) {
+    const int d = depth_tile * 32 + i, s = inner_tile * 32 + tx;
+    if (s < inner && d < depth) bt[(batch * depth + d) * bt_row + s] = tile[tx][i];
+  }
+}
+
+// The Hopper gradient's launch into out (B, R, D; contiguous) for float32 a, b and grad, or false
+// where it does not apply: "tf32" or "tf32x3", a Hopper GPU and an sm_90a build, grad addressable by TMA (unit
+// column stride, 16-byte aligned rows: a broadcast grad, as x.sum().backward() gives, is not),
+// counts within int.
+bool launch_hopper_grad(const Tensor& grad, const Tensor& a, const Tensor& b, bool transpose,
+                        const Tensor& out, Precision precision, cudaStream_t stream) {
+  using namespace hopper;
+  const int device = a.get_device_index();
+  if (precision == Precision::kIeee || !hopper_available(device)) return false;
+  const int64_t batch = a.size(0), rows = a.size(1), depth = a.size(2), inner = b.size(1);
+  const bool split = precision == Precision::kTf32x3;
+  const int block_rows = 2 * (split ? GradLayout<true>::kRows : GradLayout<false>::kRows);
+  const int64_t row_blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t depth_tiles = (depth + kBoxRows - 1) / kBoxRows;
+  if (rows >= kIntLimit || inner >= kIntLimit || batch * row_blocks * depth_tiles >= kIntLimit ||
+      batch * depth * inner >= kIntLimit * 64)
+    return false;
+  CUtensorMap grad_map, bt_map;
+  if (!tensor_map<float>(&grad_map, grad, transpose ? kGradTransposedBox : block_rows / 2))
+    return false;
+  // b^T with rows padded to 16 bytes (TMA's row stride); the padding is never read.
+  const int64_t bt_row = (inner + 3) / 4 * 4;
+  Tensor bt = torch::stable::new_empty(a, {batch, depth, bt_row});
+  const Tensor bt_view = reinterpret(bt, {batch, depth, inner}, {depth * bt_row, bt_row, 1});
+  if (!tensor_map<float>(&bt_map, bt_view)) return false;
+  const int64_t inner_tiles = (inner + 31) / 32, depth_tiles_32 = (depth + 31) / 32;
+  transpose_rows_kernel<<<static_cast<unsigned>(batch * inner_tiles * depth_tiles_32), 256, 0,
+                          stream>>>(input<float>(b, 1, 2), static_cast<float*>(bt.mutable_data_ptr()),
+                                    bt_row, static_cast<int>(inner), static_cast<int>(depth),
+                                    static_cast<int>(inner_tiles), static_cast<int>(depth_tiles_32));
+  PK_CHECK_LAUNCH();
+  const HopperGradArgs args{static_cast<int>(rows), static_cast<int>(inner),
+                            static_cast<int>(depth), static_cast<int>(row_blocks),
+                            static_cast<int>(depth_tiles), input<float>(a, 1, 2),
+                            static_cast<float*>(out.mutable_data_ptr())};
+  const unsigned blocks = static_cast<unsigned>(batch * row_blocks * depth_tiles);
+  auto launch = [&](auto transposed, auto split_products) {
+    constexpr bool kSplit = decltype(split_products)::value;
+    constexpr auto kKernel = hopper_grad_kernel<decltype(transposed)::value, kSplit>;
+    allow_walk_smem<kKernel>(device);
+    kKernel<<<blocks, kWalkThreads, hopper_grad_smem_bytes<kSplit>(), stream>>>(grad_map, bt_map,
+                                                                                args);
+    PK_CHECK_LAUNCH();
+  };
+  if (transpose)
+    split ? launch(std::true_type{}, std::true_type{}) : launch(std::true_type{}, std::false_type{});
+  else
+    split ? launch(std::false_type{}, std::true_type{})
+          : launch(std::false_type{}, std::false_type{});
+  return true;
+}
+
 template <typename T, typename Tile, Precision P, Epilogue E>
 void launch_tiles(GemmArgs<T> args, int64_t batch, cudaStream_t stream) {
   args.tiles_r = (args.rows + Tile::kRows - 1) / Tile::kRows;
@@ -330,6 +636,9 @@ Tensor sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, bool transpose, std::st
   dispatch_floating(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     // A = G (R x S); B = b^T (D x S): element (d, s) is b[s, d]; the epilogue reads a (R x D).
+    if constexpr (std::is_same_v<T, float>) {
+      if (launch_hopper_grad(grad, a, b, transpose, out, p, current_stream(a))) return;
+    }
     GemmArgs<T> args{input<T>(grad, rows_dim, inner_dim), input<T>(b, 2, 1), input<T>(a, 1, 2),
                      output<T>(out), a.size(1), a.size(2), b.size(1)};
     launch<Epilogue::kGradient>(args, a.size(0), p, current_stream(a));

@@ -166,7 +166,32 @@ struct MmaProduct {
     }
   }
 
+  // "tf32x3" sums each step's products from zero and adds them to acc in float32: the tensor
+  // cores' accumulation loses precision with every k8 product (H100, sums of 4100: 4.1e-5
+  // relative error in place, past the 1e-5 that "tf32x3" promises; RESULTS.md "The Hopper
+  // gradient").
   __device__ __forceinline__ void step(const T (*a)[LD_A], const T (*b)[LD_B]) {
+    if constexpr (P == Precision::kTf32x3) {
+      FragC total[kFragRows][kFragCols];
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kFragCols; ++j) {
+          total[i][j] = acc[i][j];
+          wmma::fill_fragment(acc[i][j], 0.0f);
+        }
+      multiply(a, b);
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kFragCols; ++j)
+#pragma unroll
+          for (int e = 0; e < total[i][j].num_elements; ++e) acc[i][j].x[e] += total[i][j].x[e];
+    } else {
+      multiply(a, b);
+    }
+  }
+  __device__ __forceinline__ void multiply(const T (*a)[LD_A], const T (*b)[LD_B]) {
 #pragma unroll
     for (int k = 0; k < MmaTile::kDepth; k += kK) {
       FragA fa[kFragRows], fa_lo[kFragRows];

@@ -121,6 +121,19 @@ def _hopper_distance_order(dtype, precision, sizes):
     return _backend_by_work(sizes, "batch n m d", cuda_up_to)
 
 
+def _hopper_gradient_order(dtype, precision, sizes):
+    """With a backward, float32 at "tf32" or "tf32x3" where CUDA runs both Hopper kernels (x's
+    rows fit the forward's walk; the gradient's TMA reads grad's rows of M floats, which must
+    start at multiples of 16 bytes): CUDA first at every size. Its gradient reads G once per
+    gradient at ~2.2 TB/s and sums G's rows from the same registers (H100 tf32 fwd+bwd: B8 N4096
+    M4096 D128 0.860 against Triton's 1.176 ms, D64 0.694 against 0.989, N4096 M512 D128 0.253
+    against 0.511; RESULTS.md "The Hopper gradient")."""
+    if (dtype != torch.float32 or sizes.get("m", 0) % 4
+            or _hopper_row_bytes("sqdist", dtype, precision, sizes) is None):
+        return None
+    return CUDA_FIRST
+
+
 def _wants_grad(sizes) -> bool:
     return bool(sizes.get("grad", False))
 
@@ -150,7 +163,8 @@ _AUTO_ORDER = {
     # rslvq_loss and prototype_layer are sqdist with an epilogue: sqdist's rule.
     **dict.fromkeys(("sqdist", "rslvq_loss", "prototype_layer"),
                     lambda dtype, precision, sizes: (
-                        _backend_by_work(sizes, "batch n m d", 2**30) if _wants_grad(sizes)
+                        (_hopper_gradient_order(dtype, precision, sizes)
+                         or _backend_by_work(sizes, "batch n m d", 2**30)) if _wants_grad(sizes)
                         else _hopper_distance_order(dtype, precision, sizes) or TRITON_FIRST)),
     # The nearest family. One best per row on tensor cores (nearest, nearest_by_label,
     # nearest_both, dw_nearest at "tf32"/"tf32x3" or in half precision) runs CUDA's mma.sync

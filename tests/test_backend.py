@@ -315,7 +315,11 @@ HOPPER_DISTANCE_CASES = [
     (F32, "tf32", dict(n=256, m=10, d=512), "triton"),
     (F32, "ieee", dict(IN_MODEL, grad=True), "cuda"),
     (F32, "tf32", dict(n=4096, m=1000, d=128, grad=True), "cuda"),
-    (F32, "tf32", dict(n=8192, m=2000, d=256, grad=True), "triton"),
+    (F32, "tf32", dict(n=8192, m=2000, d=256, grad=True), "cuda"),
+    (F32, "tf32x3", dict(n=4096, m=4096, d=128, batch=8, grad=True), "cuda"),
+    (F32, "tf32", dict(n=8192, m=2001, d=256, grad=True), "triton"),  # grad's rows unaligned
+    (F32, "tf32x3", dict(n=8192, m=2000, d=256, grad=True), "triton"),  # deeper than declared
+    (BF16, "ieee", dict(n=8192, m=2000, d=256, grad=True), "triton"),
 ]
 
 
@@ -324,8 +328,10 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
     """Where CUDA declares its Hopper forward (hopper_depth_bytes, hopper_split_depth_bytes),
     sqdist's forward at "tf32", "tf32x3" or in half precision runs on CUDA up to N*M*D = 2^28,
     above up to 2^33 for rows of at most 256 bytes ("tf32x3": 2^34 for rows of at most 512);
-    Triton above, at "ieee" and for rows deeper than declared. With a backward: CUDA up to 2^30
-    at any precision (RESULTS.md "The sqdist rule", "Split TF32 products on the walk")."""
+    Triton above, at "ieee" and for rows deeper than declared. With a backward: CUDA where both
+    Hopper kernels run (float32 at "tf32" or "tf32x3", rows declared, M a multiple of 4), else
+    CUDA up to 2^30 (RESULTS.md "The sqdist rule", "Split TF32 products on the walk", "The Hopper
+    gradient")."""
     cuda = _declare_hopper(monkeypatch, "sqdist", 1152, 896)
     for dtype, precision, sizes, expected in HOPPER_DISTANCE_CASES:
         assert _backend.resolve(op, cuda, dtype, precision, **sizes) == expected, (precision, sizes)

@@ -294,6 +294,38 @@ def test_cuda_tensor_core_distances_non_finite(precision, portable):
     assert relative_error(out[finite], ref[finite]) <= tolerance(torch.float32, precision)
 
 
+# CUDA's Hopper gradient (float32 at "tf32" and "tf32x3"): 2 (rowsum(G) a - G b) with G's boxes
+# read by TMA into wgmma's register layout, as grad (gx) or grad^T (gy). The shapes: rows that
+# leave a block's 256 and a consumer's 128 partly empty (300, 257, 1), D over one 128-column tile
+# (130, 256) and odd (7, 33: single-element stores), sums (M for gx, N for gy) that are not
+# multiples of the 32-element step (132, 36, 4100), a ring that wraps many times (4100), and
+# M 37: grad's rows are not 16-byte aligned, so TMA cannot read them (the portable kernel).
+HOPPER_GRAD_SHAPES = [(1, 300, 700, 64), (2, 257, 132, 130), (1, 1, 4, 1), (3, 513, 36, 7),
+                      (1, 1000, 1500, 256), (1, 64, 4100, 33), (2, 40, 37, 16)]
+
+
+def gradients_float64(x, y, g):
+    """gx = 2 (rowsum(g) x - g y), gy = 2 (colsum(g) y - g^T x) in float64."""
+    x, y, g = x.double(), y.double(), g.double()
+    return (2 * (g.sum(-1, keepdim=True) * x - g @ y),
+            2 * (g.sum(-2).unsqueeze(-1) * y - g.mT @ x))
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("shape", HOPPER_GRAD_SHAPES, ids=str)
+def test_cuda_tensor_core_gradients(shape, precision, portable):
+    batch, n, m, d = shape
+    x, y, g = randn(batch, n, d), randn(batch, m, d), randn(batch, n, m)
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    with protokernels.use_backend("cuda"):
+        out = protokernels.sqdist(xg, yg, precision=precision)
+        kernels = cuda_kernels_run(lambda: out.backward(g))
+    gx_ref, gy_ref = gradients_float64(x, y, g)
+    assert relative_error(xg.grad, gx_ref) <= tolerance(torch.float32, precision)
+    assert relative_error(yg.grad, gy_ref) <= tolerance(torch.float32, precision)
+    assert_ran(kernels, "hopper_grad_kernel", hopper_build() and not portable and m % 4 == 0)
+
+
 def test_triton_operand_copies_keep_broadcast_dimensions():
     """The 3xTF32 split and the K-major gradient operand copy each distinct element once: a
     broadcast batch stays a 0 stride instead of becoming B copies of the input."""
