@@ -568,6 +568,7 @@ iteration_kernel(const IterationArgs<T, A> p) {
   // The group's rows, a sweep's steps: first + group + G k for k < steps (a block's rows are at
   // most (rows / blocks) + 1, so the counts fit 32 bits).
   const int steps = stop - first > group ? static_cast<int>((stop - first - group + G - 1) / G) : 0;
+  const int group0_steps = stop > first ? static_cast<int>((stop - first + G - 1) / G) : 0;
   auto row_of = [&](int k) { return first + group + int64_t{G} * k; };
   // Of the thread's runs of columns, how many start inside a row.
   const int runs = Shape::column(0) < p.cols
@@ -699,6 +700,15 @@ iteration_kernel(const IterationArgs<T, A> p) {
           for (int c = 0; c < C; ++c) mass[c] = fma(z[c], weight, mass[c]);
         }
       });
+      // A row step passes its group's barrier twice (group_reduce); groups with fewer rows than
+      // group 0 pass it as often. They would not wait there (the barrier is their own), but
+      // compute-sanitizer's racecheck, where the groups' barrier counts differed, reported
+      // hazards between accesses that the block barriers order (H200: B 2111, 5, 700 against
+      // none at B 2112, 1056; RESULTS.md "The Hopper gradient").
+      for (int step = steps; step < group0_steps; ++step) {
+        group_barrier<kGroupThreads>();
+        group_barrier<kGroupThreads>();
+      }
       gather_groups<T, A, C, G, false>(mass, staging);
     }
     if (group == 0 && blockIdx.x < parts) {
