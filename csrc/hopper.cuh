@@ -501,6 +501,13 @@ void launch_walk(const WalkPlan& plan, const Args& args, int device, cudaStream_
   PK_CHECK_LAUNCH();
 }
 
+// The first address of dynamic shared memory where a swizzled box may start (TMA's 128-byte
+// swizzle pattern repeats every kWalkAlign bytes; the launch asks for kWalkAlign bytes more).
+__device__ __forceinline__ unsigned char* swizzle_aligned(unsigned char* smem_raw) {
+  return reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + kWalkAlign - 1) & ~uintptr_t{kWalkAlign - 1});
+}
+
 // A block's part of the walk: 128 rows of one batch, against one split's column tiles.
 struct WalkBlock {
   int batch, row0, tile0, tiles;
@@ -527,8 +534,7 @@ struct RowBlockWalk {
 
   __device__ RowBlockWalk(unsigned char* smem_raw, int depth_boxes, int ring_stages, bool split)
       : boxes(depth_boxes), stages(ring_stages) {
-    x_tile = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(smem_raw) + kWalkAlign - 1) & ~uintptr_t{kWalkAlign - 1});
+    x_tile = swizzle_aligned(smem_raw);
     rings = x_tile + size_t(boxes) * kBoxBytes;
     low_boxes = rings + size_t(2 * stages) * kBoxBytes;
     full = reinterpret_cast<uint64_t*>(low_boxes + (split ? 2 * kBoxBytes : 0));

@@ -332,8 +332,7 @@ hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
   using Layout = GradLayout<kSplit>;
   constexpr int kHalves = Layout::kHalves;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* stages = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + kWalkAlign - 1) & ~uintptr_t{kWalkAlign - 1});
+  unsigned char* stages = swizzle_aligned(smem_raw);
   unsigned char* low_boxes = stages + kGradStages * Layout::kStageBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(low_boxes + (kSplit ? 2 * kBoxBytes : 0));
   uint64_t* empty = full + kGradStages;
