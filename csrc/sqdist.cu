@@ -514,9 +514,9 @@ __global__ void transpose_rows_kernel(Matrix<const float> b, float* bt, int64_t 
 }
 
 // The Hopper gradient's launch into out (B, R, D; contiguous) for float32 a, b and grad, or false
-// where it does not apply: "tf32" or "tf32x3", a Hopper GPU and an sm_90a build, grad addressable by TMA (unit
-// column stride, 16-byte aligned rows: a broadcast grad, as x.sum().backward() gives, is not),
-// counts within int.
+// where it does not apply: "tf32" or "tf32x3", a Hopper GPU and an sm_90a build, grad addressable
+// by TMA (unit column stride, 16-byte aligned rows: a broadcast grad, as x.sum().backward()
+// gives, is not), counts within int.
 bool launch_hopper_grad(const Tensor& grad, const Tensor& a, const Tensor& b, bool transpose,
                         const Tensor& out, Precision precision, cudaStream_t stream) {
   using namespace hopper;
@@ -527,8 +527,10 @@ bool launch_hopper_grad(const Tensor& grad, const Tensor& a, const Tensor& b, bo
   const int block_rows = 2 * (split ? GradLayout<true>::kRows : GradLayout<false>::kRows);
   const int64_t row_blocks = (rows + block_rows - 1) / block_rows;
   const int64_t depth_tiles = (depth + kBoxRows - 1) / kBoxRows;
-  if (rows >= kIntLimit || inner >= kIntLimit || batch * row_blocks * depth_tiles >= kIntLimit ||
-      batch * depth * inner >= kIntLimit * 64)
+  // The kernel's row, column and K counts and coordinates are ints (a block's last row and K
+  // step included); offsets into out are 64-bit.
+  if (rows >= kIntLimit - block_rows || inner >= kIntLimit - kGradStep ||
+      depth >= kIntLimit - kBoxRows || batch * row_blocks * depth_tiles >= kIntLimit)
     return false;
   CUtensorMap grad_map, bt_map;
   if (!tensor_map<float>(&grad_map, grad, transpose ? kGradTransposedBox : block_rows / 2))
@@ -539,10 +541,11 @@ bool launch_hopper_grad(const Tensor& grad, const Tensor& a, const Tensor& b, bo
   const Tensor bt_view = reinterpret(bt, {batch, depth, inner}, {depth * bt_row, bt_row, 1});
   if (!tensor_map<float>(&bt_map, bt_view)) return false;
   const int64_t inner_tiles = (inner + 31) / 32, depth_tiles_32 = (depth + 31) / 32;
-  transpose_rows_kernel<<<static_cast<unsigned>(batch * inner_tiles * depth_tiles_32), 256, 0,
-                          stream>>>(input<float>(b, 1, 2), static_cast<float*>(bt.mutable_data_ptr()),
-                                    bt_row, static_cast<int>(inner), static_cast<int>(depth),
-                                    static_cast<int>(inner_tiles), static_cast<int>(depth_tiles_32));
+  const unsigned transpose_blocks = static_cast<unsigned>(batch * inner_tiles * depth_tiles_32);
+  transpose_rows_kernel<<<transpose_blocks, 256, 0, stream>>>(
+      input<float>(b, 1, 2), static_cast<float*>(bt.mutable_data_ptr()), bt_row,
+      static_cast<int>(inner), static_cast<int>(depth), static_cast<int>(inner_tiles),
+      static_cast<int>(depth_tiles_32));
   PK_CHECK_LAUNCH();
   const HopperGradArgs args{static_cast<int>(rows), static_cast<int>(inner),
                             static_cast<int>(depth), static_cast<int>(row_blocks),
@@ -558,7 +561,8 @@ bool launch_hopper_grad(const Tensor& grad, const Tensor& a, const Tensor& b, bo
     PK_CHECK_LAUNCH();
   };
   if (transpose)
-    split ? launch(std::true_type{}, std::true_type{}) : launch(std::true_type{}, std::false_type{});
+    split ? launch(std::true_type{}, std::true_type{})
+          : launch(std::true_type{}, std::false_type{});
   else
     split ? launch(std::false_type{}, std::true_type{})
           : launch(std::false_type{}, std::false_type{});
