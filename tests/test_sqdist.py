@@ -326,6 +326,26 @@ def test_cuda_tensor_core_gradients(shape, precision, portable):
     assert_ran(kernels, "hopper_grad_kernel", hopper_build() and not portable and m % 4 == 0)
 
 
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_cuda_tensor_core_gradients_shared_y_and_strided_grad(precision, portable):
+    """The Hopper gradient with y shared by every batch (the op sees it expanded: a 0 batch
+    stride in the copy of b^T and in gy's epilogue operand), and the values for a grad that TMA
+    cannot read where autograd passes it on as it is (a transposed view: its columns are not
+    unit-stride, so the tile kernel takes it; which kernel ran is not checked there, since that
+    is autograd's choice of layout)."""
+    x, y = randn(3, 300, 64), randn(700, 64)
+    for g, hopper in ((randn(3, 300, 700), True), (randn(3, 700, 300).mT, None)):
+        xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+        with protokernels.use_backend("cuda"):
+            out = protokernels.sqdist(xg, yg, precision=precision)
+            kernels = cuda_kernels_run(lambda: out.backward(g))
+        gx_ref, gy_ref = gradients_float64(x, y.expand(3, 700, 64), g)
+        assert relative_error(xg.grad, gx_ref) <= tolerance(torch.float32, precision)
+        assert relative_error(yg.grad, gy_ref.sum(0)) <= tolerance(torch.float32, precision)
+        if hopper is not None:
+            assert_ran(kernels, "hopper_grad_kernel", hopper_build() and not portable)
+
+
 def test_triton_operand_copies_keep_broadcast_dimensions():
     """The 3xTF32 split and the K-major gradient operand copy each distinct element once: a
     broadcast batch stays a 0 stride instead of becoming B copies of the input."""
