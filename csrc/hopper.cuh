@@ -305,6 +305,13 @@ __device__ __forceinline__ float tf32_low_part(float v) {
   return v == hi ? 0.0f : v - hi;
 }
 
+// The byte offset of element (row r, column col) of a float32 box: the 128-byte swizzle puts a
+// row's 16-byte chunk j at j ^ (r % 8). (split_box spells it with its lane's chunk and r % 8:
+// through this function the split search kernel took 32 more instructions.)
+__device__ __forceinline__ int box_offset(int r, int col) {
+  return r * kRowBytes + (((col / 4) ^ (r % 8)) << 4) + 4 * (col % 4);
+}
+
 // One warpgroup's thread `thread` (0-127) of the 128 writing a float32 box's low parts into
 // low_box at the same offsets (so in the same swizzled layout): the B operand of hi.lo products.
 __device__ __forceinline__ void write_low_parts(unsigned char* low_box, const unsigned char* box,
@@ -671,8 +678,7 @@ struct RowBlockWalk {
     const int thread = threadIdx.x % 128, warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
     unsigned char* low_box = low_boxes + size_t(c) * kBoxBytes;
     write_low_parts(low_box, b_box, thread);
-    // Element (row r, column col) of a box sits at r * 128 + ((col / 4) ^ (r % 8)) * 16 +
-    // (col % 4) * 4 (the 128-byte swizzle permutes a row's 16-byte chunks); r % 8 == g here.
+    // Element (row, chunk, word t) of the box at box_offset(); row % 8 == g here.
 #pragma unroll
     for (int step = 0; step < kRowBytes / 32; ++step)
 #pragma unroll

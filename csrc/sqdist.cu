@@ -307,20 +307,17 @@ struct HopperGradArgs {
 };
 
 // Byte offset, in a consumer's G region of a stage, of G's element (row r of the consumer's, k of
-// the step's 32). kTranspose == false: one box of grad, the consumer's rows x 32 of K (128 bytes,
-// swizzled). True: boxes of grad, each 32 of K (grad's rows) x 32 output rows (grad's columns),
-// so the element is (k, r) there. The 128-byte swizzle puts a box row's 16-byte chunk j at
-// j ^ (row % 8).
+// the step's 32). kTranspose == false: one box of grad, the consumer's rows x 32 of K. True:
+// boxes of grad, each 32 of K (grad's rows) x 32 output rows (grad's columns), so the element
+// is (k, r) there.
 template <bool kTranspose>
 __device__ __forceinline__ int grad_element_offset(int r, int k) {
   using namespace hopper;
-  if constexpr (kTranspose) {
-    const int box = r / kGradTransposedBox, col = r % kGradTransposedBox;
-    return box * kGradTransposedBox * kRowBytes + k * kRowBytes + (((col / 4) ^ (k % 8)) << 4) +
-           4 * (col % 4);
-  } else {
-    return r * kRowBytes + (((k / 4) ^ (r % 8)) << 4) + 4 * (k % 4);
-  }
+  if constexpr (kTranspose)
+    return r / kGradTransposedBox * kGradTransposedBox * kRowBytes +
+           box_offset(k, r % kGradTransposedBox);
+  else
+    return box_offset(r, k);
 }
 
 template <bool kTranspose, bool kSplit>
