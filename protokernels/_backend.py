@@ -154,11 +154,12 @@ def wants_grad(*tensors) -> bool:
 # time shows. Every row behind these numbers: RESULTS.md "In-model sizes, host cost, cold start
 # and the prototype heads, 2026-11-26, H100".
 _AUTO_ORDER = {
-    # sqdist: with a backward, CUDA's cheaper launches win up to N*M*D = 2^30 (H200, its Hopper
-    # forward: N4096 M512 D128 fwd+bwd 0.615 vs 0.848 ms; RSLVQ N4096 M1000 D128, 2^29: 0.750 vs
-    # 1.075; the case-based layer there 0.959 vs 1.287) and lose at 2^32 (N8192 M2000 D256: 1.67
-    # vs 0.60, the gradient's tile kernel; RESULTS.md "The sqdist rule"). The forward
-    # alone: CUDA where its Hopper kernel runs (_hopper_distance_order), else Triton (its
+    # sqdist: with a backward, CUDA at every size where its Hopper forward and gradient both run
+    # (_hopper_gradient_order); elsewhere CUDA's cheaper launches win up to N*M*D = 2^30 (H200,
+    # its Hopper forward: N4096 M512 D128 fwd+bwd 0.615 vs 0.848 ms; RSLVQ N4096 M1000 D128,
+    # 2^29: 0.750 vs 1.075; the case-based layer there 0.959 vs 1.287) and lose at 2^32 (N8192
+    # M2000 D256: 1.67 vs 0.60, the gradient's tile kernel; RESULTS.md "The sqdist rule"). The
+    # forward alone: CUDA where its Hopper kernel runs (_hopper_distance_order), else Triton (its
     # kernel's GPU time, N256 M10 D64: 0.0058 ms vs CUDA's tile kernel 0.0166).
     # rslvq_loss and prototype_layer are sqdist with an epilogue: sqdist's rule.
     **dict.fromkeys(("sqdist", "rslvq_loss", "prototype_layer"),
