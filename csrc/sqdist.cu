@@ -274,7 +274,9 @@ bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, Precision pre
 // (grad_element_offset), and sums its rows of G from the same registers (the rowsum costs no
 // second read). b^T, K-major, is a (B, D, S) copy of b (small: b is S x D against G's R x S).
 // Each consumer waits for its step's MMAs before it takes the next: the other consumer's MMAs
-// keep the tensor cores busy meanwhile, and the kernel is bound by reading G.
+// keep the tensor cores busy meanwhile. What bounds it is not settled: ncu (H200, spec size)
+// has DRAM 63 % and the L2 79 % busy, and multicasting b^T's boxes between two blocks, which
+// halves the L2's share of them, measured the same (RESULTS.md "The Hopper gradient").
 //
 // "tf32x3" adds hi.lo (a low box of b^T's low parts per consumer) and lo.hi (G's low parts from
 // the registers), and its sums are long: the tensor cores' float32 accumulation loses precision
