@@ -82,35 +82,53 @@ template <> constexpr CUtensorMapDataType tensor_map_type<__nv_bfloat16>() {
   return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
 }
 
-// A TMA map of t (B, R, D) read in boxes of (one batch, box_rows rows, box_depth() elements),
-// zero-filled outside t: rows past R and depth past D read as 0. False where TMA cannot address t:
-// its start and its batch and row strides must be multiples of 16 bytes, its depth stride 1
-// (strides of size-1 dimensions do not matter), or the driver refuses the map.
-template <typename T>
-bool tensor_map(CUtensorMap* map, const Tensor& t, int box_rows = kBoxRows) {
+// A TMA map of a tensor of kRank dimensions, listed innermost first (sizes and strides in
+// elements; the innermost of unit stride), read in boxes of `box` elements, stored with the
+// 128-byte swizzle (box[0] elements must span at most 128 bytes) or, `swizzled` false, densely
+// (box[0] elements a multiple of 16 bytes), and zero-filled outside the tensor (negative
+// coordinates included). A box's innermost coordinate must be a multiple of 16 bytes (TMA moves
+// 16-byte pieces: an odd float offset is an illegal instruction). False where TMA cannot address
+// the tensor: its start and its outer strides must be multiples of 16 bytes (the stride of a
+// size-1 dimension does not matter: it is made dense), or the driver refuses the map.
+template <typename T, int kRank>
+bool tensor_map_tiled(CUtensorMap* map, const void* data, const int64_t (&sizes)[kRank],
+                      const int64_t (&strides)[kRank], const uint32_t (&box)[kRank],
+                      bool swizzled = true) {
   constexpr int64_t kSize = sizeof(T);
-  const int64_t batches = t.size(0), rows = t.size(1), depth = t.size(2);
   const auto encode = encode_tiled();
-  if (encode == nullptr || batches * rows * depth == 0) return false;
-  if (depth > 1 && t.stride(2) != 1) return false;
-  // A size-1 dimension's stride is free: make it the dense one.
-  const int64_t row_bytes = rows > 1 ? t.stride(1) * kSize : ((depth * kSize + 15) / 16) * 16;
-  const int64_t batch_bytes = batches > 1 ? t.stride(0) * kSize : rows * row_bytes;
-  const auto address = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  if (address % 16 != 0 || row_bytes <= 0 || row_bytes % 16 != 0 || batch_bytes <= 0 ||
-      batch_bytes % 16 != 0)
+  int64_t elements = 1;
+  for (int d = 0; d < kRank; ++d) elements *= sizes[d];
+  if (encode == nullptr || elements == 0 || reinterpret_cast<uintptr_t>(data) % 16 != 0)
     return false;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(depth), static_cast<cuuint64_t>(rows),
-                              static_cast<cuuint64_t>(batches)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_bytes),
-                                 static_cast<cuuint64_t>(batch_bytes)};
-  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_depth<T>()),
-                           static_cast<cuuint32_t>(box_rows), 1};
-  const cuuint32_t unit[3] = {1, 1, 1};
-  return encode(map, tensor_map_type<T>(), 3, const_cast<void*>(t.const_data_ptr()), dims, strides,
-                box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+  if (sizes[0] > 1 && strides[0] != 1) return false;
+  cuuint64_t dims[kRank], stride_bytes[kRank - 1];
+  cuuint32_t boxes[kRank], unit[kRank];
+  int64_t dense = ((sizes[0] * kSize + 15) / 16) * 16;  // a size-1 dimension's stride
+  for (int d = 0; d < kRank; ++d) {
+    dims[d] = static_cast<cuuint64_t>(sizes[d]);
+    boxes[d] = box[d];
+    unit[d] = 1;
+    if (d == 0) continue;
+    const int64_t bytes = sizes[d] > 1 ? strides[d] * kSize : dense;
+    if (bytes <= 0 || bytes % 16 != 0) return false;
+    stride_bytes[d - 1] = static_cast<cuuint64_t>(bytes);
+    dense = bytes * sizes[d];
+  }
+  return encode(map, tensor_map_type<T>(), kRank, const_cast<void*>(data), dims, stride_bytes,
+                boxes, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzled ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) ==
          CUDA_SUCCESS;
+}
+
+// A TMA map of t (B, R, D) read in boxes of (one batch, box_rows rows, box_depth() elements):
+// rows past R and depth past D read as 0 (tensor_map_tiled's conditions).
+template <typename T>
+bool tensor_map(CUtensorMap* map, const Tensor& t, int box_rows = kBoxRows) {
+  return tensor_map_tiled<T, 3>(
+      map, t.const_data_ptr(), {t.size(2), t.size(1), t.size(0)},
+      {t.stride(2), t.stride(1), t.stride(0)},
+      {static_cast<uint32_t>(box_depth<T>()), static_cast<uint32_t>(box_rows), 1});
 }
 
 // x (B, N, D) against one y that every batch shares (a 0 batch stride, as a broadcast leaves it):
@@ -178,6 +196,19 @@ __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(shared_address(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+#endif
+}
+
+// The same for a 4-D map: the box at coordinates (c0, c1, c2, c3), innermost first.
+__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                         int c1, int c2, int c3) {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(c0), "r"(c1), "r"(c2),
+      "r"(c3)
       : "memory");
 #endif
 }
@@ -290,6 +321,25 @@ __device__ __forceinline__ void mma_64x128_tf32_rs(float (&d)[64], const uint32_
                "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
                "{%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
                : PK_WGMMA_64x128_REGISTERS(d)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+#endif
+}
+// The same with 64 columns of B (a 64-row box): d holds the thread's 32 accumulators, column
+// 8 j + 2 (lane % 4) + e in d[4 j + 2 h + e] (as in the 128-column form).
+__device__ __forceinline__ void mma_64x64_tf32_rs(float (&d)[32], const uint32_t (&a)[4],
+                                                  uint64_t b, int accumulate = 1) {
+#if defined(PK_HOPPER_DEVICE)
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+               "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+               "{%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
+                 "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
+                 "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+                 "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+                 "+f"(d[31])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 #endif
 }

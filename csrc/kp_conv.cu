@@ -10,6 +10,7 @@
 // kernels (RESULTS.md, "kp_conv2d").
 #include <vector>
 
+#include "hopper.cuh"
 #include "tile_product.cuh"
 
 namespace protokernels {
@@ -144,6 +145,13 @@ struct ConvArgs {
   typename Accumulate<T>::type *partial, *mass;
 };
 
+// Where the weight gradient's splits leave their partial sums: partial[s][p][c][t] at s split +
+// p proto + c channel + t tap, mass[s][p] (the split's sum of g over prototype p's pixels) at
+// s mass_split + p.
+struct PartialLayout {
+  int64_t split, proto, channel, tap, mass_split;
+};
+
 // One block per (row tile, column tile), row tiles fastest.
 template <typename Tile>
 __device__ __forceinline__ void tile_origin(int64_t tiles_r, int64_t& row0, int64_t& col0) {
@@ -221,20 +229,290 @@ __global__ void __launch_bounds__(Tile::kThreads) kp_conv2d_grad_weight_kernel(
 
 // gw = 2 (sum_s mass[s] w - sum_s partial[s]), one thread per element of w.
 template <typename T>
-__global__ void kp_conv2d_grad_weight_sum_kernel(const ConvArgs<T> args, int64_t splits) {
+__global__ void kp_conv2d_grad_weight_sum_kernel(const ConvArgs<T> args, int64_t splits,
+                                                 const PartialLayout layout) {
   using Acc = typename Accumulate<T>::type;
   const int64_t elements = args.rows * args.cols;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < elements;
        e += int64_t{gridDim.x} * blockDim.x) {
     const int64_t p = e / args.cols, k = e % args.cols;
+    const int64_t c = k / args.s.taps(), tap = k % args.s.taps();
+    const int64_t at = p * layout.proto + c * layout.channel + tap * layout.tap;
     Acc mass = 0, cross = 0;
     for (int64_t s = 0; s < splits; ++s) {
-      mass += args.mass[s * args.rows + p];
-      cross += args.partial[s * elements + e];
+      mass += args.mass[s * layout.mass_split + p];
+      cross += args.partial[s * layout.split + at];
     }
-    const int64_t c = k / args.s.taps(), i = k / args.s.kw % args.s.kh, j = k % args.s.kw;
+    const int64_t i = tap / args.s.kw, j = tap % args.s.kw;
     args.out.at(p, c, i, j) = narrow<T>(Acc(2) * (mass * widen(args.w.at(p, c, i, j)) - cross));
   }
+}
+
+// ---- The weight gradient on Hopper (sm_90a): TMA, wgmma, a producer and two consumers ----
+//
+// gw's product is a GEMM over the output pixels: for each tap (i, j), gw[p, c, tap] sums g[p,
+// pixel] x[c, pixel shifted by the tap]. A K step is 32 output pixels of one row. In NCHW tensors
+// with a unit stride along the width, g's 32 pixels are 128 contiguous bytes, a K-major box that
+// TMA loads at a 16-byte aligned start (the B operand, 128 prototypes). x's pixels under them
+// start at the tap's shift, which TMA cannot start a box at (it moves 16-byte pieces), so TMA
+// loads one window of x per step, from the aligned column before the row's first tap to past its
+// last: 64 channels x window_width columns, densely. The consumers read their A fragments (64
+// channels x 8 pixels) from the window at each tap's shift into registers (wgmma's A from
+// registers), the row's taps from the same window, and zero the pixels past the row's end there
+// (g's zero fill would meet x's next columns, which may be inf). No gather: the tile kernel's
+// gathers ran at a quarter of the forward's speed (RESULTS.md "kp_conv2d"). A block owns 64
+// channels x up to 4 taps of one kernel row (kTaps) x 128 prototypes (a consumer: 64 prototypes, one
+// m64n64 wgmma per tap), and one split of the K steps; the splits' partial sums meet in
+// kp_conv2d_grad_weight_sum_kernel.
+constexpr int kWeightGradStep = hopper::box_depth<float>();  // output pixels per K step: 32
+constexpr int kWeightGradProtos = 128, kWeightGradChannels = 64, kWeightGradTaps = 4;
+constexpr int kWeightGradStages = 4;
+constexpr int kWeightGradBoxBytes = kWeightGradProtos * hopper::kRowBytes;  // g's box
+// The window's row is at most this many floats (its stage then takes 48 KB, 4 stages 192 KB).
+constexpr int kWeightGradMaxWindow = 128;
+
+struct HopperWeightGradArgs {
+  int steps, steps_per_split, chunks, out_h, out_w;  // K steps: (image, output row, chunk)
+  int kw, stride_h, pad_h, pad_w, dil_h, dil_w;
+  int proto_tiles, channel_tiles, kernel_rows, tap_groups;  // tap groups per kernel row
+  int window, stage_bytes;  // the window's row in floats; a stage's bytes (a multiple of 1024)
+  PartialLayout layout;
+  float *partial, *mass;
+};
+
+template <int kTaps>
+__global__ void __launch_bounds__(hopper::kWalkThreads, 1)
+hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
+                          const __grid_constant__ CUtensorMap x_map,
+                          const HopperWeightGradArgs args) {
+#if defined(PK_HOPPER_DEVICE)
+  using namespace hopper;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* stages = swizzle_aligned(smem_raw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(stages + kWeightGradStages * args.stage_bytes);
+  uint64_t* empty = full + kWeightGradStages;
+
+  int block = blockIdx.x;
+  const int proto_tile = block % args.proto_tiles;
+  block /= args.proto_tiles;
+  const int channel_tile = block % args.channel_tiles;
+  block /= args.channel_tiles;
+  const int kernel_row = block % args.kernel_rows;
+  block /= args.kernel_rows;
+  const int tap_group = block % args.tap_groups;
+  const int split = block / args.tap_groups;
+  const int p0 = proto_tile * kWeightGradProtos, c0 = channel_tile * kWeightGradChannels;
+  const int j0 = tap_group * kTaps;
+  const int taps_here = min(kTaps, args.kw - j0);  // the last group of a wide kernel: fewer
+  const int first = split * args.steps_per_split;
+  const int count = min(args.steps_per_split, args.steps - first);
+  // The window's first column, relative to a chunk's first output pixel, before rounding down
+  // to a multiple of 4 floats (16 bytes).
+  const int lead = j0 * args.dil_w - args.pad_w;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWeightGradStages; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], 8);  // the consumers' 8 warps
+    }
+    barrier_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    const uint32_t bytes = kWeightGradBoxBytes + kWeightGradChannels * args.window * 4;
+    for (int i = 0; i < count; ++i) {
+      const int slot = i % kWeightGradStages, round = i / kWeightGradStages;
+      if (round > 0) wait(&empty[slot], (round - 1) & 1);
+      unsigned char* stage = stages + slot * args.stage_bytes;
+      arrive_expecting(&full[slot], bytes);
+      const int step = first + i;
+      const int ow0 = step % args.chunks * kWeightGradStep;
+      const int oh = step / args.chunks % args.out_h, image = step / (args.chunks * args.out_h);
+      load_box(stage, &g_map, &full[slot], ow0, oh, p0, image);
+      load_box(stage + kWeightGradBoxBytes, &x_map, &full[slot], (ow0 + lead) & ~3,
+               oh * args.stride_h - args.pad_h + kernel_row * args.dil_h, c0, image);
+    }
+    return;
+  }
+
+  claim_registers<kConsumerRegisters>();
+  const int c = threadIdx.x / 128 - 1, thread = threadIdx.x % 128;
+  const int warp = thread / 32, lane = thread % 32, g = lane / 4, t = lane % 4;
+  const bool sums_mass = channel_tile == 0 && kernel_row == 0 && tap_group == 0;
+  float acc[kTaps][32];
+#pragma unroll
+  for (int q = 0; q < kTaps; ++q)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[q][i] = 0.0f;
+  float mass = 0.0f;  // this thread's half of the sum of g's row thread / 2 of the consumer's
+
+  for (int i = 0; i < count; ++i) {
+    const int slot = i % kWeightGradStages;
+    wait(&full[slot], (i / kWeightGradStages) & 1);
+    const unsigned char* stage = stages + slot * args.stage_bytes;
+    const unsigned char* g_region = stage + c * 64 * kRowBytes;
+    const float* window = reinterpret_cast<const float*>(stage + kWeightGradBoxBytes);
+    const int ow0 = (first + i) % args.chunks * kWeightGradStep;
+    const int shift0 = (ow0 + lead) - ((ow0 + lead) & ~3);
+    if (sums_mass) {  // the row's 8 16-byte chunks in any order: the swizzle permutes them
+      const float4* row = reinterpret_cast<const float4*>(g_region + thread / 2 * kRowBytes);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float4 v = row[4 * (thread % 2) + k];
+        mass += (v.x + v.y) + (v.z + v.w);
+      }
+    }
+    // wgmma's A layout (see mma_64x128_tf32_rs): k8 step kk, rows 16 warp + g + 8 (e % 2),
+    // pixels 8 kk + t + 4 (e / 2), read at each tap's shift; 0 past the row's end and for taps
+    // past the kernel's (their MMAs run, on zeros: a wgmma issued under a condition makes the
+    // compiler fence every one of them).
+    uint32_t a[kTaps][kWeightGradStep / 8][4];
+#pragma unroll
+    for (int kk = 0; kk < kWeightGradStep / 8; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * warp + g + 8 * (e % 2), k = 8 * kk + t + 4 * (e / 2);
+        const bool inside = ow0 + k < args.out_w;
+#pragma unroll
+        for (int q = 0; q < kTaps; ++q) {
+          const float v = q < taps_here && inside
+                              ? window[r * args.window + shift0 + q * args.dil_w + k]
+                              : 0.0f;
+          a[q][kk][e] = __float_as_uint(v);
+        }
+      }
+    mma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWeightGradStep / 8; ++kk) {
+      const uint64_t b = descriptor(g_region + 32 * kk);
+#pragma unroll
+      for (int q = 0; q < kTaps; ++q) mma_64x64_tf32_rs(acc[q], a[q][kk], b);
+    }
+    mma_commit();
+    mma_wait<0>();
+#pragma unroll
+    for (int q = 0; q < kTaps; ++q) hold_registers(acc[q]);
+    hold_fragments(a);
+    if (lane == 0) arrive(&empty[slot]);
+  }
+
+  // The partial sums are padded to whole blocks (every block stores its whole tile): acc[q][4 j
+  // + 2 h + e] is channel 16 warp + g + 8 h, prototype 8 j + 2 t + e of the consumer's 64.
+  const PartialLayout& layout = args.layout;
+  float* partial = args.partial + split * layout.split + p0 + 64 * c;
+#pragma unroll
+  for (int q = 0; q < kTaps; ++q) {
+    if (q >= taps_here) break;
+    const int tap = kernel_row * args.kw + j0 + q;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float* row = partial + tap * layout.tap + (c0 + 16 * warp + g + 8 * h) * layout.channel;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        *reinterpret_cast<float2*>(row + 8 * j + 2 * t) =
+            make_float2(acc[q][4 * j + 2 * h], acc[q][4 * j + 2 * h + 1]);
+    }
+  }
+  if (sums_mass) {
+    mass += __shfl_xor_sync(0xFFFFFFFFu, mass, 1);
+    if (thread % 2 == 0) args.mass[split * layout.mass_split + p0 + 64 * c + thread / 2] = mass;
+  }
+#endif
+}
+
+// A 4-D TMA map of t (B, C, H, W) in boxes of `width` floats along W and `rows` along C, swizzled
+// or dense (tensor_map_tiled): of t itself where TMA can address it, else of a copy of t with
+// unit-stride rows padded to 16 bytes, kept in `copy` (TMA needs the unit stride and 16-byte
+// strides: a width that is not a multiple of 4, channels_last, a broadcast gradient).
+bool conv_tensor_map(CUtensorMap* map, const Tensor& t, int width, int rows, bool swizzled,
+                     Tensor& copy) {
+  const int64_t size = t.size(3);
+  auto encode = [&](const Tensor& u) {
+    return hopper::tensor_map_tiled<float, 4>(
+        map, u.const_data_ptr(), {size, t.size(2), t.size(1), t.size(0)},
+        {u.stride(3), u.stride(2), u.stride(1), u.stride(0)},
+        {static_cast<uint32_t>(width), 1, static_cast<uint32_t>(rows), 1}, swizzled);
+  };
+  if (encode(t)) return true;
+  const int64_t pad = (size + 3) / 4 * 4 - size;
+  copy = torch::stable::contiguous(torch::stable::pad(t, {0, pad}));
+  return encode(copy);
+}
+
+// The Hopper weight gradient into out, or false where it does not apply: float32 at "tf32", a
+// Hopper GPU and an sm_90a build, stride 1 along the width, a window of at most
+// kWeightGradMaxWindow columns, counts and coordinates within int.
+bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<float> args,
+                               Precision precision, cudaStream_t stream) {
+  using namespace hopper;
+  const ConvShape& s = args.s;
+  const int device = x.get_device_index();
+  if (precision != Precision::kTf32 || s.stride_w != 1 || !hopper_available(device)) return false;
+  // The window: 3 columns of rounding down to 16 bytes, a chunk and the taps' reach, widened so
+  // that its rows fall on different banks by 4 floats (width % 8 == 4): the A fragments' reads
+  // (8 channels x 4 pixels a warp) are then free of bank conflicts.
+  const int taps_per_block = static_cast<int>(std::min<int64_t>(kWeightGradTaps, s.kw));
+  const int64_t window = ((3 + kWeightGradStep + (taps_per_block - 1) * s.dil_w) + 3) / 8 * 8 + 4;
+  const int64_t batch = x.size(0);
+  const int64_t chunks = (s.out_w + kWeightGradStep - 1) / kWeightGradStep;
+  const int64_t steps = batch * s.out_h * chunks;
+  const int64_t reach_w = s.width + s.pad_w + s.dil_w * s.kw + kWeightGradStep + window;
+  const int64_t reach_h = s.out_h * s.stride_h + s.dil_h * s.kh;
+  if (window > kWeightGradMaxWindow || steps >= kIntLimit || reach_w >= kIntLimit ||
+      reach_h >= kIntLimit || s.protos >= kIntLimit - kWeightGradProtos ||
+      s.channels >= kIntLimit - kWeightGradChannels || s.taps() >= kIntLimit || batch >= kIntLimit)
+    return false;
+  CUtensorMap g_map, x_map;
+  Tensor g_copy, x_copy;
+  if (!conv_tensor_map(&g_map, grad, kWeightGradStep, kWeightGradProtos, true, g_copy) ||
+      !conv_tensor_map(&x_map, x, static_cast<int>(window), kWeightGradChannels, false, x_copy))
+    return false;
+  const int64_t proto_tiles = (s.protos + kWeightGradProtos - 1) / kWeightGradProtos;
+  const int64_t channel_tiles = (s.channels + kWeightGradChannels - 1) / kWeightGradChannels;
+  const int64_t tap_groups = (s.kw + taps_per_block - 1) / taps_per_block;
+  const int64_t tiles = proto_tiles * channel_tiles * s.kh * tap_groups;
+  // One block per SM (its shared memory): enough splits of the K steps to fill them.
+  const ColumnSplits splits = split_columns(steps, tiles, sm_count(x));
+  if (tiles * splits.splits >= kIntLimit) return false;
+  const int64_t protos = proto_tiles * kWeightGradProtos;
+  const int64_t channels = channel_tiles * kWeightGradChannels;
+  Tensor partial = torch::stable::new_empty(x, {splits.splits, s.taps(), channels, protos});
+  Tensor mass = torch::stable::new_empty(x, {splits.splits, protos});
+  const PartialLayout layout{s.taps() * channels * protos, 1, protos, channels * protos, protos};
+  args.partial = static_cast<float*>(partial.mutable_data_ptr());
+  args.mass = static_cast<float*>(mass.mutable_data_ptr());
+  const int window_bytes = static_cast<int>(kWeightGradChannels * window * 4);
+  const int stage_bytes = (kWeightGradBoxBytes + window_bytes + kWalkAlign - 1) / kWalkAlign *
+                          kWalkAlign;
+  const size_t smem_bytes = kWalkAlign + size_t{kWeightGradStages} * stage_bytes +
+                            2 * kWeightGradStages * sizeof(uint64_t);
+  const HopperWeightGradArgs hopper_args{
+      static_cast<int>(steps), static_cast<int>(splits.tiles_per_split),
+      static_cast<int>(chunks), static_cast<int>(s.out_h), static_cast<int>(s.out_w),
+      static_cast<int>(s.kw), static_cast<int>(s.stride_h), static_cast<int>(s.pad_h),
+      static_cast<int>(s.pad_w), static_cast<int>(s.dil_h), static_cast<int>(s.dil_w),
+      static_cast<int>(proto_tiles), static_cast<int>(channel_tiles), static_cast<int>(s.kh),
+      static_cast<int>(tap_groups), static_cast<int>(window), stage_bytes, layout, args.partial,
+      args.mass};
+  auto launch = [&](auto taps) {
+    constexpr auto kKernel = hopper_weight_grad_kernel<decltype(taps)::value>;
+    allow_walk_smem<kKernel>(device);
+    kKernel<<<static_cast<unsigned>(tiles * splits.splits), kWalkThreads, smem_bytes, stream>>>(
+        g_map, x_map, hopper_args);
+    PK_CHECK_LAUNCH();
+  };
+  switch (taps_per_block) {  // a block's taps: the kernel's width, 4 at most
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 3: launch(std::integral_constant<int, 3>{}); break;
+    default: launch(std::integral_constant<int, 4>{}); break;
+  }
+  kp_conv2d_grad_weight_sum_kernel<float><<<256, 256, 0, stream>>>(args, splits.splits, layout);
+  PK_CHECK_LAUNCH();
+  return true;
 }
 
 void check_conv(const char* op, const Tensor& x, const Tensor& w,
@@ -319,6 +597,8 @@ void run_pass(const char* op, const Tensor& grad, const Tensor& x, const Tensor&
       args.depth = s.protos * s.taps();
     } else {  // prototypes x (c, i, j), depth the output pixels
       args.rows = s.protos, args.cols = s.channels * s.taps(), args.depth = out_pixels;
+      if constexpr (std::is_same_v<T, float>)
+        if (launch_hopper_weight_grad(grad, x, args, p, stream)) return;
     }
     dispatch_tile<T>(p, [&](auto tile, auto product) {
       using Tile = decltype(tile);
@@ -345,7 +625,8 @@ void run_pass(const char* op, const Tensor& grad, const Tensor& x, const Tensor&
         kp_conv2d_grad_weight_kernel<T, Tile, P>
             <<<dim3(blocks, static_cast<unsigned>(splits)), Tile::kThreads, 0, stream>>>(args);
         PK_CHECK_LAUNCH();
-        kp_conv2d_grad_weight_sum_kernel<T><<<256, 256, 0, stream>>>(args, splits);
+        const PartialLayout layout{args.rows * args.cols, args.cols, s.taps(), 1, args.rows};
+        kp_conv2d_grad_weight_sum_kernel<T><<<256, 256, 0, stream>>>(args, splits, layout);
       }
       PK_CHECK_LAUNCH();
     });
@@ -376,15 +657,30 @@ void kp_conv2d_grad_weight_cuda(Tensor grad, Tensor x, Tensor w, std::vector<int
                               dilation, precision, out);
 }
 
+// What these kernels can take, for the Python dispatch (protokernels/_capabilities.py): every
+// floating dtype; on the current device, the weight gradient's Hopper kernel (float32 at "tf32",
+// stride 1 along the width: launch_hopper_weight_grad), which _backend.py's `auto` table reads.
+std::string kp_conv_cuda_capabilities() {
+  int device = 0;
+  cudaGetDevice(&device);
+  return std::string("dtypes=float16,bfloat16,float32,float64") +
+         (hopper::hopper_available(device) ? ";hopper=kp_conv2d_grad_weight" : "");
+}
+
 }  // namespace protokernels
 
 STABLE_TORCH_LIBRARY_FRAGMENT(protokernels, m) {
+  m.def("kp_conv_cuda_capabilities() -> str");
   m.def("kp_conv2d_cuda(Tensor x, Tensor w, int[] stride, int[] padding, int[] dilation, "
         "str precision, Tensor(a!) out) -> ()");
   m.def("kp_conv2d_grad_input_cuda(Tensor grad, Tensor x, Tensor w, int[] stride, "
         "int[] padding, int[] dilation, str precision, Tensor(a!) out) -> ()");
   m.def("kp_conv2d_grad_weight_cuda(Tensor grad, Tensor x, Tensor w, int[] stride, "
         "int[] padding, int[] dilation, str precision, Tensor(a!) out) -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(protokernels, CompositeExplicitAutograd, m) {
+  m.impl("kp_conv_cuda_capabilities", TORCH_BOX(&protokernels::kp_conv_cuda_capabilities));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(protokernels, CUDA, m) {

@@ -36,6 +36,8 @@ OP_FILES = {
     "prototype_layer": "sqdist",
     "codes_cross_entropy": "codes_cross_entropy", "dpnp_loss": "dpnp_loss",
     "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
+    # kp_conv's weight gradient, which `auto` places on its own (_hopper_weight_gradient_order)
+    "kp_conv2d_grad_weight": "kp_conv",
     "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
     # sinkhorn_prototype_loss: sinkhorn's iteration and codes_cross_entropy's row kernel
     "sinkhorn_prototype_loss": "sinkhorn",
@@ -134,6 +136,19 @@ def _hopper_gradient_order(dtype, precision, sizes):
     return CUDA_FIRST
 
 
+def _hopper_weight_gradient_order(dtype, precision, sizes):
+    """kp_conv's weight gradient where CUDA runs its Hopper kernel (the capability hopper_kernels;
+    float32 at "tf32", stride 1 along the width): CUDA first, whatever backend runs the forward.
+    TMA reads g and x as they lie, so the gradient's GEMM runs without the gathers that hold the
+    other kernels to a quarter of the forward's speed (H100, the spec size: 0.6 ms on Triton; see
+    RESULTS.md "kp_conv's weight gradient on Hopper")."""
+    declared = _CAPABILITIES.get(("cuda", "kp_conv"))
+    if (declared is None or "kp_conv2d_grad_weight" not in declared.hopper_kernels
+            or dtype != torch.float32 or precision != "tf32" or sizes.get("stride_w") != 1):
+        return None
+    return CUDA_FIRST
+
+
 def _wants_grad(sizes) -> bool:
     return bool(sizes.get("grad", False))
 
@@ -190,6 +205,10 @@ _AUTO_ORDER = {
     # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
         sizes, "batch p pixels c taps", 2**21)),
+    # Its weight gradient: CUDA's Hopper kernel where it runs, else the forward's rule.
+    "kp_conv2d_grad_weight": lambda dtype, precision, sizes: (
+        _hopper_weight_gradient_order(dtype, precision, sizes)
+        or _backend_by_work(sizes, "batch p pixels c taps", 2**21)),
     # codes_cross_entropy: one row kernel forward, one elementwise kernel backward, either way.
     # CUDA up to B*K = 2^22, Triton above: at SwAV's K3000 the training step takes CUDA
     # 0.225/0.216/0.357 ms at B256/1024/4096 against Triton 0.609/0.392/0.315, the forward

@@ -22,14 +22,17 @@ class Capabilities:
     for the error messages. hopper_depth_bytes (CUDA's sqdist forward and nearest family): at
     "tf32" or in half precision, the op's Hopper (sm_90a) kernel runs on this GPU for rows of up
     to this many bytes (the search: one best per row); hopper_split_depth_bytes: the same at
-    "tf32x3" (split TF32 products take room for y's low parts); 0 where it does not run. Not
-    limits: other inputs take another kernel."""
+    "tf32x3" (split TF32 products take room for y's low parts); 0 where it does not run.
+    hopper_kernels: the computations of the op file with a Hopper kernel on this GPU (e.g.
+    "kp_conv2d_grad_weight"), whose conditions the `auto` table knows. Not limits: other inputs
+    take another kernel."""
     dtypes: tuple = FLOAT_DTYPES
     max_rows: int | None = None
     max_k: int | None = None
     why: str = ""
     hopper_depth_bytes: int = 0
     hopper_split_depth_bytes: int = 0
+    hopper_kernels: tuple = ()
 
     def hopper_depth(self, dtype: torch.dtype, precision: str) -> int:
         """The deepest rows (bytes) the Hopper kernel takes at this dtype and precision; 0: none
@@ -62,6 +65,8 @@ class Capabilities:
         if self.hopper_depth_bytes:
             parts.append(f"Hopper kernel for rows <= {self.hopper_depth_bytes} bytes (tf32, half), "
                          f"<= {self.hopper_split_depth_bytes} (tf32x3)")
+        if self.hopper_kernels:
+            parts.append("Hopper kernels: " + ", ".join(self.hopper_kernels))
         return ", ".join(parts)
 
     @classmethod
@@ -79,7 +84,8 @@ class Capabilities:
             max_k=int(fields["max_k"]) if "max_k" in fields else None,
             why=fields.get("why", ""),
             hopper_depth_bytes=int(fields.get("hopper_depth_bytes", 0)),
-            hopper_split_depth_bytes=int(fields.get("hopper_split_depth_bytes", 0)))
+            hopper_split_depth_bytes=int(fields.get("hopper_split_depth_bytes", 0)),
+            hopper_kernels=tuple(name for name in fields.get("hopper", "").split(",") if name))
 
 
 EVERYTHING = Capabilities()

@@ -1,4 +1,5 @@
 """Backend selection: available_backends, use_backend, PROTOKERNELS_BACKEND, the auto rule, errors."""
+import functools
 import importlib
 import inspect
 import os
@@ -337,6 +338,28 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
         assert _backend.resolve(op, cuda, dtype, precision, **sizes) == expected, (precision, sizes)
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "sqdist"), _backend.EVERYTHING)
     assert _backend.resolve(op, cuda, F32, "tf32", **IN_MODEL) == "triton"
+
+
+def test_auto_gives_kp_convs_weight_gradient_the_hopper_kernel(monkeypatch):
+    """Where CUDA declares kp_conv's Hopper weight gradient (hopper_kernels), float32 at "tf32"
+    with stride 1 along the width runs it on CUDA while the forward keeps its own rule (Triton at
+    the spec size); other precisions and strides, and a CUDA without it, follow the forward's
+    rule (RESULTS.md "kp_conv's weight gradient on Hopper")."""
+    _pretend(monkeypatch, triton=True, cuda=True)
+    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "kp_conv"),
+                        protokernels._capabilities.Capabilities(
+                            hopper_kernels=("kp_conv2d_grad_weight",)))
+    cuda, spec = torch.device("cuda"), dict(batch=32, c=64, p=128, pixels=56 * 56, taps=9)
+    assert _backend.resolve("kp_conv2d", cuda, F32, "tf32", grad=True, **spec) == "triton"
+    weight = functools.partial(_backend.resolve, "kp_conv2d_grad_weight", cuda)
+    assert weight(F32, "tf32", stride_w=1, **spec) == "cuda"
+    assert weight(F32, "tf32x3", stride_w=1, **spec) == "triton"
+    assert weight(BF16, "ieee", stride_w=1, **spec) == "triton"
+    assert weight(F32, "tf32", stride_w=2, **spec) == "triton"
+    monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "kp_conv"), _backend.EVERYTHING)
+    assert weight(F32, "tf32", stride_w=1, **spec) == "triton"
+    small = dict(batch=64, c=1, p=16, pixels=64, taps=9)
+    assert weight(F32, "tf32x3", stride_w=1, **small) == "cuda"
 
 
 @pytest.mark.parametrize("op", ["codebook_lookup", "codebook_stats"])

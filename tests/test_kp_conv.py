@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import protokernels
-from conftest import DEVICE, HAS_GPU, relative_error, tolerance
+from conftest import (DEVICE, HAS_GPU, assert_ran, cuda_kernels_run, hopper_build, relative_error,
+                      tolerance)
 
 
 def randn(*shape, dtype=torch.float32):
@@ -162,12 +163,68 @@ def test_only_requested_gradients(backend):
     assert x.grad is not None and w.grad is None
 
 
+# The Hopper weight gradient's cases (float32 at "tf32", stride 1 along the width): P 130 and C 67
+# (two prototype and channel tiles), widths that are not multiples of 4 (g and x copied for TMA)
+# and rows of more than 32 pixels (a partial last chunk), 4 and 5 taps (a partial group of three),
+# stride and dilation along the height, dilation along the width, one image row, many K steps.
+HOPPER_WEIGHT_GRAD_SHAPES = [
+    (3, 67, 9, 37, 130, 3, 3, 1, 1, 1),
+    (2, 5, 6, 70, 7, 2, 2, (2, 1), (0, 1), (1, 3)),
+    (1, 3, 1, 40, 5, 1, 5, 1, (0, 2), 1),
+    (1, 64, 12, 56, 128, 3, 3, 1, 1, 1),
+    (37, 2, 8, 8, 16, 3, 3, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "broadcast_grad"])
+@pytest.mark.parametrize("shape", HOPPER_WEIGHT_GRAD_SHAPES, ids=str)
+@pytest.mark.parametrize("choice", ["cuda", "auto"])
+def test_hopper_weight_gradient(choice, shape, layout):
+    """The weight gradient on CUDA's Hopper kernel where it applies, on the CUDA backend and under
+    `auto` (which gives it the Hopper kernel whatever runs the rest), against float64; x in either
+    memory format, and the broadcast gradient that out.sum() passes back (TMA reads neither as it
+    lies: the kernel reads copies)."""
+    if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
+        pytest.skip("needs a GPU and the CUDA extension")
+    x, w, geometry = make(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = truth(xr, wr, **geometry)
+    g = ref.new_ones(()).expand(ref.shape) if layout == "broadcast_grad" else torch.randn_like(ref)
+    ref.backward(g)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with protokernels.use_backend(choice):
+        out = protokernels.kp_conv2d(xg, wg, precision="tf32", **geometry)
+        kernels = cuda_kernels_run(lambda: out.backward(g.float()))
+    assert relative_error(wg.grad, wr.grad) <= tolerance(torch.float32, "tf32")
+    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, "tf32")
+    assert_ran(kernels, "hopper_weight_grad_kernel", hopper_build())
+
+
+def test_hopper_weight_gradient_keeps_nonfinite_x_local():
+    """A row's last 32-pixel chunk reaches past the row's end, where g reads as 0 but x may hold an
+    inf that no true product meets: out_w 34 (kernel width 3), inf at x's last column, which only
+    tap 2 meets (at ow 33). The kernel zeroes those pixels of x, so taps 0 and 1 stay finite."""
+    if not hopper_build():
+        pytest.skip("needs CUDA's Hopper kernels")
+    x, w = randn(1, 2, 1, 36), randn(3, 2, 1, 3)
+    x[0, 1, 0, 35] = float("inf")
+    g = torch.randn(1, 3, 1, 34, device=DEVICE)
+    wg = w.clone().requires_grad_()
+    with protokernels.use_backend("cuda"):
+        protokernels.kp_conv2d(x, wg, precision="tf32").backward(g)
+    assert wg.grad[:, 1, 0, :2].isfinite().all() and wg.grad[:, 0].isfinite().all()
+    assert not wg.grad[:, 1, 0, 2].isfinite().any()
+
+
 def test_opcheck(backend):
     x, w = randn(2, 3, 6, 7), randn(4, 3, 2, 3)
     geometry = ([2, 1], [1, 0], [1, 2])
-    g = torch.ops.protokernels.kp_conv2d(x, w, *geometry, "ieee", backend)
+    g = torch.ops.protokernels.kp_conv2d(x, w, *geometry, "ieee", backend, backend)
     torch.library.opcheck(torch.ops.protokernels.kp_conv2d.default,
-                          (x.requires_grad_(), w.requires_grad_(), *geometry, "ieee", backend))
+                          (x.requires_grad_(), w.requires_grad_(), *geometry, "ieee", backend,
+                           backend))
     for op in (torch.ops.protokernels.kp_conv2d_grad_input,
                torch.ops.protokernels.kp_conv2d_grad_weight):
         torch.library.opcheck(op.default, (randn(*g.shape), x.detach(), w.detach(), *geometry,
