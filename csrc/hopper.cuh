@@ -346,6 +346,29 @@ __device__ __forceinline__ void mma_64x64_tf32_rs(float (&d)[32], const uint32_t
 #undef PK_WGMMA_64x128_OPERANDS
 #undef PK_WGMMA_64x128_REGISTERS
 
+// One step of a consumer's MMAs with A from registers: for each k8 step j (B's 32 bytes of depth
+// at b_box + 32 j, a K-major swizzled box) and each accumulator set m, product(acc[m], a[j][m],
+// B's descriptor) (an _rs MMA above); then waits for them and keeps acc and a in their registers
+// up to the wait (hold_registers, hold_fragments).
+template <int kSteps, int kSets, int kAccumulators, typename Product>
+__device__ __forceinline__ void multiply_from_registers(float (&acc)[kSets][kAccumulators],
+                                                        uint32_t (&a)[kSteps][kSets][4],
+                                                        const unsigned char* b_box,
+                                                        Product&& product) {
+  mma_fence();
+#pragma unroll
+  for (int j = 0; j < kSteps; ++j) {
+    const uint64_t b = descriptor(b_box + 32 * j);
+#pragma unroll
+    for (int m = 0; m < kSets; ++m) product(acc[m], a[j][m], b);
+  }
+  mma_commit();
+  mma_wait<0>();
+#pragma unroll
+  for (int m = 0; m < kSets; ++m) hold_registers(acc[m]);
+  hold_fragments(a);
+}
+
 // "tf32x3" splits a float v into its TF32 part (the top 19 bits, what the tensor cores read of v)
 // and the rest, lo = v - hi, exact in float: three TF32 products hi.hi + hi.lo + lo.hi are within
 // ~1e-6 of the float32 product (the portable kernels' split, mma_pipeline.cuh). An infinite v is

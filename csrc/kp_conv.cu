@@ -376,7 +376,7 @@ hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
     // pixels 8 kk + t + 4 (e / 2), read at each tap's shift; 0 past the row's end and for taps
     // past the kernel's (their MMAs run, on zeros: a wgmma issued under a condition makes the
     // compiler fence every one of them).
-    uint32_t a[kTaps][kWeightGradStep / 8][4];
+    uint32_t a[kWeightGradStep / 8][kTaps][4];
 #pragma unroll
     for (int kk = 0; kk < kWeightGradStep / 8; ++kk)
 #pragma unroll
@@ -388,21 +388,12 @@ hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
           const float v = q < taps_here && inside
                               ? window[r * args.window + shift0 + q * args.dil_w + k]
                               : 0.0f;
-          a[q][kk][e] = __float_as_uint(v);
+          a[kk][q][e] = __float_as_uint(v);
         }
       }
-    mma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kWeightGradStep / 8; ++kk) {
-      const uint64_t b = descriptor(g_region + 32 * kk);
-#pragma unroll
-      for (int q = 0; q < kTaps; ++q) mma_64x64_tf32_rs(acc[q], a[q][kk], b);
-    }
-    mma_commit();
-    mma_wait<0>();
-#pragma unroll
-    for (int q = 0; q < kTaps; ++q) hold_registers(acc[q]);
-    hold_fragments(a);
+    multiply_from_registers(acc, a, g_region, [](auto& d, const auto& a, uint64_t b) {
+      mma_64x64_tf32_rs(d, a, b);
+    });
     if (lane == 0) arrive(&empty[slot]);
   }
 

@@ -434,23 +434,15 @@ hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
       mma_commit();
       mma_wait<0>();
       hold_fragments(a_lo);
+      hold_fragments(a_hi);
       hold_registers(acc[0]);
 #pragma unroll
       for (int i = 0; i < 64; ++i) total[0][i] += acc[0][i];
     } else {
-      mma_fence();
-#pragma unroll
-      for (int j = 0; j < kGradStep / 8; ++j) {
-        const uint64_t b = descriptor(bt_box + 32 * j);
-#pragma unroll
-        for (int m = 0; m < kHalves; ++m) mma_64x128_tf32_rs(acc[m], a_hi[j][m], b);
-      }
-      mma_commit();
-      mma_wait<0>();
-#pragma unroll
-      for (int m = 0; m < kHalves; ++m) hold_registers(acc[m]);
+      multiply_from_registers(acc, a_hi, bt_box, [](auto& d, const auto& a, uint64_t b) {
+        mma_64x128_tf32_rs(d, a, b);
+      });
     }
-    hold_fragments(a_hi);
     if (lane == 0) arrive(&empty[slot]);
   }
 
