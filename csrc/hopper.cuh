@@ -159,6 +159,20 @@ __device__ __forceinline__ void barrier_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
 }
+
+// The ring of a producer thread and two consumer warpgroups: full[s] completes on the producer's
+// arrival and its TMA bytes, empty[s] on the arrivals of the consumers' 8 warps. Thread 0
+// initializes the `stages` pairs; the whole block meets after.
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int stages) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], 8);
+    }
+    barrier_init_fence();
+  }
+  __syncthreads();
+}
 // One arrival, and `bytes` more to come from TMA in this phase.
 __device__ __forceinline__ void arrive_expecting(uint64_t* bar, uint32_t bytes) {
 #if defined(PK_HOPPER_DEVICE)

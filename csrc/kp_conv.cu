@@ -317,14 +317,7 @@ hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
   // to a multiple of 4 floats (16 bytes).
   const int lead = j0 * args.dil_w - args.pad_w;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kWeightGradStages; ++s) {
-      barrier_init(&full[s], 1);
-      barrier_init(&empty[s], 8);  // the consumers' 8 warps
-    }
-    barrier_init_fence();
-  }
-  __syncthreads();
+  init_ring(full, empty, kWeightGradStages);
 
   if (threadIdx.x < 128) {
     release_registers<kProducerRegisters>();

@@ -342,14 +342,7 @@ hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
   const int row0 = row_block * 2 * Layout::kRows, col0 = depth_tile * kBoxRows;
   const int steps = (args.inner + kGradStep - 1) / kGradStep;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kGradStages; ++s) {
-      barrier_init(&full[s], 1);
-      barrier_init(&empty[s], 8);  // the consumers' 8 warps
-    }
-    barrier_init_fence();
-  }
-  __syncthreads();
+  init_ring(full, empty, kGradStages);
 
   if (threadIdx.x < 128) {
     release_registers<kProducerRegisters>();
