@@ -506,6 +506,241 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
   return true;
 }
 
+// ---- The forward on Hopper (sm_90a): the weight gradient's window, the other way round ----
+//
+// out = |window|^2 + |w|^2 - 2 sum_{c, tap} x[c, pixel shifted by the tap] w[p, c, tap]: per
+// kernel row i, a GEMM of output pixels (M) by prototypes (N) over channels (K), one per tap of
+// the row. A K step is 32 channels of one kernel row. TMA loads, per consumer, one dense window
+// of x (32 channels x the pixels under its 64 output pixels at every tap of the row, from a
+// 16-byte aligned column; a row pitch of 8 floats mod 32 keeps the fragment reads, 8 pixels x 4
+// channels a warp, free of bank conflicts), and per tap a swizzled box of w reordered K-major
+// (128 prototypes x 32 channels). The consumers read their A fragments (64 pixels x 8 channels,
+// transposed from the window) at each tap's shift into registers and sum their squares there:
+// the window's energy costs no second read. A block: two consumers, one output row each, 64
+// pixels of it, 128 prototypes (one m64n128 wgmma per tap and k8 step).
+constexpr int kForwardPixels = 64, kForwardProtos = 128, kForwardStep = 32;  // K: channels
+constexpr int kForwardMaxTaps = 4;      // along the width; wider kernels take the tile kernel
+constexpr int kForwardMaxWindow = 256;  // a TMA box's widest
+constexpr int kForwardMaxSmem = 200 * 1024;
+
+struct HopperForwardArgs {
+  int channel_steps, kh, kw, out_h, out_w, protos, row_pairs, col_tiles, proto_tiles;
+  int stride_h, pad_h, pad_w, dil_h, dil_w;
+  int window, window_bytes, stage_bytes, stages;
+  const float* w_norms;  // |w_p|^2, P
+  Tensor4<float> out;
+};
+
+template <int kTaps>
+__global__ void __launch_bounds__(hopper::kWalkThreads, 1)
+hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
+                      const __grid_constant__ CUtensorMap w_map, const HopperForwardArgs args) {
+#if defined(PK_HOPPER_DEVICE)
+  using namespace hopper;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* stages = swizzle_aligned(smem_raw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(stages + args.stages * args.stage_bytes);
+  uint64_t* empty = full + args.stages;
+
+  int block = blockIdx.x;
+  const int proto_tile = block % args.proto_tiles;
+  block /= args.proto_tiles;
+  const int col_tile = block % args.col_tiles;
+  block /= args.col_tiles;
+  const int row_pair = block % args.row_pairs;
+  const int image = block / args.row_pairs;
+  const int p0 = proto_tile * kForwardProtos, ow0 = col_tile * kForwardPixels;
+  const int oh0 = 2 * row_pair;
+  const int steps = args.channel_steps * args.kh;  // (kernel row, channel chunk), rows outer
+  const int lead = ow0 - args.pad_w;  // the window's first column before rounding down
+  const int column0 = lead & ~3;
+  init_ring(full, empty, args.stages);
+
+  if (threadIdx.x < 128) {
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    const uint32_t bytes = 2 * args.window_bytes + kTaps * kBoxBytes;
+    for (int step = 0; step < steps; ++step) {
+      const int slot = step % args.stages, round = step / args.stages;
+      if (round > 0) wait(&empty[slot], (round - 1) & 1);
+      unsigned char* stage = stages + slot * args.stage_bytes;
+      arrive_expecting(&full[slot], bytes);
+      const int kernel_row = step / args.channel_steps;
+      const int c0 = step % args.channel_steps * kForwardStep;
+      for (int c = 0; c < 2; ++c)
+        load_box(stage + kTaps * kBoxBytes + c * args.window_bytes, &x_map, &full[slot],
+                 column0, (oh0 + c) * args.stride_h - args.pad_h + kernel_row * args.dil_h, c0,
+                 image);
+      for (int j = 0; j < kTaps; ++j)
+        load_box(stage + j * kBoxBytes, &w_map, &full[slot], c0, p0, kernel_row * args.kw + j);
+    }
+    return;
+  }
+
+  claim_registers<kConsumerRegisters>();
+  const int c = threadIdx.x / 128 - 1, thread = threadIdx.x % 128;
+  const int warp = thread / 32, lane = thread % 32, g = lane / 4, t = lane % 4;
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  float squares[2] = {};  // [h]: this thread's part of its rows' window energy
+  const int shift0 = lead - column0;
+
+  for (int step = 0; step < steps; ++step) {
+    const int slot = step % args.stages;
+    wait(&full[slot], (step / args.stages) & 1);
+    const unsigned char* stage = stages + slot * args.stage_bytes;
+    const float* window =
+        reinterpret_cast<const float*>(stage + kTaps * kBoxBytes + c * args.window_bytes);
+    // wgmma's A layout (see mma_64x128_tf32_rs): k8 step kk, pixels 16 warp + g + 8 (e % 2),
+    // channels 8 kk + t + 4 (e / 2), read at each tap's shift.
+    uint32_t a[kForwardStep / 8][kTaps][4];
+#pragma unroll
+    for (int kk = 0; kk < kForwardStep / 8; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * warp + g + 8 * (e % 2), k = 8 * kk + t + 4 * (e / 2);
+#pragma unroll
+        for (int j = 0; j < kTaps; ++j) {
+          const float v = window[k * args.window + shift0 + j * args.dil_w + r];
+          a[kk][j][e] = __float_as_uint(v);
+          squares[e % 2] = fmaf(v, v, squares[e % 2]);
+        }
+      }
+    mma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kForwardStep / 8; ++kk)
+#pragma unroll
+      for (int j = 0; j < kTaps; ++j)
+        mma_64x128_tf32_rs(acc, a[kk][j], descriptor(stage + j * kBoxBytes + 32 * kk));
+    mma_commit();
+    mma_wait<0>();
+    hold_registers(acc);
+    hold_fragments(a);
+    if (lane == 0) arrive(&empty[slot]);
+  }
+
+  // A row's energy is spread over the 4 threads t of its quad.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    squares[h] += __shfl_xor_sync(0xFFFFFFFFu, squares[h], 1);
+    squares[h] += __shfl_xor_sync(0xFFFFFFFFu, squares[h], 2);
+  }
+  const int oh = oh0 + c;
+  if (oh >= args.out_h) return;
+  const Tensor4<float>& out = args.out;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int ow = ow0 + 16 * warp + g + 8 * h;
+    if (ow >= args.out_w) continue;
+#pragma unroll
+    for (int j = 0; j < kBoxRows / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int p = p0 + 8 * j + 2 * t + e;
+        if (p >= args.protos) continue;
+        const float v = squares[h] + args.w_norms[p] - 2.0f * acc[4 * j + 2 * h + e];
+        out.at(image, p, oh, ow) = v < 0.0f ? 0.0f : v;  // keeps NaN
+      }
+  }
+#endif
+}
+
+// wt (T, P, C4) = w (P, C, kh, kw) with the channels innermost (rows padded to 16 bytes for
+// TMA; the padding is never read) and norms[p] = |w_p|^2: the Hopper forward's B operand, one
+// block per prototype.
+__global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShape s, float* wt,
+                                          int64_t row, float* norms) {
+  __shared__ float partial[128];
+  const int64_t p = blockIdx.x;
+  float sum = 0.0f;
+  for (int64_t k = threadIdx.x; k < s.channels * s.taps(); k += blockDim.x) {
+    const int64_t c = k / s.taps(), tap = k % s.taps();
+    const float v = w.at(p, c, tap / s.kw, tap % s.kw);
+    wt[(tap * s.protos + p) * row + c] = v;
+    sum = fmaf(v, v, sum);
+  }
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) norms[p] = partial[0];
+}
+
+// The Hopper forward into out, or false where it does not apply: float32 at "tf32", a Hopper GPU
+// and an sm_90a build, stride 1 along the width, at least one K step of channels, kernels at most
+// kForwardMaxTaps wide whose window fits a TMA box, counts and coordinates within int. Fewer
+// channels than a step pad its K with zeros: H100, C1 28x28 P32 took 0.082 ms against the tile
+// kernel's and Triton's ~0.03 (RESULTS.md "kp_conv's forward on Hopper").
+bool launch_hopper_forward(const Tensor& x, const Tensor& w, const ConvArgs<float>& args,
+                           Precision precision, cudaStream_t stream) {
+  using namespace hopper;
+  const ConvShape& s = args.s;
+  const int device = x.get_device_index();
+  if (precision != Precision::kTf32 || s.stride_w != 1 || s.kw > kForwardMaxTaps ||
+      s.channels < kForwardStep || !hopper_available(device))
+    return false;
+  // 3 columns of rounding down to 16 bytes, the taps' reach and 64 pixels, widened to a pitch of
+  // 8 floats mod 16 (8 or 24 mod 32: the 4 channels a warp reads fall on different banks).
+  const int64_t need = 3 + (s.kw - 1) * s.dil_w + kForwardPixels;
+  const int64_t window = (need + 7) / 16 * 16 + 8;
+  const int64_t window_bytes = kForwardStep * window * 4;
+  const int64_t stage_bytes =
+      (s.kw * kBoxBytes + 2 * window_bytes + kWalkAlign - 1) / kWalkAlign * kWalkAlign;
+  const int64_t stages = std::min<int64_t>(4, kForwardMaxSmem / stage_bytes);
+  const int64_t batch = x.size(0);
+  const int64_t row_pairs = (s.out_h + 1) / 2;
+  const int64_t col_tiles = (s.out_w + kForwardPixels - 1) / kForwardPixels;
+  const int64_t proto_tiles = (s.protos + kForwardProtos - 1) / kForwardProtos;
+  const int64_t blocks = batch * row_pairs * col_tiles * proto_tiles;
+  const int64_t reach_w = s.width + s.pad_w + window + kForwardPixels;
+  const int64_t reach_h = s.out_h * s.stride_h + s.pad_h + s.dil_h * s.kh;
+  if (window > kForwardMaxWindow || stages < 2 || blocks >= kIntLimit || reach_w >= kIntLimit ||
+      reach_h >= kIntLimit || s.protos >= kIntLimit - kForwardProtos ||
+      s.channels >= kIntLimit - kForwardStep || s.taps() * s.protos >= kIntLimit)
+    return false;
+  CUtensorMap x_map, w_map;
+  Tensor x_copy;
+  if (!conv_tensor_map(&x_map, x, static_cast<int>(window), kForwardStep, false, x_copy))
+    return false;
+  const int64_t row = (s.channels + 3) / 4 * 4;
+  Tensor wt = torch::stable::new_empty(x, {s.taps(), s.protos, row});
+  Tensor norms = torch::stable::new_empty(x, {s.protos});
+  if (!tensor_map_tiled<float, 3>(&w_map, wt.const_data_ptr(), {s.channels, s.protos, s.taps()},
+                                  {1, row, s.protos * row}, {kForwardStep, kForwardProtos, 1}))
+    return false;
+  reorder_prototypes_kernel<<<static_cast<unsigned>(s.protos), 128, 0, stream>>>(
+      tensor4<const float>(w), s, static_cast<float*>(wt.mutable_data_ptr()), row,
+      static_cast<float*>(norms.mutable_data_ptr()));
+  PK_CHECK_LAUNCH();
+  const HopperForwardArgs hopper_args{
+      static_cast<int>((s.channels + kForwardStep - 1) / kForwardStep), static_cast<int>(s.kh),
+      static_cast<int>(s.kw), static_cast<int>(s.out_h), static_cast<int>(s.out_w),
+      static_cast<int>(s.protos), static_cast<int>(row_pairs), static_cast<int>(col_tiles),
+      static_cast<int>(proto_tiles), static_cast<int>(s.stride_h), static_cast<int>(s.pad_h),
+      static_cast<int>(s.pad_w), static_cast<int>(s.dil_h), static_cast<int>(s.dil_w),
+      static_cast<int>(window), static_cast<int>(window_bytes), static_cast<int>(stage_bytes),
+      static_cast<int>(stages), static_cast<const float*>(norms.const_data_ptr()), args.out};
+  const size_t smem_bytes = kWalkAlign + size_t(stages * stage_bytes) +
+                            2 * size_t(stages) * sizeof(uint64_t);
+  auto launch = [&](auto taps) {
+    constexpr auto kKernel = hopper_forward_kernel<decltype(taps)::value>;
+    allow_walk_smem<kKernel>(device);
+    kKernel<<<static_cast<unsigned>(blocks), kWalkThreads, smem_bytes, stream>>>(x_map, w_map,
+                                                                                  hopper_args);
+    PK_CHECK_LAUNCH();
+  };
+  switch (s.kw) {  // the taps of a kernel row, all in one step
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 3: launch(std::integral_constant<int, 3>{}); break;
+    default: launch(std::integral_constant<int, 4>{}); break;
+  }
+  return true;
+}
+
 void check_conv(const char* op, const Tensor& x, const Tensor& w,
                 const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                 const std::vector<int64_t>& dilation) {
@@ -583,6 +818,8 @@ void run_pass(const char* op, const Tensor& grad, const Tensor& x, const Tensor&
     ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s};
     if constexpr (PASS == Pass::kForward) {  // output pixels x prototypes, depth (c, i, j)
       args.rows = out_pixels, args.cols = s.protos, args.depth = s.channels * s.taps();
+      if constexpr (std::is_same_v<T, float>)
+        if (launch_hopper_forward(x, w, args, p, stream)) return;
     } else if constexpr (PASS == Pass::kGradInput) {  // input pixels x channels, depth (p, i, j)
       args.rows = x.size(0) * s.height * s.width, args.cols = s.channels;
       args.depth = s.protos * s.taps();
@@ -649,13 +886,14 @@ void kp_conv2d_grad_weight_cuda(Tensor grad, Tensor x, Tensor w, std::vector<int
 }
 
 // What these kernels can take, for the Python dispatch (protokernels/_capabilities.py): every
-// floating dtype; on the current device, the weight gradient's Hopper kernel (float32 at "tf32",
-// stride 1 along the width: launch_hopper_weight_grad), which _backend.py's `auto` table reads.
+// floating dtype; on the current device, the forward's and the weight gradient's Hopper kernels
+// (float32 at "tf32", stride 1 along the width; their other conditions in launch_hopper_forward
+// and launch_hopper_weight_grad), which _backend.py's `auto` table reads.
 std::string kp_conv_cuda_capabilities() {
   int device = 0;
   cudaGetDevice(&device);
   return std::string("dtypes=float16,bfloat16,float32,float64") +
-         (hopper::hopper_available(device) ? ";hopper=kp_conv2d_grad_weight" : "");
+         (hopper::hopper_available(device) ? ";hopper=kp_conv2d,kp_conv2d_grad_weight" : "");
 }
 
 }  // namespace protokernels

@@ -136,17 +136,35 @@ def _hopper_gradient_order(dtype, precision, sizes):
     return CUDA_FIRST
 
 
-def _hopper_weight_gradient_order(dtype, precision, sizes):
-    """kp_conv's weight gradient where CUDA runs its Hopper kernel (the capability hopper_kernels;
-    float32 at "tf32", stride 1 along the width): CUDA first, whatever backend runs the forward.
-    TMA reads g and x as they lie, so the gradient's GEMM runs without the gathers that hold the
-    other kernels to a quarter of the forward's speed: H100, the spec size 0.114 ms against
-    Triton's 0.612, and faster at each in-model size measured (B64 C1 8x8 P16 0.031 against
-    0.153 up to B16 C256 28x28 P512 0.289 against 1.020; RESULTS.md "kp_conv's weight gradient
-    on Hopper")."""
+def _kp_conv_hopper(kernel: str, dtype, precision, sizes) -> bool:
+    """CUDA declares kp_conv's Hopper `kernel` here (the capability hopper_kernels) and the call
+    is float32 at "tf32" with stride 1 along the width, as both Hopper kernels need."""
     declared = _CAPABILITIES.get(("cuda", "kp_conv"))
-    if (declared is None or "kp_conv2d_grad_weight" not in declared.hopper_kernels
-            or dtype != torch.float32 or precision != "tf32" or sizes.get("stride_w") != 1):
+    return (declared is not None and kernel in declared.hopper_kernels
+            and dtype == torch.float32 and precision == "tf32" and sizes.get("stride_w") == 1)
+
+
+def _hopper_forward_order(dtype, precision, sizes):
+    """kp_conv's forward alone where CUDA runs its Hopper kernel (kernels up to 4 wide, at least
+    32 channels: fewer pad its 32-channel K steps with zeros): CUDA first. With a backward, the
+    forward's backend runs the grad input too, which on CUDA is still the tile kernel: None.
+    H100, through the host functions: the spec size 0.124 ms against Triton's 0.138, B32 C64
+    14x14 P64 0.048 against 0.070, B8 C128 32x32 P256 0.060 against 0.101, B16 C256 28x28 P512
+    0.277 against 0.291 (RESULTS.md "kp_conv's forward on Hopper")."""
+    if (not _kp_conv_hopper("kp_conv2d", dtype, precision, sizes) or _wants_grad(sizes)
+            or sizes.get("kw", 0) > 4 or sizes.get("c", 0) < 32):
+        return None
+    return CUDA_FIRST
+
+
+def _hopper_weight_gradient_order(dtype, precision, sizes):
+    """kp_conv's weight gradient where CUDA runs its Hopper kernel: CUDA first, whatever backend
+    runs the forward. TMA reads g and x as they lie, so the gradient's GEMM runs without the
+    gathers that hold the other kernels to a quarter of the forward's speed: H100, the spec size
+    0.114 ms against Triton's 0.612, and faster at each in-model size measured (B64 C1 8x8 P16
+    0.031 against 0.153 up to B16 C256 28x28 P512 0.289 against 1.020; RESULTS.md "kp_conv's
+    weight gradient on Hopper")."""
+    if not _kp_conv_hopper("kp_conv2d_grad_weight", dtype, precision, sizes):
         return None
     return CUDA_FIRST
 
@@ -202,11 +220,13 @@ _AUTO_ORDER = {
     # glvq_loss is nearest_by_label's search with an epilogue launch: the search's rule.
     **dict.fromkeys(("nearest_by_label", "nearest_both", "glvq_loss"), lambda dtype, precision,
                     sizes: _tensor_search_order(dtype, precision, sizes)),
-    # kp_conv: CUDA up to B*P*H*W*C*kh*kw = 2^21, H*W the input's (B64 C1 8x8 P16: fwd 0.0165
-    # vs 0.0203 ms, fwd+bwd 0.185 vs 0.477), Triton above (B64 C1 28x28 P32: fwd 0.028 vs
-    # 0.048, fwd+bwd 0.593 vs 0.656; the spec size 0.139 vs 4.30).
-    **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: _backend_by_work(
-        sizes, "batch p pixels c taps", 2**21)),
+    # kp_conv: a forward alone on CUDA where its Hopper kernel runs (_hopper_forward_order); else
+    # CUDA up to B*P*H*W*C*kh*kw = 2^21, H*W the input's (B64 C1 8x8 P16: fwd 0.0165 vs 0.0203
+    # ms, fwd+bwd 0.185 vs 0.477), Triton above (B64 C1 28x28 P32: fwd 0.028 vs 0.048, fwd+bwd
+    # 0.593 vs 0.656; the spec size 0.139 vs 4.30).
+    **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: (
+        _hopper_forward_order(dtype, precision, sizes)
+        or _backend_by_work(sizes, "batch p pixels c taps", 2**21))),
     # Its weight gradient: CUDA's Hopper kernel where it runs, else the forward's rule.
     "kp_conv2d_grad_weight": lambda dtype, precision, sizes: (
         _hopper_weight_gradient_order(dtype, precision, sizes)

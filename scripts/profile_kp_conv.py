@@ -14,7 +14,9 @@ x = torch.randn(32, 64, 56, 56, device="cuda"); w = torch.randn(128, 64, 3, 3, d
 out = torch.empty(32, 128, 56, 56, device="cuda"); gx = torch.empty_like(x); gw = torch.empty_like(w)
 g = [[1, 1], [1, 1], [1, 1]]
 cuda_gw = torch.ops.protokernels.kp_conv2d_grad_weight_cuda
+cuda_fwd = torch.ops.protokernels.kp_conv2d_cuda
 for name, fn in [("fwd host fn", lambda: k.kp_conv2d(x, w, *g, "tf32", out)),
+                 ("fwd cuda (Hopper)", lambda: cuda_fwd(x, w, *g, "tf32", out)),
                  ("gx host fn", lambda: k.kp_conv2d_grad_input(out, x, w, *g, "tf32", gx)),
                  ("gw host fn", lambda: k.kp_conv2d_grad_weight(out, x, w, *g, "tf32", gw)),
                  ("gw cuda (Hopper)", lambda: cuda_gw(out, x, w, *g, "tf32", gw)),
@@ -45,12 +47,16 @@ for backend in ("auto", "triton"):
     print(f"{backend}: fwd+bwd GPU time of all kernels per step {total:.3f} ms")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]:
         print(f"   {e.self_device_time_total / e.count / 1000:.4f} ms x{e.count // 10}  {e.key[:90]}")
-# The weight gradient's two kernels at in-model sizes (3x3, padding 1): CUDA's Hopper kernel (its
-# split sum included) against Triton's, each through its host function.
+# The forward's and the weight gradient's kernels at in-model sizes (3x3, padding 1): CUDA's
+# Hopper kernels (with their w reorder and split sum) against Triton's, through their host
+# functions.
 for b, c, h, size, p in [(64, 1, 28, 28, 32), (32, 64, 14, 14, 64), (64, 1, 8, 8, 16),
                          (8, 128, 32, 32, 256), (16, 256, 28, 28, 512)]:
     xs, ws = torch.randn(b, c, h, size, device="cuda"), torch.randn(p, c, 3, 3, device="cuda")
     gs, gws = torch.randn(b, p, h, size, device="cuda"), torch.empty_like(ws)
+    outs = torch.empty_like(gs)
     times = [tt.do_bench(lambda: fn(gs, xs, ws, *g, "tf32", gws))
              for fn in (cuda_gw, k.kp_conv2d_grad_weight)]
-    print(f"gw B{b} C{c} {h}x{size} P{p}: cuda {times[0]:.4f} ms, triton {times[1]:.4f} ms")
+    times += [tt.do_bench(lambda: fn(xs, ws, *g, "tf32", outs)) for fn in (cuda_fwd, k.kp_conv2d)]
+    print(f"B{b} C{c} {h}x{size} P{p}: gw cuda {times[0]:.4f} ms, triton {times[1]:.4f} ms; "
+          f"fwd cuda {times[2]:.4f} ms, triton {times[3]:.4f} ms")

@@ -202,6 +202,42 @@ def test_hopper_weight_gradient(choice, shape, layout):
     assert_ran(kernels, "hopper_weight_grad_kernel", hopper_build())
 
 
+# The Hopper forward's cases (float32 at "tf32", stride 1 along the width, kernels up to 4 wide,
+# at least 32 channels): P 130 (two prototype tiles), C 67 and 37 (partial 32-channel steps),
+# odd output heights (a consumer's row past the end), rows of more than 64 pixels (two column
+# tiles), widths that are not multiples of 4 (x copied for TMA), stride and dilation along the
+# height, dilation 3 along the width, a 4-wide kernel, the spec's geometry; and C 5, which the
+# tile kernel takes (fewer channels than a step).
+HOPPER_FORWARD_SHAPES = [
+    (3, 67, 9, 37, 130, 3, 3, 1, 1, 1),
+    (2, 37, 7, 70, 7, 2, 2, (2, 1), (0, 1), (1, 3)),
+    (1, 32, 1, 40, 5, 1, 4, 1, (0, 2), 1),
+    (2, 64, 12, 56, 128, 3, 3, 1, 1, 1),
+    (2, 5, 7, 70, 7, 2, 2, (2, 1), (0, 1), (1, 3)),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", HOPPER_FORWARD_SHAPES, ids=str)
+def test_hopper_forward(shape, layout):
+    """CUDA's Hopper forward where it applies, against float64 (the bound of
+    test_matches_float64), in either memory format, and that it ran (not below 32 channels)."""
+    if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
+        pytest.skip("needs a GPU and the CUDA extension")
+    x, w, geometry = make(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with protokernels.use_backend("cuda"):
+        kernels = cuda_kernels_run(lambda: protokernels.kp_conv2d(x, w, precision="tf32",
+                                                                  **geometry))
+        out = protokernels.kp_conv2d(x, w, precision="tf32", **geometry)
+    ref = truth(x, w, **geometry)
+    bound = tolerance(torch.float32, "tf32")
+    assert (out.double() - ref).norm() / (term_scale(x, w, **geometry) + ref).norm() <= bound
+    assert relative_error(out, ref) <= bound and (out >= 0).all()
+    assert_ran(kernels, "hopper_forward_kernel", hopper_build() and shape[1] >= 32)
+
+
 def test_hopper_weight_gradient_keeps_nonfinite_x_local():
     """A row's last 32-pixel chunk reaches past the row's end, where g reads as 0 but x may hold an
     inf that no true product meets: out_w 34 (kernel width 3), inf at x's last column, which only

@@ -114,11 +114,12 @@ def _kp_conv(op: str, spatial: int, layout: str, x, w, stride, padding, dilation
     precision = _backend.resolve_precision(op, precision, x.dtype)
     sizes = dict(batch=x.shape[0] if x.dim() > spatial + 1 else 1, c=x.shape[-spatial - 1],
                  p=w.shape[0], pixels=x.shape[-1] * (x.shape[-2] if spatial == 2 else 1),
-                 taps=w.shape[-1] * (w.shape[-2] if spatial == 2 else 1))
+                 taps=w.shape[-1] * (w.shape[-2] if spatial == 2 else 1), kw=w.shape[-1],
+                 stride_w=stride[-1])
     grad = _backend.wants_grad(x, w)
     backend = _backend.resolve(op, x.device, x.dtype, precision, grad=grad, **sizes)
     weight_backend = (_backend.resolve("kp_conv2d_grad_weight", x.device, x.dtype, precision,
-                                       stride_w=stride[-1], **sizes)
+                                       **sizes)
                       if grad and w.requires_grad else backend)
     unbatched = x.dim() == spatial + 1
     if unbatched:
