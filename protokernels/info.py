@@ -81,13 +81,14 @@ def report() -> str:
         lines.append(f"  {name:<9} {status}")
     lines.append("")
     lines.append("capabilities (what `auto` and an explicit choice check before launching):")
+    width = max(map(len, _backend.OP_FILES))
     for op in _backend.OP_FILES:
         parts = []
         for name in _backend.BACKENDS:
             capabilities = _backend.capabilities(op, name)
             if capabilities is not None:
                 parts.append(f"{name}: {capabilities.describe()}")
-        lines.append(f"  {op:<17} " + "; ".join(parts))
+        lines.append(f"  {op:<{width}} " + "; ".join(parts))
     lines.append("")
     cache = triton_cache_dir()
     counts = compiled_kernels(cache)
