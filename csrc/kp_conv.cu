@@ -268,9 +268,9 @@ __global__ void kp_conv2d_grad_weight_sum_kernel(const ConvArgs<T> args, int64_t
 // registers), the row's taps from the same window, and zero the pixels past the row's end there
 // (g's zero fill would meet x's next columns, which may be inf). No gather: the tile kernel's
 // gathers ran at a quarter of the forward's speed (RESULTS.md "kp_conv2d"). A block owns 64
-// channels x up to 4 taps of one kernel row (kTaps) x 128 prototypes (a consumer: 64 prototypes, one
-// m64n64 wgmma per tap), and one split of the K steps; the splits' partial sums meet in
-// kp_conv2d_grad_weight_sum_kernel.
+// channels x up to 4 taps of one kernel row (kTaps) x 128 prototypes (a consumer: 64
+// prototypes, one m64n64 wgmma per tap), and one split of the K steps; the splits' partial sums
+// meet in kp_conv2d_grad_weight_sum_kernel.
 constexpr int kWeightGradStep = hopper::box_depth<float>();  // output pixels per K step: 32
 constexpr int kWeightGradProtos = 128, kWeightGradChannels = 64, kWeightGradTaps = 4;
 constexpr int kWeightGradStages = 4;
@@ -512,7 +512,7 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
 // kernel row i, a GEMM of output pixels (M) by prototypes (N) over channels (K), one per tap of
 // the row. A K step is 32 channels of one kernel row. TMA loads, per consumer, one dense window
 // of x (32 channels x the pixels under its 64 output pixels at every tap of the row, from a
-// 16-byte aligned column; a row pitch of 8 floats mod 32 keeps the fragment reads, 8 pixels x 4
+// 16-byte aligned column; a row pitch of 8 floats mod 16 keeps the fragment reads, 8 pixels x 4
 // channels a warp, free of bank conflicts), and per tap a swizzled box of w reordered K-major
 // (128 prototypes x 32 channels). The consumers read their A fragments (64 pixels x 8 channels,
 // transposed from the window) at each tap's shift into registers and sum their squares there:
@@ -521,7 +521,7 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
 constexpr int kForwardPixels = 64, kForwardProtos = 128, kForwardStep = 32;  // K: channels
 constexpr int kForwardMaxTaps = 4;      // along the width; wider kernels take the tile kernel
 constexpr int kForwardMaxWindow = 256;  // a TMA box's widest
-constexpr int kForwardMaxSmem = 200 * 1024;
+constexpr int kForwardMaxSmem = 200 * 1024;  // the ring's, within the 227 KB a block may take
 
 struct HopperForwardArgs {
   int channel_steps, kh, kw, out_h, out_w, protos, row_pairs, col_tiles, proto_tiles;

@@ -46,7 +46,8 @@ for backend in ("auto", "triton"):
     total = sum(e.self_device_time_total for e in kernels) / 10 / 1000
     print(f"{backend}: fwd+bwd GPU time of all kernels per step {total:.3f} ms")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]:
-        print(f"   {e.self_device_time_total / e.count / 1000:.4f} ms x{e.count // 10}  {e.key[:90]}")
+        per_call = e.self_device_time_total / e.count / 1000
+        print(f"   {per_call:.4f} ms x{e.count // 10}  {e.key[:90]}")
 # The forward's and the weight gradient's kernels at in-model sizes (3x3, padding 1): CUDA's
 # Hopper kernels (with their w reorder and split sum) against Triton's, through their host
 # functions.
