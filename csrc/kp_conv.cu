@@ -6,8 +6,10 @@
 //                 (C x (p, i, j)); gx = 2 (rowsum(A) x - A B^T)
 //   grad weight:  A = g (P x pixels), B = im2col(x)^T ((c, i, j) x pixels), the pixels split
 //                 over blocks; gw = 2 (rowsum(A) w - A B^T) from the splits' partial sums
-// The gathers do 64-bit index math per element; this is the portable fallback behind the Triton
-// kernels (RESULTS.md, "kp_conv2d").
+// The gathers do 64-bit index math per element; this is the portable path (other GPUs, other
+// precisions and dtypes). On Hopper, float32 at "tf32", the forward and the grad input run
+// hopper_conv_kernel and the weight gradient hopper_weight_grad_kernel (below), which TMA feeds
+// without gathers (RESULTS.md "kp_conv2d" and the Hopper sections after it).
 #include <vector>
 
 #include "hopper.cuh"
@@ -506,7 +508,8 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
   return true;
 }
 
-// ---- The forward on Hopper (sm_90a): the weight gradient's window, the other way round ----
+// ---- The forward and the grad input on Hopper (sm_90a): the weight gradient's window, the
+// other way round ----
 //
 // out = |window|^2 + |w|^2 - 2 sum_{c, tap} x[c, pixel shifted by the tap] w[p, c, tap]: per
 // kernel row i, a GEMM of output pixels (M) by prototypes (N) over channels (K), one per tap of
@@ -514,27 +517,36 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
 // of x (32 channels x the pixels under its 64 output pixels at every tap of the row, from a
 // 16-byte aligned column; a row pitch of 8 floats mod 16 keeps the fragment reads, 8 pixels x 4
 // channels a warp, free of bank conflicts), and per tap a swizzled box of w reordered K-major
-// (128 prototypes x 32 channels). The consumers read their A fragments (64 pixels x 8 channels,
+// (kProtos prototypes x 32 channels). The consumers read their A fragments (64 pixels x 8 channels,
 // transposed from the window) at each tap's shift into registers and sum their squares there:
 // the window's energy costs no second read. A block: two consumers, one output row each, 64
-// pixels of it, 128 prototypes (one m64n128 wgmma per tap and k8 step).
-constexpr int kForwardPixels = 64, kForwardProtos = 128, kForwardStep = 32;  // K: channels
-constexpr int kForwardMaxTaps = 4;      // along the width; wider kernels take the tile kernel
-constexpr int kForwardMaxWindow = 256;  // a TMA box's widest
-constexpr int kForwardMaxSmem = 200 * 1024;  // the ring's, within the 227 KB a block may take
+// pixels of it, kProtos prototypes: 128, or 64 where there are at most 64 (one m64nkProtos
+// wgmma per tap and k8 step; padded to n128, the grad input at the spec size, C 64, took 0.235
+// ms against n64's 0.196, H100).
+//
+// With stride 1 the grad input is the same convolution (kGradInput): gx = 2 (x S - conv(g, w')),
+// g in x's place (its P channels are the K), w' = w with prototypes and channels swapped and the
+// taps flipped (C "prototypes" of P channels), padding dil (k - 1) - pad, the output x's size;
+// S, g summed over each window and its P channels, comes from the fragments' plain sums as the
+// forward's energy from their squares.
+constexpr int kConvPixels = 64, kConvStep = 32;  // K: channels
+constexpr int kConvMaxTaps = 4;      // along the width; wider kernels take the tile kernel
+constexpr int kConvMaxWindow = 256;  // a TMA box's widest
+constexpr int kConvMaxSmem = 200 * 1024;  // the ring's, within the 227 KB a block may take
 
-struct HopperForwardArgs {
+struct HopperConvArgs {
   int channel_steps, kh, kw, out_h, out_w, protos, row_pairs, col_tiles, proto_tiles;
   int stride_h, pad_h, pad_w, dil_h, dil_w;
   int window, window_bytes, stage_bytes, stages;
-  const float* w_norms;  // |w_p|^2, P
+  const float* w_norms;  // the forward's |w_p|^2, P
+  Tensor4<const float> x;  // the grad input's x (B, C, H, W)
   Tensor4<float> out;
 };
 
-template <int kTaps>
+template <int kTaps, bool kGradInput, int kProtos>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
-hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
-                      const __grid_constant__ CUtensorMap w_map, const HopperForwardArgs args) {
+hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
+                   const __grid_constant__ CUtensorMap w_map, const HopperConvArgs args) {
 #if defined(PK_HOPPER_DEVICE)
   using namespace hopper;
   extern __shared__ unsigned char smem_raw[];
@@ -549,7 +561,8 @@ hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
   block /= args.col_tiles;
   const int row_pair = block % args.row_pairs;
   const int image = block / args.row_pairs;
-  const int p0 = proto_tile * kForwardProtos, ow0 = col_tile * kForwardPixels;
+  constexpr int kWBoxBytes = kProtos * kRowBytes;
+  const int p0 = proto_tile * kProtos, ow0 = col_tile * kConvPixels;
   const int oh0 = 2 * row_pair;
   const int steps = args.channel_steps * args.kh;  // (kernel row, channel chunk), rows outer
   const int lead = ow0 - args.pad_w;  // the window's first column before rounding down
@@ -559,20 +572,20 @@ hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
   if (threadIdx.x < 128) {
     release_registers<kProducerRegisters>();
     if (threadIdx.x != 0) return;
-    const uint32_t bytes = 2 * args.window_bytes + kTaps * kBoxBytes;
+    const uint32_t bytes = 2 * args.window_bytes + kTaps * kWBoxBytes;
     for (int step = 0; step < steps; ++step) {
       const int slot = step % args.stages, round = step / args.stages;
       if (round > 0) wait(&empty[slot], (round - 1) & 1);
       unsigned char* stage = stages + slot * args.stage_bytes;
       arrive_expecting(&full[slot], bytes);
       const int kernel_row = step / args.channel_steps;
-      const int c0 = step % args.channel_steps * kForwardStep;
+      const int c0 = step % args.channel_steps * kConvStep;
       for (int c = 0; c < 2; ++c)
-        load_box(stage + kTaps * kBoxBytes + c * args.window_bytes, &x_map, &full[slot],
+        load_box(stage + kTaps * kWBoxBytes + c * args.window_bytes, &x_map, &full[slot],
                  column0, (oh0 + c) * args.stride_h - args.pad_h + kernel_row * args.dil_h, c0,
                  image);
       for (int j = 0; j < kTaps; ++j)
-        load_box(stage + j * kBoxBytes, &w_map, &full[slot], c0, p0, kernel_row * args.kw + j);
+        load_box(stage + j * kWBoxBytes, &w_map, &full[slot], c0, p0, kernel_row * args.kw + j);
     }
     return;
   }
@@ -580,23 +593,48 @@ hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
   claim_registers<kConsumerRegisters>();
   const int c = threadIdx.x / 128 - 1, thread = threadIdx.x % 128;
   const int warp = thread / 32, lane = thread % 32, g = lane / 4, t = lane % 4;
-  float acc[64];
+  float acc[kProtos / 2];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  float squares[2] = {};  // [h]: this thread's part of its rows' window energy
+  for (int i = 0; i < kProtos / 2; ++i) acc[i] = 0.0f;
+  // [h]: this thread's part of its rows' window energy (the grad input: sum)
+  float window_sums[2] = {};
   const int shift0 = lead - column0;
+  const int oh = oh0 + c;
+  // The epilogue's inputs (the forward's |w_p|^2, the grad input's x at the outputs), read before
+  // the main loop so that their latency hides behind it: read among the outputs' stores, each
+  // load waited for the store before it (out might alias them), and the grad input's epilogue took
+  // 41 % of the kernel's stalls (ncu, H100, spec size). [h][2 j + e]: the thread's output pixel
+  // h (the forward's norms: one set), prototype 8 j + 2 t + e.
+  constexpr int kPixelSets = kGradInput ? 2 : 1;
+  float epilogue_in[kPixelSets][kProtos / 4];
+#pragma unroll
+  for (int h = 0; h < kPixelSets; ++h)
+#pragma unroll
+    for (int j = 0; j < kProtos / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int p = p0 + 8 * j + 2 * t + e, ow = ow0 + 16 * warp + g + 8 * h;
+        float v = 0.0f;
+        if constexpr (kGradInput) {
+          if (p < args.protos && oh < args.out_h && ow < args.out_w)
+            v = args.x.at(image, p, oh, ow);
+        } else if (p < args.protos) {
+          v = args.w_norms[p];
+        }
+        epilogue_in[h][2 * j + e] = v;
+      }
 
   for (int step = 0; step < steps; ++step) {
     const int slot = step % args.stages;
     wait(&full[slot], (step / args.stages) & 1);
     const unsigned char* stage = stages + slot * args.stage_bytes;
     const float* window =
-        reinterpret_cast<const float*>(stage + kTaps * kBoxBytes + c * args.window_bytes);
+        reinterpret_cast<const float*>(stage + kTaps * kWBoxBytes + c * args.window_bytes);
     // wgmma's A layout (see mma_64x128_tf32_rs): k8 step kk, pixels 16 warp + g + 8 (e % 2),
     // channels 8 kk + t + 4 (e / 2), read at each tap's shift.
-    uint32_t a[kForwardStep / 8][kTaps][4];
+    uint32_t a[kConvStep / 8][kTaps][4];
 #pragma unroll
-    for (int kk = 0; kk < kForwardStep / 8; ++kk)
+    for (int kk = 0; kk < kConvStep / 8; ++kk)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = 16 * warp + g + 8 * (e % 2), k = 8 * kk + t + 4 * (e / 2);
@@ -604,15 +642,19 @@ hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
         for (int j = 0; j < kTaps; ++j) {
           const float v = window[k * args.window + shift0 + j * args.dil_w + r];
           a[kk][j][e] = __float_as_uint(v);
-          squares[e % 2] = fmaf(v, v, squares[e % 2]);
+          window_sums[e % 2] = kGradInput ? window_sums[e % 2] + v
+                                          : fmaf(v, v, window_sums[e % 2]);
         }
       }
     mma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kForwardStep / 8; ++kk)
+    for (int kk = 0; kk < kConvStep / 8; ++kk)
 #pragma unroll
-      for (int j = 0; j < kTaps; ++j)
-        mma_64x128_tf32_rs(acc, a[kk][j], descriptor(stage + j * kBoxBytes + 32 * kk));
+      for (int j = 0; j < kTaps; ++j) {
+        const uint64_t b = descriptor(stage + j * kWBoxBytes + 32 * kk);
+        if constexpr (kProtos == 128) mma_64x128_tf32_rs(acc, a[kk][j], b);
+        else mma_64x64_tf32_rs(acc, a[kk][j], b);
+      }
     mma_commit();
     mma_wait<0>();
     hold_registers(acc);
@@ -620,13 +662,12 @@ hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
     if (lane == 0) arrive(&empty[slot]);
   }
 
-  // A row's energy is spread over the 4 threads t of its quad.
+  // A row's sum is spread over the 4 threads t of its quad.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    squares[h] += __shfl_xor_sync(0xFFFFFFFFu, squares[h], 1);
-    squares[h] += __shfl_xor_sync(0xFFFFFFFFu, squares[h], 2);
+    window_sums[h] += __shfl_xor_sync(0xFFFFFFFFu, window_sums[h], 1);
+    window_sums[h] += __shfl_xor_sync(0xFFFFFFFFu, window_sums[h], 2);
   }
-  const int oh = oh0 + c;
   if (oh >= args.out_h) return;
   const Tensor4<float>& out = args.out;
 #pragma unroll
@@ -634,110 +675,141 @@ hopper_forward_kernel(const __grid_constant__ CUtensorMap x_map,
     const int ow = ow0 + 16 * warp + g + 8 * h;
     if (ow >= args.out_w) continue;
 #pragma unroll
-    for (int j = 0; j < kBoxRows / 8; ++j)
+    for (int j = 0; j < kProtos / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int p = p0 + 8 * j + 2 * t + e;
+        const int p = p0 + 8 * j + 2 * t + e;  // the grad input: a channel of x
         if (p >= args.protos) continue;
-        const float v = squares[h] + args.w_norms[p] - 2.0f * acc[4 * j + 2 * h + e];
-        out.at(image, p, oh, ow) = v < 0.0f ? 0.0f : v;  // keeps NaN
+        const float product = acc[4 * j + 2 * h + e];
+        const float in = epilogue_in[kGradInput ? h : 0][2 * j + e];
+        if constexpr (kGradInput) {
+          out.at(image, p, oh, ow) = 2.0f * (in * window_sums[h] - product);
+        } else {
+          const float v = window_sums[h] + in - 2.0f * product;
+          out.at(image, p, oh, ow) = v < 0.0f ? 0.0f : v;  // keeps NaN
+        }
       }
   }
 #endif
 }
 
-// wt (T, P, C4) = w (P, C, kh, kw) with the channels innermost (rows padded to 16 bytes for
-// TMA; the padding is never read) and norms[p] = |w_p|^2: the Hopper forward's B operand, one
-// block per prototype.
+// wt (T, N, K4): the Hopper kernel's B operand, the K innermost (rows padded to 16 bytes for TMA;
+// the padding is never read), one block per row n, s the shape of the convolution it runs: the
+// forward's w (N = P, K = C) with norms[p] = |w_p|^2, or the grad input's w' (N = C, K = P, the
+// taps flipped; no norms).
+template <bool kGradInput>
 __global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShape s, float* wt,
                                           int64_t row, float* norms) {
   __shared__ float partial[128];
-  const int64_t p = blockIdx.x;
+  const int64_t n = blockIdx.x;
   float sum = 0.0f;
-  for (int64_t k = threadIdx.x; k < s.channels * s.taps(); k += blockDim.x) {
-    const int64_t c = k / s.taps(), tap = k % s.taps();
-    const float v = w.at(p, c, tap / s.kw, tap % s.kw);
-    wt[(tap * s.protos + p) * row + c] = v;
+  for (int64_t e = threadIdx.x; e < s.channels * s.taps(); e += blockDim.x) {
+    const int64_t k = e / s.taps(), tap = e % s.taps(), i = tap / s.kw, j = tap % s.kw;
+    const float v = kGradInput ? w.at(k, n, s.kh - 1 - i, s.kw - 1 - j) : w.at(n, k, i, j);
+    wt[(tap * s.protos + n) * row + k] = v;
     sum = fmaf(v, v, sum);
   }
+  if constexpr (kGradInput) return;
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (int half = blockDim.x / 2; half > 0; half /= 2) {
     if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
     __syncthreads();
   }
-  if (threadIdx.x == 0) norms[p] = partial[0];
+  if (threadIdx.x == 0) norms[n] = partial[0];
 }
 
-// The Hopper forward into out, or false where it does not apply: float32 at "tf32", a Hopper GPU
-// and an sm_90a build, stride 1 along the width, at least one K step of channels, kernels at most
-// kForwardMaxTaps wide whose window fits a TMA box, counts and coordinates within int. Fewer
-// channels than a step pad its K with zeros: H100, C1 28x28 P32 took 0.082 ms against the tile
-// kernel's and Triton's ~0.03 (RESULTS.md "kp_conv's forward on Hopper").
-bool launch_hopper_forward(const Tensor& x, const Tensor& w, const ConvArgs<float>& args,
-                           Precision precision, cudaStream_t stream) {
+// The Hopper convolution into out, or false where it does not apply: float32 at "tf32", a
+// Hopper GPU and an sm_90a build, stride 1 along the width, at least one K step of channels,
+// kernels at most kConvMaxTaps wide whose window fits a TMA box, counts and coordinates within
+// int. `in` is x for the forward, g for the grad input (s then grad_input_shape's, x the
+// epilogue's). Fewer channels than a step pad its K with zeros: H100, C1 28x28 P32 took 0.082 ms
+// against the tile kernel's and Triton's ~0.03 (RESULTS.md "kp_conv's forward on Hopper").
+template <bool kGradInput>
+bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, const Tensor& x,
+                        const Tensor4<float>& out, Precision precision, cudaStream_t stream) {
   using namespace hopper;
-  const ConvShape& s = args.s;
-  const int device = x.get_device_index();
-  if (precision != Precision::kTf32 || s.stride_w != 1 || s.kw > kForwardMaxTaps ||
-      s.channels < kForwardStep || !hopper_available(device))
+  const int device = in.get_device_index();
+  if (precision != Precision::kTf32 || s.stride_w != 1 || s.kw > kConvMaxTaps ||
+      s.channels < kConvStep || !hopper_available(device))
     return false;
   // 3 columns of rounding down to 16 bytes, the taps' reach and 64 pixels, widened to a pitch of
   // 8 floats mod 16 (8 or 24 mod 32: the 4 channels a warp reads fall on different banks).
-  const int64_t need = 3 + (s.kw - 1) * s.dil_w + kForwardPixels;
+  const int protos_per_block = s.protos <= 64 ? 64 : 128;
+  const int64_t need = 3 + (s.kw - 1) * s.dil_w + kConvPixels;
   const int64_t window = (need + 7) / 16 * 16 + 8;
-  const int64_t window_bytes = kForwardStep * window * 4;
+  const int64_t window_bytes = kConvStep * window * 4;
   const int64_t stage_bytes =
-      (s.kw * kBoxBytes + 2 * window_bytes + kWalkAlign - 1) / kWalkAlign * kWalkAlign;
-  const int64_t stages = std::min<int64_t>(4, kForwardMaxSmem / stage_bytes);
-  const int64_t batch = x.size(0);
+      (s.kw * protos_per_block * kRowBytes + 2 * window_bytes + kWalkAlign - 1) / kWalkAlign *
+      kWalkAlign;
+  const int64_t stages = std::min<int64_t>(4, kConvMaxSmem / stage_bytes);
+  const int64_t batch = in.size(0);
   const int64_t row_pairs = (s.out_h + 1) / 2;
-  const int64_t col_tiles = (s.out_w + kForwardPixels - 1) / kForwardPixels;
-  const int64_t proto_tiles = (s.protos + kForwardProtos - 1) / kForwardProtos;
+  const int64_t col_tiles = (s.out_w + kConvPixels - 1) / kConvPixels;
+  const int64_t proto_tiles = (s.protos + protos_per_block - 1) / protos_per_block;
   const int64_t blocks = batch * row_pairs * col_tiles * proto_tiles;
-  const int64_t reach_w = s.width + s.pad_w + window + kForwardPixels;
+  const int64_t reach_w = s.width + s.pad_w + window + kConvPixels;
   const int64_t reach_h = s.out_h * s.stride_h + s.pad_h + s.dil_h * s.kh;
-  if (window > kForwardMaxWindow || stages < 2 || blocks >= kIntLimit || reach_w >= kIntLimit ||
-      reach_h >= kIntLimit || s.protos >= kIntLimit - kForwardProtos ||
-      s.channels >= kIntLimit - kForwardStep || s.taps() * s.protos >= kIntLimit)
+  if (window > kConvMaxWindow || stages < 2 || blocks >= kIntLimit || reach_w >= kIntLimit ||
+      reach_h >= kIntLimit || s.protos >= kIntLimit - protos_per_block ||
+      s.channels >= kIntLimit - kConvStep || s.taps() * s.protos >= kIntLimit)
     return false;
   CUtensorMap x_map, w_map;
-  Tensor x_copy;
-  if (!conv_tensor_map(&x_map, x, static_cast<int>(window), kForwardStep, false, x_copy))
+  Tensor in_copy;
+  if (!conv_tensor_map(&x_map, in, static_cast<int>(window), kConvStep, false, in_copy))
     return false;
   const int64_t row = (s.channels + 3) / 4 * 4;
-  Tensor wt = torch::stable::new_empty(x, {s.taps(), s.protos, row});
-  Tensor norms = torch::stable::new_empty(x, {s.protos});
+  Tensor wt = torch::stable::new_empty(in, {s.taps(), s.protos, row});
+  Tensor norms = torch::stable::new_empty(in, {kGradInput ? 0 : s.protos});
   if (!tensor_map_tiled<float, 3>(&w_map, wt.const_data_ptr(), {s.channels, s.protos, s.taps()},
-                                  {1, row, s.protos * row}, {kForwardStep, kForwardProtos, 1}))
+                                  {1, row, s.protos * row},
+                                  {kConvStep, static_cast<uint32_t>(protos_per_block), 1}))
     return false;
-  reorder_prototypes_kernel<<<static_cast<unsigned>(s.protos), 128, 0, stream>>>(
+  reorder_prototypes_kernel<kGradInput><<<static_cast<unsigned>(s.protos), 128, 0, stream>>>(
       tensor4<const float>(w), s, static_cast<float*>(wt.mutable_data_ptr()), row,
       static_cast<float*>(norms.mutable_data_ptr()));
   PK_CHECK_LAUNCH();
-  const HopperForwardArgs hopper_args{
-      static_cast<int>((s.channels + kForwardStep - 1) / kForwardStep), static_cast<int>(s.kh),
+  const HopperConvArgs hopper_args{
+      static_cast<int>((s.channels + kConvStep - 1) / kConvStep), static_cast<int>(s.kh),
       static_cast<int>(s.kw), static_cast<int>(s.out_h), static_cast<int>(s.out_w),
       static_cast<int>(s.protos), static_cast<int>(row_pairs), static_cast<int>(col_tiles),
       static_cast<int>(proto_tiles), static_cast<int>(s.stride_h), static_cast<int>(s.pad_h),
       static_cast<int>(s.pad_w), static_cast<int>(s.dil_h), static_cast<int>(s.dil_w),
       static_cast<int>(window), static_cast<int>(window_bytes), static_cast<int>(stage_bytes),
-      static_cast<int>(stages), static_cast<const float*>(norms.const_data_ptr()), args.out};
+      static_cast<int>(stages), static_cast<const float*>(norms.const_data_ptr()),
+      tensor4<const float>(x), out};
   const size_t smem_bytes = kWalkAlign + size_t(stages * stage_bytes) +
                             2 * size_t(stages) * sizeof(uint64_t);
-  auto launch = [&](auto taps) {
-    constexpr auto kKernel = hopper_forward_kernel<decltype(taps)::value>;
+  auto launch = [&](auto taps, auto protos) {
+    constexpr auto kKernel =
+        hopper_conv_kernel<decltype(taps)::value, kGradInput, decltype(protos)::value>;
     allow_walk_smem<kKernel>(device);
     kKernel<<<static_cast<unsigned>(blocks), kWalkThreads, smem_bytes, stream>>>(x_map, w_map,
                                                                                   hopper_args);
     PK_CHECK_LAUNCH();
   };
-  switch (s.kw) {  // the taps of a kernel row, all in one step
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    case 3: launch(std::integral_constant<int, 3>{}); break;
-    default: launch(std::integral_constant<int, 4>{}); break;
-  }
+  auto launch_taps = [&](auto protos) {
+    switch (s.kw) {  // the taps of a kernel row, all in one step
+      case 1: launch(std::integral_constant<int, 1>{}, protos); break;
+      case 2: launch(std::integral_constant<int, 2>{}, protos); break;
+      case 3: launch(std::integral_constant<int, 3>{}, protos); break;
+      default: launch(std::integral_constant<int, 4>{}, protos); break;
+    }
+  };
+  if (protos_per_block == 64) launch_taps(std::integral_constant<int, 64>{});
+  else launch_taps(std::integral_constant<int, 128>{});
+  return true;
+}
+
+// The grad input as a convolution of g (launch_hopper_conv<true>): its shape, or false where
+// kp_conv2d's has a stride (the transposed convolution then skips pixels) or more padding than
+// the kernel's reach (g's windows would start past its edge; dil (k - 1) - pad < 0).
+bool grad_input_shape(const ConvShape& s, ConvShape* t) {
+  if (s.stride_h != 1 || s.stride_w != 1 || s.pad_h > s.dil_h * (s.kh - 1) ||
+      s.pad_w > s.dil_w * (s.kw - 1))
+    return false;
+  *t = {s.protos, s.out_h, s.out_w, s.channels, s.height, s.width, s.kh, s.kw, 1, 1,
+        s.dil_h * (s.kh - 1) - s.pad_h, s.dil_w * (s.kw - 1) - s.pad_w, s.dil_h, s.dil_w};
   return true;
 }
 
@@ -819,10 +891,15 @@ void run_pass(const char* op, const Tensor& grad, const Tensor& x, const Tensor&
     if constexpr (PASS == Pass::kForward) {  // output pixels x prototypes, depth (c, i, j)
       args.rows = out_pixels, args.cols = s.protos, args.depth = s.channels * s.taps();
       if constexpr (std::is_same_v<T, float>)
-        if (launch_hopper_forward(x, w, args, p, stream)) return;
+        if (launch_hopper_conv<false>(x, w, s, x, args.out, p, stream)) return;
     } else if constexpr (PASS == Pass::kGradInput) {  // input pixels x channels, depth (p, i, j)
       args.rows = x.size(0) * s.height * s.width, args.cols = s.channels;
       args.depth = s.protos * s.taps();
+      ConvShape transposed;
+      if constexpr (std::is_same_v<T, float>)
+        if (grad_input_shape(s, &transposed) &&
+            launch_hopper_conv<true>(grad, w, transposed, x, args.out, p, stream))
+          return;
     } else {  // prototypes x (c, i, j), depth the output pixels
       args.rows = s.protos, args.cols = s.channels * s.taps(), args.depth = out_pixels;
       if constexpr (std::is_same_v<T, float>)
@@ -886,14 +963,16 @@ void kp_conv2d_grad_weight_cuda(Tensor grad, Tensor x, Tensor w, std::vector<int
 }
 
 // What these kernels can take, for the Python dispatch (protokernels/_capabilities.py): every
-// floating dtype; on the current device, the forward's and the weight gradient's Hopper kernels
-// (float32 at "tf32", stride 1 along the width; their other conditions in launch_hopper_forward
-// and launch_hopper_weight_grad), which _backend.py's `auto` table reads.
+// floating dtype; on the current device, the Hopper kernels of the forward and both gradients
+// (float32 at "tf32", stride 1 along the width; their other conditions in launch_hopper_conv,
+// grad_input_shape and launch_hopper_weight_grad), which _backend.py's `auto` table reads.
 std::string kp_conv_cuda_capabilities() {
   int device = 0;
   cudaGetDevice(&device);
   return std::string("dtypes=float16,bfloat16,float32,float64") +
-         (hopper::hopper_available(device) ? ";hopper=kp_conv2d,kp_conv2d_grad_weight" : "");
+         (hopper::hopper_available(device)
+              ? ";hopper=kp_conv2d,kp_conv2d_grad_input,kp_conv2d_grad_weight"
+              : "");
 }
 
 }  // namespace protokernels

@@ -36,8 +36,9 @@ OP_FILES = {
     "prototype_layer": "sqdist",
     "codes_cross_entropy": "codes_cross_entropy", "dpnp_loss": "dpnp_loss",
     "kp_conv2d": "kp_conv", "kp_conv1d": "kp_conv", "codebook_lookup": "codebook_lookup",
-    # kp_conv's weight gradient, which `auto` places on its own (_hopper_weight_gradient_order)
-    "kp_conv2d_grad_weight": "kp_conv",
+    # kp_conv's gradients, which `auto` places on their own (_hopper_grad_input_order,
+    # _hopper_weight_gradient_order)
+    "kp_conv2d_grad_input": "kp_conv", "kp_conv2d_grad_weight": "kp_conv",
     "codebook_stats": "codebook_stats", "sinkhorn": "sinkhorn", "sinkhorn_plan": "sinkhorn",
     # sinkhorn_prototype_loss: sinkhorn's iteration and codes_cross_entropy's row kernel
     "sinkhorn_prototype_loss": "sinkhorn",
@@ -138,21 +139,35 @@ def _hopper_gradient_order(dtype, precision, sizes):
 
 def _kp_conv_hopper(kernel: str, dtype, precision, sizes) -> bool:
     """CUDA declares kp_conv's Hopper `kernel` here (the capability hopper_kernels) and the call
-    is float32 at "tf32" with stride 1 along the width, as both Hopper kernels need."""
+    is float32 at "tf32" with stride 1 along the width, as its Hopper kernels need."""
     declared = _CAPABILITIES.get(("cuda", "kp_conv"))
     return (declared is not None and kernel in declared.hopper_kernels
             and dtype == torch.float32 and precision == "tf32" and sizes.get("stride_w") == 1)
 
 
 def _hopper_forward_order(dtype, precision, sizes):
-    """kp_conv's forward alone where CUDA runs its Hopper kernel (kernels up to 4 wide, at least
-    32 channels: fewer pad its 32-channel K steps with zeros): CUDA first. With a backward, the
-    forward's backend runs the grad input too, which on CUDA is still the tile kernel: None.
-    H100, through the host functions: the spec size 0.124 ms against Triton's 0.138, B32 C64
-    14x14 P64 0.048 against 0.070, B8 C128 32x32 P256 0.060 against 0.101, B16 C256 28x28 P512
-    0.277 against 0.291 (RESULTS.md "kp_conv's forward on Hopper")."""
-    if (not _kp_conv_hopper("kp_conv2d", dtype, precision, sizes) or _wants_grad(sizes)
+    """kp_conv's forward where CUDA runs its Hopper kernel (kernels up to 4 wide, at least 32
+    channels: fewer pad its 32-channel K steps with zeros), with or without a backward (each
+    gradient has its own backend): CUDA first. H100, through the host functions: the spec size
+    0.110 ms against Triton's 0.138, B8 C128 32x32 P256 0.057 against 0.084, B16 C256 28x28 P512
+    0.274 against 0.292; B32 C64 14x14 P64 0.037-0.068 against 0.042-0.070 (host-bound, eager
+    noise). RESULTS.md "kp_conv's forward on Hopper", "kp_conv's grad input on Hopper"."""
+    if (not _kp_conv_hopper("kp_conv2d", dtype, precision, sizes)
             or sizes.get("kw", 0) > 4 or sizes.get("c", 0) < 32):
+        return None
+    return CUDA_FIRST
+
+
+def _hopper_grad_input_order(dtype, precision, sizes):
+    """kp_conv's grad input where CUDA runs its Hopper kernel, the forward's kernel on g (a
+    convolution of g: stride 1, padding within the kernel's reach; kernels up to 4 wide, at
+    least 32 prototypes, g's channels there): CUDA first. H100, through the host functions: the
+    spec size 0.127 ms against Triton's 0.181, B64 C1 28x28 P32 0.050 against 0.089, B8 C128
+    32x32 P256 0.060 against 0.137, B16 C256 28x28 P512 0.307 against 0.336, B32 C64 14x14 P64
+    0.039 against 0.039 (RESULTS.md "kp_conv's grad input on Hopper")."""
+    if (not _kp_conv_hopper("kp_conv2d_grad_input", dtype, precision, sizes)
+            or not sizes.get("grad_input_conv") or sizes.get("kw", 0) > 4
+            or sizes.get("p", 0) < 32):
         return None
     return CUDA_FIRST
 
@@ -220,14 +235,17 @@ _AUTO_ORDER = {
     # glvq_loss is nearest_by_label's search with an epilogue launch: the search's rule.
     **dict.fromkeys(("nearest_by_label", "nearest_both", "glvq_loss"), lambda dtype, precision,
                     sizes: _tensor_search_order(dtype, precision, sizes)),
-    # kp_conv: a forward alone on CUDA where its Hopper kernel runs (_hopper_forward_order); else
+    # kp_conv: the forward on CUDA where its Hopper kernel runs (_hopper_forward_order); else
     # CUDA up to B*P*H*W*C*kh*kw = 2^21, H*W the input's (B64 C1 8x8 P16: fwd 0.0165 vs 0.0203
     # ms, fwd+bwd 0.185 vs 0.477), Triton above (B64 C1 28x28 P32: fwd 0.028 vs 0.048, fwd+bwd
     # 0.593 vs 0.656; the spec size 0.139 vs 4.30).
     **dict.fromkeys(("kp_conv2d", "kp_conv1d"), lambda dtype, precision, sizes: (
         _hopper_forward_order(dtype, precision, sizes)
         or _backend_by_work(sizes, "batch p pixels c taps", 2**21))),
-    # Its weight gradient: CUDA's Hopper kernel where it runs, else the forward's rule.
+    # Its gradients: each on CUDA's Hopper kernel where that runs, else the forward's rule.
+    "kp_conv2d_grad_input": lambda dtype, precision, sizes: (
+        _hopper_grad_input_order(dtype, precision, sizes)
+        or _backend_by_work(sizes, "batch p pixels c taps", 2**21)),
     "kp_conv2d_grad_weight": lambda dtype, precision, sizes: (
         _hopper_weight_gradient_order(dtype, precision, sizes)
         or _backend_by_work(sizes, "batch p pixels c taps", 2**21)),

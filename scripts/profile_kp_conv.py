@@ -1,5 +1,5 @@
 """kp_conv2d on a GPU at the spec's size, tf32: each kernel through its host function (Triton's
-three, CUDA's weight gradient), the op in eager mode and replayed in a CUDA graph (the gap is the
+three, CUDA's three Hopper kernels), the op in eager mode and replayed in a CUDA graph (the gap is the
 host's per-call cost), and, per backend choice, the CUDA kernel times of a forward+backward step
 from torch.profiler (their sum is the step's GPU time).
 
@@ -15,9 +15,11 @@ out = torch.empty(32, 128, 56, 56, device="cuda"); gx = torch.empty_like(x); gw 
 g = [[1, 1], [1, 1], [1, 1]]
 cuda_gw = torch.ops.protokernels.kp_conv2d_grad_weight_cuda
 cuda_fwd = torch.ops.protokernels.kp_conv2d_cuda
+cuda_gx = torch.ops.protokernels.kp_conv2d_grad_input_cuda
 for name, fn in [("fwd host fn", lambda: k.kp_conv2d(x, w, *g, "tf32", out)),
                  ("fwd cuda (Hopper)", lambda: cuda_fwd(x, w, *g, "tf32", out)),
                  ("gx host fn", lambda: k.kp_conv2d_grad_input(out, x, w, *g, "tf32", gx)),
+                 ("gx cuda (Hopper)", lambda: cuda_gx(out, x, w, *g, "tf32", gx)),
                  ("gw host fn", lambda: k.kp_conv2d_grad_weight(out, x, w, *g, "tf32", gw)),
                  ("gw cuda (Hopper)", lambda: cuda_gw(out, x, w, *g, "tf32", gw)),
                  ("op fwd", lambda: pk.kp_conv2d(x, w, padding=1))]:
@@ -48,9 +50,8 @@ for backend in ("auto", "triton"):
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]:
         per_call = e.self_device_time_total / e.count / 1000
         print(f"   {per_call:.4f} ms x{e.count // 10}  {e.key[:90]}")
-# The forward's and the weight gradient's kernels at in-model sizes (3x3, padding 1): CUDA's
-# Hopper kernels (with their w reorder and split sum) against Triton's, through their host
-# functions.
+# The three kernels at in-model sizes (3x3, padding 1): CUDA's Hopper kernels (with their w
+# reorder and split sum) against Triton's, through their host functions.
 for b, c, h, size, p in [(64, 1, 28, 28, 32), (32, 64, 14, 14, 64), (64, 1, 8, 8, 16),
                          (8, 128, 32, 32, 256), (16, 256, 28, 28, 512)]:
     xs, ws = torch.randn(b, c, h, size, device="cuda"), torch.randn(p, c, 3, 3, device="cuda")
@@ -59,5 +60,9 @@ for b, c, h, size, p in [(64, 1, 28, 28, 32), (32, 64, 14, 14, 64), (64, 1, 8, 8
     times = [tt.do_bench(lambda: fn(gs, xs, ws, *g, "tf32", gws))
              for fn in (cuda_gw, k.kp_conv2d_grad_weight)]
     times += [tt.do_bench(lambda: fn(xs, ws, *g, "tf32", outs)) for fn in (cuda_fwd, k.kp_conv2d)]
+    gxs = torch.empty_like(xs)
+    times += [tt.do_bench(lambda: fn(gs, xs, ws, *g, "tf32", gxs))
+              for fn in (cuda_gx, k.kp_conv2d_grad_input)]
     print(f"B{b} C{c} {h}x{size} P{p}: gw cuda {times[0]:.4f} ms, triton {times[1]:.4f} ms; "
-          f"fwd cuda {times[2]:.4f} ms, triton {times[3]:.4f} ms")
+          f"fwd cuda {times[2]:.4f} ms, triton {times[3]:.4f} ms; "
+          f"gx cuda {times[4]:.4f} ms, triton {times[5]:.4f} ms")

@@ -342,34 +342,45 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
 
 def test_auto_gives_kp_conv_its_hopper_kernels(monkeypatch):
     """Where CUDA declares kp_conv's Hopper kernels (hopper_kernels), float32 at "tf32" with
-    stride 1 along the width: the weight gradient runs on CUDA whatever runs the forward; a
-    forward alone runs on CUDA for kernels up to 4 wide and 32 channels or more, while a forward
-    that a backward follows keeps the old rule (Triton at the spec size: CUDA's grad input is the
-    tile kernel). Other precisions, strides, channel counts and a CUDA without them follow the
-    old rule (RESULTS.md "kp_conv's weight gradient on Hopper", "kp_conv's forward on
-    Hopper")."""
+    stride 1 along the width, each computation runs on CUDA where its own kernel does, whatever
+    runs the others: the weight gradient always; the forward for kernels up to 4 wide and 32
+    channels or more; the grad input for kernels up to 4 wide, 32 prototypes or more, stride 1
+    and padding within the kernel's reach (grad_input_conv). Other precisions, strides, channel
+    counts and a CUDA without them follow the old rule (RESULTS.md "kp_conv's weight gradient on
+    Hopper", "kp_conv's forward on Hopper", "kp_conv's grad input on Hopper")."""
     _pretend(monkeypatch, triton=True, cuda=True)
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "kp_conv"),
                         protokernels._capabilities.Capabilities(
-                            hopper_kernels=("kp_conv2d", "kp_conv2d_grad_weight")))
+                            hopper_kernels=("kp_conv2d", "kp_conv2d_grad_input",
+                                            "kp_conv2d_grad_weight")))
     cuda = torch.device("cuda")
-    spec = dict(batch=32, c=64, p=128, pixels=56 * 56, taps=9, kw=3, stride_w=1)
+    spec = dict(batch=32, c=64, p=128, pixels=56 * 56, taps=9, kw=3, stride_w=1,
+                grad_input_conv=True)
     forward = functools.partial(_backend.resolve, "kp_conv2d", cuda)
+    grad_input = functools.partial(_backend.resolve, "kp_conv2d_grad_input", cuda)
     weight = functools.partial(_backend.resolve, "kp_conv2d_grad_weight", cuda)
     assert forward(F32, "tf32", **spec) == "cuda"
-    assert forward(F32, "tf32", grad=True, **spec) == "triton"
+    assert forward(F32, "tf32", grad=True, **spec) == "cuda"
     assert forward(F32, "tf32", **dict(spec, c=16)) == "triton"
     assert forward(F32, "tf32", **dict(spec, kw=5, taps=25)) == "triton"
     assert forward(F32, "tf32x3", **spec) == "triton"
+    assert grad_input(F32, "tf32", **spec) == "cuda"
+    assert grad_input(F32, "tf32", **dict(spec, c=16)) == "cuda"
+    assert grad_input(F32, "tf32", **dict(spec, p=16)) == "triton"
+    assert grad_input(F32, "tf32", **dict(spec, grad_input_conv=False)) == "triton"
+    assert grad_input(F32, "tf32", **dict(spec, kw=5, taps=25)) == "triton"
+    assert grad_input(F32, "tf32x3", **spec) == "triton"
     assert weight(F32, "tf32", **spec) == "cuda"
     assert weight(F32, "tf32x3", **spec) == "triton"
     assert weight(BF16, "ieee", **spec) == "triton"
     assert weight(F32, "tf32", **dict(spec, stride_w=2)) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "kp_conv"), _backend.EVERYTHING)
     assert weight(F32, "tf32", **spec) == "triton"
+    assert grad_input(F32, "tf32", **spec) == "triton"
     assert forward(F32, "tf32", **spec) == "triton"
-    small = dict(batch=64, c=1, p=16, pixels=64, taps=9, kw=3, stride_w=1)
+    small = dict(batch=64, c=1, p=16, pixels=64, taps=9, kw=3, stride_w=1, grad_input_conv=True)
     assert weight(F32, "tf32x3", **small) == "cuda"
+    assert grad_input(F32, "tf32x3", **small) == "cuda"
 
 
 @pytest.mark.parametrize("op", ["codebook_lookup", "codebook_stats"])

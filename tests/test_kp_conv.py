@@ -235,7 +235,49 @@ def test_hopper_forward(shape, layout):
     bound = tolerance(torch.float32, "tf32")
     assert (out.double() - ref).norm() / (term_scale(x, w, **geometry) + ref).norm() <= bound
     assert relative_error(out, ref) <= bound and (out >= 0).all()
-    assert_ran(kernels, "hopper_forward_kernel", hopper_build() and shape[1] >= 32)
+    assert_ran(kernels, "hopper_conv_kernel", hopper_build() and shape[1] >= 32)
+    assert_ran(kernels, "reorder_prototypes_kernel<true>", False)  # not the grad input's
+
+
+# The Hopper grad input's cases (float32 at "tf32", stride 1, padding within the kernel's reach,
+# kernels up to 4 wide, at least 32 prototypes): C 67 and 5 (partial "prototype" tiles of w'), P
+# 130 and 37 (partial 32-prototype K steps), x 70 wide (two column tiles of gx), dilation 3 along
+# the width with padding 1 (w''s padding 2), a 1x4 kernel on one image row, the spec's geometry;
+# then what the tile kernel takes: stride 2, padding past the kernel's reach, P 16.
+HOPPER_GRAD_INPUT_SHAPES = [
+    ((3, 67, 9, 37, 130, 3, 3, 1, 1, 1), True),
+    ((2, 5, 7, 70, 37, 2, 2, 1, (0, 1), (1, 3)), True),
+    ((1, 3, 1, 40, 32, 1, 4, 1, (0, 2), 1), True),
+    ((2, 64, 12, 56, 128, 3, 3, 1, 1, 1), True),
+    ((2, 8, 9, 9, 40, 3, 3, 2, 1, 1), False),
+    ((1, 4, 6, 6, 33, 3, 3, 1, 3, 1), False),
+    ((2, 8, 9, 9, 16, 3, 3, 1, 1, 1), False),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "broadcast_grad"])
+@pytest.mark.parametrize("shape,hopper", HOPPER_GRAD_INPUT_SHAPES, ids=str)
+@pytest.mark.parametrize("choice", ["cuda", "auto"])
+def test_hopper_grad_input(choice, shape, hopper, layout):
+    """The grad input on CUDA's Hopper kernel where it applies (the forward's kernel run on g with
+    w's taps flipped), on the CUDA backend and under `auto`, against float64; x in either memory
+    format (gx follows it) and the broadcast gradient of out.sum() (TMA reads a copy)."""
+    if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
+        pytest.skip("needs a GPU and the CUDA extension")
+    x, w, geometry = make(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xr = x.double().requires_grad_()
+    ref = truth(xr, w.double(), **geometry)
+    g = ref.new_ones(()).expand(ref.shape) if layout == "broadcast_grad" else torch.randn_like(ref)
+    ref.backward(g)
+    xg = x.clone().requires_grad_()
+    with protokernels.use_backend(choice):
+        out = protokernels.kp_conv2d(xg, w, precision="tf32", **geometry)
+        kernels = cuda_kernels_run(lambda: out.backward(g.float()))
+    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, "tf32")
+    assert xg.grad.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert_ran(kernels, "reorder_prototypes_kernel<true>", hopper_build() and hopper)
 
 
 def test_hopper_weight_gradient_keeps_nonfinite_x_local():
@@ -257,10 +299,10 @@ def test_hopper_weight_gradient_keeps_nonfinite_x_local():
 def test_opcheck(backend):
     x, w = randn(2, 3, 6, 7), randn(4, 3, 2, 3)
     geometry = ([2, 1], [1, 0], [1, 2])
-    g = torch.ops.protokernels.kp_conv2d(x, w, *geometry, "ieee", backend, backend)
+    g = torch.ops.protokernels.kp_conv2d(x, w, *geometry, "ieee", backend, backend, backend)
     torch.library.opcheck(torch.ops.protokernels.kp_conv2d.default,
                           (x.requires_grad_(), w.requires_grad_(), *geometry, "ieee", backend,
-                           backend))
+                           backend, backend))
     for op in (torch.ops.protokernels.kp_conv2d_grad_input,
                torch.ops.protokernels.kp_conv2d_grad_weight):
         torch.library.opcheck(op.default, (randn(*g.shape), x.detach(), w.detach(), *geometry,

@@ -6,9 +6,10 @@ Gradients (clamp at 0 taken as the identity), with g the incoming gradient (B, P
   gx = 2 x convT(sum_p g, ones) - 2 convT(g, w)      (protokernels::kp_conv2d_grad_input)
   gw = 2 w sum_{b,h,w} g - 2 corr(x, g)              (protokernels::kp_conv2d_grad_weight)
 Each backend fills an output allocated here, so that every backend and the fake agree on its
-layout: channels_last in, channels_last out, like F.conv2d. The weight gradient has a backend of
-its own (`weight_backend`): `auto` gives it CUDA's Hopper kernel where that runs, whichever backend
-runs the rest (the xformers way: forward and backward dispatched apart).
+layout: channels_last in, channels_last out, like F.conv2d. Each of the three computations has a
+backend of its own (`backend`, `input_backend`, `weight_backend`): `auto` gives each CUDA's
+Hopper kernel where that one runs, whichever backend runs the others (the xformers way: forward
+and backward dispatched apart).
 """
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def _new_output(x: Tensor, w: Tensor, stride, padding, dilation) -> Tensor:
 
 @custom_op("kp_conv2d")
 def _kp_conv2d(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
-               precision: str, backend: str, weight_backend: str) -> Tensor:
-    """x (B, C, H, W), w (P, C, kh, kw) -> (B, P, Ho, Wo); the backward's weight gradient runs on
-    weight_backend."""
+               precision: str, backend: str, input_backend: str, weight_backend: str) -> Tensor:
+    """x (B, C, H, W), w (P, C, kh, kw) -> (B, P, Ho, Wo); the backward's gradients run on
+    input_backend (x's) and weight_backend (w's)."""
     out = _new_output(x, w, stride, padding, dilation)
     if out.numel() == 0:
         return out
@@ -57,7 +58,7 @@ def _kp_conv2d(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dila
 
 
 @_kp_conv2d.register_fake
-def _(x, w, stride, padding, dilation, precision, backend, weight_backend):
+def _(x, w, stride, padding, dilation, precision, backend, input_backend, weight_backend):
     return _new_output(x, w, stride, padding, dilation)
 
 
@@ -90,7 +91,7 @@ _grad_weight = _define_gradient(_GRAD_WEIGHT, of_weight=True)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, *ctx.geometry, ctx.precision, ctx.backend, ctx.weight_backend = inputs
+    x, w, *ctx.geometry, ctx.precision, _, ctx.input_backend, ctx.weight_backend = inputs
     ctx.save_for_backward(x, w)
 
 
@@ -98,10 +99,10 @@ def _backward(ctx, grad):
     x, w = ctx.saved_tensors
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_x = _grad_input(grad, x, w, *ctx.geometry, ctx.precision, ctx.backend)
+        grad_x = _grad_input(grad, x, w, *ctx.geometry, ctx.precision, ctx.input_backend)
     if ctx.needs_input_grad[1]:
         grad_w = _grad_weight(grad, x, w, *ctx.geometry, ctx.precision, ctx.weight_backend)
-    return grad_x, grad_w, None, None, None, None, None, None
+    return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 _kp_conv2d.register_autograd(_backward, setup_context=_setup_context)
@@ -112,12 +113,19 @@ def _kp_conv(op: str, spatial: int, layout: str, x, w, stride, padding, dilation
     stride, padding, dilation = _validate.conv_windows(op, x, w, stride, padding, dilation,
                                                        spatial, layout)
     precision = _backend.resolve_precision(op, precision, x.dtype)
+    # grad_input_conv: the grad input is a convolution of g (stride 1, padding within the
+    # kernel's reach), as CUDA's Hopper kernel computes it.
     sizes = dict(batch=x.shape[0] if x.dim() > spatial + 1 else 1, c=x.shape[-spatial - 1],
                  p=w.shape[0], pixels=x.shape[-1] * (x.shape[-2] if spatial == 2 else 1),
                  taps=w.shape[-1] * (w.shape[-2] if spatial == 2 else 1), kw=w.shape[-1],
-                 stride_w=stride[-1])
+                 stride_w=stride[-1],
+                 grad_input_conv=all(s == 1 for s in stride) and all(
+                     p <= d * (k - 1) for p, d, k in zip(padding, dilation, w.shape[2:])))
     grad = _backend.wants_grad(x, w)
     backend = _backend.resolve(op, x.device, x.dtype, precision, grad=grad, **sizes)
+    input_backend = (_backend.resolve("kp_conv2d_grad_input", x.device, x.dtype, precision,
+                                      **sizes)
+                     if grad and x.requires_grad else backend)
     weight_backend = (_backend.resolve("kp_conv2d_grad_weight", x.device, x.dtype, precision,
                                        **sizes)
                       if grad and w.requires_grad else backend)
@@ -128,7 +136,7 @@ def _kp_conv(op: str, spatial: int, layout: str, x, w, stride, padding, dilation
         x, w = x.unsqueeze(2), w.unsqueeze(2)
         stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
     out = _kp_conv2d(x, w, list(stride), list(padding), list(dilation), precision, backend,
-                     weight_backend)
+                     input_backend, weight_backend)
     if spatial == 1:
         out = out.squeeze(2)
     return out.squeeze(0) if unbatched else out
