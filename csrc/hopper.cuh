@@ -399,12 +399,14 @@ __device__ __forceinline__ int box_offset(int r, int col) {
   return r * kRowBytes + (((col / 4) ^ (r % 8)) << 4) + 4 * (col % 4);
 }
 
-// One warpgroup's thread `thread` (0-127) of the 128 writing a float32 box's low parts into
-// low_box at the same offsets (so in the same swizzled layout): the B operand of hi.lo products.
+// One warpgroup's thread `thread` (0-127) of the 128 writing a float32 box's low parts (kBytes:
+// the box's, or a part's whole 1024-byte swizzle patterns) into low_box at the same offsets (so
+// in the same swizzled layout): the B operand of hi.lo products.
+template <int kBytes = kBoxBytes>
 __device__ __forceinline__ void write_low_parts(unsigned char* low_box, const unsigned char* box,
                                                 int thread) {
 #pragma unroll
-  for (int q = 0; q < kBoxBytes / 16 / 128; ++q) {
+  for (int q = 0; q < kBytes / 16 / 128; ++q) {
     const int at = 16 * (thread + 128 * q);
     const float4 v = *reinterpret_cast<const float4*>(box + at);
     *reinterpret_cast<float4*>(low_box + at) = make_float4(

@@ -272,9 +272,16 @@ __global__ void kp_conv2d_grad_weight_sum_kernel(const ConvArgs<T> args, int64_t
 // gathers ran at a quarter of the forward's speed (RESULTS.md "kp_conv2d"). A block owns 64
 // channels x up to 4 taps of one kernel row (kTaps) x 128 prototypes (a consumer: 64
 // prototypes, one m64n64 wgmma per tap), and one split of the K steps; the splits' partial sums
-// meet in kp_conv2d_grad_weight_sum_kernel.
+// meet in kp_conv2d_grad_weight_sum_kernel. "tf32x3" (kSplit): x's low parts come from the
+// fragments, g's from each consumer's half of the box, written to a low box of its own (two, by
+// step parity) in the same swizzled layout; each step's split products are summed from zero and
+// added to the running sums in float32.
 constexpr int kWeightGradStep = hopper::box_depth<float>();  // output pixels per K step: 32
 constexpr int kWeightGradProtos = 128, kWeightGradChannels = 64, kWeightGradTaps = 4;
+// "tf32x3": running sums, step sums, hi and lo fragments of each tap fit two taps' registers.
+constexpr int kWeightGradSplitTaps = 2;
+constexpr int kWeightGradHalfBytes = 64 * hopper::kRowBytes;  // a consumer's 64 prototypes
+constexpr int kWeightGradLowBytes = 2 * 2 * kWeightGradHalfBytes;  // consumers x step parity
 constexpr int kWeightGradStages = 4;
 constexpr int kWeightGradBoxBytes = kWeightGradProtos * hopper::kRowBytes;  // g's box
 // The window's row is at most this many floats (its stage then takes 48 KB, 4 stages 192 KB).
@@ -289,7 +296,7 @@ struct HopperWeightGradArgs {
   float *partial, *mass;
 };
 
-template <int kTaps>
+template <int kTaps, bool kSplit>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
 hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
                           const __grid_constant__ CUtensorMap x_map,
@@ -298,7 +305,8 @@ hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
   using namespace hopper;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* stages = swizzle_aligned(smem_raw);
-  uint64_t* full = reinterpret_cast<uint64_t*>(stages + kWeightGradStages * args.stage_bytes);
+  unsigned char* low_boxes = stages + kWeightGradStages * args.stage_bytes;  // "tf32x3"
+  uint64_t* full = reinterpret_cast<uint64_t*>(low_boxes + (kSplit ? kWeightGradLowBytes : 0));
   uint64_t* empty = full + kWeightGradStages;
 
   int block = blockIdx.x;
@@ -372,6 +380,7 @@ hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
     // past the kernel's (their MMAs run, on zeros: a wgmma issued under a condition makes the
     // compiler fence every one of them).
     uint32_t a[kWeightGradStep / 8][kTaps][4];
+    uint32_t a_low[kSplit ? kWeightGradStep / 8 : 1][kTaps][4];
 #pragma unroll
     for (int kk = 0; kk < kWeightGradStep / 8; ++kk)
 #pragma unroll
@@ -384,11 +393,41 @@ hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
                               ? window[r * args.window + shift0 + q * args.dil_w + k]
                               : 0.0f;
           a[kk][q][e] = __float_as_uint(v);
+          if constexpr (kSplit) a_low[kk][q][e] = __float_as_uint(tf32_low_part(v));
         }
       }
-    multiply_from_registers(acc, a, g_region, [](auto& d, const auto& a, uint64_t b) {
-      mma_64x64_tf32_rs(d, a, b);
-    });
+    if constexpr (kSplit) {
+      unsigned char* g_low = low_boxes + (2 * c + i % 2) * kWeightGradHalfBytes;
+      write_low_parts<kWeightGradHalfBytes>(g_low, g_region, thread);
+      fence_async_shared();
+      sync_threads(1 + c, 128);  // the consumer's whole low box before its MMAs read it
+      float step_acc[kTaps][32];
+      mma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kWeightGradStep / 8; ++kk) {
+        const uint64_t b = descriptor(g_region + 32 * kk), b_low = descriptor(g_low + 32 * kk);
+#pragma unroll
+        for (int q = 0; q < kTaps; ++q) {  // hi.hi + lo.hi + hi.lo
+          mma_64x64_tf32_rs(step_acc[q], a[kk][q], b, kk > 0);
+          mma_64x64_tf32_rs(step_acc[q], a_low[kk][q], b);
+          mma_64x64_tf32_rs(step_acc[q], a[kk][q], b_low);
+        }
+      }
+      mma_commit();
+      mma_wait<0>();
+      hold_fragments(a);
+      hold_fragments(a_low);
+#pragma unroll
+      for (int q = 0; q < kTaps; ++q) {
+        hold_registers(step_acc[q]);
+#pragma unroll
+        for (int e = 0; e < 32; ++e) acc[q][e] += step_acc[q][e];
+      }
+    } else {
+      multiply_from_registers(acc, a, g_region, [](auto& d, const auto& a, uint64_t b) {
+        mma_64x64_tf32_rs(d, a, b);
+      });
+    }
     if (lane == 0) arrive(&empty[slot]);
   }
 
@@ -435,19 +474,22 @@ bool conv_tensor_map(CUtensorMap* map, const Tensor& t, int width, int rows, boo
   return encode(copy);
 }
 
-// The Hopper weight gradient into out, or false where it does not apply: float32 at "tf32", a
-// Hopper GPU and an sm_90a build, stride 1 along the width, a window of at most
+// The Hopper weight gradient into out, or false where it does not apply: float32 at "tf32" or
+// "tf32x3", a Hopper GPU and an sm_90a build, stride 1 along the width, a window of at most
 // kWeightGradMaxWindow columns, counts and coordinates within int.
 bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<float> args,
                                Precision precision, cudaStream_t stream) {
   using namespace hopper;
   const ConvShape& s = args.s;
   const int device = x.get_device_index();
-  if (precision != Precision::kTf32 || s.stride_w != 1 || !hopper_available(device)) return false;
+  const bool split = precision == Precision::kTf32x3;
+  if ((precision != Precision::kTf32 && !split) || s.stride_w != 1 || !hopper_available(device))
+    return false;
   // The window: 3 columns of rounding down to 16 bytes, a chunk and the taps' reach, widened so
   // that its rows fall on different banks by 4 floats (width % 8 == 4): the A fragments' reads
   // (8 channels x 4 pixels a warp) are then free of bank conflicts.
-  const int taps_per_block = static_cast<int>(std::min<int64_t>(kWeightGradTaps, s.kw));
+  const int taps_per_block =
+      static_cast<int>(std::min<int64_t>(split ? kWeightGradSplitTaps : kWeightGradTaps, s.kw));
   const int64_t window = ((3 + kWeightGradStep + (taps_per_block - 1) * s.dil_w) + 3) / 8 * 8 + 4;
   const int64_t batch = x.size(0);
   const int64_t chunks = (s.out_w + kWeightGradStep - 1) / kWeightGradStep;
@@ -481,6 +523,7 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
   const int stage_bytes = (kWeightGradBoxBytes + window_bytes + kWalkAlign - 1) / kWalkAlign *
                           kWalkAlign;
   const size_t smem_bytes = kWalkAlign + size_t{kWeightGradStages} * stage_bytes +
+                            (split ? kWeightGradLowBytes : 0) +
                             2 * kWeightGradStages * sizeof(uint64_t);
   const HopperWeightGradArgs hopper_args{
       static_cast<int>(steps), static_cast<int>(splits.tiles_per_split),
@@ -490,18 +533,24 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
       static_cast<int>(proto_tiles), static_cast<int>(channel_tiles), static_cast<int>(s.kh),
       static_cast<int>(tap_groups), static_cast<int>(window), stage_bytes, layout, args.partial,
       args.mass};
-  auto launch = [&](auto taps) {
-    constexpr auto kKernel = hopper_weight_grad_kernel<decltype(taps)::value>;
+  auto launch = [&](auto taps, auto split) {
+    constexpr auto kKernel =
+        hopper_weight_grad_kernel<decltype(taps)::value, decltype(split)::value>;
     allow_walk_smem<kKernel>(device);
     kKernel<<<static_cast<unsigned>(tiles * splits.splits), kWalkThreads, smem_bytes, stream>>>(
         g_map, x_map, hopper_args);
     PK_CHECK_LAUNCH();
   };
-  switch (taps_per_block) {  // a block's taps: the kernel's width, 4 at most
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    case 3: launch(std::integral_constant<int, 3>{}); break;
-    default: launch(std::integral_constant<int, 4>{}); break;
+  if (split) {  // a block's taps: the kernel's width, at most 2 ("tf32x3") or 4
+    if (taps_per_block == 1) launch(std::integral_constant<int, 1>{}, std::true_type{});
+    else launch(std::integral_constant<int, 2>{}, std::true_type{});
+  } else {
+    switch (taps_per_block) {
+      case 1: launch(std::integral_constant<int, 1>{}, std::false_type{}); break;
+      case 2: launch(std::integral_constant<int, 2>{}, std::false_type{}); break;
+      case 3: launch(std::integral_constant<int, 3>{}, std::false_type{}); break;
+      default: launch(std::integral_constant<int, 4>{}, std::false_type{}); break;
+    }
   }
   kp_conv2d_grad_weight_sum_kernel<float><<<256, 256, 0, stream>>>(args, splits.splits, layout);
   PK_CHECK_LAUNCH();
@@ -531,6 +580,9 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
 // forward's energy from their squares.
 constexpr int kConvPixels = 64, kConvStep = 32;  // K: channels
 constexpr int kConvMaxTaps = 4;      // along the width; wider kernels take the tile kernel
+// "tf32x3" (split products, 64 prototypes a block): a consumer holds its running sums, its step's
+// sums and the hi and lo fragments of every tap of the step; 4 taps would leave too few registers.
+constexpr int kConvMaxSplitTaps = 3;
 constexpr int kConvMaxWindow = 256;  // a TMA box's widest
 constexpr int kConvMaxSmem = 200 * 1024;  // the ring's, within the 227 KB a block may take
 
@@ -543,7 +595,7 @@ struct HopperConvArgs {
   Tensor4<float> out;
 };
 
-template <int kTaps, bool kGradInput, int kProtos>
+template <int kTaps, bool kGradInput, int kProtos, bool kSplit>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
 hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
                    const __grid_constant__ CUtensorMap w_map, const HopperConvArgs args) {
@@ -562,6 +614,7 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
   const int row_pair = block % args.row_pairs;
   const int image = block / args.row_pairs;
   constexpr int kWBoxBytes = kProtos * kRowBytes;
+  constexpr int kWBoxes = kSplit ? 2 * kTaps : kTaps;  // a stage's boxes of w: hi, then lo
   const int p0 = proto_tile * kProtos, ow0 = col_tile * kConvPixels;
   const int oh0 = 2 * row_pair;
   const int steps = args.channel_steps * args.kh;  // (kernel row, channel chunk), rows outer
@@ -572,7 +625,7 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
   if (threadIdx.x < 128) {
     release_registers<kProducerRegisters>();
     if (threadIdx.x != 0) return;
-    const uint32_t bytes = 2 * args.window_bytes + kTaps * kWBoxBytes;
+    const uint32_t bytes = 2 * args.window_bytes + kWBoxes * kWBoxBytes;
     for (int step = 0; step < steps; ++step) {
       const int slot = step % args.stages, round = step / args.stages;
       if (round > 0) wait(&empty[slot], (round - 1) & 1);
@@ -581,11 +634,12 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
       const int kernel_row = step / args.channel_steps;
       const int c0 = step % args.channel_steps * kConvStep;
       for (int c = 0; c < 2; ++c)
-        load_box(stage + kTaps * kWBoxBytes + c * args.window_bytes, &x_map, &full[slot],
+        load_box(stage + kWBoxes * kWBoxBytes + c * args.window_bytes, &x_map, &full[slot],
                  column0, (oh0 + c) * args.stride_h - args.pad_h + kernel_row * args.dil_h, c0,
                  image);
-      for (int j = 0; j < kTaps; ++j)
-        load_box(stage + j * kWBoxBytes, &w_map, &full[slot], c0, p0, kernel_row * args.kw + j);
+      for (int j = 0; j < kWBoxes; ++j)  // the low parts' taps follow the taps in wt
+        load_box(stage + j * kWBoxBytes, &w_map, &full[slot], c0, p0,
+                 (j / kTaps) * args.kh * args.kw + kernel_row * args.kw + j % kTaps);
     }
     return;
   }
@@ -596,6 +650,9 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
   float acc[kProtos / 2];
 #pragma unroll
   for (int i = 0; i < kProtos / 2; ++i) acc[i] = 0.0f;
+  // "tf32x3": each step's split products summed from zero, then added to acc in float32 (the
+  // tensor cores' own accumulation drifts over long sums: RESULTS.md "The Hopper gradient").
+  float step_acc[kSplit ? kProtos / 2 : 1];
   // [h]: this thread's part of its rows' window energy (the grad input: sum)
   float window_sums[2] = {};
   const int shift0 = lead - column0;
@@ -629,10 +686,11 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
     wait(&full[slot], (step / args.stages) & 1);
     const unsigned char* stage = stages + slot * args.stage_bytes;
     const float* window =
-        reinterpret_cast<const float*>(stage + kTaps * kWBoxBytes + c * args.window_bytes);
+        reinterpret_cast<const float*>(stage + kWBoxes * kWBoxBytes + c * args.window_bytes);
     // wgmma's A layout (see mma_64x128_tf32_rs): k8 step kk, pixels 16 warp + g + 8 (e % 2),
     // channels 8 kk + t + 4 (e / 2), read at each tap's shift.
     uint32_t a[kConvStep / 8][kTaps][4];
+    uint32_t a_low[kSplit ? kConvStep / 8 : 1][kTaps][4];  // "tf32x3": the low parts
 #pragma unroll
     for (int kk = 0; kk < kConvStep / 8; ++kk)
 #pragma unroll
@@ -642,23 +700,41 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
         for (int j = 0; j < kTaps; ++j) {
           const float v = window[k * args.window + shift0 + j * args.dil_w + r];
           a[kk][j][e] = __float_as_uint(v);
+          if constexpr (kSplit) a_low[kk][j][e] = __float_as_uint(tf32_low_part(v));
           window_sums[e % 2] = kGradInput ? window_sums[e % 2] + v
                                           : fmaf(v, v, window_sums[e % 2]);
         }
       }
+    auto product = [](auto& d, const uint32_t (&a)[4], uint64_t b, int accumulate) {
+      if constexpr (kProtos == 128) mma_64x128_tf32_rs(d, a, b, accumulate);
+      else mma_64x64_tf32_rs(d, a, b, accumulate);
+    };
     mma_fence();
 #pragma unroll
     for (int kk = 0; kk < kConvStep / 8; ++kk)
 #pragma unroll
       for (int j = 0; j < kTaps; ++j) {
         const uint64_t b = descriptor(stage + j * kWBoxBytes + 32 * kk);
-        if constexpr (kProtos == 128) mma_64x128_tf32_rs(acc, a[kk][j], b);
-        else mma_64x64_tf32_rs(acc, a[kk][j], b);
+        if constexpr (kSplit) {  // hi.hi + lo.hi + hi.lo (the tensor cores read a as its hi)
+          const uint64_t b_low = descriptor(stage + (kTaps + j) * kWBoxBytes + 32 * kk);
+          product(step_acc, a[kk][j], b, kk + j > 0);
+          product(step_acc, a_low[kk][j], b, 1);
+          product(step_acc, a[kk][j], b_low, 1);
+        } else {
+          product(acc, a[kk][j], b, 1);
+        }
       }
     mma_commit();
     mma_wait<0>();
-    hold_registers(acc);
     hold_fragments(a);
+    if constexpr (kSplit) {
+      hold_registers(step_acc);
+      hold_fragments(a_low);
+#pragma unroll
+      for (int i = 0; i < kProtos / 2; ++i) acc[i] += step_acc[i];
+    } else {
+      hold_registers(acc);
+    }
     if (lane == 0) arrive(&empty[slot]);
   }
 
@@ -696,10 +772,11 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
 // wt (T, N, K4): the Hopper kernel's B operand, the K innermost (rows padded to 16 bytes for TMA;
 // the padding is never read), one block per row n, s the shape of the convolution it runs: the
 // forward's w (N = P, K = C) with norms[p] = |w_p|^2, or the grad input's w' (N = C, K = P, the
-// taps flipped; no norms).
+// taps flipped; no norms). `split` ("tf32x3"): the low parts (tf32_low_part) follow as T more
+// taps.
 template <bool kGradInput>
-__global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShape s, float* wt,
-                                          int64_t row, float* norms) {
+__global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShape s, bool split,
+                                          float* wt, int64_t row, float* norms) {
   __shared__ float partial[128];
   const int64_t n = blockIdx.x;
   float sum = 0.0f;
@@ -707,6 +784,7 @@ __global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShap
     const int64_t k = e / s.taps(), tap = e % s.taps(), i = tap / s.kw, j = tap % s.kw;
     const float v = kGradInput ? w.at(k, n, s.kh - 1 - i, s.kw - 1 - j) : w.at(n, k, i, j);
     wt[(tap * s.protos + n) * row + k] = v;
+    if (split) wt[((s.taps() + tap) * s.protos + n) * row + k] = hopper::tf32_low_part(v);
     sum = fmaf(v, v, sum);
   }
   if constexpr (kGradInput) return;
@@ -719,28 +797,32 @@ __global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShap
   if (threadIdx.x == 0) norms[n] = partial[0];
 }
 
-// The Hopper convolution into out, or false where it does not apply: float32 at "tf32", a
-// Hopper GPU and an sm_90a build, stride 1 along the width, at least one K step of channels,
-// kernels at most kConvMaxTaps wide whose window fits a TMA box, counts and coordinates within
-// int. `in` is x for the forward, g for the grad input (s then grad_input_shape's, x the
-// epilogue's). Fewer channels than a step pad its K with zeros: H100, C1 28x28 P32 took 0.082 ms
-// against the tile kernel's and Triton's ~0.03 (RESULTS.md "kp_conv's forward on Hopper").
+// The Hopper convolution into out, or false where it does not apply: float32 at "tf32" (or
+// "tf32x3" on kernels at most kConvMaxSplitTaps wide), a Hopper GPU and an sm_90a build, stride 1
+// along the width, at least one K step of channels, kernels at most kConvMaxTaps wide whose
+// window fits a TMA box, counts and coordinates within int. `in` is x for the forward, g for the
+// grad input (s then grad_input_shape's, x the epilogue's). Fewer channels than a step pad its K
+// with zeros: H100, C1 28x28 P32 took 0.082 ms against the tile kernel's and Triton's ~0.03
+// (RESULTS.md "kp_conv's forward on Hopper").
 template <bool kGradInput>
 bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, const Tensor& x,
                         const Tensor4<float>& out, Precision precision, cudaStream_t stream) {
   using namespace hopper;
   const int device = in.get_device_index();
-  if (precision != Precision::kTf32 || s.stride_w != 1 || s.kw > kConvMaxTaps ||
-      s.channels < kConvStep || !hopper_available(device))
+  const bool split = precision == Precision::kTf32x3;
+  if ((precision != Precision::kTf32 && !split) || s.stride_w != 1 ||
+      s.kw > (split ? kConvMaxSplitTaps : kConvMaxTaps) || s.channels < kConvStep ||
+      !hopper_available(device))
     return false;
   // 3 columns of rounding down to 16 bytes, the taps' reach and 64 pixels, widened to a pitch of
   // 8 floats mod 16 (8 or 24 mod 32: the 4 channels a warp reads fall on different banks).
-  const int protos_per_block = s.protos <= 64 ? 64 : 128;
+  const int protos_per_block = s.protos <= 64 || split ? 64 : 128;
+  const int w_boxes = static_cast<int>(s.kw) * (split ? 2 : 1);
   const int64_t need = 3 + (s.kw - 1) * s.dil_w + kConvPixels;
   const int64_t window = (need + 7) / 16 * 16 + 8;
   const int64_t window_bytes = kConvStep * window * 4;
   const int64_t stage_bytes =
-      (s.kw * protos_per_block * kRowBytes + 2 * window_bytes + kWalkAlign - 1) / kWalkAlign *
+      (w_boxes * protos_per_block * kRowBytes + 2 * window_bytes + kWalkAlign - 1) / kWalkAlign *
       kWalkAlign;
   const int64_t stages = std::min<int64_t>(4, kConvMaxSmem / stage_bytes);
   const int64_t batch = in.size(0);
@@ -752,21 +834,22 @@ bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, c
   const int64_t reach_h = s.out_h * s.stride_h + s.pad_h + s.dil_h * s.kh;
   if (window > kConvMaxWindow || stages < 2 || blocks >= kIntLimit || reach_w >= kIntLimit ||
       reach_h >= kIntLimit || s.protos >= kIntLimit - protos_per_block ||
-      s.channels >= kIntLimit - kConvStep || s.taps() * s.protos >= kIntLimit)
+      s.channels >= kIntLimit - kConvStep || 2 * s.taps() * s.protos >= kIntLimit)
     return false;
   CUtensorMap x_map, w_map;
   Tensor in_copy;
   if (!conv_tensor_map(&x_map, in, static_cast<int>(window), kConvStep, false, in_copy))
     return false;
   const int64_t row = (s.channels + 3) / 4 * 4;
-  Tensor wt = torch::stable::new_empty(in, {s.taps(), s.protos, row});
+  const int64_t wt_taps = s.taps() * (split ? 2 : 1);
+  Tensor wt = torch::stable::new_empty(in, {wt_taps, s.protos, row});
   Tensor norms = torch::stable::new_empty(in, {kGradInput ? 0 : s.protos});
-  if (!tensor_map_tiled<float, 3>(&w_map, wt.const_data_ptr(), {s.channels, s.protos, s.taps()},
+  if (!tensor_map_tiled<float, 3>(&w_map, wt.const_data_ptr(), {s.channels, s.protos, wt_taps},
                                   {1, row, s.protos * row},
                                   {kConvStep, static_cast<uint32_t>(protos_per_block), 1}))
     return false;
   reorder_prototypes_kernel<kGradInput><<<static_cast<unsigned>(s.protos), 128, 0, stream>>>(
-      tensor4<const float>(w), s, static_cast<float*>(wt.mutable_data_ptr()), row,
+      tensor4<const float>(w), s, split, static_cast<float*>(wt.mutable_data_ptr()), row,
       static_cast<float*>(norms.mutable_data_ptr()));
   PK_CHECK_LAUNCH();
   const HopperConvArgs hopper_args{
@@ -780,24 +863,29 @@ bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, c
       tensor4<const float>(x), out};
   const size_t smem_bytes = kWalkAlign + size_t(stages * stage_bytes) +
                             2 * size_t(stages) * sizeof(uint64_t);
-  auto launch = [&](auto taps, auto protos) {
-    constexpr auto kKernel =
-        hopper_conv_kernel<decltype(taps)::value, kGradInput, decltype(protos)::value>;
+  auto launch = [&](auto taps, auto protos, auto split) {
+    constexpr auto kKernel = hopper_conv_kernel<decltype(taps)::value, kGradInput,
+                                                decltype(protos)::value, decltype(split)::value>;
     allow_walk_smem<kKernel>(device);
     kKernel<<<static_cast<unsigned>(blocks), kWalkThreads, smem_bytes, stream>>>(x_map, w_map,
                                                                                   hopper_args);
     PK_CHECK_LAUNCH();
   };
-  auto launch_taps = [&](auto protos) {
+  auto launch_taps = [&](auto protos, auto split) {
     switch (s.kw) {  // the taps of a kernel row, all in one step
-      case 1: launch(std::integral_constant<int, 1>{}, protos); break;
-      case 2: launch(std::integral_constant<int, 2>{}, protos); break;
-      case 3: launch(std::integral_constant<int, 3>{}, protos); break;
-      default: launch(std::integral_constant<int, 4>{}, protos); break;
+      case 1: launch(std::integral_constant<int, 1>{}, protos, split); break;
+      case 2: launch(std::integral_constant<int, 2>{}, protos, split); break;
+      case 3: launch(std::integral_constant<int, 3>{}, protos, split); break;
+      default:  // split products take at most kConvMaxSplitTaps
+        if constexpr (!decltype(split)::value)
+          launch(std::integral_constant<int, 4>{}, protos, split);
+        break;
     }
   };
-  if (protos_per_block == 64) launch_taps(std::integral_constant<int, 64>{});
-  else launch_taps(std::integral_constant<int, 128>{});
+  using Narrow = std::integral_constant<int, 64>;
+  if (split) launch_taps(Narrow{}, std::true_type{});
+  else if (protos_per_block == 64) launch_taps(Narrow{}, std::false_type{});
+  else launch_taps(std::integral_constant<int, 128>{}, std::false_type{});
   return true;
 }
 

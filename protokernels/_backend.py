@@ -139,10 +139,15 @@ def _hopper_gradient_order(dtype, precision, sizes):
 
 def _kp_conv_hopper(kernel: str, dtype, precision, sizes) -> bool:
     """CUDA declares kp_conv's Hopper `kernel` here (the capability hopper_kernels) and the call
-    is float32 at "tf32" with stride 1 along the width, as its Hopper kernels need."""
+    is float32 at "tf32" or "tf32x3" with stride 1 along the width, as its Hopper kernels need;
+    the convolution kernel (forward, grad input) takes kernels up to 4 wide, 3 at "tf32x3" (the
+    weight gradient any width)."""
     declared = _CAPABILITIES.get(("cuda", "kp_conv"))
+    convolution = kernel != "kp_conv2d_grad_weight"
     return (declared is not None and kernel in declared.hopper_kernels
-            and dtype == torch.float32 and precision == "tf32" and sizes.get("stride_w") == 1)
+            and dtype == torch.float32 and precision in ("tf32", "tf32x3")
+            and sizes.get("stride_w") == 1
+            and not (convolution and sizes.get("kw", 0) > (4 if precision == "tf32" else 3)))
 
 
 def _hopper_forward_order(dtype, precision, sizes):
@@ -151,9 +156,9 @@ def _hopper_forward_order(dtype, precision, sizes):
     gradient has its own backend): CUDA first. H100, through the host functions: the spec size
     0.110 ms against Triton's 0.138, B8 C128 32x32 P256 0.057 against 0.084, B16 C256 28x28 P512
     0.274 against 0.292; B32 C64 14x14 P64 0.037-0.068 against 0.042-0.070 (host-bound, eager
-    noise). RESULTS.md "kp_conv's forward on Hopper", "kp_conv's grad input on Hopper"."""
-    if (not _kp_conv_hopper("kp_conv2d", dtype, precision, sizes)
-            or sizes.get("kw", 0) > 4 or sizes.get("c", 0) < 32):
+    noise); "tf32x3" at the spec size 0.235 against 0.607. RESULTS.md "kp_conv's forward on
+    Hopper", "kp_conv's grad input on Hopper", "Split products in kp_conv's Hopper kernels"."""
+    if not _kp_conv_hopper("kp_conv2d", dtype, precision, sizes) or sizes.get("c", 0) < 32:
         return None
     return CUDA_FIRST
 
@@ -164,10 +169,10 @@ def _hopper_grad_input_order(dtype, precision, sizes):
     least 32 prototypes, g's channels there): CUDA first. H100, through the host functions: the
     spec size 0.127 ms against Triton's 0.181, B64 C1 28x28 P32 0.050 against 0.089, B8 C128
     32x32 P256 0.060 against 0.137, B16 C256 28x28 P512 0.307 against 0.336, B32 C64 14x14 P64
-    0.039 against 0.039 (RESULTS.md "kp_conv's grad input on Hopper")."""
+    0.039 against 0.039; "tf32x3" at the spec size 0.218 against 0.606 (RESULTS.md "kp_conv's
+    grad input on Hopper", "Split products in kp_conv's Hopper kernels")."""
     if (not _kp_conv_hopper("kp_conv2d_grad_input", dtype, precision, sizes)
-            or not sizes.get("grad_input_conv") or sizes.get("kw", 0) > 4
-            or sizes.get("p", 0) < 32):
+            or not sizes.get("grad_input_conv") or sizes.get("p", 0) < 32):
         return None
     return CUDA_FIRST
 
@@ -177,8 +182,9 @@ def _hopper_weight_gradient_order(dtype, precision, sizes):
     runs the forward. TMA reads g and x as they lie, so the gradient's GEMM runs without the
     gathers that hold the other kernels to a quarter of the forward's speed: H100, the spec size
     0.114 ms against Triton's 0.612, and faster at each in-model size measured (B64 C1 8x8 P16
-    0.031 against 0.153 up to B16 C256 28x28 P512 0.289 against 1.020; RESULTS.md "kp_conv's
-    weight gradient on Hopper")."""
+    0.031 against 0.153 up to B16 C256 28x28 P512 0.289 against 1.020; "tf32x3" at the spec
+    size 0.322 against 1.411; RESULTS.md "kp_conv's weight gradient on Hopper", "Split products
+    in kp_conv's Hopper kernels")."""
     if not _kp_conv_hopper("kp_conv2d_grad_weight", dtype, precision, sizes):
         return None
     return CUDA_FIRST

@@ -341,13 +341,14 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
 
 
 def test_auto_gives_kp_conv_its_hopper_kernels(monkeypatch):
-    """Where CUDA declares kp_conv's Hopper kernels (hopper_kernels), float32 at "tf32" with
-    stride 1 along the width, each computation runs on CUDA where its own kernel does, whatever
-    runs the others: the weight gradient always; the forward for kernels up to 4 wide and 32
-    channels or more; the grad input for kernels up to 4 wide, 32 prototypes or more, stride 1
-    and padding within the kernel's reach (grad_input_conv). Other precisions, strides, channel
-    counts and a CUDA without them follow the old rule (RESULTS.md "kp_conv's weight gradient on
-    Hopper", "kp_conv's forward on Hopper", "kp_conv's grad input on Hopper")."""
+    """Where CUDA declares kp_conv's Hopper kernels (hopper_kernels), float32 at "tf32" or
+    "tf32x3" with stride 1 along the width, each computation runs on CUDA where its own kernel
+    does, whatever runs the others: the weight gradient always; the forward for kernels up to 4
+    wide (3 at "tf32x3") and 32 channels or more; the grad input for the same widths, 32
+    prototypes or more, stride 1 and padding within the kernel's reach (grad_input_conv). Other
+    precisions, strides, channel counts and a CUDA without them follow the old rule (RESULTS.md
+    "kp_conv's weight gradient on Hopper", "kp_conv's forward on Hopper", "kp_conv's grad input
+    on Hopper", "Split products in kp_conv's Hopper kernels")."""
     _pretend(monkeypatch, triton=True, cuda=True)
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "kp_conv"),
                         protokernels._capabilities.Capabilities(
@@ -363,15 +364,21 @@ def test_auto_gives_kp_conv_its_hopper_kernels(monkeypatch):
     assert forward(F32, "tf32", grad=True, **spec) == "cuda"
     assert forward(F32, "tf32", **dict(spec, c=16)) == "triton"
     assert forward(F32, "tf32", **dict(spec, kw=5, taps=25)) == "triton"
-    assert forward(F32, "tf32x3", **spec) == "triton"
+    assert forward(F32, "tf32x3", **spec) == "cuda"
+    assert forward(F32, "tf32x3", **dict(spec, kw=4, taps=16)) == "triton"
+    assert forward(F32, "ieee", **spec) == "triton"
     assert grad_input(F32, "tf32", **spec) == "cuda"
     assert grad_input(F32, "tf32", **dict(spec, c=16)) == "cuda"
     assert grad_input(F32, "tf32", **dict(spec, p=16)) == "triton"
     assert grad_input(F32, "tf32", **dict(spec, grad_input_conv=False)) == "triton"
     assert grad_input(F32, "tf32", **dict(spec, kw=5, taps=25)) == "triton"
-    assert grad_input(F32, "tf32x3", **spec) == "triton"
+    assert grad_input(F32, "tf32x3", **spec) == "cuda"
+    assert grad_input(F32, "tf32", **dict(spec, kw=4, taps=16)) == "cuda"
+    assert grad_input(F32, "tf32x3", **dict(spec, kw=4, taps=16)) == "triton"
     assert weight(F32, "tf32", **spec) == "cuda"
-    assert weight(F32, "tf32x3", **spec) == "triton"
+    assert weight(F32, "tf32x3", **spec) == "cuda"
+    assert weight(F32, "tf32x3", **dict(spec, kw=5, taps=25)) == "cuda"
+    assert weight(F32, "ieee", **spec) == "triton"
     assert weight(BF16, "ieee", **spec) == "triton"
     assert weight(F32, "tf32", **dict(spec, stride_w=2)) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "kp_conv"), _backend.EVERYTHING)

@@ -163,6 +163,15 @@ def test_only_requested_gradients(backend):
     assert x.grad is not None and w.grad is None
 
 
+# The Hopper kernels' precisions: "tf32", and "tf32x3" (the default "highest") as split products.
+HOPPER_PRECISIONS = ["tf32", "tf32x3"]
+
+
+def hopper_conv_runs(shape, precision):
+    """Whether the Hopper convolution kernel (forward, grad input) takes a kernel this wide."""
+    return precision == "tf32" or shape[6] <= 3
+
+
 # The Hopper weight gradient's cases (float32 at "tf32", stride 1 along the width): P 130 and C 67
 # (two prototype and channel tiles), widths that are not multiples of 4 (g and x copied for TMA)
 # and rows of more than 32 pixels (a partial last chunk), 4 and 5 taps (a partial group of three),
@@ -176,14 +185,15 @@ HOPPER_WEIGHT_GRAD_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("precision", HOPPER_PRECISIONS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "broadcast_grad"])
 @pytest.mark.parametrize("shape", HOPPER_WEIGHT_GRAD_SHAPES, ids=str)
 @pytest.mark.parametrize("choice", ["cuda", "auto"])
-def test_hopper_weight_gradient(choice, shape, layout):
+def test_hopper_weight_gradient(choice, shape, layout, precision):
     """The weight gradient on CUDA's Hopper kernel where it applies, on the CUDA backend and under
     `auto` (which gives it the Hopper kernel whatever runs the rest), against float64; x in either
     memory format, and the broadcast gradient that out.sum() passes back (TMA reads neither as it
-    lies: the kernel reads copies)."""
+    lies: the kernel reads copies); "tf32x3" as split products, 2 taps a block."""
     if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
         pytest.skip("needs a GPU and the CUDA extension")
     x, w, geometry = make(shape)
@@ -195,10 +205,10 @@ def test_hopper_weight_gradient(choice, shape, layout):
     ref.backward(g)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     with protokernels.use_backend(choice):
-        out = protokernels.kp_conv2d(xg, wg, precision="tf32", **geometry)
+        out = protokernels.kp_conv2d(xg, wg, precision=precision, **geometry)
         kernels = cuda_kernels_run(lambda: out.backward(g.float()))
-    assert relative_error(wg.grad, wr.grad) <= tolerance(torch.float32, "tf32")
-    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, "tf32")
+    assert relative_error(wg.grad, wr.grad) <= tolerance(torch.float32, precision)
+    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, precision)
     assert_ran(kernels, "hopper_weight_grad_kernel", hopper_build())
 
 
@@ -217,25 +227,28 @@ HOPPER_FORWARD_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("precision", HOPPER_PRECISIONS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", HOPPER_FORWARD_SHAPES, ids=str)
-def test_hopper_forward(shape, layout):
+def test_hopper_forward(shape, layout, precision):
     """CUDA's Hopper forward where it applies, against float64 (the bound of
-    test_matches_float64), in either memory format, and that it ran (not below 32 channels)."""
+    test_matches_float64), in either memory format, and that it ran (not below 32 channels, nor
+    at "tf32x3" for a 4-wide kernel)."""
     if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
         pytest.skip("needs a GPU and the CUDA extension")
     x, w, geometry = make(shape)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     with protokernels.use_backend("cuda"):
-        kernels = cuda_kernels_run(lambda: protokernels.kp_conv2d(x, w, precision="tf32",
+        kernels = cuda_kernels_run(lambda: protokernels.kp_conv2d(x, w, precision=precision,
                                                                   **geometry))
-        out = protokernels.kp_conv2d(x, w, precision="tf32", **geometry)
+        out = protokernels.kp_conv2d(x, w, precision=precision, **geometry)
     ref = truth(x, w, **geometry)
-    bound = tolerance(torch.float32, "tf32")
+    bound = tolerance(torch.float32, precision)
     assert (out.double() - ref).norm() / (term_scale(x, w, **geometry) + ref).norm() <= bound
     assert relative_error(out, ref) <= bound and (out >= 0).all()
-    assert_ran(kernels, "hopper_conv_kernel", hopper_build() and shape[1] >= 32)
+    assert_ran(kernels, "hopper_conv_kernel",
+               hopper_build() and shape[1] >= 32 and hopper_conv_runs(shape, precision))
     assert_ran(kernels, "reorder_prototypes_kernel<true>", False)  # not the grad input's
 
 
@@ -255,10 +268,11 @@ HOPPER_GRAD_INPUT_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("precision", HOPPER_PRECISIONS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "broadcast_grad"])
 @pytest.mark.parametrize("shape,hopper", HOPPER_GRAD_INPUT_SHAPES, ids=str)
 @pytest.mark.parametrize("choice", ["cuda", "auto"])
-def test_hopper_grad_input(choice, shape, hopper, layout):
+def test_hopper_grad_input(choice, shape, hopper, layout, precision):
     """The grad input on CUDA's Hopper kernel where it applies (the forward's kernel run on g with
     w's taps flipped), on the CUDA backend and under `auto`, against float64; x in either memory
     format (gx follows it) and the broadcast gradient of out.sum() (TMA reads a copy)."""
@@ -273,11 +287,12 @@ def test_hopper_grad_input(choice, shape, hopper, layout):
     ref.backward(g)
     xg = x.clone().requires_grad_()
     with protokernels.use_backend(choice):
-        out = protokernels.kp_conv2d(xg, w, precision="tf32", **geometry)
+        out = protokernels.kp_conv2d(xg, w, precision=precision, **geometry)
         kernels = cuda_kernels_run(lambda: out.backward(g.float()))
-    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, "tf32")
+    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, precision)
     assert xg.grad.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
-    assert_ran(kernels, "reorder_prototypes_kernel<true>", hopper_build() and hopper)
+    assert_ran(kernels, "reorder_prototypes_kernel<true>",
+               hopper_build() and hopper and hopper_conv_runs(shape, precision))
 
 
 def test_hopper_weight_gradient_keeps_nonfinite_x_local():
