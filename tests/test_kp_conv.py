@@ -157,6 +157,53 @@ def test_nan_propagates(backend):
     assert out[:, :, hit].isnan().all() and not out[:, :, ~hit].isnan().any()
 
 
+# (geometry, the grad input is a convolution of g): stride 1 and padding within the kernel's
+# reach, dil (k - 1), in every dimension.
+GRAD_INPUT_CONV_CASES = [
+    (dict(padding=1), True),
+    (dict(padding=2), True),
+    (dict(padding=3), False),
+    (dict(stride=(2, 1), padding=1), False),
+    (dict(padding=(0, 4), dilation=(1, 2)), True),
+    (dict(padding=(0, 5), dilation=(1, 2)), False),
+]
+
+
+@pytest.mark.parametrize("geometry,is_conv", GRAD_INPUT_CONV_CASES, ids=str)
+def test_each_computation_gets_its_own_backend(monkeypatch, geometry, is_conv):
+    """The wrapper resolves the forward, the grad input and the weight gradient apart, tells the
+    size table whether the grad input is a convolution of g (grad_input_conv: what CUDA's Hopper
+    kernel needs), and the backward runs each gradient on its own backend."""
+    ops = protokernels.ops.kp_conv
+    resolved, ran = {}, []
+
+    def resolve(op, device, dtype, precision, **sizes):
+        resolved[op] = sizes
+        return {"kp_conv2d_grad_input": "triton", "kp_conv2d_grad_weight": "cuda"}.get(
+            op, "reference")
+
+    def spy(name, implementation):
+        def run(*args):
+            ran.append(name)
+            implementation(*args)
+        return run
+
+    reference_input = ops._GRAD_INPUT["reference"]
+    reference_weight = ops._GRAD_WEIGHT["reference"]
+    monkeypatch.setattr(ops._backend, "resolve", resolve)
+    monkeypatch.setitem(ops._GRAD_INPUT, "triton", spy("grad input", reference_input))
+    monkeypatch.setitem(ops._GRAD_WEIGHT, "cuda", spy("grad weight", reference_weight))
+    x = torch.randn(1, 2, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    protokernels.kp_conv2d(x, w, **geometry).sum().backward()
+    assert resolved["kp_conv2d_grad_input"]["grad_input_conv"] is is_conv
+    assert resolved["kp_conv2d"]["grad"] is True
+    assert sorted(ran) == ["grad input", "grad weight"]
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    truth(xr, wr, **geometry).sum().backward()
+    assert torch.allclose(x.grad, xr.grad) and torch.allclose(w.grad, wr.grad)
+
+
 def test_only_requested_gradients(backend):
     x, w = randn(1, 2, 5, 5).requires_grad_(), randn(3, 2, 3, 3)
     protokernels.kp_conv2d(x, w).sum().backward()
