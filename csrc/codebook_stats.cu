@@ -92,8 +92,8 @@ std::tuple<Tensor, Tensor> codebook_stats_cuda(Tensor x, Tensor idx, int64_t siz
   const int64_t rows = x.size(0), groups = idx.size(1), depth = x.size(1) / groups;
   const ScalarType acc_type =
       x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  Tensor counts = torch::stable::new_zeros(x, {groups, size}, ScalarType::Long);
-  Tensor sums = torch::stable::new_zeros(x, {groups, size, depth}, acc_type);
+  Tensor counts = new_zeroed(x, {groups, size}, ScalarType::Long);
+  Tensor sums = new_zeroed(x, {groups, size, depth}, acc_type);
   if (rows == 0) return {sums, counts};
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const cudaStream_t stream = current_stream(x);

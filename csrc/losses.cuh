@@ -74,8 +74,7 @@ struct LossOutputs {
         scale(torch::stable::new_empty(like, {}, accumulate(like))),
         partial(torch::stable::new_empty(like, {reduction == kNone ? 0 : blocks},
                                          accumulate(like))),
-        tickets(torch::stable::new_zeros(like, {reduction == kNone ? 0 : blocks + 1},
-                                         ScalarType::Long)) {
+        tickets(new_zeroed(like, {reduction == kNone ? 0 : blocks + 1}, ScalarType::Long)) {
     if (reduction == kNone) torch::stable::fill_(scale, 1.0);
   }
   static ScalarType accumulate(const Tensor& t) {

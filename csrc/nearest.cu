@@ -976,7 +976,7 @@ std::tuple<Tensor, Tensor> gather_sqdist_grad_cuda(Tensor grad, Tensor a, Tensor
   const cudaStream_t stream = current_stream(a);
   const int64_t batch = a.size(0), rows = a.size(1), depth = a.size(2), b_rows = b.size(1);
   Tensor ga = torch::stable::new_empty(a, {batch, rows, depth});
-  Tensor gb_acc = torch::stable::new_zeros(a, {batch, b_rows, depth}, dist_dtype(a));
+  Tensor gb_acc = new_zeroed(a, {batch, b_rows, depth}, dist_dtype(a));
   if (a.numel() == 0 || b.numel() == 0) {
     if (ga.numel() > 0) torch::stable::zero_(ga);
     return {ga, a.scalar_type() == dist_dtype(a) ? gb_acc
