@@ -134,7 +134,8 @@ def test_every_op_and_backend_resolves_to_an_implementation():
         ("sinkhorn", "sinkhorn_iterate"), ("nearest", "dw_nearest"),
         ("glvq_loss", "glvq_epilogue"), ("rslvq_loss", "rslvq_epilogue"),
         ("codes_cross_entropy", "codes_cross_entropy_rows"),
-        ("codes_cross_entropy", "codes_cross_entropy_grad"), ("dpnp_loss", "dpnp_epilogue")}
+        ("codes_cross_entropy", "codes_cross_entropy_grad"), ("dpnp_loss", "dpnp_epilogue"),
+        ("sinkhorn_prototype_loss", "unit_rows"), ("sinkhorn_prototype_loss", "unit_rows_grad")}
     statuses = protokernels.available_backends()
     for table in tables:
         for name in _backend.BACKENDS:

@@ -99,6 +99,24 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.protokernels.sinkhorn_prototype_loss.default,
                               (z.clone().requires_grad_(), p.clone().requires_grad_(), 0.1, 0.05,
                                3, normalize, backend))
+        # the backward's op: the products' and the normalizations' gradients
+        _, _, scores, _, _, z_unit, p_unit, z_norm, p_norm = \
+            torch.ops.protokernels.sinkhorn_prototype_loss.default(z, p, 0.1, 0.05, 3, normalize,
+                                                                   backend)
+        operands = (z_unit, p_unit) if normalize else (z, p)
+        torch.library.opcheck(torch.ops.protokernels.sinkhorn_prototype_loss_grad.default,
+                              (torch.randn_like(scores), *operands, z_norm, p_norm, normalize,
+                               backend))
+
+
+def test_unit_rows_of_strided_inputs_and_wide_rows(backend):
+    """The normalizations' kernels read any strides and loop over rows wider than one block
+    (1024 features in Triton, 32 lanes in CUDA); rows of zero norm get F.normalize's zeros."""
+    z, p = data(9, 5, 1250)
+    z[4] = 0
+    z, p = z.t().contiguous().t(), p.t().contiguous().t()  # column-major (clone keeps it)
+    assert z.stride() == (1, 9) and p.clone().stride() == (1, 5)
+    check(z, p)
 
 
 def test_compile_fullgraph(backend):
