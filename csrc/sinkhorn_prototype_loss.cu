@@ -1,7 +1,7 @@
 // sinkhorn_prototype_loss's unit rows in CUDA: the normalizations of z and the prototypes,
 // forward and backward, a warp per row of both matrices in one launch each (formulas:
-// protokernels/reference/sinkhorn_prototype_loss.py). In PyTorch they were 16 of the Sinkhorn
-// head's 26 launches per training step, which at the in-model sizes is host time (RESULTS.md
+// protokernels/reference/sinkhorn_prototype_loss.py). In PyTorch they were 20 of the Sinkhorn
+// head's 29 launches per training step, which at the in-model sizes is host time (RESULTS.md
 // "The in-model grid, sixteenth session").
 #include <cmath>
 #include <tuple>

@@ -3,9 +3,9 @@ forward and backward, one program per row of both matrices in one launch (formul
 reference/sinkhorn_prototype_loss.py).
 
 Why kernels for four lines of PyTorch: at the in-model sizes the Sinkhorn head's training step is
-host time, and those lines were 16 launches of its 26 (two norms, two clamps and two divisions
-forward; two divisions, and per matrix a dot product, a comparison, a masked fill, an addcmul and
-a division backward; RESULTS.md "The in-model grid, sixteenth session").
+host time, and those lines were 20 of its 29 launches (two norms, two clamps and two divisions
+forward; two divisions, and per matrix a dot product (two launches), a comparison, a masked fill,
+an addcmul and a division backward; RESULTS.md "The in-model grid, sixteenth session").
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ product (cuBLAS), the equipartition codes (the sinkhorn op's iteration) and the 
 cross-entropy (codes_cross_entropy's row kernel); the backward is the two products' and the
 normalizations' gradients, formed here without the autograd engine. The normalizations of both
 matrices are one kernel each way (unit_rows, unit_rows_grad: a launch where PyTorch took 6
-forward and 10 backward).
+forward and 14 backward).
 
 Why one op: at the in-model sizes the head's training step is host time, and the same
 computation through the public ops (two F.normalize, a matmul, sinkhorn, codes_cross_entropy)
