@@ -134,8 +134,9 @@ def index_range(op: str, name: str, t: torch.Tensor, size: int, what: str) -> No
     values is impossible; the kernels ignore out-of-range values there."""
     if t.numel() == 0 or not _can_read_values() or _known_in_range(t, size):
         return
-    # one kernel writing both bounds into one buffer, one device sync (a stack of aminmax's two
-    # results was a second launch: ~25 us of host time a call on the GPU machine)
+    # one kernel writing both bounds into one buffer, then one device sync (a stack of aminmax's
+    # two results was a second launch: 61 against 53 us a check on the GPU machine, RESULTS.md
+    # "The in-model grid, sixteenth session")
     bounds = t.new_empty(2)
     torch.aminmax(t, out=(bounds[0], bounds[1]))
     low, high = bounds.tolist()
