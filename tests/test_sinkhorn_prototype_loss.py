@@ -93,8 +93,11 @@ def test_nan_propagates(backend):
     assert protokernels.sinkhorn_prototype_loss(z, p)[0].isnan()
 
 
-def test_opcheck(backend):
+@pytest.mark.parametrize("layout", ["contiguous", "column_major"])
+def test_opcheck(backend, layout):
     z, p = data(24, 6, 5)
+    if layout == "column_major":  # the outputs' strides must still be the fake's
+        z, p = z.t().contiguous().t(), p.t().contiguous().t()
     for normalize in (True, False):
         torch.library.opcheck(torch.ops.protokernels.sinkhorn_prototype_loss.default,
                               (z.clone().requires_grad_(), p.clone().requires_grad_(), 0.1, 0.05,

@@ -15,7 +15,9 @@ import torch
 
 def _unit(t: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     norm = torch.linalg.vector_norm(t, dim=1).clamp_min_(eps)
-    return t / norm[:, None], norm
+    # contiguous, as the op's fake and the kernels' outputs (a division keeps t's layout)
+    unit = torch.empty_like(t, memory_format=torch.contiguous_format)
+    return torch.div(t, norm[:, None], out=unit), norm
 
 
 def unit_rows(z: torch.Tensor, prototypes: torch.Tensor, eps: float):
