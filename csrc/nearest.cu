@@ -172,30 +172,49 @@ __global__ void __launch_bounds__(Tile::kThreads) search_kernel(const SearchArgs
 
 // ---- The tensor-core search ----
 
+// The memory-bound row kernels below give each row kLanesPerRow lanes (a warp: 4 rows at once),
+// the lanes striding over D, several elements in flight: with one row a warp (32 lanes, an element
+// each, then a reduction) they ran at ~0.8 (prepare_kernel) and ~1.3 TB/s (pair_distance_kernel)
+// on the H100, and at dw_quantize's size (N65536, G8, Dg64) took 411 us of its 918 beside the
+// search's 505 (RESULTS.md "Issue 17 on the H100").
+constexpr int kLanesPerRow = 8;
+
+// The sum of v over this thread's kLanesPerRow lanes (every one of them gets it).
+template <typename V>
+__device__ __forceinline__ V row_lanes_sum(V v) {
+  const unsigned mask = 0xFFu << (threadIdx.x % 32 / kLanesPerRow * kLanesPerRow);
+#pragma unroll
+  for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(mask, v, offset);
+  return v;
+}
+
 // Squared norms of x's and y's rows into norms (B, N + M) (x's rows first), accumulated in float
 // from the elements as the product sees them; and the keys that the search atomically min-s,
-// filled with kNoKey. One warp per row.
+// filled with kNoKey. kLanesPerRow lanes a row.
 template <typename T>
 __global__ void prepare_kernel(Matrix<const T> x, Matrix<const T> y, int64_t batches,
                                int64_t rows, int64_t cols, int64_t depth, float* norms,
                                long long* keys, int slots, long long* col_keys) {
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % kLanesPerRow;
   const int64_t per_batch = rows + cols;
-  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
-  for (int64_t w = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; w < batches * per_batch;
-       w += warps) {
+  const int64_t groups = int64_t{gridDim.x} * (blockDim.x / kLanesPerRow);
+  for (int64_t w = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kLanesPerRow;
+       w < batches * per_batch; w += groups) {
     const int64_t batch = w / per_batch, r = w % per_batch;
     const bool is_x = r < rows;
     const T* row = is_x ? x.data + batch * x.batch + r * x.row
                         : y.data + batch * y.batch + (r - rows) * y.row;
     const int64_t step = is_x ? x.col : y.col;
     float sum = 0.0f;
-    for (int64_t d = lane; d < depth; d += 32) {
+#pragma unroll 4
+    for (int64_t d = lane; d < depth; d += kLanesPerRow) {
       const float v = widen(row[d * step]);
       sum += v * v;
     }
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFF, sum, offset);
-    if (lane < slots && is_x) keys[(batch * rows + r) * slots + lane] = kNoKey;
+    sum = row_lanes_sum(sum);
+    for (int s = lane; s < slots && is_x; s += kLanesPerRow)
+      keys[(batch * rows + r) * slots + s] = kNoKey;
     if (lane == 0) {
       norms[w] = sum;
       if (!is_x && col_keys) col_keys[batch * cols + r - rows] = kNoKey;
@@ -549,18 +568,19 @@ struct Results {
   __device__ int64_t offset(int64_t b, int64_t r) const { return b * batch + r * row; }
 };
 
-// One warp per (row, slot) pair: idx = the key's index (-1 for none), dist = sum((a_r - b_idx)^2)
-// exactly in the accumulate type (inf for none). Lanes stride over D for coalesced reads.
-// `gathered` (B, R, D), if its data is set (one slot): receives the winner b_idx, read here anyway
-// (dw_quantize's codes, without a lookup launch); a row without a winner is left as it is.
+// kLanesPerRow lanes per (row, slot) pair: idx = the key's index (-1 for none), dist =
+// sum((a_r - b_idx)^2) exactly in the accumulate type (inf for none). `gathered` (B, R, D), if its
+// data is set (one slot): receives the winner b_idx, read here anyway (dw_quantize's codes,
+// without a lookup launch); a row without a winner is left as it is.
 template <typename T>
 __global__ void pair_distance_kernel(const long long* keys, Matrix<const T> a, Matrix<const T> b,
                                      Results<typename Accumulate<T>::type> out, Matrix<T> gathered,
                                      int64_t pairs, int64_t rows, int64_t slots, int64_t depth) {
   using Acc = typename Accumulate<T>::type;
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
-  for (int64_t p = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; p < pairs; p += warps) {
+  const int lane = threadIdx.x % kLanesPerRow;
+  const int64_t groups = int64_t{gridDim.x} * (blockDim.x / kLanesPerRow);
+  for (int64_t p = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kLanesPerRow; p < pairs;
+       p += groups) {
     const long long key = keys[p];
     const int64_t batch = p / (rows * slots), r = p / slots % rows;
     const int64_t o = out.offset(batch, r) + p % slots;
@@ -573,13 +593,14 @@ __global__ void pair_distance_kernel(const long long* keys, Matrix<const T> a, M
     const T* bj = b.data + batch * b.batch + j * b.row;
     T* gj = gathered.data + batch * gathered.batch + r * gathered.row;
     Acc sum = 0;
-    for (int64_t d = lane; d < depth; d += 32) {
+#pragma unroll 4
+    for (int64_t d = lane; d < depth; d += kLanesPerRow) {
       const T bv = bj[d * b.col];
       const Acc diff = widen(ar[d * a.col]) - widen(bv);
       sum += diff * diff;
       if (gathered.data) gj[d * gathered.col] = bv;
     }
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFF, sum, offset);
+    sum = row_lanes_sum(sum);
     if (lane == 0) out.dist[o] = sum, out.idx[o] = j;
   }
 }
@@ -718,7 +739,7 @@ void finish(const char* op, const Tensor& keys, const Tensor& a, const Tensor& b
   dispatch_floating(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {
-      pair_distance_kernel<T><<<blocks_for(pairs, kThreads / 32), kThreads, 0, stream>>>(
+      pair_distance_kernel<T><<<blocks_for(pairs, kThreads / kLanesPerRow), kThreads, 0, stream>>>(
           static_cast<const long long*>(keys.const_data_ptr()), input<T>(a, 1, 2),
           input<T>(b, 1, 2), out, gathered ? output<T>(*gathered) : Matrix<T>{nullptr, 0, 0, 0},
           pairs, rows, slots, a.size(2));
@@ -750,7 +771,8 @@ Tensor prepare(const Tensor& x, const Tensor& y, const Search& search, int slots
                cudaStream_t stream) {
   const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
   Tensor norms = torch::stable::new_empty(x, {batch, rows + cols}, ScalarType::Float);
-  prepare_kernel<T><<<blocks_for(batch * (rows + cols), kThreads / 32), kThreads, 0, stream>>>(
+  prepare_kernel<T><<<blocks_for(batch * (rows + cols), kThreads / kLanesPerRow), kThreads, 0,
+                      stream>>>(
       input<T>(x, 1, 2), input<T>(y, 1, 2), batch, rows, cols, depth,
       static_cast<float*>(norms.mutable_data_ptr()), search.keys, slots, search.col_keys);
   PK_CHECK_LAUNCH();

@@ -191,8 +191,8 @@ def test_more_than_2_to_the_31_elements(backend):
 def test_cuda_tensor_core_search_by_group(precision, portable):
     """CUDA's Hopper search reads the groups' slices of x through one TMA map (group stride Dg,
     row stride G*Dg), with split products at "tf32x3"; PROTOKERNELS_CUDA_PORTABLE=1 forces the
-    portable search."""
-    x, codebooks = randn(1000, 8 * 64), randn(8, 300, 64)
+    portable search. 1256 row blocks (group, 128 rows) of 3 column tiles: several waves."""
+    x, codebooks = randn(20000, 8 * 64), randn(8, 300, 64)
     with protokernels.use_backend("cuda"):
         quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision=precision)
         kernels = cuda_kernels_run(

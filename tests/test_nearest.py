@@ -493,9 +493,11 @@ def test_more_than_2_to_the_31_pairs(backend):
 # depth tails inside a box (36, 360), column splits over few row blocks (N 130, M 3000), rows TMA
 # cannot read (half D 36: 72 bytes, not a multiple of 16). float32 also at "tf32x3" (split TF32
 # products): there the deepest x that fits is D 256 (two low boxes take the room of two of x's),
-# and D 288 and deeper take the portable search.
+# and D 288 and deeper take the portable search. Several waves of row blocks (more than a GPU has
+# SMs): 471 blocks of 3 column tiles, and 313 of 18.
 HOPPER_SHAPES = [(1, 12801, 1000, 256), (3, 257, 650, 256), (1, 300, 400, 288), (1, 300, 400, 320),
-                 (1, 300, 400, 352), (1, 300, 400, 360), (1, 130, 3000, 36)]
+                 (1, 300, 400, 352), (1, 300, 400, 360), (1, 130, 3000, 36), (3, 20000, 300, 40),
+                 (1, 40000, 2200, 32)]
 TENSOR_CORE_DTYPES = [(torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float16, "tf32"),
                       (torch.bfloat16, "tf32")]
 

@@ -248,10 +248,11 @@ def test_transposed_input_with_strides_past_2_to_the_31(backend):
 # of 8 (pairs, no staged chunks in the half types), column splits over few row blocks (N 130,
 # M 3000), rows TMA cannot read (half D 36: 72 bytes), one pair, and y shared by every batch.
 # float32 also at "tf32x3" (split TF32 products): there the deepest x that fits is D 224 (each
-# consumer keeps a box of y's low parts), and D 256 and 288 take the portable kernel.
+# consumer keeps a box of y's low parts), and D 256 and 288 take the portable kernel. Several
+# waves of row blocks (more than a GPU has SMs): 471 blocks of 3 column tiles.
 HOPPER_SHAPES = [(1, 1000, 1500, 256), (3, 257, 651, 128), (1, 300, 400, 288), (1, 300, 400, 320),
                  (1, 300, 401, 360), (1, 130, 3000, 36), (2, 200, 258, 64), (1, 1, 1, 16),
-                 (1, 300, 700, 224)]
+                 (1, 300, 700, 224), (3, 20000, 300, 40)]
 TENSOR_CORE_DTYPES = [(torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float16, "tf32"),
                       (torch.bfloat16, "tf32")]
 
