@@ -597,11 +597,19 @@ void launch_walk(const WalkPlan& plan, const Args& args, int device, cudaStream_
   PK_CHECK_LAUNCH();
 }
 
+// p advanced to the next multiple of `align` bytes (a power of 2) of shared memory. By pointer
+// arithmetic, not through an integer: the compiler then still knows that the result points into
+// shared memory and reads it with shared loads (LDS). Through uintptr_t every walk pointer became
+// generic, and the search's fold read its column norms with generic loads (LD).
+template <int kAlign>
+__device__ __forceinline__ unsigned char* shared_aligned(unsigned char* p) {
+  return p + ((kAlign - shared_address(p) % kAlign) % kAlign);
+}
+
 // The first address of dynamic shared memory where a swizzled box may start (TMA's 128-byte
 // swizzle pattern repeats every kWalkAlign bytes; the launch asks for kWalkAlign bytes more).
 __device__ __forceinline__ unsigned char* swizzle_aligned(unsigned char* smem_raw) {
-  return reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + kWalkAlign - 1) & ~uintptr_t{kWalkAlign - 1});
+  return shared_aligned<kWalkAlign>(smem_raw);
 }
 
 // A block's part of the walk: 128 rows of one batch, against one split's column tiles.
@@ -639,8 +647,7 @@ struct RowBlockWalk {
   }
   // The op's own shared memory, after the walk's (kExtraAlign-aligned).
   __device__ unsigned char* extra() const {
-    return reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(x_full + 1) + kExtraAlign - 1) & ~uintptr_t{kExtraAlign - 1});
+    return shared_aligned<kExtraAlign>(reinterpret_cast<unsigned char*>(x_full + 1));
   }
 
   // Thread 0's; a block barrier follows before any role starts.
@@ -795,13 +802,15 @@ __device__ __forceinline__ int acc_row(int r) {
 }
 
 // The sum of squares of a box row's 128 bytes (in any order: the swizzle permutes a row's 16-byte
-// chunks), in float32.
+// chunks), in float32. Each row starts at its own chunk (its row % 8), so that the 8 threads of a
+// quarter warp summing 8 consecutive rows read 8 different banks' chunks, not one 8 ways.
 template <typename T>
 __device__ __forceinline__ float row_squares(const unsigned char* row) {
+  const uint32_t first = shared_address(row) / kRowBytes;
   float sum = 0.0f;
 #pragma unroll
   for (int chunk = 0; chunk < kRowBytes / 16; ++chunk) {
-    const uint4 v = *reinterpret_cast<const uint4*>(row + 16 * chunk);
+    const uint4 v = *reinterpret_cast<const uint4*>(row + 16 * ((first + chunk) % 8u));
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int w = 0; w < 4; ++w) {

@@ -6,7 +6,8 @@
 // - hopper_search_kernel (Hopper GPUs, sm_90a builds; k = 1 with an optional excluded column,
 //   float32 at "tf32" and "tf32x3", float16, bfloat16): x's block rows kept in shared memory,
 //   y's tiles streamed by TMA, wgmma products folded by two consumer warpgroups in turn
-//   (hopper.cuh).
+//   (hopper.cuh); x's norms summed from shared memory, and where every block walks all of y (one
+//   column split) it writes its rows' results itself (write_winners).
 // - tensor_search_kernel (k = 1, labels, both ways; float32 at "tf32"/"tf32x3", float16,
 //   bfloat16): the product on mma.sync with operands streamed by cp.async (mma_pipeline.cuh),
 //   folded straight from the accumulator registers; a thread keeps the best of its 4 rows over
@@ -19,8 +20,8 @@
 // distance, then index (ties go to the smaller index). Ranking, as in every backend: a pair
 // involving a row with NaN ranks first (torch.argmin's NaN propagation), a pair involving a row
 // with an infinite (or overflowing) squared norm after every finite distance. A last kernel
-// decodes the keys and recomputes the winners' distances exactly as sum((x - y)^2), into outputs
-// allocated by the caller (any row strides, unit slot stride).
+// (or the Hopper search's own end) decodes the keys and recomputes the winners' distances exactly
+// as sum((x - y)^2), into outputs allocated by the caller (any row strides, unit slot stride).
 //
 // Keys rank by float32 scores and hold 31-bit indices: float64 is ranked by the reference backend
 // (nearest_cuda_capabilities() declares this to the Python dispatch).
@@ -189,22 +190,29 @@ __device__ __forceinline__ V row_lanes_sum(V v) {
   return v;
 }
 
-// Squared norms of x's and y's rows into norms (B, N + M) (x's rows first), accumulated in float
+// Squared norms of y's rows, and of x's where `x_norms` (the Hopper search sums x's rows from its
+// shared memory), into norms (B, N + M) (x's rows first; (B, M) without x's), accumulated in float
 // from the elements as the product sees them; and the keys that the search atomically min-s,
-// filled with kNoKey. kLanesPerRow lanes a row.
+// where it has any, filled with kNoKey. kLanesPerRow lanes a row.
 template <typename T>
 __global__ void prepare_kernel(Matrix<const T> x, Matrix<const T> y, int64_t batches,
                                int64_t rows, int64_t cols, int64_t depth, float* norms,
-                               long long* keys, int slots, long long* col_keys) {
+                               bool x_norms, long long* keys, int slots, long long* col_keys) {
   const int lane = threadIdx.x % kLanesPerRow;
-  const int64_t per_batch = rows + cols;
+  const int64_t listed = x_norms || keys ? rows : 0;  // x's rows with anything to do
+  const int64_t per_batch = listed + cols, norms_per_batch = (x_norms ? rows : 0) + cols;
   const int64_t groups = int64_t{gridDim.x} * (blockDim.x / kLanesPerRow);
   for (int64_t w = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kLanesPerRow;
        w < batches * per_batch; w += groups) {
     const int64_t batch = w / per_batch, r = w % per_batch;
-    const bool is_x = r < rows;
+    const bool is_x = r < listed;
+    if (is_x) {
+      for (int s = lane; s < slots && keys; s += kLanesPerRow)
+        keys[(batch * rows + r) * slots + s] = kNoKey;
+      if (!x_norms) continue;
+    }
     const T* row = is_x ? x.data + batch * x.batch + r * x.row
-                        : y.data + batch * y.batch + (r - rows) * y.row;
+                        : y.data + batch * y.batch + (r - listed) * y.row;
     const int64_t step = is_x ? x.col : y.col;
     float sum = 0.0f;
 #pragma unroll 4
@@ -213,11 +221,9 @@ __global__ void prepare_kernel(Matrix<const T> x, Matrix<const T> y, int64_t bat
       sum += v * v;
     }
     sum = row_lanes_sum(sum);
-    for (int s = lane; s < slots && is_x; s += kLanesPerRow)
-      keys[(batch * rows + r) * slots + s] = kNoKey;
     if (lane == 0) {
-      norms[w] = sum;
-      if (!is_x && col_keys) col_keys[batch * cols + r - rows] = kNoKey;
+      norms[batch * norms_per_batch + (is_x ? r : r - listed + norms_per_batch - cols)] = sum;
+      if (!is_x && col_keys) col_keys[batch * cols + r - listed] = kNoKey;
     }
   }
 }
@@ -422,25 +428,160 @@ tensor_search_kernel(const TensorSearchArgs<T> args) {
   }
 }
 
+// Results (B, R, slots) with strides (batch, row, 1): the caller's outputs.
+template <typename Acc>
+struct Results {
+  Acc* dist;
+  int64_t* idx;
+  int64_t batch, row;
+  __device__ int64_t offset(int64_t b, int64_t r) const { return b * batch + r * row; }
+};
+
 // ---- The Hopper search (sm_90a): TMA, wgmma, two producer-consumer pairs ----
 
+// Where a search of one column split writes its rows' winners itself (out.dist set): each row's
+// exact distance and index, and the winning rows of y into `gathered` where its data is set
+// (dw_quantize's codes); 16-byte stores into gathered where `gathered_chunks` (unit column
+// stride, rows at 16-byte boundaries).
+template <typename T>
+struct Winners {
+  Results<float> out;
+  Matrix<const T> y;
+  Matrix<T> gathered;
+  bool gathered_chunks;
+  int depth;  // D
+};
+
 // hopper.cuh's row-block walk, whose consumers fold each tile into their rows' bests. The search's
-// own shared memory: each consumer's column norms of its current tile (1 KB in all; each thread
-// reads its 4 rows' norms and excluded columns from global memory once), so that x's rows of
-// 1024 bytes fit beside split products' low boxes.
+// own shared memory: each consumer's column norms of its current tile (1 KB in all), which first
+// hold its x rows' squared norms (summed from x's boxes, so that no kernel before the walk reads
+// x: at dw_quantize's size that read took 84 us of 918), so that x's rows of 1024 bytes fit beside
+// split products' low boxes.
+template <typename T>
 struct HopperSearchArgs {
   hopper::WalkShape shape;
-  const float* norms;  // prepare_kernel's
+  const float* y_norms;  // prepare_kernel's, (B, M)
   const int64_t* exclude;
-  long long* keys;
+  long long* keys;  // the splits' meeting point (atomicMin), where winners.out.dist is not set
+  Winners<T> winners;
 };
 
 constexpr size_t kHopperSearchBytes = 2 * hopper::kBoxRows * sizeof(float);
 
+// The differences' squares of a 16-byte chunk of x and of y, summed in float32.
+template <typename T>
+__device__ __forceinline__ float chunk_squared_distance(uint4 x, uint4 y) {
+  const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+  float sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    if constexpr (std::is_same_v<T, float>) {
+      const float d = __uint_as_float(xs[w]) - __uint_as_float(ys[w]);
+      sum = fmaf(d, d, sum);
+    } else {
+      T xp[2], yp[2];
+      memcpy(xp, &xs[w], sizeof(xp));
+      memcpy(yp, &ys[w], sizeof(yp));
+      const float d0 = widen(xp[0]) - widen(yp[0]), d1 = widen(xp[1]) - widen(yp[1]);
+      sum = fmaf(d1, d1, fmaf(d0, d0, sum));
+    }
+  }
+  return sum;
+}
+
+// One split's end: the block's rows' winners, written here rather than by pair_distance_kernel,
+// which read x's rows from global memory again (at dw_quantize's size 134 MB, 167 us of its 758).
+// The two consumers' keys meet in the first slots of their rings (each ring is free once its
+// consumer's last tile is multiplied); then each row's kLanesPerRow lanes take one 16-byte chunk
+// of each of x's boxes (shared memory, swizzled) and of the winner's row of y (L2), and sum
+// (x - y)^2 in float32 as pair_distance_kernel does. A thread's kWinnerRows rows go together, their
+// loads of y issued before any use: one row after another, each waiting for its loads, the end
+// took ~4 us a block (~110 us of dw_quantize's 628 on the H200). `keys`: the thread's rows' keys
+// (t == 0's).
+template <typename T>
+__device__ __forceinline__ void write_winners(const hopper::RowBlockWalk& walk,
+                                              const Winners<T>& w, int batch, int row0, int rows,
+                                              const long long (&keys)[hopper::kAccRows]) {
+  using namespace hopper;
+  constexpr int kChunk = 16 / sizeof(T);  // elements
+  constexpr int kRowsAtOnce = 256 / kLanesPerRow, kWinnerRows = kBoxRows / kRowsAtOnce;
+  const int c = threadIdx.x / 128 - 1, thread = threadIdx.x % 128;
+  auto ring_keys = [&](int consumer) {
+    return reinterpret_cast<long long*>(walk.rings + size_t(consumer) * walk.stages * kBoxBytes);
+  };
+  if (thread % 4 == 0)
+#pragma unroll
+    for (int r = 0; r < kAccRows; ++r) ring_keys(c)[acc_row(r)] = keys[r];
+  sync_threads(3, 256);  // named barrier 3: both consumers
+  const int lane = threadIdx.x % kLanesPerRow, depth = w.depth;
+  const int first = (threadIdx.x - 128) / kLanesPerRow;  // rows first + kRowsAtOnce q
+  const T* winner[kWinnerRows];  // y's row, or null: no winner, or past N
+  int index[kWinnerRows];
+  float sum[kWinnerRows];
+#pragma unroll
+  for (int q = 0; q < kWinnerRows; ++q) {
+    const int row = first + kRowsAtOnce * q;
+    const long long key = row0 + row < rows ? min(ring_keys(0)[row], ring_keys(1)[row]) : kNoKey;
+    index[q] = key == kNoKey ? -1 : static_cast<int>(key & 0xFFFFFFFFLL);
+    // TMA's rules: y's rows have a unit column stride and start at 16-byte boundaries.
+    winner[q] = index[q] < 0 ? nullptr
+                             : w.y.data + int64_t{batch} * w.y.batch + int64_t{index[q]} * w.y.row;
+    sum[q] = 0.0f;
+  }
+  auto gathered_row = [&](int q) {
+    return w.gathered.data + int64_t{batch} * w.gathered.batch +
+           int64_t{row0 + first + kRowsAtOnce * q} * w.gathered.row;
+  };
+  for (int k = 0; k < walk.boxes; ++k) {
+    const int d0 = k * box_depth<T>() + lane * kChunk;
+    if (d0 >= depth) break;
+    const bool whole = d0 + kChunk <= depth;
+    uint4 y_chunk[kWinnerRows];
+#pragma unroll
+    for (int q = 0; q < kWinnerRows; ++q)
+      if (winner[q] && whole) y_chunk[q] = *reinterpret_cast<const uint4*>(winner[q] + d0);
+#pragma unroll
+    for (int q = 0; q < kWinnerRows; ++q) {
+      if (!winner[q]) continue;
+      const int row = first + kRowsAtOnce * q;
+      const uint4 x_chunk = *reinterpret_cast<const uint4*>(
+          walk.x_tile + size_t(k) * kBoxBytes + row * kRowBytes + ((lane ^ (row % 8)) << 4));
+      if (whole) {
+        sum[q] += chunk_squared_distance<T>(x_chunk, y_chunk[q]);
+        if (w.gathered.data && w.gathered_chunks)
+          *reinterpret_cast<uint4*>(gathered_row(q) + d0) = y_chunk[q];
+        if (!w.gathered.data || w.gathered_chunks) continue;
+      }
+      // The depth's tail (x's box reads 0 past D), and stores element by element.
+      T xs[kChunk];
+      memcpy(xs, &x_chunk, sizeof(xs));
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        if (d0 + e >= depth) break;
+        const T yv = winner[q][d0 + e];
+        if (!whole) {
+          const float diff = widen(xs[e]) - widen(yv);
+          sum[q] = fmaf(diff, diff, sum[q]);
+        }
+        if (w.gathered.data) gathered_row(q)[(d0 + e) * w.gathered.col] = yv;
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < kWinnerRows; ++q) {
+    const int row = row0 + first + kRowsAtOnce * q;
+    const float total = row_lanes_sum(sum[q]);
+    if (lane != 0 || row >= rows) continue;
+    const int64_t o = w.out.offset(batch, row);
+    w.out.dist[o] = index[q] < 0 ? INFINITY : total;
+    w.out.idx[o] = index[q];
+  }
+}
+
 template <typename T, bool kSplit>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
 hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
-                     const __grid_constant__ CUtensorMap y_map, const HopperSearchArgs args) {
+                     const __grid_constant__ CUtensorMap y_map, const HopperSearchArgs<T> args) {
 #if defined(PK_HOPPER_DEVICE)
   using namespace hopper;
   constexpr int kCols = kBoxRows;
@@ -449,8 +590,7 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   const WalkBlock block(args.shape);
   const int batch = block.batch, row0 = block.row0, tile0 = block.tile0, tiles = block.tiles;
   const int rows = args.shape.rows, cols = args.shape.cols;
-  const float* x_norms = args.norms + int64_t{batch} * (rows + cols);
-  const float* y_norms = x_norms + rows;
+  const float* y_norms = args.y_norms + int64_t{batch} * cols;
   const int warpgroup = threadIdx.x / 128;
 
   walk.init();
@@ -460,19 +600,30 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   const int c = warpgroup - 1, thread = threadIdx.x % 128;
   const int t = threadIdx.x % 4;
   float* tile_norms = reinterpret_cast<float*>(walk.extra()) + c * kCols;
-  float row_norm[kAccRows];
   int excluded[kAccRows];
-  bool rows_finite = true;
 #pragma unroll
   for (int r = 0; r < kAccRows; ++r) {
     const int row = row0 + acc_row(r);
-    row_norm[r] = row < rows ? x_norms[row] : 0.0f;
     const int64_t e = row < rows && args.exclude ? args.exclude[int64_t{batch} * rows + row] : -1;
     excluded[r] = e >= 0 && e < cols ? static_cast<int>(e) : -1;
-    rows_finite = rows_finite && fabsf(row_norm[r]) <= FLT_MAX;
   }
   walk.start_consumer();
-  // Named barriers 1 and 2: each consumer's 128 threads meet without the other's.
+  // Thread `thread` sums row `thread` of x's boxes (rows past N and depth past D read as 0) into
+  // tile_norms, before the first tile's norms; named barriers 1 and 2: each consumer's 128
+  // threads meet without the other's (all_of's is the one between these reads and the first
+  // tile's stores).
+  float squares = 0.0f;
+  for (int k = 0; k < walk.boxes; ++k)
+    squares += row_squares<T>(walk.x_tile + size_t(k) * kBoxBytes + thread * kRowBytes);
+  tile_norms[thread] = squares;
+  sync_threads(1 + c, 128);
+  float row_norm[kAccRows];
+  bool rows_finite = true;
+#pragma unroll
+  for (int r = 0; r < kAccRows; ++r) {
+    row_norm[r] = tile_norms[acc_row(r)];
+    rows_finite = rows_finite && fabsf(row_norm[r]) <= FLT_MAX;
+  }
   rows_finite = all_of(rows_finite, 1 + c, 128);
   float acc[2][64];
   Best best[kAccRows];
@@ -492,31 +643,44 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
       // Finite norms and a whole tile: each pair's rank is its clamped distance with the low 4
       // bits of the float replaced by its column's j among the thread's 16 pairs (8 j + e; e
       // picks tile_best's slot), so that one unsigned min per pair picks the nearest column,
-      // ties to the smaller index; an excluded pair gets the largest key. 5 instructions a pair
-      // where the general fold below takes about 10 (the general fold, not the MMAs, bounded
-      // this kernel: RESULTS.md "The Hopper search").
+      // ties to the smaller index; an excluded pair gets the largest key. 6 instructions a pair
+      // (add, FMA, clamp, two bit operations, min), 8 in the tiles where a row of the thread has
+      // its excluded column (a compare and a select more), where the general fold below takes
+      // about 10 (the general fold, not the MMAs, bounded this kernel: RESULTS.md "The Hopper
+      // search").
       // Ranks keep 19 bits of mantissa: pairs closer than 2^-19 relative (2e-6, inside split
       // products' float32 precision) count as ties.
       uint32_t tile_best[kAccRows][2];
 #pragma unroll
       for (int r = 0; r < kAccRows; ++r) tile_best[r][0] = tile_best[r][1] = 0xFFFFFFFFu;
       int excluded_here[kAccRows];  // the excluded column's place 8 j + e, if in the tile
+      bool exclusions = false;
 #pragma unroll
-      for (int r = 0; r < kAccRows; ++r) excluded_here[r] = excluded[r] - col0 - 2 * t;
+      for (int r = 0; r < kAccRows; ++r) {
+        excluded_here[r] = excluded[r] - col0 - 2 * t;
+        exclusions = exclusions || (excluded[r] >= col0 && excluded[r] < col0 + kCols);
+      }
+      auto fold_tile = [&](auto with_exclusions) {
 #pragma unroll
-      for (int j = 0; j < kCols / 8; ++j)
+        for (int j = 0; j < kCols / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float col_norm = tile_norms[8 * j + 2 * t + e];
+          for (int e = 0; e < 2; ++e) {
+            const float col_norm = tile_norms[8 * j + 2 * t + e];
 #pragma unroll
-          for (int r = 0; r < kAccRows; ++r) {
-            const float d = fmaxf(fmaf(-2.0f, acc[r / 2][4 * j + 2 * (r % 2) + e],
-                                       row_norm[r] + col_norm), 0.0f);
-            uint32_t key = (__float_as_uint(d) & 0xFFFFFFF0u) | uint32_t(j);
-            if (excluded_here[r] == 8 * j + e) key = 0xFFFFFFFFu;
-            tile_best[r][e] = min(tile_best[r][e], key);
+            for (int r = 0; r < kAccRows; ++r) {
+              const float d = fmaxf(fmaf(-2.0f, acc[r / 2][4 * j + 2 * (r % 2) + e],
+                                         row_norm[r] + col_norm), 0.0f);
+              uint32_t key = (__float_as_uint(d) & 0xFFFFFFF0u) | uint32_t(j);
+              if (decltype(with_exclusions)::value && excluded_here[r] == 8 * j + e)
+                key = 0xFFFFFFFFu;
+              tile_best[r][e] = min(tile_best[r][e], key);
+            }
           }
-        }
+      };
+      if (exclusions)
+        fold_tile(std::true_type{});
+      else
+        fold_tile(std::false_type{});
 #pragma unroll
       for (int r = 0; r < kAccRows; ++r) {
         const int e = tile_best[r][1] < tile_best[r][0];  // a tie: (j, 0) is the smaller column
@@ -543,12 +707,16 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
     }
     sync_threads(1 + c, 128);
   }
+  long long keys[kAccRows];  // the 4 threads of a row meet
 #pragma unroll
-  for (int r = 0; r < kAccRows; ++r) {  // the 4 threads of a row meet; the other consumer and
-    const int row = row0 + acc_row(r);    // the splits by atomicMin
-    const long long key = warp_min(warp_min(best[r].key(), 1), 2);
-    if (t == 0 && row < rows && key != kNoKey)
-      atomicMin(args.keys + int64_t{batch} * rows + row, key);
+  for (int r = 0; r < kAccRows; ++r) keys[r] = warp_min(warp_min(best[r].key(), 1), 2);
+  if (args.winners.out.dist)
+    return write_winners(walk, args.winners, batch, row0, rows, keys);
+#pragma unroll
+  for (int r = 0; r < kAccRows; ++r) {  // the other consumer and the splits by atomicMin
+    const int row = row0 + acc_row(r);
+    if (t == 0 && row < rows && keys[r] != kNoKey)
+      atomicMin(args.keys + int64_t{batch} * rows + row, keys[r]);
   }
 #endif
 }
@@ -558,15 +726,6 @@ __global__ void fill_kernel(long long* data, int64_t n, long long value) {
        i += int64_t{gridDim.x} * blockDim.x)
     data[i] = value;
 }
-
-// Results (B, R, slots) with strides (batch, row, 1): the caller's outputs.
-template <typename Acc>
-struct Results {
-  Acc* dist;
-  int64_t* idx;
-  int64_t batch, row;
-  __device__ int64_t offset(int64_t b, int64_t r) const { return b * batch + r * row; }
-};
 
 // kLanesPerRow lanes per (row, slot) pair: idx = the key's index (-1 for none), dist =
 // sum((a_r - b_idx)^2) exactly in the accumulate type (inf for none). `gathered` (B, R, D), if its
@@ -721,6 +880,15 @@ Results<Acc> results(const char* op, const Tensor& dist, const Tensor& idx, int6
           dist.stride(0), dist.stride(1)};
 }
 
+// The caller's `gathered` (B, R, D) for b's chosen rows: one slot, b's dtype.
+void check_gathered(const char* op, const Tensor& gathered, const Tensor& b, int64_t batch,
+                    int64_t rows, int64_t slots) {
+  PK_CHECK(slots == 1 && gathered.is_cuda() && gathered.scalar_type() == b.scalar_type() &&
+               gathered.dim() == 3 && gathered.size(0) == batch && gathered.size(1) == rows &&
+               gathered.size(2) == b.size(2),
+           op, "argument 'gathered' must be a (B, N, D) CUDA tensor of y's dtype, for k = 1");
+}
+
 // Keys (B, R, slots) -> (dist, idx) with exact distances between a's rows and b's chosen rows;
 // `ranked` slots (top k) sorted by them; `gathered` (B, R, D), one slot: the chosen rows of b.
 void finish(const char* op, const Tensor& keys, const Tensor& a, const Tensor& b, const Tensor& dist,
@@ -729,12 +897,7 @@ void finish(const char* op, const Tensor& keys, const Tensor& a, const Tensor& b
   const int64_t batch = keys.size(0), rows = keys.size(1), slots = keys.size(2);
   const int64_t pairs = batch * rows * slots;
   Results<float> out = results<float>(op, dist, idx, batch, rows, slots);
-  if (gathered) {
-    PK_CHECK(slots == 1 && gathered->is_cuda() && gathered->scalar_type() == b.scalar_type() &&
-                 gathered->dim() == 3 && gathered->size(0) == batch && gathered->size(1) == rows &&
-                 gathered->size(2) == b.size(2),
-             op, "argument 'gathered' must be a (B, N, D) CUDA tensor of y's dtype, for k = 1");
-  }
+  if (gathered) check_gathered(op, *gathered, b, batch, rows, slots);
   if (pairs == 0) return;
   dispatch_floating(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -765,16 +928,18 @@ mma::Operand<T> tensor_operand(const Tensor& t) {
   return {static_cast<const T*>(t.const_data_ptr()), t.stride(1), t.stride(2), t.size(1), vector};
 }
 
-// prepare_kernel's launch: the squared norms of x's and y's rows (B, N + M), and the keys filled.
+// prepare_kernel's launch: the squared norms of y's rows, after x's where `x_norms` ((B, N + M);
+// else (B, M)), and the keys (where given) filled.
 template <typename T>
-Tensor prepare(const Tensor& x, const Tensor& y, const Search& search, int slots,
-               cudaStream_t stream) {
+Tensor prepare(const Tensor& x, const Tensor& y, bool x_norms, long long* keys, int slots,
+               long long* col_keys, cudaStream_t stream) {
   const int64_t batch = x.size(0), rows = x.size(1), cols = y.size(1), depth = x.size(2);
-  Tensor norms = torch::stable::new_empty(x, {batch, rows + cols}, ScalarType::Float);
-  prepare_kernel<T><<<blocks_for(batch * (rows + cols), kThreads / kLanesPerRow), kThreads, 0,
-                      stream>>>(
+  Tensor norms =
+      torch::stable::new_empty(x, {batch, (x_norms ? rows : 0) + cols}, ScalarType::Float);
+  const int64_t listed = (x_norms || keys ? rows : 0) + cols;
+  prepare_kernel<T><<<blocks_for(batch * listed, kThreads / kLanesPerRow), kThreads, 0, stream>>>(
       input<T>(x, 1, 2), input<T>(y, 1, 2), batch, rows, cols, depth,
-      static_cast<float*>(norms.mutable_data_ptr()), search.keys, slots, search.col_keys);
+      static_cast<float*>(norms.mutable_data_ptr()), x_norms, keys, slots, col_keys);
   PK_CHECK_LAUNCH();
   return norms;
 }
@@ -797,7 +962,7 @@ bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search
   if (split.tiles_per_split * steps >= kIntLimit || row_blocks * split.splits >= kIntLimit)
     return false;
 
-  Tensor norms = prepare<T>(x, y, search, slots, stream);
+  Tensor norms = prepare<T>(x, y, true, search.keys, slots, search.col_keys, stream);
   if (cols == 0) return true;  // every key stays "none"
 
   const TensorSearchArgs<T> args{
@@ -816,18 +981,62 @@ bool launch_tensor_search(const Tensor& x, const Tensor& y, const Search& search
   return true;
 }
 
+// The caller's outputs (B, N, 1) of a search of one best per row, which the Hopper search of one
+// column split fills itself (write_winners) instead of leaving keys for finish().
+struct WinnerOutputs {
+  const Tensor& dist;
+  const Tensor& idx;
+  const std::optional<Tensor>& gathered;
+};
+
+// `outputs` as the Hopper search writes them, for x (batch, rows, D) against y (as plan_walk left
+// it), or none (out.dist null) where plan_walk folded x's batches into one (y shared by all) and
+// an output's rows do not run on from batch to batch as the folded rows do.
+template <typename T>
+Winners<T> winners_of(const char* op, const WinnerOutputs& outputs, const Tensor& y,
+                      int64_t batch, int64_t rows, bool folded) {
+  Winners<T> w{results<float>(op, outputs.dist, outputs.idx, batch, rows, 1), input<T>(y, 1, 2),
+               {nullptr, 0, 0, 0}, false, static_cast<int>(y.size(2))};
+  if (outputs.gathered) {
+    const Tensor& g = *outputs.gathered;
+    check_gathered(op, g, y, batch, rows, 1);
+    w.gathered = output<T>(g);
+    auto whole_chunks = [](int64_t size, int64_t stride) {
+      return size <= 1 || stride * int64_t{sizeof(T)} % 16 == 0;
+    };
+    w.gathered_chunks = g.stride(2) == 1 && whole_chunks(g.size(1), g.stride(1)) &&
+                        whole_chunks(g.size(0), g.stride(0)) &&
+                        reinterpret_cast<uintptr_t>(g.const_data_ptr()) % 16 == 0;
+  }
+  if (folded) {
+    if (w.out.batch != rows * w.out.row ||
+        (w.gathered.data && w.gathered.batch != rows * w.gathered.row))
+      return {};
+    w.out.batch = w.gathered.batch = 0;
+  }
+  return w;
+}
+
 // The Hopper search's launch (k = 1, with an optional excluded column), or false where the walk
-// does not apply (hopper::plan_walk says why).
+// does not apply (hopper::plan_walk says why). Where it has `outputs` and runs as one column split,
+// it writes them itself and sets *wrote_outputs; else it leaves search.keys.
 template <typename T>
 bool launch_hopper_search(Tensor x, Tensor y, const Search& search, Precision precision,
-                          cudaStream_t stream) {
+                          const WinnerOutputs* outputs, bool* wrote_outputs, cudaStream_t stream) {
+  const int64_t batch = x.size(0), rows = x.size(1);
   hopper::WalkPlan plan;
   // A folded batch (y shared by every batch) reads the keys (B, N, 1) and exclude (B, N) as they
   // are: both are contiguous.
   if (!hopper::plan_walk<T>(&plan, x, y, precision, kHopperSearchBytes)) return false;
-  Tensor norms = prepare<T>(x, y, search, 1, stream);
-  const HopperSearchArgs args{plan.shape, static_cast<const float*>(norms.const_data_ptr()),
-                              search.exclude, search.keys};
+  const Winners<T> winners =
+      outputs && plan.shape.splits == 1
+          ? winners_of<T>("nearest_cuda", *outputs, y, batch, rows, x.size(0) != batch)
+          : Winners<T>{};
+  *wrote_outputs = winners.out.dist != nullptr;
+  Tensor norms = prepare<T>(x, y, false, *wrote_outputs ? nullptr : search.keys, 1, nullptr,
+                            stream);
+  const HopperSearchArgs<T> args{plan.shape, static_cast<const float*>(norms.const_data_ptr()),
+                                 search.exclude, search.keys, winners};
   hopper::launch_walk<hopper_search_kernel<T, false>,
                       hopper_search_kernel<T, std::is_same_v<T, float>>>(
       plan, args, x.get_device_index(), stream);
@@ -835,10 +1044,12 @@ bool launch_hopper_search(Tensor x, Tensor y, const Search& search, Precision pr
 }
 
 // The tensor-core search for one best per row (k = 1, labels, both ways) on tensor-core products
-// (float32 at "tf32"/"tf32x3", the half types); false where it does not apply.
+// (float32 at "tf32"/"tf32x3", the half types); false where it does not apply. The Hopper search
+// may write `outputs` itself (launch_hopper_search).
 template <typename T>
 bool tensor_search(const Tensor& x, const Tensor& y, const Search& search, int slots,
-                   Precision precision, cudaStream_t stream) {
+                   Precision precision, const WinnerOutputs* outputs, bool* wrote_outputs,
+                   cudaStream_t stream) {
   if (search.k != 1) return false;
   bool launched = false;
   // dispatch_tile's rule: tensor-core tiles for every precision but float32 "ieee" (and float64).
@@ -850,17 +1061,19 @@ bool tensor_search(const Tensor& x, const Tensor& y, const Search& search, int s
       else if (search.col_keys)
         launched = launch_tensor_search<T, kP, Fold::kBoth>(x, y, search, slots, stream);
       else
-        launched = launch_hopper_search<T>(x, y, search, kP, stream) ||
+        launched = launch_hopper_search<T>(x, y, search, kP, outputs, wrote_outputs, stream) ||
                    launch_tensor_search<T, kP, Fold::kNearest>(x, y, search, slots, stream);
     }
   });
   return launched;
 }
 
-// Runs the search on x's rows against y's and returns its keys (B, N, slots); col_keys, if given,
-// receives the best row per column.
-Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search search, int64_t slots,
-                   const std::string& precision, cudaStream_t stream) {
+// Runs the search on x's rows against y's and returns its keys (B, N, slots), or nothing where the
+// search wrote `outputs` (one best per row) itself; col_keys, if given, receives the best row per
+// column.
+std::optional<Tensor> search_keys(const char* op, const Tensor& x, const Tensor& y, Search search,
+                                  int64_t slots, const std::string& precision, cudaStream_t stream,
+                                  const WinnerOutputs* outputs = nullptr) {
   const Precision p = parse_precision(precision, op);
   Tensor keys = torch::stable::new_empty(x, {x.size(0), x.size(1), slots}, ScalarType::Long);
   search.keys = static_cast<long long*>(keys.mutable_data_ptr());
@@ -874,16 +1087,20 @@ Tensor search_keys(const char* op, const Tensor& x, const Tensor& y, Search sear
     fill_col_keys();
     return keys;
   }
+  bool wrote_outputs = false;
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, double>) {  // check_search refused it
-      if (tensor_search<T>(x, y, search, static_cast<int>(slots), p, stream)) return;
+      if (tensor_search<T>(x, y, search, static_cast<int>(slots), p, outputs, &wrote_outputs,
+                           stream))
+        return;
       fill_col_keys();
       SearchArgs<T> args{input<T>(x, 1, 2), input<T>(y, 1, 2), x.size(1), y.size(1), x.size(2),
                          0, search};
       ::protokernels::search<T>(args, x.size(0), p, stream);
     }
   });
+  if (wrote_outputs) return std::nullopt;
   return keys;
 }
 
@@ -902,8 +1119,10 @@ void nearest_cuda(Tensor x, Tensor y, std::optional<Tensor> exclude, int64_t k,
   const cudaStream_t stream = current_stream(x);
   Search search{exclude ? static_cast<const int64_t*>(exclude->const_data_ptr()) : nullptr,
                 nullptr, nullptr, nullptr, nullptr, static_cast<int>(k)};
-  Tensor keys = search_keys(op, x, y, search, k, precision, stream);
-  finish(op, keys, x, y, dist, idx, k > 1, stream, gathered);
+  const WinnerOutputs outputs{dist, idx, gathered};
+  const std::optional<Tensor> keys =
+      search_keys(op, x, y, search, k, precision, stream, k == 1 ? &outputs : nullptr);
+  if (keys) finish(op, *keys, x, y, dist, idx, k > 1, stream, gathered);
 }
 
 // -> dist, idx (B, N, 2): slot 0 the nearest y of x's label, slot 1 of any other label.
@@ -917,7 +1136,7 @@ void nearest_by_label_cuda(Tensor x, Tensor x_labels, Tensor y, Tensor y_labels,
   const cudaStream_t stream = current_stream(x);
   Search search{nullptr, static_cast<const int64_t*>(x_labels.const_data_ptr()),
                 static_cast<const int64_t*>(y_labels.const_data_ptr()), nullptr, nullptr, 1};
-  Tensor keys = search_keys(op, x, y, search, 2, precision, stream);
+  const Tensor keys = *search_keys(op, x, y, search, 2, precision, stream);
   finish(op, keys, x, y, dist, idx, false, stream);
 }
 
@@ -931,7 +1150,7 @@ void nearest_both_cuda(Tensor x, Tensor y, std::string precision, Tensor row_dis
   Tensor col_keys = torch::stable::new_empty(x, {y.size(0), y.size(1), 1}, ScalarType::Long);
   Search search{nullptr, nullptr, nullptr, nullptr,
                 static_cast<long long*>(col_keys.mutable_data_ptr()), 1};
-  Tensor keys = search_keys(op, x, y, search, 1, precision, stream);
+  const Tensor keys = *search_keys(op, x, y, search, 1, precision, stream);
   auto slot = [](const Tensor& t) { return torch::stable::unsqueeze(t, 2); };
   finish(op, keys, x, y, slot(row_dist), slot(row_idx), false, stream);
   finish(op, col_keys, y, x, slot(col_dist), slot(col_idx), false, stream);

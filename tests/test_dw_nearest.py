@@ -201,6 +201,21 @@ def test_cuda_tensor_core_search_by_group(precision, portable):
     assert_ran(kernels, "hopper_search_kernel", hopper_build() and not portable)
 
 
+def test_cuda_hopper_search_writes_quantized_rows(portable):
+    """The Hopper search of one column split writes the winning codes itself (csrc/nearest.cu,
+    write_winners): one group of 6 elements at a stride of 8 (TMA reads 16-byte rows; the depth
+    ends inside a 16-byte chunk), into quantized rows of 24 bytes (stored element by element)."""
+    x, codebooks = randn(1000, 8)[:, :6], randn(1, 50, 8)[..., :6]
+    with protokernels.use_backend("cuda"):
+        quantized, idx, dist = protokernels.dw_quantize(x, codebooks, precision="tf32")
+        kernels = cuda_kernels_run(
+            lambda: protokernels.dw_quantize(x, codebooks, precision="tf32"))
+    assert_quantized(x, codebooks, quantized, idx, dist, precision="tf32")
+    hopper = hopper_build() and not portable
+    assert_ran(kernels, "hopper_search_kernel", hopper)
+    assert_ran(kernels, "pair_distance_kernel", not hopper)
+
+
 # -- dw_quantize: dw_nearest + codebook_lookup in one call --------------------------------------
 
 def assert_quantized(x, codebooks, quantized, idx, dist, dtype=torch.float32, precision="ieee"):

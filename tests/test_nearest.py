@@ -520,15 +520,38 @@ def test_cuda_tensor_core_searches(shape, dtype, precision, portable):
     assert_ran(kernels, "tensor_search_kernel", not hopper)
 
 
-def test_cuda_hopper_search_shares_prototypes_across_batches(portable):
+@pytest.mark.parametrize("n", [257, 6000])
+def test_cuda_hopper_search_shares_prototypes_across_batches(n, portable):
     """x (B, N, D) against one y (M, D) broadcast over the batches (a 0 batch stride): the Hopper
-    search takes it as one batch of B N rows (csrc/hopper.cuh, fold_shared_batch)."""
-    x, y = randn(3, 257, 64), randn(650, 64)
+    search takes it as one batch of B N rows (csrc/hopper.cuh, fold_shared_batch). N 257: 7 row
+    blocks, the columns split over blocks; N 6000: 141 row blocks, one split, whose blocks write
+    the winners of the folded rows themselves."""
+    x, y = randn(3, n, 64), randn(650, 64)
     with protokernels.use_backend("cuda"):
         dist, idx = protokernels.nearest(x, y, precision="tf32")
         kernels = cuda_kernels_run(lambda: protokernels.nearest(x, y, precision="tf32"))
-    assert_winners(x, y.expand(3, -1, -1), dist, idx, precision="tf32")
+    rows = torch.arange(0, n, max(1, n // 300), device=DEVICE)
+    assert_winners(x[:, rows], y.expand(3, -1, -1), dist[:, rows], idx[:, rows],
+                   precision="tf32")
     assert_ran(kernels, "hopper_search_kernel", hopper_build() and not portable)
+
+
+@pytest.mark.parametrize("dtype,precision", TENSOR_CORE_DTYPES, ids=dtype_ids)
+def test_cuda_hopper_search_writes_winners(dtype, precision, portable):
+    """Where the Hopper search runs as one column split (y of one column tile here, or row blocks
+    enough to fill the GPU) its blocks write each row's exact distance and index themselves
+    (csrc/nearest.cu, write_winners), and no kernel reads x again; columns split over blocks meet
+    in keys that a last kernel turns into the results. Rows of 6 elements at a stride of 8 end
+    inside a 16-byte chunk."""
+    hopper = hopper_build() and not portable
+    for (n, m, d, stride), one_split in [((700, 100, 6, 8), True), ((300, 650, 64, 64), False)]:
+        x, y = randn(2, n, stride, dtype=dtype)[..., :d], randn(2, m, stride, dtype=dtype)[..., :d]
+        with protokernels.use_backend("cuda"):
+            dist, idx = protokernels.nearest(x, y, precision=precision)
+            kernels = cuda_kernels_run(lambda: protokernels.nearest(x, y, precision=precision))
+        assert_winners(x, y, dist, idx, dtype=dtype, precision=precision)
+        assert_ran(kernels, "hopper_search_kernel", hopper)
+        assert_ran(kernels, "pair_distance_kernel", not (hopper and one_split))
 
 
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
