@@ -453,10 +453,10 @@ struct Winners {
 };
 
 // hopper.cuh's row-block walk, whose consumers fold each tile into their rows' bests. The search's
-// own shared memory: each consumer's column norms of its current tile (1 KB in all), which first
-// hold its x rows' squared norms (summed from x's boxes, so that no kernel before the walk reads
-// x: at dw_quantize's size that read took 84 us of 918), so that x's rows of 1024 bytes fit beside
-// split products' low boxes.
+// own shared memory: each consumer's column norms of its current tile (1 KB in all: x's rows of
+// 1024 bytes fit beside split products' low boxes), which first hold its x rows' squared norms
+// (summed from x's boxes, so that no kernel before the walk reads x: at dw_quantize's size that
+// read took 84 us of 918 on the H100).
 template <typename T>
 struct HopperSearchArgs {
   hopper::WalkShape shape;
@@ -490,7 +490,8 @@ __device__ __forceinline__ float chunk_squared_distance(uint4 x, uint4 y) {
 }
 
 // One split's end: the block's rows' winners, written here rather than by pair_distance_kernel,
-// which read x's rows from global memory again (at dw_quantize's size 134 MB, 167 us of its 758).
+// which read x's rows from global memory again (at dw_quantize's size 134 MB, 167 us of its 758
+// on the H100).
 // The two consumers' keys meet in the first slots of their rings (each ring is free once its
 // consumer's last tile is multiplied); then each row's kLanesPerRow lanes take one 16-byte chunk
 // of each of x's boxes (shared memory, swizzled) and of the winner's row of y (L2), and sum
@@ -512,7 +513,10 @@ __device__ __forceinline__ void write_winners(const hopper::RowBlockWalk& walk,
   if (thread % 4 == 0)
 #pragma unroll
     for (int r = 0; r < kAccRows; ++r) ring_keys(c)[acc_row(r)] = keys[r];
-  sync_threads(3, 256);  // named barrier 3: both consumers
+  // Named barrier 3: both consumers. compute-sanitizer's racecheck reports RAW hazards between
+  // the stores above and the loads below across it (and did across a whole-block __syncthreads
+  // too), while every test's winners come out exact: RESULTS.md "The Hopper search's own end".
+  sync_threads(3, 256);
   const int lane = threadIdx.x % kLanesPerRow, depth = w.depth;
   const int first = (threadIdx.x - 128) / kLanesPerRow;  // rows first + kRowsAtOnce q
   const T* winner[kWinnerRows];  // y's row, or null: no winner, or past N

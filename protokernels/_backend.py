@@ -85,43 +85,33 @@ def _hopper_row_bytes(op_file, dtype, precision, sizes):
 def _hopper_search_order(dtype, precision, sizes):
     """Where CUDA runs its Hopper search (one best per row at "tf32", "tf32x3" or in half
     precision, rows of at most the capability's hopper_depth(dtype, precision)): CUDA first for
-    rows of 512 bytes or more (H200, N65536 M8192 D256 tf32 1.09 ms against Triton's 1.35, bf16
-    0.68 against 0.81; N8192 M2000 D256 0.061 against 0.110; "tf32x3" D128 1.50 against 2.00,
-    D256 2.75 against 3.71), and for rows of 256 bytes up to N*M*D = 2^33 at "tf32" or in half
-    precision (N65536 M1024 D64 0.150 against 0.177; dw N65536 G4 K4096 Dg64, 2^36: 1.13
-    against 1.03), up to 2^32 at "tf32x3" (N65536 M1024 D64 eager 0.172 against 0.353, GPU
-    time 0.159 against 0.153: Triton's split costs host time; dw N65536 G8 K1024 Dg64, 2^35:
-    1.33 against 1.15). Shallower rows: the fold, not the MMAs, bounds the kernel, so None (the
-    mma.sync boundary, where CUDA runs this same kernel; dw N65536 G8 K1024 Dg32: 0.74 against
-    0.47). RESULTS.md "The Hopper search" and "Split TF32 products on the walk"."""
+    rows of 128 bytes or more, at every size. H200, eager ms against Triton's: N65536 M8192 D256
+    tf32 0.986 (graph) against 1.327, bf16 0.589 against 0.795, "tf32x3" 2.59 against 3.69;
+    N65536 M4096 D64 0.216 against 0.285; rows of 128 bytes: N65536 M8192 D32 0.309 against
+    0.404, bf16 D64 0.314 against 0.426, dw N65536 G8 K1024 Dg32 0.424 against 0.475 ("tf32x3"
+    0.588 against 0.691); dw G4 K4096 Dg64 0.814 against 1.036. Rows of 64 bytes: the fold, not
+    the MMAs, bounds the walk (dw N65536 G8 K1024 Dg32 bf16 0.419 against 0.340), so None (the
+    mma.sync boundary, where CUDA runs this same kernel). RESULTS.md "The Hopper search's own
+    end"."""
     row_bytes = _hopper_row_bytes("nearest", dtype, precision, sizes)
-    if row_bytes is None or row_bytes < 256:
+    if row_bytes is None or row_bytes < 128:
         return None
-    if row_bytes >= 512:
-        return CUDA_FIRST
-    return _backend_by_work(sizes, "batch n m d", 2**32 if precision == "tf32x3" else 2**33)
+    return CUDA_FIRST
 
 
 def _hopper_distance_order(dtype, precision, sizes):
     """Where CUDA runs sqdist's Hopper forward ("tf32", "tf32x3" or half precision, rows of at
-    most the capability's hopper_depth(dtype, precision)): its one C++ launch (host ~47 us a call
-    against Triton's ~70, which splits "tf32x3" operands in launches of their own) wins every
-    host-bound forward up to N*M*D = 2^28 (H200 eager: N256 M10 D64 0.057 against 0.089 ms,
-    N4096 M512 D128 0.018 against 0.037, "tf32x3" 0.023 against 0.120). Above, at "tf32" and in
-    half precision rows of at most 256 bytes up to 2^33 (B8 N4096 M4096 D64: 0.222 against
-    0.252, bf16 0.164 against 0.169), at "tf32x3" rows of at most 512 bytes up to 2^34 (the spec
-    size, D128: 0.543 against 0.568; D64 0.331 against 0.377). Deeper rows of more work are
-    Triton's (tf32 at the spec size: 0.343 against 0.318; N8192 M2000 D256: 0.097 against 0.065;
-    "tf32x3" B2 N4096 M4096 D224: 0.240 against 0.228). RESULTS.md "The Hopper distance", "The
-    sqdist rule" and "Split TF32 products on the walk"."""
-    row_bytes = _hopper_row_bytes("sqdist", dtype, precision, sizes)
-    if row_bytes is None:
+    most the capability's hopper_depth(dtype, precision)): CUDA first at every size. Its one C++
+    launch (host ~47 us a call against Triton's ~70, which splits "tf32x3" operands in launches
+    of their own) wins every host-bound forward (H200 eager: N256 M10 D64 0.057 against 0.089
+    ms, N4096 M512 D128 0.064 against 0.095), and since its shared-memory reads are shared
+    loads, its kernel the large ones (H200: the spec size B8 N4096 M4096 D128 0.232 against
+    0.318, bf16 0.152 against 0.218; N8192 M2000 D256 0.065 against 0.140, GPU time 0.061
+    against 0.062; "tf32x3" B2 N4096 M4096 D224 0.178 against 0.284). RESULTS.md "The Hopper
+    distance", "The Hopper search's own end"."""
+    if _hopper_row_bytes("sqdist", dtype, precision, sizes) is None:
         return None
-    if precision == "tf32x3":
-        cuda_up_to = 2**34 if row_bytes <= 512 else 2**28
-    else:
-        cuda_up_to = 2**33 if row_bytes <= 256 else 2**28
-    return _backend_by_work(sizes, "batch n m d", cuda_up_to)
+    return CUDA_FIRST
 
 
 def _hopper_gradient_order(dtype, precision, sizes):

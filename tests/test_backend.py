@@ -274,9 +274,8 @@ def _declare_hopper(monkeypatch, op_file, depth_bytes, split_depth_bytes):
 def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     """Where CUDA declares its Hopper search (hopper_depth_bytes, hopper_split_depth_bytes), one
     best per row at "tf32", "tf32x3" or in half precision runs on CUDA at every size for rows of
-    512 bytes or more, up to N*M*D = 2^33 for rows of 256 (2^32 at "tf32x3"; RESULTS.md "The
-    Hopper search", "Split TF32 products on the walk"); shallower rows, rows deeper than
-    declared and the label searches keep the mma.sync boundary (2^30)."""
+    128 bytes or more (RESULTS.md "The Hopper search's own end"); shallower rows, rows deeper
+    than declared and the label searches keep the mma.sync boundary (2^30)."""
     cuda = _declare_hopper(monkeypatch, "nearest", 1280, 1024)
     large = dict(n=65536, m=8192, d=256)
     assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "cuda"
@@ -284,16 +283,20 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=8192, d=576) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=64) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=4096, d=64,
-                            batch=4) == "triton"
+                            batch=4) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=32,
+                            batch=8) == "cuda"
+    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=1024, d=32,
                             batch=8) == "triton"
+    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=8192, m=256, d=32,
+                            batch=1) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=256, d=32,
                             batch=8) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=8192, d=288) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64,
-                            batch=8) == "triton"
+                            batch=8) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=8192, d=512) == "triton"
     assert _backend.resolve("nearest_by_label", cuda, torch.float32, "tf32", **large) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"), _backend.EVERYTHING)
@@ -307,12 +310,12 @@ IN_MODEL = dict(n=4096, m=512, d=128)
 HOPPER_DISTANCE_CASES = [
     (F32, "tf32", IN_MODEL, "cuda"), (BF16, "ieee", IN_MODEL, "cuda"),
     (F32, "tf32", dict(n=4096, m=4096, d=64, batch=8), "cuda"),
-    (F32, "tf32", dict(n=4096, m=4096, d=128, batch=8), "triton"),
-    (F32, "tf32", dict(n=8192, m=2000, d=256), "triton"),
+    (F32, "tf32", dict(n=4096, m=4096, d=128, batch=8), "cuda"),
+    (F32, "tf32", dict(n=8192, m=2000, d=256), "cuda"),
     (F32, "ieee", IN_MODEL, "triton"),
     (F32, "tf32x3", IN_MODEL, "cuda"),
     (F32, "tf32x3", dict(n=4096, m=4096, d=128, batch=8), "cuda"),
-    (F32, "tf32x3", dict(n=4096, m=4096, d=224, batch=2), "triton"),
+    (F32, "tf32x3", dict(n=4096, m=4096, d=224, batch=2), "cuda"),
     (F32, "tf32x3", dict(n=1024, m=100, d=256), "triton"),  # 1024 bytes: deeper than declared
     (F32, "tf32", dict(n=256, m=10, d=512), "triton"),
     (F32, "ieee", dict(IN_MODEL, grad=True), "cuda"),
@@ -328,12 +331,10 @@ HOPPER_DISTANCE_CASES = [
 @pytest.mark.parametrize("op", ["sqdist", "rslvq_loss", "prototype_layer"])
 def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
     """Where CUDA declares its Hopper forward (hopper_depth_bytes, hopper_split_depth_bytes),
-    sqdist's forward at "tf32", "tf32x3" or in half precision runs on CUDA up to N*M*D = 2^28,
-    above up to 2^33 for rows of at most 256 bytes ("tf32x3": 2^34 for rows of at most 512);
-    Triton above, at "ieee" and for rows deeper than declared. With a backward: CUDA where both
-    Hopper kernels run (float32 at "tf32" or "tf32x3", rows declared, M a multiple of 4), else
-    CUDA up to 2^30 (RESULTS.md "The sqdist rule", "Split TF32 products on the walk", "The Hopper
-    gradient")."""
+    sqdist's forward at "tf32", "tf32x3" or in half precision runs on CUDA at every size; Triton
+    at "ieee" and for rows deeper than declared. With a backward: CUDA where both Hopper kernels
+    run (float32 at "tf32" or "tf32x3", rows declared, M a multiple of 4), else CUDA up to 2^30
+    (RESULTS.md "The sqdist rule", "The Hopper search's own end", "The Hopper gradient")."""
     cuda = _declare_hopper(monkeypatch, "sqdist", 1152, 896)
     for dtype, precision, sizes, expected in HOPPER_DISTANCE_CASES:
         assert _backend.resolve(op, cuda, dtype, precision, **sizes) == expected, (precision, sizes)
