@@ -641,19 +641,23 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
                       col0 + kCols <= cols;
 
     if (fast) {
-      // Finite norms and a whole tile: each pair's rank is its clamped distance with the low 4
-      // bits of the float replaced by its column's j among the thread's 16 pairs (8 j + e; e
-      // picks tile_best's slot), so that one unsigned min per pair picks the nearest column,
-      // ties to the smaller index; an excluded pair gets the largest key. 6 instructions a pair
-      // (add, FMA, clamp, two bit operations, min), 8 in the tiles where a row of the thread has
-      // its excluded column (a compare and a select more), where the general fold below takes
-      // about 10 (the general fold, not the MMAs, bounded this kernel: RESULTS.md "The Hopper
-      // search").
+      // Finite norms and a whole tile: each pair's rank is its distance's float bits with the
+      // low 4 bits replaced by its column's j among the thread's 16 pairs (8 j + e; e picks
+      // tile_best's slot), read as a signed integer, so that one min per pair picks the nearest
+      // column, ties to the smaller index; an excluded pair gets the largest key. Signed, the
+      // bits of non-negative floats order as the floats do, and a distance that rounds below 0
+      // (x at a prototype, within the products' error) ranks before every positive one; the
+      // clamp at 0 comes once a tile (below), where all of those rank as 0. A pair takes 4
+      // instructions: add and FMA, then a LOP3 and the min on the ALU pipe, which issues at half
+      // the FMA pipe's rate. (With a clamp per pair and j as an immediate, 4 of 6 on the ALU
+      // pipe, the search took 1-12 % longer: RESULTS.md "The fold's ALU work".) 6 in the tiles
+      // where a row of the thread has its excluded column (a compare and a select more); the
+      // general fold below takes about 10.
       // Ranks keep 19 bits of mantissa: pairs closer than 2^-19 relative (2e-6, inside split
       // products' float32 precision) count as ties.
-      uint32_t tile_best[kAccRows][2];
+      int32_t tile_best[kAccRows][2];
 #pragma unroll
-      for (int r = 0; r < kAccRows; ++r) tile_best[r][0] = tile_best[r][1] = 0xFFFFFFFFu;
+      for (int r = 0; r < kAccRows; ++r) tile_best[r][0] = tile_best[r][1] = INT32_MAX;
       int excluded_here[kAccRows];  // the excluded column's place 8 j + e, if in the tile
       bool exclusions = false;
 #pragma unroll
@@ -661,22 +665,28 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
         excluded_here[r] = excluded[r] - col0 - 2 * t;
         exclusions = exclusions || (excluded[r] >= col0 && excluded[r] < col0 + kCols);
       }
+      // 0, from an argument the compiler cannot see is non-negative.
+      const uint32_t unknown_zero = uint32_t(args.shape.rows) >> 31;
       auto fold_tile = [&](auto with_exclusions) {
 #pragma unroll
-        for (int j = 0; j < kCols / 8; ++j)
+        for (int j = 0; j < kCols / 8; ++j) {
+          // j in a register the compiler cannot fold (unknown_zero is 0): then (bits & mask) | j
+          // is one LOP3 (with j an immediate, two), at 16 ORs a tile.
+          const uint32_t j_bits = uint32_t(j) | unknown_zero;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float col_norm = tile_norms[8 * j + 2 * t + e];
 #pragma unroll
             for (int r = 0; r < kAccRows; ++r) {
-              const float d = fmaxf(fmaf(-2.0f, acc[r / 2][4 * j + 2 * (r % 2) + e],
-                                         row_norm[r] + col_norm), 0.0f);
-              uint32_t key = (__float_as_uint(d) & 0xFFFFFFF0u) | uint32_t(j);
+              const float d =
+                  fmaf(-2.0f, acc[r / 2][4 * j + 2 * (r % 2) + e], row_norm[r] + col_norm);
+              int32_t key = static_cast<int32_t>((__float_as_uint(d) & 0xFFFFFFF0u) | j_bits);
               if (decltype(with_exclusions)::value && excluded_here[r] == 8 * j + e)
-                key = 0xFFFFFFFFu;
+                key = INT32_MAX;
               tile_best[r][e] = min(tile_best[r][e], key);
             }
           }
+        }
       };
       if (exclusions)
         fold_tile(std::true_type{});
@@ -685,10 +695,10 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
 #pragma unroll
       for (int r = 0; r < kAccRows; ++r) {
         const int e = tile_best[r][1] < tile_best[r][0];  // a tie: (j, 0) is the smaller column
-        const uint32_t key = e ? tile_best[r][1] : tile_best[r][0];
-        if (key != 0xFFFFFFFFu)
-          best[r].fold(fminf(__uint_as_float(key & 0xFFFFFFF0u), FLT_MAX),
-                       col0 + 8 * int(key & 0xF) + 2 * t + e);
+        const int32_t key = e ? tile_best[r][1] : tile_best[r][0];
+        const float rank = __uint_as_float(static_cast<uint32_t>(key) & 0xFFFFFFF0u);
+        if (key != INT32_MAX)
+          best[r].fold(fminf(fmaxf(rank, 0.0f), FLT_MAX), col0 + 8 * (key & 0xF) + 2 * t + e);
       }
     } else {
       // The general fold: pair_rank's rules for NaN and infinite rows, columns past M.

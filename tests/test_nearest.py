@@ -554,6 +554,22 @@ def test_cuda_hopper_search_writes_winners(dtype, precision, portable):
         assert_ran(kernels, "pair_distance_kernel", not (hopper and one_split))
 
 
+@pytest.mark.parametrize("dtype,precision", TENSOR_CORE_DTYPES, ids=dtype_ids)
+def test_cuda_tensor_core_searches_tie_at_zero(dtype, precision, portable):
+    """x at a prototype that y holds three times (in three column tiles, and twice more inside the
+    first tile's columns of one thread): their computed distances are the same rounding noise
+    around 0, negative for some rows, where the Hopper search's packed keys rank without a clamp
+    (csrc/nearest.cu); the smallest index wins, at the exact distance 0."""
+    y = randn(700, 64, dtype=dtype)
+    y[[8, 16, 300, 650]] = y[0].clone()  # 0, 8 and 16: the same thread's columns of tile 0
+    x = y[torch.arange(0, 700, 7, device=DEVICE)].clone()
+    x[::2] = y[0]
+    with protokernels.use_backend("cuda"):
+        dist, idx = protokernels.nearest(x, y, precision=precision)
+    assert (idx[::2] == 0).all() and (dist[::2] == 0).all()
+    assert_winners(x[1::2], y, dist[1::2], idx[1::2], dtype=dtype, precision=precision)
+
+
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
 def test_cuda_tensor_core_searches_non_finite(precision, portable):
     """The Hopper search's folds: finite norms in whole tiles take the packed-key fold, a NaN or
