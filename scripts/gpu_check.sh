@@ -16,7 +16,9 @@
 #   files of every op with kernels) under compute-sanitizer's SANITIZER_TOOLS (default memcheck,
 #   racecheck, initcheck), selected by SANITIZER_K (default "(cuda or triton) and not compile and
 #   not 2_to_the_31"), each (tool, file) pair cut at SANITIZER_TIMEOUT seconds; a log ends in its
-#   tool's error summary.
+#   tool's error summary. SANITIZER_ARGS passes compute-sanitizer more arguments: with
+#   "--kernel-name kns=hopper_search" it checks that kernel alone, and racecheck gets through a
+#   test file in a fraction of the time.
 # PACK=1 packs everything in $OUT into one logs archive at the end.
 # Benchmark-only extras (vector-quantize-pytorch and its dependencies, POT's cp312 wheel) install
 # from wheelhouse/bench/*.whl if present. The multi-GPU run is separate:
@@ -96,7 +98,7 @@ if [ -n "${SANITIZER:-}" ]; then
   selection=${SANITIZER_K:-(cuda or triton) and not compile and not 2_to_the_31}
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck}; do
     for t in ${SANITIZER_TESTS:-$SANITIZER_DEFAULT_TESTS}; do
-      ( timeout "${SANITIZER_TIMEOUT:-3000}" compute-sanitizer --tool "$tool" \
+      ( timeout "${SANITIZER_TIMEOUT:-3000}" compute-sanitizer --tool "$tool" ${SANITIZER_ARGS:-} \
           --target-processes all --error-exitcode 99 $PY -m pytest -q -p no:cacheprovider \
           -m "not slow" "$REPO/tests/$t" -k "$selection" > "$OUT/sanitizer-$tool-$t.log" 2>&1
         echo $? > "$OUT/sanitizer-$tool-$t.exit" ) &
