@@ -84,19 +84,24 @@ def _hopper_row_bytes(op_file, dtype, precision, sizes):
 
 def _hopper_search_order(dtype, precision, sizes):
     """Where CUDA runs its Hopper search (one best per row at "tf32", "tf32x3" or in half
-    precision, rows of at most the capability's hopper_depth(dtype, precision)): CUDA first for
-    rows of 128 bytes or more, at every size. H200, eager ms against Triton's: N65536 M8192 D256
-    tf32 0.986 (graph) against 1.327, bf16 0.589 against 0.795, "tf32x3" 2.59 against 3.69;
-    N65536 M4096 D64 0.216 against 0.285; rows of 128 bytes: N65536 M8192 D32 0.309 against
-    0.404, bf16 D64 0.314 against 0.426, dw N65536 G8 K1024 Dg32 0.424 against 0.475 ("tf32x3"
-    0.588 against 0.691); dw G4 K4096 Dg64 0.814 against 1.036. Rows of 64 bytes: the fold, not
-    the MMAs, bounds the walk (dw N65536 G8 K1024 Dg32 bf16 0.419 against 0.340), so None (the
-    mma.sync boundary, where CUDA runs this same kernel). RESULTS.md "The Hopper search's own
-    end"."""
+    precision, rows of at most the capability's hopper_depth(dtype, precision)): CUDA first at
+    every size for rows of 128 bytes or more, for float32 rows at "tf32" of any depth, and for
+    half rows of 16-64 bytes against 8192 columns or more. H200, eager ms against Triton's
+    (RESULTS.md "The fold's ALU work"): N65536 M8192 D256 tf32 0.93 against 1.35, bf16 0.55
+    against 0.81, "tf32x3" 2.53 against 3.71; dw N65536 G8 K1024 Dg64 tf32 0.48 against 0.63,
+    bf16 0.38 against 0.43; rows of 64 and 32 bytes at "tf32": dw Dg16 0.367 against 0.403, Dg8
+    0.360 against 0.488, nearest N65536 M8192 D16 0.262 against 0.337. Half rows of 64 bytes or
+    less: nearest N65536 M8192 bf16 D32 0.263 against 0.336, but with few column tiles a row
+    block's fixed costs weigh more than Triton's (dw G8 K1024 bf16 Dg32 0.376 against 0.340,
+    Dg16 0.373 against 0.300), so there None (the mma.sync boundary, where CUDA runs this same
+    kernel)."""
     row_bytes = _hopper_row_bytes("nearest", dtype, precision, sizes)
-    if row_bytes is None or row_bytes < 128:
+    if row_bytes is None:
         return None
-    return CUDA_FIRST
+    if (row_bytes >= 128 or (dtype == torch.float32 and precision == "tf32")
+            or sizes.get("m", 0) >= 8192):
+        return CUDA_FIRST
+    return None
 
 
 def _hopper_distance_order(dtype, precision, sizes):

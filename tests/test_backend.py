@@ -274,8 +274,9 @@ def _declare_hopper(monkeypatch, op_file, depth_bytes, split_depth_bytes):
 def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     """Where CUDA declares its Hopper search (hopper_depth_bytes, hopper_split_depth_bytes), one
     best per row at "tf32", "tf32x3" or in half precision runs on CUDA at every size for rows of
-    128 bytes or more (RESULTS.md "The Hopper search's own end"); shallower rows, rows deeper
-    than declared and the label searches keep the mma.sync boundary (2^30)."""
+    128 bytes or more, float32 rows at "tf32" of any depth and half rows against 8192 columns or
+    more (RESULTS.md "The fold's ALU work"); other shallow rows, rows deeper than declared and
+    the label searches keep the mma.sync boundary (2^30)."""
     cuda = _declare_hopper(monkeypatch, "nearest", 1280, 1024)
     large = dict(n=65536, m=8192, d=256)
     assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "cuda"
@@ -290,6 +291,13 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
                             batch=8) == "triton"
     assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=8192, m=256, d=32,
                             batch=1) == "cuda"
+    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=8192, d=32) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=16,
+                            batch=8) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=8,
+                            batch=8) == "cuda"
+    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=16,
+                            batch=8) == "triton"
     assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=256, d=32,
                             batch=8) == "cuda"
     assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "cuda"
