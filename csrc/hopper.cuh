@@ -232,9 +232,24 @@ __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint
 // swizzle is a function of the address bits, so stepping along the depth inside a row is adding
 // to the start). Fields: start >> 4; leading offset (unused with swizzling, 1); stride offset
 // 1024 bytes >> 4 (from one 8-row group to the next); layout 1 = 128-byte swizzle.
+// A descriptor is built in two halves: the low word (start, leading offset) from the address, the
+// high word (stride offset, layout) a constant.
+__device__ __forceinline__ uint32_t descriptor_low(const void* tile) {
+  return ((shared_address(tile) & 0x3FFFF) >> 4) | (1u << 16);
+}
+__device__ __forceinline__ uint64_t descriptor_of_low(uint32_t low) {
+  return low | (uint64_t{(1024 >> 4) | (1u << 30)} << 32);
+}
 __device__ __forceinline__ uint64_t descriptor(const void* tile) {
-  const uint64_t start = (shared_address(tile) & 0x3FFFF) >> 4;
-  return start | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+  return descriptor_of_low(descriptor_low(tile));
+}
+// The descriptor `bytes` (a multiple of 16) past the one whose low word is `low`: the start field
+// is address bits 4-17 and shared memory ends below 2^18, so the sum never carries out of it.
+// Built from one address a box, a wgmma's descriptor is an add; each built from its own address
+// (a conversion, a mask, a shift, an OR, and the constant high word each time), they took ~60 of
+// the ~130 instructions a consumer issued a box (RESULTS.md "The walk's instructions").
+__device__ __forceinline__ uint64_t descriptor_at(uint32_t low, int bytes) {
+  return descriptor_of_low(low + static_cast<uint32_t>(bytes >> 4));
 }
 
 // wgmma.fence: the accumulators' registers, written by other instructions, are ready for the MMAs.
@@ -370,9 +385,10 @@ __device__ __forceinline__ void multiply_from_registers(float (&acc)[kSets][kAcc
                                                         const unsigned char* b_box,
                                                         Product&& product) {
   mma_fence();
+  const uint32_t b_low = descriptor_low(b_box);
 #pragma unroll
   for (int j = 0; j < kSteps; ++j) {
-    const uint64_t b = descriptor(b_box + 32 * j);
+    const uint64_t b = descriptor_at(b_low, 32 * j);
 #pragma unroll
     for (int m = 0; m < kSets; ++m) product(acc[m], a[j][m], b);
   }
@@ -625,8 +641,19 @@ struct WalkBlock {
   }
 };
 
-// The walk's shared memory and its two roles. Consumer c's i-th stage (i counts its boxes over
-// its tiles c, c + 2, ...) is slot i % stages of its ring, filled for the (i / stages)-th time.
+// A place in a ring: the slot of the next box and the parity of that slot's fill. Consumer c's
+// i-th box (counted over its tiles c, c + 2, ...) is slot i % stages of its ring, filled for the
+// (i / stages)-th time; stepping a place along costs an add and a compare, where computing them
+// from i took two divisions by the run-time stage count a box (~30 instructions).
+struct RingPlace {
+  int slot = 0;
+  uint32_t parity = 0;
+  __device__ __forceinline__ void advance(int stages) {
+    if (++slot == stages) slot = 0, parity ^= 1;
+  }
+};
+
+// The walk's shared memory and its two roles; each role keeps its RingPlace in consumer c's ring.
 struct RowBlockWalk {
   unsigned char* x_tile;
   unsigned char* rings;     // consumer c's: stages from c * stages
@@ -675,11 +702,12 @@ struct RowBlockWalk {
       for (int k = 0; k < boxes; ++k)
         load_box(x_tile + size_t(k) * kBoxBytes, x_map, x_full, k * box_depth<T>(), row0, batch);
     }
-    int i = 0;
+    RingPlace place;
+    int filled = 0;  // boxes loaded so far: a slot is waited for from its second fill on
     for (int tile = c; tile < tiles; tile += 2)
-      for (int k = 0; k < boxes; ++k, ++i) {
-        const int slot = c * stages + i % stages, round = i / stages;
-        if (round > 0) wait(&empty[slot], (round - 1) & 1);
+      for (int k = 0; k < boxes; ++k, ++filled, place.advance(stages)) {
+        const int slot = c * stages + place.slot;
+        if (filled >= stages) wait(&empty[slot], place.parity ^ 1);
         arrive_expecting(&full[slot], kBoxBytes);
         load_box(rings + size_t(slot) * kBoxBytes, y_map, &full[slot], k * box_depth<T>(),
                  (tile0 + tile) * kBoxRows, batch);
@@ -695,15 +723,18 @@ struct RowBlockWalk {
   // Consumer c's next tile: acc[m] = x's rows 64 m .. 64 m + 63 times the tile's 128 columns
   // (acc_row() below says which thread holds which); kSplit: split products (float32 only).
   // on_box(box, k) runs while the k-th box's MMAs are in flight, before the box goes back to the
-  // producer: it may read the box (128 columns x 128 bytes, swizzled). i: the consumer's box
-  // count, carried from tile to tile.
+  // producer: it may read the box (128 columns x 128 bytes, swizzled). place: the consumer's
+  // place in its ring, carried from tile to tile.
   template <typename T, bool kSplit, typename OnBox>
-  __device__ __forceinline__ void multiply(int c, int& i, float (&acc)[2][64], OnBox&& on_box) const {
+  __device__ __forceinline__ void multiply(int c, RingPlace& place, float (&acc)[2][64],
+                                           OnBox&& on_box) const {
     static_assert(!kSplit || std::is_same_v<T, float>, "split products are float32's");
     const int lane = threadIdx.x % 32;
-    for (int k = 0; k < boxes; ++k, ++i) {
-      const int slot = c * stages + i % stages;
-      wait(&full[slot], (i / stages) & 1);
+    int in_flight = -1;  // the slot whose MMAs may still run (unsplit products)
+    for (int k = 0; k < boxes; ++k) {
+      const int slot = c * stages + place.slot;
+      wait(&full[slot], place.parity);
+      place.advance(stages);
       const unsigned char* b_box = rings + size_t(slot) * kBoxBytes;
       const unsigned char* a_box = x_tile + size_t(k) * kBoxBytes;
       if constexpr (kSplit) {
@@ -714,13 +745,16 @@ struct RowBlockWalk {
         uint32_t a_low[kRowBytes / 32][2][4];
         const unsigned char* low_box = split_box(c, a_box, b_box, a_low);
         mma_fence();
+        const uint32_t a_word = descriptor_low(a_box), b_word = descriptor_low(b_box),
+                       low_word = descriptor_low(low_box);
 #pragma unroll
         for (int step = 0; step < kRowBytes / 32; ++step) {
-          const uint64_t b = descriptor(b_box + 32 * step);
-          const uint64_t b_low = descriptor(low_box + 32 * step);
+          const uint64_t b = descriptor_at(b_word, 32 * step);
+          const uint64_t b_low = descriptor_at(low_word, 32 * step);
 #pragma unroll
           for (int m = 0; m < 2; ++m) {
-            mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b_low, 1);
+            mma_64x128<T>(acc[m], descriptor_at(a_word, m * 64 * kRowBytes + 32 * step), b_low,
+                          1);
             mma_64x128_tf32_rs(acc[m], a_low[step][m], b);
           }
         }
@@ -737,13 +771,14 @@ struct RowBlockWalk {
         on_box(b_box, k);
         // The previous stage's MMAs are done reading it: hand it back to the producer.
         mma_wait<1>();
-        if (k > 0 && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+        if (in_flight >= 0 && lane == 0) arrive(&empty[in_flight]);
+        in_flight = slot;
       }
     }
     mma_wait<0>();
     hold_registers(acc[0]);
     hold_registers(acc[1]);
-    if (!kSplit && lane == 0) arrive(&empty[c * stages + (i - 1) % stages]);
+    if (!kSplit && lane == 0) arrive(&empty[in_flight]);
   }
 
  private:
@@ -753,12 +788,13 @@ struct RowBlockWalk {
   __device__ __forceinline__ static void multiply_box(float (&acc)[2][64],
                                                       const unsigned char* a_box,
                                                       const unsigned char* b_box, int k) {
+    const uint32_t a_low = descriptor_low(a_box), b_low = descriptor_low(b_box);
 #pragma unroll
     for (int step = 0; step < kRowBytes / 32; ++step) {
-      const uint64_t b = descriptor(b_box + 32 * step);
+      const uint64_t b = descriptor_at(b_low, 32 * step);
 #pragma unroll
       for (int m = 0; m < 2; ++m)
-        mma_64x128<T>(acc[m], descriptor(a_box + m * 64 * kRowBytes + 32 * step), b,
+        mma_64x128<T>(acc[m], descriptor_at(a_low, m * 64 * kRowBytes + 32 * step), b,
                       k > 0 || step > 0);
     }
   }

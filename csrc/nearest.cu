@@ -628,14 +628,14 @@ hopper_search_kernel(const __grid_constant__ CUtensorMap x_map,
   rows_finite = all_of(rows_finite, 1 + c, 128);
   float acc[2][64];
   Best best[kAccRows];
-  int i = 0;
+  RingPlace place;
   for (int tile = c; tile < tiles; tile += 2) {
     const int col0 = (tile0 + tile) * kCols;
     // The tile's column norms, read now and stored after the products (all_of below is the
     // barrier between the stores and the fold's reads; the one after the fold keeps the next
     // tile's stores behind every warp's reads).
     const float my_norm = col0 + thread < cols ? y_norms[col0 + thread] : 0.0f;
-    walk.multiply<T, kSplit>(c, i, acc, [](const unsigned char*, int) {});
+    walk.multiply<T, kSplit>(c, place, acc, [](const unsigned char*, int) {});
     tile_norms[thread] = my_norm;
     const bool fast = all_of(fabsf(my_norm) <= FLT_MAX, 1 + c, 128) && rows_finite &&
                       col0 + kCols <= cols;

@@ -174,14 +174,14 @@ hopper_distance_kernel(const __grid_constant__ CUtensorMap x_map,
   constexpr int kRowsPerStore = 32 / kChunksPerRow;
 
   float acc[2][64];
-  int i = 0;
+  RingPlace place;
   for (int tile = c; tile < tiles; tile += 2) {
     const int col0 = (tile0 + tile) * kCols;
     // Column `thread`'s squares, from each box while its MMAs run; double-buffered: the barrier
     // before the stores keeps the consumer's warps within one tile of each other.
     float* tile_norms = col_norms + (tile / 2 % 2) * kCols;
     squares = 0.0f;
-    walk.multiply<T, kSplit>(c, i, acc, [&](const unsigned char* box, int) {
+    walk.multiply<T, kSplit>(c, place, acc, [&](const unsigned char* box, int) {
       squares += row_squares<T>(box + thread * kRowBytes);
     });
     tile_norms[thread] = squares;
