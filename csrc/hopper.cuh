@@ -246,8 +246,9 @@ __device__ __forceinline__ uint64_t descriptor(const void* tile) {
 // The descriptor `bytes` (a multiple of 16) past the one whose low word is `low`: the start field
 // is address bits 4-17 and shared memory ends below 2^18, so the sum never carries out of it.
 // Built from one address a box, a wgmma's descriptor is an add; each built from its own address
-// (a conversion, a mask, a shift, an OR, and the constant high word each time), they took ~60 of
-// the ~130 instructions a consumer issued a box (RESULTS.md "The walk's instructions").
+// (a conversion, a mask, a shift, an OR, and the constant high word each time), they and the ring
+// slot's divisions made ~180 instructions a box of 8 wgmmas, 87 since (RESULTS.md "The walk's
+// instructions").
 __device__ __forceinline__ uint64_t descriptor_at(uint32_t low, int bytes) {
   return descriptor_of_low(low + static_cast<uint32_t>(bytes >> 4));
 }
