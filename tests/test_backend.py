@@ -270,6 +270,33 @@ def _declare_hopper(monkeypatch, op_file, depth_bytes, split_depth_bytes):
     return torch.device("cuda")
 
 
+F32, BF16 = torch.float32, torch.bfloat16
+
+# (dtype, precision, sizes, the backend auto picks) where CUDA declares its Hopper search for
+# rows of 1280 bytes (1024 at "tf32x3").
+LARGE_SEARCH = dict(n=65536, m=8192, d=256)
+HOPPER_SEARCH_CASES = [
+    (F32, "tf32", LARGE_SEARCH, "cuda"), (BF16, "ieee", LARGE_SEARCH, "cuda"),
+    (BF16, "ieee", dict(n=65536, m=8192, d=576), "cuda"),
+    (F32, "tf32", dict(n=65536, m=1024, d=64), "cuda"),
+    (F32, "tf32", dict(n=65536, m=4096, d=64, batch=4), "cuda"),
+    (F32, "tf32", dict(n=65536, m=1024, d=32, batch=8), "cuda"),
+    (F32, "tf32", dict(n=8192, m=256, d=32, batch=8), "cuda"),
+    # Rows under 128 bytes: float32 at "tf32" always, half rows against 8192 columns or more.
+    (F32, "tf32", dict(n=65536, m=1024, d=16, batch=8), "cuda"),
+    (F32, "tf32", dict(n=65536, m=1024, d=8, batch=8), "cuda"),
+    (BF16, "ieee", dict(n=65536, m=8192, d=32), "cuda"),
+    (BF16, "ieee", dict(n=65536, m=1024, d=32, batch=8), "triton"),
+    (BF16, "ieee", dict(n=8192, m=256, d=32, batch=1), "cuda"),  # the 2^30 boundary
+    (F32, "tf32x3", dict(n=65536, m=1024, d=16, batch=8), "triton"),
+    (F32, "tf32x3", LARGE_SEARCH, "cuda"),
+    (F32, "tf32x3", dict(n=65536, m=1024, d=64), "cuda"),
+    (F32, "tf32x3", dict(n=65536, m=1024, d=64, batch=8), "cuda"),
+    (F32, "tf32x3", dict(n=65536, m=8192, d=288), "triton"),  # deeper than declared
+    (F32, "tf32", dict(n=65536, m=8192, d=512), "triton"),  # deeper than declared
+]
+
+
 @pytest.mark.parametrize("op", ["nearest", "dw_nearest", "dw_quantize"])
 def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     """Where CUDA declares its Hopper search (hopper_depth_bytes, hopper_split_depth_bytes), one
@@ -278,42 +305,15 @@ def test_auto_takes_the_hopper_search_by_depth(monkeypatch, op):
     more (RESULTS.md "The fold's ALU work"); other shallow rows, rows deeper than declared and
     the label searches keep the mma.sync boundary (2^30)."""
     cuda = _declare_hopper(monkeypatch, "nearest", 1280, 1024)
-    large = dict(n=65536, m=8192, d=256)
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "cuda"
-    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", **large) == "cuda"
-    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=8192, d=576) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=64) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=4096, d=64,
-                            batch=4) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=32,
-                            batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=1024, d=32,
-                            batch=8) == "triton"
-    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=8192, m=256, d=32,
-                            batch=1) == "cuda"
-    assert _backend.resolve(op, cuda, torch.bfloat16, "ieee", n=65536, m=8192, d=32) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=16,
-                            batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=1024, d=8,
-                            batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=16,
-                            batch=8) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=8192, m=256, d=32,
-                            batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", **large) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=8192, d=288) == "triton"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32x3", n=65536, m=1024, d=64,
-                            batch=8) == "cuda"
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", n=65536, m=8192, d=512) == "triton"
-    assert _backend.resolve("nearest_by_label", cuda, torch.float32, "tf32", **large) == "triton"
+    for dtype, precision, sizes, expected in HOPPER_SEARCH_CASES:
+        assert _backend.resolve(op, cuda, dtype, precision, **sizes) == expected, (precision, sizes)
+    assert _backend.resolve("nearest_by_label", cuda, F32, "tf32", **LARGE_SEARCH) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "nearest"), _backend.EVERYTHING)
-    assert _backend.resolve(op, cuda, torch.float32, "tf32", **large) == "triton"
+    assert _backend.resolve(op, cuda, F32, "tf32", **LARGE_SEARCH) == "triton"
 
 
 # (dtype, precision, sizes, the backend auto picks) where CUDA declares sqdist's Hopper forward
 # for rows of 1152 bytes (896 at "tf32x3").
-F32, BF16 = torch.float32, torch.bfloat16
 IN_MODEL = dict(n=4096, m=512, d=128)
 HOPPER_DISTANCE_CASES = [
     (F32, "tf32", IN_MODEL, "cuda"), (BF16, "ieee", IN_MODEL, "cuda"),
