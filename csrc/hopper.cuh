@@ -377,9 +377,10 @@ __device__ __forceinline__ void mma_64x64_tf32_rs(float (&d)[32], const uint32_t
 #undef PK_WGMMA_64x128_REGISTERS
 
 // One step of a consumer's MMAs with A from registers: for each k8 step j (B's 32 bytes of depth
-// at b_box + 32 j, a K-major swizzled box) and each accumulator set m, product(acc[m], a[j][m],
-// B's descriptor) (an _rs MMA above); then waits for them and keeps acc and a in their registers
-// up to the wait (hold_registers, hold_fragments).
+// in K-major swizzled boxes from b_box: a box row holds 4 such steps, the next 4 are the next
+// box's) and each accumulator set m, product(acc[m], a[j][m], B's descriptor) (an _rs MMA above);
+// then waits for them and keeps acc and a in their registers up to the wait (hold_registers,
+// hold_fragments).
 template <int kSteps, int kSets, int kAccumulators, typename Product>
 __device__ __forceinline__ void multiply_from_registers(float (&acc)[kSets][kAccumulators],
                                                         uint32_t (&a)[kSteps][kSets][4],
@@ -389,7 +390,8 @@ __device__ __forceinline__ void multiply_from_registers(float (&acc)[kSets][kAcc
   const uint32_t b_low = descriptor_low(b_box);
 #pragma unroll
   for (int j = 0; j < kSteps; ++j) {
-    const uint64_t b = descriptor_at(b_low, 32 * j);
+    constexpr int kBoxSteps = kRowBytes / 32;
+    const uint64_t b = descriptor_at(b_low, j / kBoxSteps * kBoxBytes + 32 * (j % kBoxSteps));
 #pragma unroll
     for (int m = 0; m < kSets; ++m) product(acc[m], a[j][m], b);
   }
@@ -409,11 +411,13 @@ __device__ __forceinline__ float tf32_low_part(float v) {
   return v == hi ? 0.0f : v - hi;
 }
 
-// The byte offset of element (row r, column col) of a float32 box: the 128-byte swizzle puts a
+// The byte offset of element (row r, column col) of a box of T: the 128-byte swizzle puts a
 // row's 16-byte chunk j at j ^ (r % 8). (split_box spells it with its lane's chunk and r % 8:
 // through this function the split search kernel took 32 more instructions.)
+template <typename T = float>
 __device__ __forceinline__ int box_offset(int r, int col) {
-  return r * kRowBytes + (((col / 4) ^ (r % 8)) << 4) + 4 * (col % 4);
+  constexpr int kSize = static_cast<int>(sizeof(T)), kChunk = 16 / kSize;  // a chunk's elements
+  return r * kRowBytes + (((col / kChunk) ^ (r % 8)) << 4) + kSize * (col % kChunk);
 }
 
 // One warpgroup's thread `thread` (0-127) of the 128 writing a float32 box's low parts (kBytes:

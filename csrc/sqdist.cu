@@ -10,7 +10,8 @@
 // kDirectDepth features: the direct sum((x - y)^2) instead (no cancellation).
 // On a Hopper GPU (sm_90a builds) the distance at "tf32", "tf32x3" and in half precision runs
 // hopper_distance_kernel instead: hopper.cuh's row-block walk (TMA, wgmma; "tf32x3" on split
-// products), one consumer storing its tile while the other multiplies the next.
+// products), one consumer storing its tile while the other multiplies the next; the gradient
+// there runs hopper_grad_kernel (float32 at "tf32" and "tf32x3", the half types).
 #include "hopper.cuh"
 #include "tile_product.cuh"
 
@@ -260,19 +261,24 @@ bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, Precision pre
   return true;
 }
 
-// ---- The Hopper gradient (float32 at "tf32" and "tf32x3") ----
+// ---- The Hopper gradient (float32 at "tf32" and "tf32x3"; the half types) ----
 //
 // out (B, R, D) = 2 (rowsum(G) a - G b) is a product with a long sum (K = S, 4096 at the spec
 // size) and few columns (D): it reads G once, and G is the bytes (537 MB at the spec size). A
 // block of hopper::kWalkThreads owns 2 GradLayout::kRows output rows and 128 columns of D:
-// warpgroup 0's first thread streams G's boxes (a region per consumer) and one box of b^T per
-// 32-element step of K by TMA through a ring of kGradStages stages; consumer warpgroups 1 and 2
-// each multiply their rows by the b^T box. Float32 wgmma reads only K-major operands from shared
-// memory, and G is K-major for gx (G = grad) but not for gy (G = grad^T: K runs down grad's
-// columns). So each consumer reads its G elements into registers in wgmma's A layout
-// (mma_64x128_tf32_rs) from grad's boxes as they lie, in either orientation
-// (grad_element_offset), and sums its rows of G from the same registers (the rowsum costs no
-// second read). b^T, K-major, is a (B, D, S) copy of b (small: b is S x D against G's R x S).
+// warpgroup 0's first thread streams G's boxes (a region per consumer) and b^T's boxes of a step
+// of K (one 128-byte row of G: 32 float32 or 64 half elements) by TMA through a ring of
+// GradLayout::kStages stages; consumer warpgroups 1 and 2 each multiply their rows by b^T's
+// boxes. Float32 wgmma reads only K-major operands from shared memory, and G is K-major for gx
+// (G = grad) but not for gy (G = grad^T: K runs down grad's columns). So each consumer reads its
+// G elements into registers in wgmma's A layout (mma_64x128_tf32_rs) from grad's boxes as they
+// lie, in either orientation (grad_element_offset), and sums its rows of G from the same
+// registers (the rowsum costs no second read). b^T, K-major, is a (B, D, S) float32 copy of b
+// (small: b is S x D against G's R x S).
+// The half types take the same TF32 MMAs: a half element widened to float32 is exact in TF32
+// (10 mantissa bits: float16's, more than bfloat16's 7), so each product is exact and the sums
+// are float32's, as a half-precision wgmma gives; G stays in its own type in memory and in shared
+// memory (half the bytes of the float32 gradient), widened in the registers.
 // Each consumer waits for its step's MMAs before it takes the next: the other consumer's MMAs
 // keep the tensor cores busy meanwhile. What bounds it is not settled: ncu (H200, spec size)
 // has DRAM 63 % and the L2 79 % busy, and multicasting b^T's boxes between two blocks, which
@@ -284,87 +290,93 @@ bool launch_hopper_distance(Tensor x, Tensor y, const Tensor& out, Precision pre
 // past the 1e-5 that "tf32x3" promises. So each step's products start from zero and are added to
 // the totals in float32 by the consumer; the two sets of accumulators take the registers of 128
 // rows, so a consumer takes 64 rows there.
-template <bool kSplit>
+template <typename T, bool kSplit>
 struct GradLayout {
+  static_assert(!kSplit || std::is_same_v<T, float>, "split products are float32's");
   static constexpr int kHalves = kSplit ? 1 : 2;  // m64 halves per consumer
   static constexpr int kRows = 64 * kHalves;      // per consumer
+  static constexpr int kStep = hopper::box_depth<T>();  // K per stage: a 128-byte row of G
+  // b^T's boxes per stage, each 32 of K (float32 rows of 128 bytes)
+  static constexpr int kBtBoxes = kStep / hopper::box_depth<float>();
   static constexpr int kRegionBytes = kRows * hopper::kRowBytes;  // a consumer's G per stage
-  static constexpr size_t kStageBytes = 2 * kRegionBytes + hopper::kBoxBytes;  // + b^T's box
+  static constexpr size_t kStageBytes = 2 * kRegionBytes + kBtBoxes * hopper::kBoxBytes;
+  static constexpr int kStages = kStageBytes > 48 * 1024 ? 3 : 4;  // within 227 KB
 };
-constexpr int kGradStages = 4;
-constexpr int kGradStep = hopper::box_depth<float>();  // K per stage: 32
-constexpr int kGradTransposedBox = kGradStep;  // grad^T's boxes: 32 of G's rows x 32 columns
 
-template <bool kSplit>
+template <typename T, bool kSplit>
 constexpr size_t hopper_grad_smem_bytes() {
-  return hopper::kWalkAlign + kGradStages * GradLayout<kSplit>::kStageBytes +
-         (kSplit ? 2 * hopper::kBoxBytes : 0) + 2 * kGradStages * sizeof(uint64_t);
+  using Layout = GradLayout<T, kSplit>;
+  return hopper::kWalkAlign + Layout::kStages * Layout::kStageBytes +
+         (kSplit ? 2 * hopper::kBoxBytes : 0) + 2 * Layout::kStages * sizeof(uint64_t);
 }
 
+template <typename T>
 struct HopperGradArgs {
   int rows, inner, depth;  // R (output rows), K (the sum's length: S), D
   int row_blocks, depth_tiles;  // per batch
-  Matrix<const float> a;  // (batch, rows, depth)
-  float* out;  // (batch, rows, depth), contiguous
+  Matrix<const T> a;  // (batch, rows, depth)
+  T* out;  // (batch, rows, depth), contiguous
 };
 
 // Byte offset, in a consumer's G region of a stage, of G's element (row r of the consumer's, k of
-// the step's 32). kTranspose == false: one box of grad, the consumer's rows x 32 of K. True:
-// boxes of grad, each 32 of K (grad's rows) x 32 output rows (grad's columns), so the element
-// is (k, r) there.
-template <bool kTranspose>
+// the step's kStep). kTranspose == false: one box of grad, the consumer's rows x kStep of K. True:
+// boxes of grad, each kStep of K (grad's rows) x kStep output rows (grad's columns), so the
+// element is (k, r) there.
+template <typename T, bool kTranspose>
 __device__ __forceinline__ int grad_element_offset(int r, int k) {
   using namespace hopper;
+  constexpr int kStep = box_depth<T>();
   if constexpr (kTranspose)
-    return r / kGradTransposedBox * kGradTransposedBox * kRowBytes +
-           box_offset(k, r % kGradTransposedBox);
+    return r / kStep * kStep * kRowBytes + box_offset<T>(k, r % kStep);
   else
-    return box_offset(r, k);
+    return box_offset<T>(r, k);
 }
 
-template <bool kTranspose, bool kSplit>
+template <typename T, bool kTranspose, bool kSplit>
 __global__ void __launch_bounds__(hopper::kWalkThreads, 1)
 hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
-                   const __grid_constant__ CUtensorMap bt_map, const HopperGradArgs args) {
+                   const __grid_constant__ CUtensorMap bt_map, const HopperGradArgs<T> args) {
 #if defined(PK_HOPPER_DEVICE)
   using namespace hopper;
-  using Layout = GradLayout<kSplit>;
-  constexpr int kHalves = Layout::kHalves;
+  using Layout = GradLayout<T, kSplit>;
+  constexpr int kHalves = Layout::kHalves, kStages = Layout::kStages, kStep = Layout::kStep;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* stages = swizzle_aligned(smem_raw);
-  unsigned char* low_boxes = stages + kGradStages * Layout::kStageBytes;
+  unsigned char* low_boxes = stages + kStages * Layout::kStageBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(low_boxes + (kSplit ? 2 * kBoxBytes : 0));
-  uint64_t* empty = full + kGradStages;
+  uint64_t* empty = full + kStages;
 
   const int depth_tile = blockIdx.x % args.depth_tiles;
   const int row_block = blockIdx.x / args.depth_tiles % args.row_blocks;
   const int batch = blockIdx.x / (args.depth_tiles * args.row_blocks);
   const int row0 = row_block * 2 * Layout::kRows, col0 = depth_tile * kBoxRows;
-  const int steps = (args.inner + kGradStep - 1) / kGradStep;
+  const int steps = (args.inner + kStep - 1) / kStep;
 
-  init_ring(full, empty, kGradStages);
+  init_ring(full, empty, kStages);
 
   if (threadIdx.x < 128) {
     release_registers<kProducerRegisters>();
     if (threadIdx.x != 0) return;
     for (int step = 0; step < steps; ++step) {
-      const int slot = step % kGradStages, round = step / kGradStages;
+      const int slot = step % kStages, round = step / kStages;
       if (round > 0) wait(&empty[slot], (round - 1) & 1);
       unsigned char* stage = stages + slot * Layout::kStageBytes;
       arrive_expecting(&full[slot], Layout::kStageBytes);
-      const int k0 = step * kGradStep;
+      const int k0 = step * kStep;
       for (int c = 0; c < 2; ++c) {
         unsigned char* region = stage + c * Layout::kRegionBytes;
         const int r0 = row0 + c * Layout::kRows;
         if constexpr (kTranspose) {
-          for (int q = 0; q < Layout::kRows / kGradTransposedBox; ++q)
-            load_box(region + q * kGradTransposedBox * kRowBytes, &grad_map, &full[slot],
-                     r0 + q * kGradTransposedBox, k0, batch);
+          for (int q = 0; q < Layout::kRows / kStep; ++q)
+            load_box(region + q * kStep * kRowBytes, &grad_map, &full[slot], r0 + q * kStep, k0,
+                     batch);
         } else {
           load_box(region, &grad_map, &full[slot], k0, r0, batch);
         }
       }
-      load_box(stage + 2 * Layout::kRegionBytes, &bt_map, &full[slot], k0, col0, batch);
+      for (int q = 0; q < Layout::kBtBoxes; ++q)
+        load_box(stage + 2 * Layout::kRegionBytes + q * kBoxBytes, &bt_map, &full[slot],
+                 k0 + q * box_depth<float>(), col0, batch);
     }
     return;
   }
@@ -386,23 +398,23 @@ hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
   unsigned char* low_box = low_boxes + c * kBoxBytes;
 
   for (int step = 0; step < steps; ++step) {
-    const int slot = step % kGradStages;
-    wait(&full[slot], (step / kGradStages) & 1);
+    const int slot = step % kStages;
+    wait(&full[slot], (step / kStages) & 1);
     const unsigned char* stage = stages + slot * Layout::kStageBytes;
     const unsigned char* region = stage + c * Layout::kRegionBytes;
     const unsigned char* bt_box = stage + 2 * Layout::kRegionBytes;
     // wgmma's A layout (see mma_64x128_tf32_rs): k8 step j, rows 64 m + 16 warp + g + 8 (e % 2),
     // k = 8 j + t + 4 (e / 2).
-    uint32_t a_hi[kGradStep / 8][kHalves][4];
+    uint32_t a_hi[kStep / 8][kHalves][4];
 #pragma unroll
-    for (int j = 0; j < kGradStep / 8; ++j)
+    for (int j = 0; j < kStep / 8; ++j)
 #pragma unroll
       for (int m = 0; m < kHalves; ++m)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = 64 * m + 16 * warp + g + 8 * (e % 2), k = 8 * j + t + 4 * (e / 2);
-          const float v =
-              *reinterpret_cast<const float*>(region + grad_element_offset<kTranspose>(r, k));
+          const float v = widen(
+              *reinterpret_cast<const T*>(region + grad_element_offset<T, kTranspose>(r, k)));
           a_hi[j][m][e] = __float_as_uint(v);
           sums[m][e % 2] += v;
         }
@@ -410,15 +422,15 @@ hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
       write_low_parts(low_box, bt_box, thread);
       fence_async_shared();
       sync_threads(1 + c, 128);  // the consumer's low box is whole
-      uint32_t a_lo[kGradStep / 8][1][4];
+      uint32_t a_lo[kStep / 8][1][4];
 #pragma unroll
-      for (int j = 0; j < kGradStep / 8; ++j)
+      for (int j = 0; j < kStep / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           a_lo[j][0][e] = __float_as_uint(tf32_low_part(__uint_as_float(a_hi[j][0][e])));
       mma_fence();
 #pragma unroll
-      for (int j = 0; j < kGradStep / 8; ++j) {
+      for (int j = 0; j < kStep / 8; ++j) {
         const uint64_t b = descriptor(bt_box + 32 * j), b_lo = descriptor(low_box + 32 * j);
         mma_64x128_tf32_rs(acc[0], a_hi[j][0], b, j > 0);
         mma_64x128_tf32_rs(acc[0], a_hi[j][0], b_lo);
@@ -450,36 +462,39 @@ hopper_grad_kernel(const __grid_constant__ CUtensorMap grad_map,
   const auto& products = [&]() -> const float(&)[kHalves][64] {
     if constexpr (kSplit) return total; else return acc;
   }();
-  const Matrix<const float> a = args.a;
+  const Matrix<const T> a = args.a;
   const bool pairs = args.depth % 2 == 0;
 #pragma unroll
   for (int r = 0; r < 2 * kHalves; ++r) {
     const int row = row0 + c * Layout::kRows + acc_row(r);
     if (row >= args.rows) continue;
     const float sum = sums[r / 2][r % 2];
-    const float* a_row = a.data + batch * a.batch + int64_t{row} * a.row;
-    float* out_row = args.out + (int64_t{batch} * args.rows + row) * args.depth;
+    const T* a_row = a.data + batch * a.batch + int64_t{row} * a.row;
+    T* out_row = args.out + (int64_t{batch} * args.rows + row) * args.depth;
 #pragma unroll
     for (int j = 0; j < kBoxRows / 8; ++j) {
       const int col = col0 + 8 * j + 2 * t;
       const float p0 = products[r / 2][4 * j + 2 * (r % 2)];
       const float p1 = products[r / 2][4 * j + 2 * (r % 2) + 1];
       if (pairs && col < args.depth) {
-        const float e0 = a_row[col * a.col], e1 = a_row[(col + 1) * a.col];
-        *reinterpret_cast<float2*>(out_row + col) =
-            make_float2(2.0f * (sum * e0 - p0), 2.0f * (sum * e1 - p1));
+        const float e0 = widen(a_row[col * a.col]), e1 = widen(a_row[(col + 1) * a.col]);
+        store_pair(out_row + col, 2.0f * (sum * e0 - p0), 2.0f * (sum * e1 - p1));
       } else {
-        if (col < args.depth) out_row[col] = 2.0f * (sum * a_row[col * a.col] - p0);
-        if (col + 1 < args.depth) out_row[col + 1] = 2.0f * (sum * a_row[(col + 1) * a.col] - p1);
+        if (col < args.depth)
+          out_row[col] = narrow<T>(2.0f * (sum * widen(a_row[col * a.col]) - p0));
+        if (col + 1 < args.depth)
+          out_row[col + 1] = narrow<T>(2.0f * (sum * widen(a_row[(col + 1) * a.col]) - p1));
       }
     }
   }
 #endif
 }
 
-// bt (B, D, S) = b (B, S, D) transposed, b read through its strides: the K-major B operand of the
-// Hopper gradient. 32 x 32 tiles through shared memory, so that both sides move whole rows.
-__global__ void transpose_rows_kernel(Matrix<const float> b, float* bt, int64_t bt_row,
+// bt (B, D, S) = b (B, S, D) transposed and widened to float32, b read through its strides: the
+// K-major B operand of the Hopper gradient. 32 x 32 tiles through shared memory, so that both
+// sides move whole rows.
+template <typename T>
+__global__ void transpose_rows_kernel(Matrix<const T> b, float* bt, int64_t bt_row,
                                       int inner, int depth, int inner_tiles, int depth_tiles) {
   __shared__ float tile[32][33];
   const int depth_tile = blockIdx.x % depth_tiles;
@@ -488,7 +503,8 @@ __global__ void transpose_rows_kernel(Matrix<const float> b, float* bt, int64_t 
   const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
   for (int i = ty; i < 32; i += blockDim.x / 32) {
     const int s = inner_tile * 32 + i, d = depth_tile * 32 + tx;
-    if (s < inner && d < depth) tile[i][tx] = b.data[batch * b.batch + s * b.row + d * b.col];
+    if (s < inner && d < depth)
+      tile[i][tx] = widen(b.data[batch * b.batch + s * b.row + d * b.col]);
   }
   __syncthreads();
   for (int i = ty; i < 32; i += blockDim.x / 32) {
@@ -497,59 +513,64 @@ __global__ void transpose_rows_kernel(Matrix<const float> b, float* bt, int64_t 
   }
 }
 
-// The Hopper gradient's launch into out (B, R, D; contiguous) for float32 a, b and grad, or false
-// where it does not apply: "tf32" or "tf32x3", a Hopper GPU and an sm_90a build, grad addressable
-// by TMA (unit column stride, 16-byte aligned rows: a broadcast grad, as x.sum().backward()
-// gives, is not), counts within int.
+// The Hopper gradient's launch into out (B, R, D; contiguous) for a, b and grad of one dtype T, or
+// false where it does not apply: float32 at "tf32" or "tf32x3" or a half type (any precision: its
+// products are exact in TF32), a Hopper GPU and an sm_90a build, grad addressable by TMA (unit
+// column stride, 16-byte aligned rows: a broadcast grad, as x.sum().backward() gives, is not),
+// counts within int.
+template <typename T>
 bool launch_hopper_grad(const Tensor& grad, const Tensor& a, const Tensor& b, bool transpose,
                         const Tensor& out, Precision precision, cudaStream_t stream) {
   using namespace hopper;
   const int device = a.get_device_index();
-  if (precision == Precision::kIeee || !hopper_available(device)) return false;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  if ((kFloat && precision == Precision::kIeee) || !hopper_available(device)) return false;
+  const bool split = kFloat && precision == Precision::kTf32x3;
   const int64_t batch = a.size(0), rows = a.size(1), depth = a.size(2), inner = b.size(1);
-  const bool split = precision == Precision::kTf32x3;
-  const int block_rows = 2 * (split ? GradLayout<true>::kRows : GradLayout<false>::kRows);
+  constexpr int kStep = box_depth<T>();
+  const int block_rows = 2 * (split ? GradLayout<float, true>::kRows : GradLayout<T, false>::kRows);
   const int64_t row_blocks = (rows + block_rows - 1) / block_rows;
   const int64_t depth_tiles = (depth + kBoxRows - 1) / kBoxRows;
   // The kernel's row, column and K counts and coordinates are ints (a block's last row and K
   // step included); offsets into out are 64-bit.
-  if (rows >= kIntLimit - block_rows || inner >= kIntLimit - kGradStep ||
+  if (rows >= kIntLimit - block_rows || inner >= kIntLimit - kStep ||
       depth >= kIntLimit - kBoxRows || batch * row_blocks * depth_tiles >= kIntLimit)
     return false;
   CUtensorMap grad_map, bt_map;
-  if (!tensor_map<float>(&grad_map, grad, transpose ? kGradTransposedBox : block_rows / 2))
-    return false;
+  if (!tensor_map<T>(&grad_map, grad, transpose ? kStep : block_rows / 2)) return false;
   // b^T with rows padded to 16 bytes (TMA's row stride); the padding is never read.
   const int64_t bt_row = (inner + 3) / 4 * 4;
-  Tensor bt = torch::stable::new_empty(a, {batch, depth, bt_row});
+  Tensor bt = torch::stable::new_empty(a, {batch, depth, bt_row}, ScalarType::Float);
   const Tensor bt_view = reinterpret(bt, {batch, depth, inner}, {depth * bt_row, bt_row, 1});
   if (!tensor_map<float>(&bt_map, bt_view)) return false;
   const int64_t inner_tiles = (inner + 31) / 32, depth_tiles_32 = (depth + 31) / 32;
   const unsigned transpose_blocks = static_cast<unsigned>(batch * inner_tiles * depth_tiles_32);
-  transpose_rows_kernel<<<transpose_blocks, 256, 0, stream>>>(
-      input<float>(b, 1, 2), static_cast<float*>(bt.mutable_data_ptr()), bt_row,
+  transpose_rows_kernel<T><<<transpose_blocks, 256, 0, stream>>>(
+      input<T>(b, 1, 2), static_cast<float*>(bt.mutable_data_ptr()), bt_row,
       static_cast<int>(inner), static_cast<int>(depth), static_cast<int>(inner_tiles),
       static_cast<int>(depth_tiles_32));
   PK_CHECK_LAUNCH();
-  const HopperGradArgs args{static_cast<int>(rows), static_cast<int>(inner),
-                            static_cast<int>(depth), static_cast<int>(row_blocks),
-                            static_cast<int>(depth_tiles), input<float>(a, 1, 2),
-                            static_cast<float*>(out.mutable_data_ptr())};
+  const HopperGradArgs<T> args{static_cast<int>(rows), static_cast<int>(inner),
+                               static_cast<int>(depth), static_cast<int>(row_blocks),
+                               static_cast<int>(depth_tiles), input<T>(a, 1, 2),
+                               static_cast<T*>(out.mutable_data_ptr())};
   const unsigned blocks = static_cast<unsigned>(batch * row_blocks * depth_tiles);
   auto launch = [&](auto transposed, auto split_products) {
     constexpr bool kSplit = decltype(split_products)::value;
-    constexpr auto kKernel = hopper_grad_kernel<decltype(transposed)::value, kSplit>;
+    constexpr auto kKernel = hopper_grad_kernel<T, decltype(transposed)::value, kSplit>;
     allow_walk_smem<kKernel>(device);
-    kKernel<<<blocks, kWalkThreads, hopper_grad_smem_bytes<kSplit>(), stream>>>(grad_map, bt_map,
-                                                                                args);
+    kKernel<<<blocks, kWalkThreads, hopper_grad_smem_bytes<T, kSplit>(), stream>>>(grad_map,
+                                                                                   bt_map, args);
     PK_CHECK_LAUNCH();
   };
-  if (transpose)
-    split ? launch(std::true_type{}, std::true_type{})
-          : launch(std::true_type{}, std::false_type{});
-  else
-    split ? launch(std::false_type{}, std::true_type{})
-          : launch(std::false_type{}, std::false_type{});
+  auto launch_orientation = [&](auto transposed) {
+    if constexpr (kFloat) {
+      if (split) return launch(transposed, std::true_type{});
+    }
+    launch(transposed, std::false_type{});
+  };
+  if (transpose) launch_orientation(std::true_type{});
+  else launch_orientation(std::false_type{});
   return true;
 }
 
@@ -623,8 +644,8 @@ Tensor sqdist_grad_cuda(Tensor grad, Tensor a, Tensor b, bool transpose, std::st
   dispatch_floating(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     // A = G (R x S); B = b^T (D x S): element (d, s) is b[s, d]; the epilogue reads a (R x D).
-    if constexpr (std::is_same_v<T, float>) {
-      if (launch_hopper_grad(grad, a, b, transpose, out, p, current_stream(a))) return;
+    if constexpr (!std::is_same_v<T, double>) {  // the Hopper MMAs: TF32, the half types
+      if (launch_hopper_grad<T>(grad, a, b, transpose, out, p, current_stream(a))) return;
     }
     GemmArgs<T> args{input<T>(grad, rows_dim, inner_dim), input<T>(b, 2, 1), input<T>(a, 1, 2),
                      output<T>(out), a.size(1), a.size(2), b.size(1)};

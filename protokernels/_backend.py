@@ -120,13 +120,15 @@ def _hopper_distance_order(dtype, precision, sizes):
 
 
 def _hopper_gradient_order(dtype, precision, sizes):
-    """With a backward, float32 at "tf32" or "tf32x3" where CUDA runs both Hopper kernels (x's
-    rows fit the forward's walk; the gradient's TMA reads grad's rows of M floats, which must
-    start at multiples of 16 bytes): CUDA first at every size. Its gradient reads G once per
-    gradient at ~2.2 TB/s and sums G's rows from the same registers (H100 tf32 fwd+bwd: B8 N4096
-    M4096 D128 0.860 against Triton's 1.176 ms, D64 0.694 against 0.989, N4096 M512 D128 0.253
-    against 0.511; RESULTS.md "The Hopper gradient")."""
-    if (dtype != torch.float32 or sizes.get("m", 0) % 4
+    """With a backward, float32 at "tf32" or "tf32x3" or a half type where CUDA runs both Hopper
+    kernels (x's rows fit the forward's walk; the gradient's TMA reads grad's rows of M
+    elements, which must start at multiples of 16 bytes): CUDA first at every size. Its gradient
+    reads G once per gradient at ~2.2 TB/s and sums G's rows from the same registers (H100 tf32
+    fwd+bwd: B8 N4096 M4096 D128 0.860 against Triton's 1.176 ms, D64 0.694 against 0.989, N4096
+    M512 D128 0.253 against 0.511; RESULTS.md "The Hopper gradient"; H200 bf16 fwd+bwd: B8 N4096
+    M4096 D128 0.411 against 0.450, N8192 M2000 D256 0.378 against 0.732, RESULTS.md "Half
+    precision on the Hopper kernels")."""
+    if (dtype == torch.float64 or sizes.get("m", 0) * dtype.itemsize % 16
             or _hopper_row_bytes("sqdist", dtype, precision, sizes) is None):
         return None
     return CUDA_FIRST

@@ -332,7 +332,9 @@ HOPPER_DISTANCE_CASES = [
     (F32, "tf32x3", dict(n=4096, m=4096, d=128, batch=8, grad=True), "cuda"),
     (F32, "tf32", dict(n=8192, m=2001, d=256, grad=True), "triton"),  # grad's rows unaligned
     (F32, "tf32x3", dict(n=8192, m=2000, d=256, grad=True), "triton"),  # deeper than declared
-    (BF16, "ieee", dict(n=8192, m=2000, d=256, grad=True), "triton"),
+    (BF16, "ieee", dict(n=8192, m=2000, d=256, grad=True), "cuda"),
+    (BF16, "ieee", dict(n=8192, m=2004, d=256, grad=True), "triton"),  # grad's rows unaligned
+    (torch.float64, "ieee", dict(IN_MODEL, grad=True), "cuda"),  # 2^28: the old rule
 ]
 
 
@@ -341,7 +343,8 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
     """Where CUDA declares its Hopper forward (hopper_depth_bytes, hopper_split_depth_bytes),
     sqdist's forward at "tf32", "tf32x3" or in half precision runs on CUDA at every size; Triton
     at "ieee" and for rows deeper than declared. With a backward: CUDA where both Hopper kernels
-    run (float32 at "tf32" or "tf32x3", rows declared, M a multiple of 4), else CUDA up to 2^30
+    run (float32 at "tf32" or "tf32x3" or a half type, rows declared, grad's rows of M elements
+    16-byte aligned), else CUDA up to 2^30
     (RESULTS.md "The sqdist rule", "The Hopper search's own end", "The Hopper gradient")."""
     cuda = _declare_hopper(monkeypatch, "sqdist", 1152, 896)
     for dtype, precision, sizes, expected in HOPPER_DISTANCE_CASES:

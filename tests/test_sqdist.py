@@ -295,14 +295,15 @@ def test_cuda_tensor_core_distances_non_finite(precision, portable):
     assert relative_error(out[finite], ref[finite]) <= tolerance(torch.float32, precision)
 
 
-# CUDA's Hopper gradient (float32 at "tf32" and "tf32x3"): 2 (rowsum(G) a - G b) with G's boxes
-# read by TMA into wgmma's register layout, as grad (gx) or grad^T (gy). The shapes: rows that
-# leave a block's 256 and a consumer's 128 partly empty (300, 257, 1), D over one 128-column tile
-# (130, 256) and odd (7, 33: single-element stores), sums (M for gx, N for gy) that are not
-# multiples of the 32-element step (132, 36, 4100), a ring that wraps many times (4100), and
-# M 37: grad's rows are not 16-byte aligned, so TMA cannot read them (the portable kernel).
-HOPPER_GRAD_SHAPES = [(1, 300, 700, 64), (2, 257, 132, 130), (1, 1, 4, 1), (3, 513, 36, 7),
-                      (1, 1000, 1500, 256), (1, 64, 4100, 33), (2, 40, 37, 16)]
+# CUDA's Hopper gradient (float32 at "tf32" and "tf32x3", the half types on the same TF32 MMAs): 2
+# (rowsum(G) a - G b) with G's boxes read by TMA into wgmma's register layout, as grad (gx) or
+# grad^T (gy). The shapes: rows that leave a block's 256 and a consumer's 128 partly empty (300,
+# 257, 1), D over one 128-column tile (130, 256) and odd (7, 33: single-element stores), sums (M
+# for gx, N for gy) that are not multiples of the step (32 float32 or 64 half elements: 136, 40,
+# 4104, 300, 257), a ring that wraps many times (4104), and M 37: grad's rows are not 16-byte
+# aligned, so TMA cannot read them (the portable kernel).
+HOPPER_GRAD_SHAPES = [(1, 300, 712, 64), (2, 257, 136, 130), (1, 1, 8, 1), (3, 513, 40, 7),
+                      (1, 1000, 1504, 256), (1, 64, 4104, 33), (2, 40, 37, 16)]
 
 
 def gradients_float64(x, y, g):
@@ -312,33 +313,37 @@ def gradients_float64(x, y, g):
             2 * (g.sum(-2).unsqueeze(-1) * y - g.mT @ x))
 
 
-def assert_gradient_close(got, ref, terms, precision, inner):
-    """got within the precision's tolerance of ref, relative to the size of the terms that cancel
-    in it (`terms`: the same sums of absolute values): a short sum can cancel to near 0, where a
-    bound relative to the result judges TF32's rounding of the terms (N1 M4 D1 failed so, 2.2e-3,
-    on random data). Over sums of 1024 terms or more also relative to the result, where the
-    tensor cores' accumulation drifted (RESULTS.md "The Hopper gradient")."""
-    bound = tolerance(torch.float32, precision)
+def assert_gradient_close(got, ref, terms, dtype, precision, inner):
+    """got within the dtype's and precision's tolerance of ref, relative to the size of the terms
+    that cancel in it (`terms`: the same sums of absolute values): a short sum can cancel to near
+    0, where a bound relative to the result judges TF32's rounding of the terms (N1 M4 D1 failed
+    so, 2.2e-3, on random data). Over sums of 1024 terms or more also relative to the result,
+    where the tensor cores' accumulation drifted (RESULTS.md "The Hopper gradient")."""
+    bound = tolerance(dtype, precision)
     assert (got.double() - ref).norm() <= bound * terms.norm()
     if inner >= 1024:
         assert relative_error(got, ref) <= bound
 
 
-@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("dtype,precision", TENSOR_CORE_DTYPES,
+                         ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("shape", HOPPER_GRAD_SHAPES, ids=str)
-def test_cuda_tensor_core_gradients(shape, precision, portable):
+def test_cuda_tensor_core_gradients(shape, dtype, precision, portable):
     batch, n, m, d = shape
-    x, y, g = randn(batch, n, d), randn(batch, m, d), randn(batch, n, m)
+    x, y, g = (randn(batch, n, d, dtype=dtype), randn(batch, m, d, dtype=dtype),
+               randn(batch, n, m, dtype=dtype))
     xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
     with protokernels.use_backend("cuda"):
         out = protokernels.sqdist(xg, yg, precision=precision)
         kernels = cuda_kernels_run(lambda: out.backward(g))
+    assert xg.grad.dtype == dtype and yg.grad.dtype == dtype
     gx_ref, gy_ref = gradients_float64(x, y, g)
     # 2 (rowsum(|g|) |x| + |g| |y|) and its gy counterpart: gradients_float64 of -|x|, |y|, |g|
     gx_terms, gy_terms = (t.abs() for t in gradients_float64(-x.abs(), y.abs(), g.abs()))
-    assert_gradient_close(xg.grad, gx_ref, gx_terms, precision, inner=m)
-    assert_gradient_close(yg.grad, gy_ref, gy_terms, precision, inner=n)
-    assert_ran(kernels, "hopper_grad_kernel", hopper_build() and not portable and m % 4 == 0)
+    assert_gradient_close(xg.grad, gx_ref, gx_terms, dtype, precision, inner=m)
+    assert_gradient_close(yg.grad, gy_ref, gy_terms, dtype, precision, inner=n)
+    aligned = m * g.element_size() % 16 == 0  # grad's rows, as TMA reads them
+    assert_ran(kernels, "hopper_grad_kernel", hopper_build() and not portable and aligned)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
