@@ -7,7 +7,8 @@
 //   grad weight:  A = g (P x pixels), B = im2col(x)^T ((c, i, j) x pixels), the pixels split
 //                 over blocks; gw = 2 (rowsum(A) w - A B^T) from the splits' partial sums
 // The gathers do 64-bit index math per element; this is the portable path (other GPUs, other
-// precisions and dtypes). On Hopper, float32 at "tf32", the forward and the grad input run
+// precisions and dtypes). On Hopper, float32 at "tf32" or "tf32x3" and the half types (x and g
+// widened to float32 copies: launch_hopper_pass), the forward and the grad input run
 // hopper_conv_kernel and the weight gradient hopper_weight_grad_kernel (below), which TMA feeds
 // without gathers (RESULTS.md "kp_conv2d" and the Hopper sections after it).
 #include <vector>
@@ -34,6 +35,42 @@ template <typename T>
 Tensor4<T> tensor4(const Tensor& t) {
   return {static_cast<T*>(t.mutable_data_ptr()), t.stride(0), t.stride(1), t.stride(2),
           t.stride(3)};
+}
+
+// A 4-D tensor of float32 or a half type, the dtype known at run time: the Hopper convolution's
+// epilogue (its output, the grad input's x) reads and writes the caller's dtype through it, so the
+// half types need no float32 output and no copy back, and the kernel no instantiation per dtype
+// (each costs CI compile time). with_type(f) branches once and hands f the typed tensor, so that
+// the loops inside f are the same code a typed kernel has: a branch at each element's load and
+// store took the float32 forward at the spec size to 0.112 ms and its grad input to 0.123,
+// against 0.092 and 0.110 this way (H200, side by side; RESULTS.md "Half precision on the Hopper
+// kernels").
+struct EpilogueTensor4 {
+  enum class Element { kFloat, kHalf, kBFloat16 };
+  void* data;
+  int64_t s0, s1, s2, s3;
+  Element element;
+  template <typename T>
+  __device__ Tensor4<T> typed() const {
+    return {static_cast<T*>(data), s0, s1, s2, s3};
+  }
+  template <typename F>
+  __device__ void with_type(F&& f) const {
+    switch (element) {
+      case Element::kHalf: return f(typed<__half>());
+      case Element::kBFloat16: return f(typed<__nv_bfloat16>());
+      default: return f(typed<float>());
+    }
+  }
+};
+
+template <typename T>
+EpilogueTensor4 epilogue_tensor4(const Tensor& t) {
+  using Element = EpilogueTensor4::Element;
+  const Element element = std::is_same_v<T, __half>          ? Element::kHalf
+                          : std::is_same_v<T, __nv_bfloat16> ? Element::kBFloat16
+                                                             : Element::kFloat;
+  return {t.mutable_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), element};
 }
 
 struct ConvShape {
@@ -474,10 +511,13 @@ bool conv_tensor_map(CUtensorMap* map, const Tensor& t, int width, int rows, boo
   return encode(copy);
 }
 
-// The Hopper weight gradient into out, or false where it does not apply: float32 at "tf32" or
+// The Hopper weight gradient into args.out, or false where it does not apply: "tf32" or
 // "tf32x3", a Hopper GPU and an sm_90a build, stride 1 along the width, a window of at most
-// kWeightGradMaxWindow columns, counts and coordinates within int.
-bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<float> args,
+// kWeightGradMaxWindow columns, counts and coordinates within int. grad and x are float32 (what
+// TMA loads: launch_hopper_pass widens the half types' copies); args (w, out) of the caller's
+// dtype T, which the sum of the splits reads and writes.
+template <typename T>
+bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<T> args,
                                Precision precision, cudaStream_t stream) {
   using namespace hopper;
   const ConvShape& s = args.s;
@@ -552,7 +592,7 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<flo
       default: launch(std::integral_constant<int, 4>{}, std::false_type{}); break;
     }
   }
-  kp_conv2d_grad_weight_sum_kernel<float><<<256, 256, 0, stream>>>(args, splits.splits, layout);
+  kp_conv2d_grad_weight_sum_kernel<T><<<256, 256, 0, stream>>>(args, splits.splits, layout);
   PK_CHECK_LAUNCH();
   return true;
 }
@@ -591,8 +631,8 @@ struct HopperConvArgs {
   int stride_h, pad_h, pad_w, dil_h, dil_w;
   int window, window_bytes, stage_bytes, stages;
   const float* w_norms;  // the forward's |w_p|^2, P
-  Tensor4<const float> x;  // the grad input's x (B, C, H, W)
-  Tensor4<float> out;
+  EpilogueTensor4 x;  // the grad input's x (B, C, H, W)
+  EpilogueTensor4 out;
 };
 
 template <int kTaps, bool kGradInput, int kProtos, bool kSplit>
@@ -670,16 +710,23 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
     for (int j = 0; j < kProtos / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int p = p0 + 8 * j + 2 * t + e, ow = ow0 + 16 * warp + g + 8 * h;
-        float v = 0.0f;
-        if constexpr (kGradInput) {
-          if (p < args.protos && oh < args.out_h && ow < args.out_w)
-            v = args.x.at(image, p, oh, ow);
-        } else if (p < args.protos) {
-          v = args.w_norms[p];
-        }
-        epilogue_in[h][2 * j + e] = v;
+        const int p = p0 + 8 * j + 2 * t + e;
+        epilogue_in[h][2 * j + e] = !kGradInput && p < args.protos ? args.w_norms[p] : 0.0f;
       }
+  if constexpr (kGradInput) {
+    args.x.with_type([&](const auto& x) {
+#pragma unroll
+      for (int h = 0; h < kPixelSets; ++h)
+#pragma unroll
+        for (int j = 0; j < kProtos / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int p = p0 + 8 * j + 2 * t + e, ow = ow0 + 16 * warp + g + 8 * h;
+            if (p < args.protos && oh < args.out_h && ow < args.out_w)
+              epilogue_in[h][2 * j + e] = widen(x.at(image, p, oh, ow));
+          }
+    });
+  }
 
   for (int step = 0; step < steps; ++step) {
     const int slot = step % args.stages;
@@ -745,44 +792,46 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
     window_sums[h] += __shfl_xor_sync(0xFFFFFFFFu, window_sums[h], 2);
   }
   if (oh >= args.out_h) return;
-  const Tensor4<float>& out = args.out;
+  args.out.with_type([&](const auto& out) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(out.data)>>;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int ow = ow0 + 16 * warp + g + 8 * h;
-    if (ow >= args.out_w) continue;
+    for (int h = 0; h < 2; ++h) {
+      const int ow = ow0 + 16 * warp + g + 8 * h;
+      if (ow >= args.out_w) continue;
 #pragma unroll
-    for (int j = 0; j < kProtos / 8; ++j)
+      for (int j = 0; j < kProtos / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int p = p0 + 8 * j + 2 * t + e;  // the grad input: a channel of x
-        if (p >= args.protos) continue;
-        const float product = acc[4 * j + 2 * h + e];
-        const float in = epilogue_in[kGradInput ? h : 0][2 * j + e];
-        if constexpr (kGradInput) {
-          out.at(image, p, oh, ow) = 2.0f * (in * window_sums[h] - product);
-        } else {
-          const float v = window_sums[h] + in - 2.0f * product;
-          out.at(image, p, oh, ow) = v < 0.0f ? 0.0f : v;  // keeps NaN
+        for (int e = 0; e < 2; ++e) {
+          const int p = p0 + 8 * j + 2 * t + e;  // the grad input: a channel of x
+          if (p >= args.protos) continue;
+          const float product = acc[4 * j + 2 * h + e];
+          const float in = epilogue_in[kGradInput ? h : 0][2 * j + e];
+          if constexpr (kGradInput) {
+            out.at(image, p, oh, ow) = narrow<T>(2.0f * (in * window_sums[h] - product));
+          } else {
+            const float v = window_sums[h] + in - 2.0f * product;
+            out.at(image, p, oh, ow) = narrow<T>(v < 0.0f ? 0.0f : v);  // keeps NaN
+          }
         }
-      }
-  }
+    }
+  });
 #endif
 }
 
 // wt (T, N, K4): the Hopper kernel's B operand, the K innermost (rows padded to 16 bytes for TMA;
 // the padding is never read), one block per row n, s the shape of the convolution it runs: the
 // forward's w (N = P, K = C) with norms[p] = |w_p|^2, or the grad input's w' (N = C, K = P, the
-// taps flipped; no norms). `split` ("tf32x3"): the low parts (tf32_low_part) follow as T more
-// taps.
-template <bool kGradInput>
-__global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShape s, bool split,
+// taps flipped; no norms), widened to float32. `split` ("tf32x3"): the low parts (tf32_low_part)
+// follow as T more taps.
+template <bool kGradInput, typename T>
+__global__ void reorder_prototypes_kernel(const Tensor4<const T> w, ConvShape s, bool split,
                                           float* wt, int64_t row, float* norms) {
   __shared__ float partial[128];
   const int64_t n = blockIdx.x;
   float sum = 0.0f;
   for (int64_t e = threadIdx.x; e < s.channels * s.taps(); e += blockDim.x) {
     const int64_t k = e / s.taps(), tap = e % s.taps(), i = tap / s.kw, j = tap % s.kw;
-    const float v = kGradInput ? w.at(k, n, s.kh - 1 - i, s.kw - 1 - j) : w.at(n, k, i, j);
+    const float v = widen(kGradInput ? w.at(k, n, s.kh - 1 - i, s.kw - 1 - j) : w.at(n, k, i, j));
     wt[(tap * s.protos + n) * row + k] = v;
     if (split) wt[((s.taps() + tap) * s.protos + n) * row + k] = hopper::tf32_low_part(v);
     sum = fmaf(v, v, sum);
@@ -797,16 +846,17 @@ __global__ void reorder_prototypes_kernel(const Tensor4<const float> w, ConvShap
   if (threadIdx.x == 0) norms[n] = partial[0];
 }
 
-// The Hopper convolution into out, or false where it does not apply: float32 at "tf32" (or
-// "tf32x3" on kernels at most kConvMaxSplitTaps wide), a Hopper GPU and an sm_90a build, stride 1
-// along the width, at least one K step of channels, kernels at most kConvMaxTaps wide whose
-// window fits a TMA box, counts and coordinates within int. `in` is x for the forward, g for the
-// grad input (s then grad_input_shape's, x the epilogue's). Fewer channels than a step pad its K
+// The Hopper convolution into out, or false where it does not apply: "tf32" (or "tf32x3" on
+// kernels at most kConvMaxSplitTaps wide), a Hopper GPU and an sm_90a build, stride 1 along the
+// width, at least one K step of channels, kernels at most kConvMaxTaps wide whose window fits a
+// TMA box, counts and coordinates within int. `in` is x for the forward, g for the grad input (s
+// then grad_input_shape's, x the epilogue's), in float32 (launch_hopper_pass widens the half
+// types' copy); w, x and out are of the caller's dtype T. Fewer channels than a step pad its K
 // with zeros: H100, C1 28x28 P32 took 0.082 ms against the tile kernel's and Triton's ~0.03
 // (RESULTS.md "kp_conv's forward on Hopper").
-template <bool kGradInput>
+template <bool kGradInput, typename T>
 bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, const Tensor& x,
-                        const Tensor4<float>& out, Precision precision, cudaStream_t stream) {
+                        const Tensor& out, Precision precision, cudaStream_t stream) {
   using namespace hopper;
   const int device = in.get_device_index();
   const bool split = precision == Precision::kTf32x3;
@@ -848,8 +898,8 @@ bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, c
                                   {1, row, s.protos * row},
                                   {kConvStep, static_cast<uint32_t>(protos_per_block), 1}))
     return false;
-  reorder_prototypes_kernel<kGradInput><<<static_cast<unsigned>(s.protos), 128, 0, stream>>>(
-      tensor4<const float>(w), s, split, static_cast<float*>(wt.mutable_data_ptr()), row,
+  reorder_prototypes_kernel<kGradInput, T><<<static_cast<unsigned>(s.protos), 128, 0, stream>>>(
+      tensor4<const T>(w), s, split, static_cast<float*>(wt.mutable_data_ptr()), row,
       static_cast<float*>(norms.mutable_data_ptr()));
   PK_CHECK_LAUNCH();
   const HopperConvArgs hopper_args{
@@ -860,7 +910,7 @@ bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, c
       static_cast<int>(s.pad_w), static_cast<int>(s.dil_h), static_cast<int>(s.dil_w),
       static_cast<int>(window), static_cast<int>(window_bytes), static_cast<int>(stage_bytes),
       static_cast<int>(stages), static_cast<const float*>(norms.const_data_ptr()),
-      tensor4<const float>(x), out};
+      epilogue_tensor4<T>(x), epilogue_tensor4<T>(out)};
   const size_t smem_bytes = kWalkAlign + size_t(stages * stage_bytes) +
                             2 * size_t(stages) * sizeof(uint64_t);
   auto launch = [&](auto taps, auto protos, auto split) {
@@ -950,6 +1000,38 @@ unsigned tile_blocks(const char* op, int64_t rows, int64_t cols, int64_t& tiles_
 
 enum class Pass { kForward, kGradInput, kGradWeight };
 
+// One pass on the Hopper kernels (out written in place), or false where they do not apply
+// (launch_hopper_conv, grad_input_shape, launch_hopper_weight_grad). The half types run there too:
+// the operands that TMA loads (x, g) widened to float32 copies, the kernels at "tf32". TF32 holds a
+// half element's mantissa (10 bits: float16's, more than bfloat16's 7), so each product is exact
+// and the sums are float32's, as a half-precision MMA gives; w and the epilogue's tensors keep T.
+// Where a shape condition then refuses, the copies were made for nothing and the tile kernel runs
+// on the caller's tensors.
+template <Pass PASS, typename T>
+bool launch_hopper_pass(const Tensor& grad, const Tensor& x, const Tensor& w, const ConvShape& s,
+                        Precision p, const Tensor& out, cudaStream_t stream) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  if constexpr (!kFloat) {
+    if (!hopper::hopper_available(x.get_device_index())) return false;
+    p = Precision::kTf32;
+  }
+  const auto widened = [](const Tensor& t) {
+    return kFloat ? t : torch::stable::to(t, ScalarType::Float);
+  };
+  if constexpr (PASS == Pass::kForward) {
+    return launch_hopper_conv<false, T>(widened(x), w, s, x, out, p, stream);
+  } else if constexpr (PASS == Pass::kGradInput) {
+    ConvShape transposed;
+    return grad_input_shape(s, &transposed) &&
+           launch_hopper_conv<true, T>(widened(grad), w, transposed, x, out, p, stream);
+  } else {
+    ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s};
+    args.rows = s.protos, args.cols = s.channels * s.taps();
+    args.depth = x.size(0) * s.out_h * s.out_w;
+    return launch_hopper_weight_grad(widened(grad), widened(x), args, p, stream);
+  }
+}
+
 // Checks one pass's arguments and launches it: out (the distances, gx or gw) written in place.
 // `grad` is the incoming gradient (B, P, Ho, Wo) of the backward passes (unused by the forward).
 template <Pass PASS>
@@ -976,22 +1058,16 @@ void run_pass(const char* op, const Tensor& grad, const Tensor& x, const Tensor&
     using T = decltype(tag);
     using Acc = typename Accumulate<T>::type;
     ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s};
+    if constexpr (!std::is_same_v<T, double>) {  // TF32 MMAs: float32, the half types widened
+      if (launch_hopper_pass<PASS, T>(grad, x, w, s, p, out, stream)) return;
+    }
     if constexpr (PASS == Pass::kForward) {  // output pixels x prototypes, depth (c, i, j)
       args.rows = out_pixels, args.cols = s.protos, args.depth = s.channels * s.taps();
-      if constexpr (std::is_same_v<T, float>)
-        if (launch_hopper_conv<false>(x, w, s, x, args.out, p, stream)) return;
     } else if constexpr (PASS == Pass::kGradInput) {  // input pixels x channels, depth (p, i, j)
       args.rows = x.size(0) * s.height * s.width, args.cols = s.channels;
       args.depth = s.protos * s.taps();
-      ConvShape transposed;
-      if constexpr (std::is_same_v<T, float>)
-        if (grad_input_shape(s, &transposed) &&
-            launch_hopper_conv<true>(grad, w, transposed, x, args.out, p, stream))
-          return;
     } else {  // prototypes x (c, i, j), depth the output pixels
       args.rows = s.protos, args.cols = s.channels * s.taps(), args.depth = out_pixels;
-      if constexpr (std::is_same_v<T, float>)
-        if (launch_hopper_weight_grad(grad, x, args, p, stream)) return;
     }
     dispatch_tile<T>(p, [&](auto tile, auto product) {
       using Tile = decltype(tile);
@@ -1052,8 +1128,9 @@ void kp_conv2d_grad_weight_cuda(Tensor grad, Tensor x, Tensor w, std::vector<int
 
 // What these kernels can take, for the Python dispatch (protokernels/_capabilities.py): every
 // floating dtype; on the current device, the Hopper kernels of the forward and both gradients
-// (float32 at "tf32", stride 1 along the width; their other conditions in launch_hopper_conv,
-// grad_input_shape and launch_hopper_weight_grad), which _backend.py's `auto` table reads.
+// (float32 at "tf32" or "tf32x3", the half types widened; stride 1 along the width; their other
+// conditions in launch_hopper_conv, grad_input_shape and launch_hopper_weight_grad), which
+// _backend.py's `auto` table reads.
 std::string kp_conv_cuda_capabilities() {
   int device = 0;
   cudaGetDevice(&device);

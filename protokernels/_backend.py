@@ -134,17 +134,20 @@ def _hopper_gradient_order(dtype, precision, sizes):
     return CUDA_FIRST
 
 
-def _kp_conv_hopper(kernel: str, dtype, precision, sizes) -> bool:
+def _kp_conv_hopper(kernel: str, dtype, precision, sizes, halves=False) -> bool:
     """CUDA declares kp_conv's Hopper `kernel` here (the capability hopper_kernels) and the call
-    is float32 at "tf32" or "tf32x3" with stride 1 along the width, as its Hopper kernels need;
-    the convolution kernel (forward, grad input) takes kernels up to 4 wide, 3 at "tf32x3" (the
-    weight gradient any width)."""
+    is float32 at "tf32" or "tf32x3" (or, with `halves`, a half type at any precision: CUDA
+    widens its x and g to float32 copies, exact in TF32) with stride 1 along the width, as its
+    Hopper kernels need; the convolution kernel (forward, grad input) takes kernels up to 4 wide,
+    3 at float32's "tf32x3" (the weight gradient any width)."""
     declared = _CAPABILITIES.get(("cuda", "kp_conv"))
     convolution = kernel != "kp_conv2d_grad_weight"
+    split = dtype == torch.float32 and precision == "tf32x3"
     return (declared is not None and kernel in declared.hopper_kernels
-            and dtype == torch.float32 and precision in ("tf32", "tf32x3")
+            and ((halves and dtype in (torch.float16, torch.bfloat16)) or split or
+                 (dtype == torch.float32 and precision == "tf32"))
             and sizes.get("stride_w") == 1
-            and not (convolution and sizes.get("kw", 0) > (4 if precision == "tf32" else 3)))
+            and not (convolution and sizes.get("kw", 0) > (3 if split else 4)))
 
 
 def _hopper_forward_order(dtype, precision, sizes):
@@ -154,7 +157,10 @@ def _hopper_forward_order(dtype, precision, sizes):
     0.110 ms against Triton's 0.138, B8 C128 32x32 P256 0.057 against 0.084, B16 C256 28x28 P512
     0.274 against 0.292; B32 C64 14x14 P64 0.037-0.068 against 0.042-0.070 (host-bound, eager
     noise); "tf32x3" at the spec size 0.235 against 0.607. RESULTS.md "kp_conv's forward on
-    Hopper", "kp_conv's grad input on Hopper", "Split products in kp_conv's Hopper kernels"."""
+    Hopper", "kp_conv's grad input on Hopper", "Split products in kp_conv's Hopper kernels". Not
+    the half types: on a float32 copy of x it loses to Triton's half-precision MMAs (H200 bf16
+    spec size 0.115 against 0.095 ms, B16 C256 28x28 P512 0.238 against 0.214; RESULTS.md "Half
+    precision on the Hopper kernels")."""
     if not _kp_conv_hopper("kp_conv2d", dtype, precision, sizes) or sizes.get("c", 0) < 32:
         return None
     return CUDA_FIRST
@@ -167,8 +173,14 @@ def _hopper_grad_input_order(dtype, precision, sizes):
     spec size 0.127 ms against Triton's 0.181, B64 C1 28x28 P32 0.050 against 0.089, B8 C128
     32x32 P256 0.060 against 0.137, B16 C256 28x28 P512 0.307 against 0.336, B32 C64 14x14 P64
     0.039 against 0.039; "tf32x3" at the spec size 0.218 against 0.606 (RESULTS.md "kp_conv's
-    grad input on Hopper", "Split products in kp_conv's Hopper kernels")."""
-    if (not _kp_conv_hopper("kp_conv2d_grad_input", dtype, precision, sizes)
+    grad input on Hopper", "Split products in kp_conv's Hopper kernels"). The half types too, on
+    a float32 copy of g: its kernel alone is slower than Triton's half-precision one (H200 spec
+    size 0.178 ms against 0.108), but a Triton grad input adds 100-450 us of host time to each
+    training step, which eager steps pay: bf16 fwd+bwd with the forward on Triton and the
+    weight gradient on CUDA, 0.490 ms with this grad input against 0.735 (B8 C128 32x32 P256:
+    0.83 against 0.97; B16 C256 28x28 P512, GPU-bound: 0.88 against 0.76; RESULTS.md "Half
+    precision on the Hopper kernels")."""
+    if (not _kp_conv_hopper("kp_conv2d_grad_input", dtype, precision, sizes, halves=True)
             or not sizes.get("grad_input_conv") or sizes.get("p", 0) < 32):
         return None
     return CUDA_FIRST
@@ -181,8 +193,10 @@ def _hopper_weight_gradient_order(dtype, precision, sizes):
     0.114 ms against Triton's 0.612, and faster at each in-model size measured (B64 C1 8x8 P16
     0.031 against 0.153 up to B16 C256 28x28 P512 0.289 against 1.020; "tf32x3" at the spec
     size 0.322 against 1.411; RESULTS.md "kp_conv's weight gradient on Hopper", "Split products
-    in kp_conv's Hopper kernels")."""
-    if not _kp_conv_hopper("kp_conv2d_grad_weight", dtype, precision, sizes):
+    in kp_conv's Hopper kernels"). The half types too, on float32 copies of g and x: H200, the
+    spec size bf16 0.162 against Triton's 0.618, B16 C256 28x28 P512 0.287 against 0.853, B8
+    C128 32x32 P256 0.062 against 0.147 (RESULTS.md "Half precision on the Hopper kernels")."""
+    if not _kp_conv_hopper("kp_conv2d_grad_weight", dtype, precision, sizes, halves=True):
         return None
     return CUDA_FIRST
 

@@ -355,10 +355,11 @@ def test_auto_takes_the_hopper_distance_by_depth_and_size(monkeypatch, op):
 
 def test_auto_gives_kp_conv_its_hopper_kernels(monkeypatch):
     """Where CUDA declares kp_conv's Hopper kernels (hopper_kernels), float32 at "tf32" or
-    "tf32x3" with stride 1 along the width, each computation runs on CUDA where its own kernel
-    does, whatever runs the others: the weight gradient always; the forward for kernels up to 4
-    wide (3 at "tf32x3") and 32 channels or more; the grad input for the same widths, 32
-    prototypes or more, stride 1 and padding within the kernel's reach (grad_input_conv). Other
+    "tf32x3" with stride 1 along the width (the gradients also in half precision), each
+    computation runs on CUDA where its own kernel does, whatever runs the others: the weight
+    gradient always; the forward for kernels up to 4 wide (3 at "tf32x3") and 32 channels or
+    more; the grad input for the same widths, 32 prototypes or more, stride 1 and padding within
+    the kernel's reach (grad_input_conv). Other
     precisions, strides, channel counts and a CUDA without them follow the old rule (RESULTS.md
     "kp_conv's weight gradient on Hopper", "kp_conv's forward on Hopper", "kp_conv's grad input
     on Hopper", "Split products in kp_conv's Hopper kernels")."""
@@ -392,7 +393,14 @@ def test_auto_gives_kp_conv_its_hopper_kernels(monkeypatch):
     assert weight(F32, "tf32x3", **spec) == "cuda"
     assert weight(F32, "tf32x3", **dict(spec, kw=5, taps=25)) == "cuda"
     assert weight(F32, "ieee", **spec) == "triton"
-    assert weight(BF16, "ieee", **spec) == "triton"
+    for half in (BF16, torch.float16):  # the gradients on float32 copies, at any precision
+        assert weight(half, "ieee", **spec) == "cuda"
+        assert weight(half, "tf32x3", **dict(spec, kw=5, taps=25)) == "cuda"
+        assert weight(half, "ieee", **dict(spec, stride_w=2)) == "triton"
+        assert grad_input(half, "ieee", **spec) == "cuda"
+        assert grad_input(half, "tf32x3", **dict(spec, kw=4, taps=16)) == "cuda"
+        assert grad_input(half, "ieee", **dict(spec, p=16)) == "triton"
+        assert forward(half, "tf32", **spec) == "triton"
     assert weight(F32, "tf32", **dict(spec, stride_w=2)) == "triton"
     monkeypatch.setitem(_backend._CAPABILITIES, ("cuda", "kp_conv"), _backend.EVERYTHING)
     assert weight(F32, "tf32", **spec) == "triton"

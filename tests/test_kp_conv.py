@@ -210,8 +210,10 @@ def test_only_requested_gradients(backend):
     assert x.grad is not None and w.grad is None
 
 
-# The Hopper kernels' precisions: "tf32", and "tf32x3" (the default "highest") as split products.
-HOPPER_PRECISIONS = ["tf32", "tf32x3"]
+# The Hopper kernels' dtypes and precisions: float32 at "tf32", and at "tf32x3" (the default
+# "highest") as split products; the half types, widened to float32 copies (exact in TF32).
+HOPPER_DTYPES = [(torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.bfloat16, "tf32"),
+                 (torch.float16, "tf32")]
 
 
 def hopper_conv_runs(shape, precision):
@@ -219,7 +221,14 @@ def hopper_conv_runs(shape, precision):
     return precision == "tf32" or shape[6] <= 3
 
 
-# The Hopper weight gradient's cases (float32 at "tf32", stride 1 along the width): P 130 and C 67
+def incoming_gradient(out, layout, dtype):
+    """The gradient of out in dtype: random, or the broadcast 1 that out.sum() passes back."""
+    if layout == "broadcast_grad":
+        return torch.ones((), device=out.device, dtype=dtype).expand(out.shape)
+    return torch.randn_like(out).to(dtype)
+
+
+# The Hopper weight gradient's cases (stride 1 along the width): P 130 and C 67
 # (two prototype and channel tiles), widths that are not multiples of 4 (g and x copied for TMA)
 # and rows of more than 32 pixels (a partial last chunk), 4 and 5 taps (a partial group of three),
 # stride and dilation along the height, dilation along the width, one image row, many K steps.
@@ -232,34 +241,35 @@ HOPPER_WEIGHT_GRAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("precision", HOPPER_PRECISIONS)
+@pytest.mark.parametrize("dtype,precision", HOPPER_DTYPES, ids=ids)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "broadcast_grad"])
 @pytest.mark.parametrize("shape", HOPPER_WEIGHT_GRAD_SHAPES, ids=str)
 @pytest.mark.parametrize("choice", ["cuda", "auto"])
-def test_hopper_weight_gradient(choice, shape, layout, precision):
+def test_hopper_weight_gradient(choice, shape, layout, dtype, precision):
     """The weight gradient on CUDA's Hopper kernel where it applies, on the CUDA backend and under
     `auto` (which gives it the Hopper kernel whatever runs the rest), against float64; x in either
     memory format, and the broadcast gradient that out.sum() passes back (TMA reads neither as it
     lies: the kernel reads copies); "tf32x3" as split products, 2 taps a block."""
     if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
         pytest.skip("needs a GPU and the CUDA extension")
-    x, w, geometry = make(shape)
+    x, w, geometry = make(shape, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     ref = truth(xr, wr, **geometry)
-    g = ref.new_ones(()).expand(ref.shape) if layout == "broadcast_grad" else torch.randn_like(ref)
-    ref.backward(g)
+    g = incoming_gradient(ref, layout, dtype)
+    ref.backward(g.double())
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     with protokernels.use_backend(choice):
         out = protokernels.kp_conv2d(xg, wg, precision=precision, **geometry)
-        kernels = cuda_kernels_run(lambda: out.backward(g.float()))
-    assert relative_error(wg.grad, wr.grad) <= tolerance(torch.float32, precision)
-    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, precision)
+        kernels = cuda_kernels_run(lambda: out.backward(g))
+    assert wg.grad.dtype == dtype and xg.grad.dtype == dtype
+    assert relative_error(wg.grad, wr.grad) <= tolerance(dtype, precision)
+    assert relative_error(xg.grad, xr.grad) <= tolerance(dtype, precision)
     assert_ran(kernels, "hopper_weight_grad_kernel", hopper_build())
 
 
-# The Hopper forward's cases (float32 at "tf32", stride 1 along the width, kernels up to 4 wide,
+# The Hopper forward's cases (stride 1 along the width, kernels up to 4 wide,
 # at least 32 channels): P 130 (two prototype tiles), C 67 and 37 (partial 32-channel steps),
 # odd output heights (a consumer's row past the end), rows of more than 64 pixels (two column
 # tiles), widths that are not multiples of 4 (x copied for TMA), stride and dilation along the
@@ -274,16 +284,16 @@ HOPPER_FORWARD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("precision", HOPPER_PRECISIONS)
+@pytest.mark.parametrize("dtype,precision", HOPPER_DTYPES, ids=ids)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", HOPPER_FORWARD_SHAPES, ids=str)
-def test_hopper_forward(shape, layout, precision):
+def test_hopper_forward(shape, layout, dtype, precision):
     """CUDA's Hopper forward where it applies, against float64 (the bound of
     test_matches_float64), in either memory format, and that it ran (not below 32 channels, nor
     at "tf32x3" for a 4-wide kernel)."""
     if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
         pytest.skip("needs a GPU and the CUDA extension")
-    x, w, geometry = make(shape)
+    x, w, geometry = make(shape, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     with protokernels.use_backend("cuda"):
@@ -291,15 +301,16 @@ def test_hopper_forward(shape, layout, precision):
                                                                   **geometry))
         out = protokernels.kp_conv2d(x, w, precision=precision, **geometry)
     ref = truth(x, w, **geometry)
-    bound = tolerance(torch.float32, precision)
+    bound = tolerance(dtype, precision)
+    assert out.dtype == dtype
     assert (out.double() - ref).norm() / (term_scale(x, w, **geometry) + ref).norm() <= bound
     assert relative_error(out, ref) <= bound and (out >= 0).all()
     assert_ran(kernels, "hopper_conv_kernel",
                hopper_build() and shape[1] >= 32 and hopper_conv_runs(shape, precision))
-    assert_ran(kernels, "reorder_prototypes_kernel<true>", False)  # not the grad input's
+    assert_ran(kernels, "reorder_prototypes_kernel<true,", False)  # not the grad input's
 
 
-# The Hopper grad input's cases (float32 at "tf32", stride 1, padding within the kernel's reach,
+# The Hopper grad input's cases (stride 1, padding within the kernel's reach,
 # kernels up to 4 wide, at least 32 prototypes): C 67 and 5 (partial "prototype" tiles of w'), P
 # 130 and 37 (partial 32-prototype K steps), x 70 wide (two column tiles of gx), dilation 3 along
 # the width with padding 1 (w''s padding 2), a 1x4 kernel on one image row, the spec's geometry;
@@ -315,30 +326,31 @@ HOPPER_GRAD_INPUT_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("precision", HOPPER_PRECISIONS)
+@pytest.mark.parametrize("dtype,precision", HOPPER_DTYPES, ids=ids)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "broadcast_grad"])
 @pytest.mark.parametrize("shape,hopper", HOPPER_GRAD_INPUT_SHAPES, ids=str)
 @pytest.mark.parametrize("choice", ["cuda", "auto"])
-def test_hopper_grad_input(choice, shape, hopper, layout, precision):
+def test_hopper_grad_input(choice, shape, hopper, layout, dtype, precision):
     """The grad input on CUDA's Hopper kernel where it applies (the forward's kernel run on g with
     w's taps flipped), on the CUDA backend and under `auto`, against float64; x in either memory
     format (gx follows it) and the broadcast gradient of out.sum() (TMA reads a copy)."""
     if not HAS_GPU or not protokernels.available_backends()["cuda"].available:
         pytest.skip("needs a GPU and the CUDA extension")
-    x, w, geometry = make(shape)
+    x, w, geometry = make(shape, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     xr = x.double().requires_grad_()
     ref = truth(xr, w.double(), **geometry)
-    g = ref.new_ones(()).expand(ref.shape) if layout == "broadcast_grad" else torch.randn_like(ref)
-    ref.backward(g)
+    g = incoming_gradient(ref, layout, dtype)
+    ref.backward(g.double())
     xg = x.clone().requires_grad_()
     with protokernels.use_backend(choice):
         out = protokernels.kp_conv2d(xg, w, precision=precision, **geometry)
-        kernels = cuda_kernels_run(lambda: out.backward(g.float()))
-    assert relative_error(xg.grad, xr.grad) <= tolerance(torch.float32, precision)
+        kernels = cuda_kernels_run(lambda: out.backward(g))
+    assert xg.grad.dtype == dtype
+    assert relative_error(xg.grad, xr.grad) <= tolerance(dtype, precision)
     assert xg.grad.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
-    assert_ran(kernels, "reorder_prototypes_kernel<true>",
+    assert_ran(kernels, "reorder_prototypes_kernel<true,",
                hopper_build() and hopper and hopper_conv_runs(shape, precision))
 
 
