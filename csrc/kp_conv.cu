@@ -704,29 +704,27 @@ hopper_conv_kernel(const __grid_constant__ CUtensorMap x_map,
   // h (the forward's norms: one set), prototype 8 j + 2 t + e.
   constexpr int kPixelSets = kGradInput ? 2 : 1;
   float epilogue_in[kPixelSets][kProtos / 4];
+  const auto read_epilogue_inputs = [&](const auto& x) {
 #pragma unroll
-  for (int h = 0; h < kPixelSets; ++h)
+    for (int h = 0; h < kPixelSets; ++h)
 #pragma unroll
-    for (int j = 0; j < kProtos / 8; ++j)
+      for (int j = 0; j < kProtos / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int p = p0 + 8 * j + 2 * t + e;
-        epilogue_in[h][2 * j + e] = !kGradInput && p < args.protos ? args.w_norms[p] : 0.0f;
-      }
-  if constexpr (kGradInput) {
-    args.x.with_type([&](const auto& x) {
-#pragma unroll
-      for (int h = 0; h < kPixelSets; ++h)
-#pragma unroll
-        for (int j = 0; j < kProtos / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int p = p0 + 8 * j + 2 * t + e, ow = ow0 + 16 * warp + g + 8 * h;
+        for (int e = 0; e < 2; ++e) {
+          const int p = p0 + 8 * j + 2 * t + e;
+          float v = 0.0f;
+          if constexpr (kGradInput) {
+            const int ow = ow0 + 16 * warp + g + 8 * h;
             if (p < args.protos && oh < args.out_h && ow < args.out_w)
-              epilogue_in[h][2 * j + e] = widen(x.at(image, p, oh, ow));
+              v = widen(x.at(image, p, oh, ow));
+          } else if (p < args.protos) {
+            v = args.w_norms[p];
           }
-    });
-  }
+          epilogue_in[h][2 * j + e] = v;
+        }
+  };
+  if constexpr (kGradInput) args.x.with_type(read_epilogue_inputs);
+  else read_epilogue_inputs(Tensor4<const float>{});
 
   for (int step = 0; step < steps; ++step) {
     const int slot = step % args.stages;
