@@ -8,7 +8,7 @@
 //                 over blocks; gw = 2 (rowsum(A) w - A B^T) from the splits' partial sums
 // The gathers do 64-bit index math per element; this is the portable path (other GPUs, other
 // precisions and dtypes). On Hopper, float32 at "tf32" or "tf32x3" and the half types (x and g
-// widened to float32 copies: launch_hopper_pass), the forward and the grad input run
+// read through float32 copies: conv_tensor_map), the forward and the grad input run
 // hopper_conv_kernel and the weight gradient hopper_weight_grad_kernel (below), which TMA feeds
 // without gathers (RESULTS.md "kp_conv2d" and the Hopper sections after it).
 #include <vector>
@@ -495,7 +495,11 @@ hopper_weight_grad_kernel(const __grid_constant__ CUtensorMap g_map,
 // A 4-D TMA map of t (B, C, H, W) in boxes of `width` floats along W and `rows` along C, swizzled
 // or dense (tensor_map_tiled): of t itself where TMA can address it, else of a copy of t with
 // unit-stride rows padded to 16 bytes, kept in `copy` (TMA needs the unit stride and 16-byte
-// strides: a width that is not a multiple of 4, channels_last, a broadcast gradient).
+// strides: a width that is not a multiple of 4, channels_last, a broadcast gradient). A half t is
+// read through a float32 copy: the Hopper kernels multiply what TMA loads on TF32 MMAs, which hold
+// a half element's mantissa (10 bits: float16's, more than bfloat16's 7), so each product is exact
+// and the sums are float32's, as a half-precision MMA gives. Its callers map their operands after
+// their own conditions, so no copy is made for a launch they refuse.
 bool conv_tensor_map(CUtensorMap* map, const Tensor& t, int width, int rows, bool swizzled,
                      Tensor& copy) {
   const int64_t size = t.size(3);
@@ -505,17 +509,21 @@ bool conv_tensor_map(CUtensorMap* map, const Tensor& t, int width, int rows, boo
         {u.stride(3), u.stride(2), u.stride(1), u.stride(0)},
         {static_cast<uint32_t>(width), 1, static_cast<uint32_t>(rows), 1}, swizzled);
   };
-  if (encode(t)) return true;
+  Tensor source = t;
+  if (t.scalar_type() != ScalarType::Float) {
+    copy = torch::stable::to(t, ScalarType::Float);
+    source = copy;
+  }
+  if (encode(source)) return true;
   const int64_t pad = (size + 3) / 4 * 4 - size;
-  copy = torch::stable::contiguous(torch::stable::pad(t, {0, pad}));
+  copy = torch::stable::contiguous(torch::stable::pad(source, {0, pad}));
   return encode(copy);
 }
 
 // The Hopper weight gradient into args.out, or false where it does not apply: "tf32" or
 // "tf32x3", a Hopper GPU and an sm_90a build, stride 1 along the width, a window of at most
-// kWeightGradMaxWindow columns, counts and coordinates within int. grad and x are float32 (what
-// TMA loads: launch_hopper_pass widens the half types' copies); args (w, out) of the caller's
-// dtype T, which the sum of the splits reads and writes.
+// kWeightGradMaxWindow columns, counts and coordinates within int. grad, x and args (w, out) are
+// of the caller's dtype T (conv_tensor_map reads a half grad and x through float32 copies).
 template <typename T>
 bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<T> args,
                                Precision precision, cudaStream_t stream) {
@@ -554,8 +562,9 @@ bool launch_hopper_weight_grad(const Tensor& grad, const Tensor& x, ConvArgs<T> 
   if (tiles * splits.splits >= kIntLimit) return false;
   const int64_t protos = proto_tiles * kWeightGradProtos;
   const int64_t channels = channel_tiles * kWeightGradChannels;
-  Tensor partial = torch::stable::new_empty(x, {splits.splits, s.taps(), channels, protos});
-  Tensor mass = torch::stable::new_empty(x, {splits.splits, protos});
+  Tensor partial = torch::stable::new_empty(x, {splits.splits, s.taps(), channels, protos},
+                                            ScalarType::Float);
+  Tensor mass = torch::stable::new_empty(x, {splits.splits, protos}, ScalarType::Float);
   const PartialLayout layout{s.taps() * channels * protos, 1, protos, channels * protos, protos};
   args.partial = static_cast<float*>(partial.mutable_data_ptr());
   args.mass = static_cast<float*>(mass.mutable_data_ptr());
@@ -848,8 +857,8 @@ __global__ void reorder_prototypes_kernel(const Tensor4<const T> w, ConvShape s,
 // kernels at most kConvMaxSplitTaps wide), a Hopper GPU and an sm_90a build, stride 1 along the
 // width, at least one K step of channels, kernels at most kConvMaxTaps wide whose window fits a
 // TMA box, counts and coordinates within int. `in` is x for the forward, g for the grad input (s
-// then grad_input_shape's, x the epilogue's), in float32 (launch_hopper_pass widens the half
-// types' copy); w, x and out are of the caller's dtype T. Fewer channels than a step pad its K
+// then grad_input_shape's, x the epilogue's); in, w, x and out are of the caller's dtype T (a half
+// `in` is read through a float32 copy: conv_tensor_map). Fewer channels than a step pad its K
 // with zeros: H100, C1 28x28 P32 took 0.082 ms against the tile kernel's and Triton's ~0.03
 // (RESULTS.md "kp_conv's forward on Hopper").
 template <bool kGradInput, typename T>
@@ -890,8 +899,8 @@ bool launch_hopper_conv(const Tensor& in, const Tensor& w, const ConvShape& s, c
     return false;
   const int64_t row = (s.channels + 3) / 4 * 4;
   const int64_t wt_taps = s.taps() * (split ? 2 : 1);
-  Tensor wt = torch::stable::new_empty(in, {wt_taps, s.protos, row});
-  Tensor norms = torch::stable::new_empty(in, {kGradInput ? 0 : s.protos});
+  Tensor wt = torch::stable::new_empty(in, {wt_taps, s.protos, row}, ScalarType::Float);
+  Tensor norms = torch::stable::new_empty(in, {kGradInput ? 0 : s.protos}, ScalarType::Float);
   if (!tensor_map_tiled<float, 3>(&w_map, wt.const_data_ptr(), {s.channels, s.protos, wt_taps},
                                   {1, row, s.protos * row},
                                   {kConvStep, static_cast<uint32_t>(protos_per_block), 1}))
@@ -998,38 +1007,6 @@ unsigned tile_blocks(const char* op, int64_t rows, int64_t cols, int64_t& tiles_
 
 enum class Pass { kForward, kGradInput, kGradWeight };
 
-// One pass on the Hopper kernels (out written in place), or false where they do not apply
-// (launch_hopper_conv, grad_input_shape, launch_hopper_weight_grad). The half types run there too:
-// the operands that TMA loads (x, g) widened to float32 copies, the kernels at "tf32". TF32 holds a
-// half element's mantissa (10 bits: float16's, more than bfloat16's 7), so each product is exact
-// and the sums are float32's, as a half-precision MMA gives; w and the epilogue's tensors keep T.
-// Where a shape condition then refuses, the copies were made for nothing and the tile kernel runs
-// on the caller's tensors.
-template <Pass PASS, typename T>
-bool launch_hopper_pass(const Tensor& grad, const Tensor& x, const Tensor& w, const ConvShape& s,
-                        Precision p, const Tensor& out, cudaStream_t stream) {
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  if constexpr (!kFloat) {
-    if (!hopper::hopper_available(x.get_device_index())) return false;
-    p = Precision::kTf32;
-  }
-  const auto widened = [](const Tensor& t) {
-    return kFloat ? t : torch::stable::to(t, ScalarType::Float);
-  };
-  if constexpr (PASS == Pass::kForward) {
-    return launch_hopper_conv<false, T>(widened(x), w, s, x, out, p, stream);
-  } else if constexpr (PASS == Pass::kGradInput) {
-    ConvShape transposed;
-    return grad_input_shape(s, &transposed) &&
-           launch_hopper_conv<true, T>(widened(grad), w, transposed, x, out, p, stream);
-  } else {
-    ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s};
-    args.rows = s.protos, args.cols = s.channels * s.taps();
-    args.depth = x.size(0) * s.out_h * s.out_w;
-    return launch_hopper_weight_grad(widened(grad), widened(x), args, p, stream);
-  }
-}
-
 // Checks one pass's arguments and launches it: out (the distances, gx or gw) written in place.
 // `grad` is the incoming gradient (B, P, Ho, Wo) of the backward passes (unused by the forward).
 template <Pass PASS>
@@ -1056,16 +1033,26 @@ void run_pass(const char* op, const Tensor& grad, const Tensor& x, const Tensor&
     using T = decltype(tag);
     using Acc = typename Accumulate<T>::type;
     ConvArgs<T> args{tensor4<T>(x), tensor4<T>(w), tensor4<T>(grad), tensor4<T>(out), s};
-    if constexpr (!std::is_same_v<T, double>) {  // TF32 MMAs: float32, the half types widened
-      if (launch_hopper_pass<PASS, T>(grad, x, w, s, p, out, stream)) return;
-    }
+    // The Hopper kernels' TF32 MMAs: float32 at "tf32" or "tf32x3"; the half types at "tf32",
+    // exact for them (conv_tensor_map).
+    constexpr bool kHopper = !std::is_same_v<T, double>;
+    const Precision hopper_p = std::is_same_v<T, float> ? p : Precision::kTf32;
     if constexpr (PASS == Pass::kForward) {  // output pixels x prototypes, depth (c, i, j)
       args.rows = out_pixels, args.cols = s.protos, args.depth = s.channels * s.taps();
+      if constexpr (kHopper)
+        if (launch_hopper_conv<false, T>(x, w, s, x, out, hopper_p, stream)) return;
     } else if constexpr (PASS == Pass::kGradInput) {  // input pixels x channels, depth (p, i, j)
       args.rows = x.size(0) * s.height * s.width, args.cols = s.channels;
       args.depth = s.protos * s.taps();
+      ConvShape transposed;
+      if constexpr (kHopper)
+        if (grad_input_shape(s, &transposed) &&
+            launch_hopper_conv<true, T>(grad, w, transposed, x, out, hopper_p, stream))
+          return;
     } else {  // prototypes x (c, i, j), depth the output pixels
       args.rows = s.protos, args.cols = s.channels * s.taps(), args.depth = out_pixels;
+      if constexpr (kHopper)
+        if (launch_hopper_weight_grad(grad, x, args, hopper_p, stream)) return;
     }
     dispatch_tile<T>(p, [&](auto tile, auto product) {
       using Tile = decltype(tile);
